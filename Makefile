@@ -1,0 +1,49 @@
+# One entry point. Every target sets itself up on a fresh machine: the venv, the
+# pinned dependencies and the generated gRPC stubs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+GEN    := proto/gen/inference/grpc_predict_v2_pb2.py
+PROTOS := $(wildcard proto/inference/*.proto)
+
+.PHONY: setup proto test lint run bench models clean
+
+setup: $(STAMP) $(GEN)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Stubs are generated under proto/gen/ (importable as proto.gen.*), apart from
+# hand-written code, never edited and never committed.
+proto: $(GEN)
+
+$(GEN): $(STAMP) $(PROTOS)
+	rm -rf proto/gen && mkdir -p proto/gen/inference
+	$(BIN)/python -m grpc_tools.protoc -Iproto/gen=proto \
+		--python_out=. --pyi_out=. --grpc_python_out=. \
+		$(patsubst proto/%,proto/gen/%,$(PROTOS))
+	touch proto/gen/__init__.py proto/gen/inference/__init__.py
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+run: setup
+	$(BIN)/python -m orchestrator.mesh
+
+bench: setup
+	$(BIN)/python -m bench
+
+models: setup
+	$(BIN)/python scripts/train_digits.py
+
+clean:
+	rm -rf $(VENV) proto/gen .mypy_cache .ruff_cache .pytest_cache
