@@ -1,0 +1,162 @@
+"""The one OIP client of onnxmesh: the orchestrator's stages, the CLI, benchmarks and tests.
+
+One long-lived `grpc.aio` channel per target. Targets may be `host:port`, `dns:///name:port`
+(every address the name resolves to is used, round robin: a Kubernetes headless Service) or
+`ipv4:a:p,b:q` (a static list of local replicas). Errors come back as the MeshError of the
+status code, so callers never see grpc exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.gen.inference import grpc_predict_v2_pb2 as pb
+from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.common import codec
+from services.common.errors import DeadlineExceeded, MeshError, from_status
+from services.common.servicer import REQUEST_ID_HEADER
+from services.common.settings import MIB
+from services.common.types import InferResult, ModelSignature, TensorSpec
+
+_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def channel_options(max_message_bytes: int = 64 * MIB) -> list[tuple[str, object]]:
+    return [
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Transparent retries need the whole request buffered; the 256 KiB default would
+        # silently disable them for large tensors.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+def _parameter_value(param: pb.InferParameter) -> str | int | float | bool:
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind else ""
+
+
+class OipClient:
+    """Async client for one OIP endpoint (possibly many replicas behind one target)."""
+
+    def __init__(self, target: str, *, max_message_bytes: int = 64 * MIB) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> OipClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @staticmethod
+    def build_request(
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = (),
+        *,
+        version: str = "",
+        request_id: str = "",
+    ) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        for name, array in inputs.items():
+            datatype, shape, raw = codec.encode_raw(array)
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
+            request.raw_input_contents.append(raw)
+        for name in outputs:
+            request.outputs.add(name=name)
+        return request
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = (),
+        *,
+        version: str = "",
+        timeout: float | None = None,
+        request_id: str = "",
+        wait_for_ready: bool = False,
+    ) -> InferResult:
+        request = self.build_request(model, inputs, outputs, version=version, request_id=request_id)
+        return await self.infer_request(request, timeout=timeout, wait_for_ready=wait_for_ready)
+
+    async def infer_request(
+        self, request: pb.ModelInferRequest, *, timeout: float | None = None, wait_for_ready: bool = False
+    ) -> InferResult:
+        metadata = ((REQUEST_ID_HEADER, request.id),) if request.id else None
+        try:
+            response = await self._stub.ModelInfer(
+                request, timeout=timeout, metadata=metadata, wait_for_ready=wait_for_ready
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self.error(err) from err
+        return InferResult(
+            outputs=codec.decode_response_outputs(response),
+            model_name=response.model_name,
+            model_version=response.model_version,
+            parameters={k: _parameter_value(v) for k, v in response.parameters.items()},
+        )
+
+    async def metadata(self, model: str, version: str = "", *, timeout: float | None = 5.0) -> ModelSignature:
+        try:
+            response = await self._stub.ModelMetadata(
+                pb.ModelMetadataRequest(name=model, version=version), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self.error(err) from err
+        return ModelSignature(
+            name=response.name,
+            versions=tuple(response.versions),
+            platform=response.platform,
+            inputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in response.inputs),
+            outputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in response.outputs),
+        )
+
+    async def model_ready(self, model: str, version: str = "", *, timeout: float | None = 5.0) -> bool:
+        try:
+            response = await self._stub.ModelReady(
+                pb.ModelReadyRequest(name=model, version=version), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self.error(err) from err
+        return bool(response.ready)
+
+    async def server_metadata(self, *, timeout: float | None = 5.0) -> tuple[str, str]:
+        try:
+            response = await self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise self.error(err) from err
+        return response.name, response.version
+
+    async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        """The grpc.health.v1 status name (SERVING, NOT_SERVING, ...)."""
+        try:
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self.error(err) from err
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def error(self, err: grpc.aio.AioRpcError) -> MeshError:
+        """The MeshError for a failed call, keeping the status code and the server's message."""
+        code, details = err.code(), err.details() or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not details.strip():
+            return DeadlineExceeded(f"{self.target}: deadline exceeded")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return from_status(code, f"{self.target} unavailable: {details}")
+        return from_status(code, details)

@@ -1,0 +1,185 @@
+"""The one tensor codec: OIP tensors <-> numpy arrays.
+
+Raw bytes (`raw_input_contents` / `raw_output_contents`, row-major) are the fast path and
+are decoded without copying (`np.frombuffer`); the typed `contents` fields are the fallback.
+Every length is checked against shape x datatype *before* the bytes are used, so a
+malformed tensor is an InvalidInput that names it, never a crash or a silent reshape.
+BYTES elements travel as a 4-byte little-endian length followed by the bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from proto.gen.inference import grpc_predict_v2_pb2 as pb
+from services.common.errors import InvalidInput
+from services.common.types import DATATYPE_TO_NUMPY, datatype_of
+
+#: Which typed `contents` field carries each datatype. FP16 has none: it must be raw.
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LEN = struct.Struct("<I")
+
+
+def element_count(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def check_header(name: str, datatype: str, shape: Sequence[int]) -> np.dtype:
+    """The numpy dtype of a tensor, after checking its datatype and shape are well-formed."""
+    dtype = DATATYPE_TO_NUMPY.get(datatype)
+    if dtype is None:
+        raise InvalidInput(
+            f"tensor '{name}': unknown datatype '{datatype}'; expected one of {', '.join(DATATYPE_TO_NUMPY)}"
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"tensor '{name}': shape {list(shape)} has a negative dimension")
+    return dtype
+
+
+def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+    """A read-only numpy view of raw tensor bytes, after checking their length."""
+    dtype = check_header(name, datatype, shape)
+    count = element_count(shape)
+    if datatype == "BYTES":
+        return _decode_bytes(name, shape, raw, count)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            f"tensor '{name}': raw contents hold {len(raw)} bytes but shape {list(shape)} of "
+            f"{datatype} needs {expected} bytes"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _decode_bytes(name: str, shape: Sequence[int], raw: bytes, count: int) -> np.ndarray:
+    items: list[bytes] = []
+    offset, size = 0, len(raw)
+    view = memoryview(raw)
+    while offset < size:
+        if offset + 4 > size:
+            raise InvalidInput(f"tensor '{name}': BYTES contents end inside a 4-byte length prefix")
+        (length,) = _LEN.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidInput(
+                f"tensor '{name}': BYTES element {len(items)} claims {length} bytes but only "
+                f"{size - offset} remain"
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(
+            f"tensor '{name}': BYTES contents hold {len(items)} elements but shape {list(shape)} needs {count}"
+        )
+    out = np.empty(count, dtype=np.object_)
+    out[:] = items
+    return out.reshape(shape)
+
+
+def decode_contents(
+    name: str, datatype: str, shape: Sequence[int], contents: pb.InferTensorContents
+) -> np.ndarray:
+    """A numpy array from the typed `contents` field, after checking the element count."""
+    dtype = check_header(name, datatype, shape)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(f"tensor '{name}': {datatype} has no typed contents field; send it as raw bytes")
+    values: Any = getattr(contents, field)
+    count = element_count(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"tensor '{name}': {field} holds {len(values)} elements but shape {list(shape)} needs {count}"
+        )
+    if datatype == "BYTES":
+        out = np.empty(count, dtype=np.object_)
+        out[:] = list(values)
+        return out.reshape(shape)
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def encode_raw(array: np.ndarray) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, row-major bytes) of an array: the raw wire form."""
+    datatype = datatype_of(array)
+    shape = list(array.shape)
+    if datatype == "BYTES":
+        parts: list[bytes] = []
+        for item in array.reshape(-1):
+            data = item.encode() if isinstance(item, str) else bytes(item)
+            parts.append(_LEN.pack(len(data)))
+            parts.append(data)
+        return datatype, shape, b"".join(parts)
+    return datatype, shape, np.ascontiguousarray(array).tobytes()
+
+
+def encode_contents(array: np.ndarray, contents: pb.InferTensorContents) -> str:
+    """Fill typed `contents` from an array (for clients that prefer them); returns the datatype."""
+    datatype = datatype_of(array)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(f"{datatype} has no typed contents field; send it as raw bytes")
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        getattr(contents, field).extend(x.encode() if isinstance(x, str) else bytes(x) for x in flat)
+    else:
+        getattr(contents, field).extend(flat.tolist())
+    return datatype
+
+
+def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """Every input of a ModelInferRequest as numpy arrays, raw contents first.
+
+    Raw and typed contents must not be mixed in one request; names must be unique.
+    """
+    raw = request.raw_input_contents
+    inputs: dict[str, np.ndarray] = {}
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries but the request declares "
+            f"{len(request.inputs)} inputs; expected one raw entry per input, in order"
+        )
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in inputs:
+            raise InvalidInput(f"input '{tensor.name}' appears more than once")
+        shape = list(tensor.shape)
+        if raw:
+            if tensor.HasField("contents") and tensor.contents.ByteSize():
+                raise InvalidInput(
+                    f"input '{tensor.name}': both raw_input_contents and typed contents were sent; "
+                    "use one or the other for the whole request"
+                )
+            inputs[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
+        else:
+            inputs[tensor.name] = decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
+    return inputs
+
+
+def decode_response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Every output of a ModelInferResponse as numpy arrays (raw first, typed as fallback)."""
+    raw = response.raw_output_contents
+    outputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(response.outputs):
+        shape = list(tensor.shape)
+        if index < len(raw):
+            outputs[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
+        else:
+            outputs[tensor.name] = decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
+    return outputs

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one node, on a registry of its own (never the process-global one).
+
+The exposition itself is prometheus_client's; this module only names the series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+class ServerMetrics:
+    """The series every node exports: requests by model, version and status code; latency; in-flight."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "onnxmesh_requests",
+            "ModelInfer calls by model, version and gRPC status code.",
+            ["model", "version", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "onnxmesh_request_duration_seconds",
+            "ModelInfer latency seen by this node, from request decoded to response encoded.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "onnxmesh_inflight_requests", "ModelInfer calls in progress.", registry=self.registry
+        )
+        self.ready = Gauge(
+            "onnxmesh_ready", "1 when every model of this node is loaded and warm.", registry=self.registry
+        )
+
+    def serve_http(self, host: str, port: int) -> None:
+        """Expose /metrics over HTTP on host:port (a daemon thread)."""
+        start_http_server(port, addr=host, registry=self.registry)

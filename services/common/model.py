@@ -1,0 +1,148 @@
+"""What the shared server serves: `Servable`s, each one OIP model at one version.
+
+A model service's servables are `Model`s: synchronous, batch-native `predict` over numpy
+arrays, run on a worker thread so the event loop never blocks (onnxruntime releases the
+GIL). The orchestrator serves its graphs through the same interface, so one servicer and
+one codec serve every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.errors import InvalidInput, Unavailable
+from services.common.types import DATATYPE_TO_NUMPY, InferResult, ModelSignature, TensorSpec
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """One decoded inference call, as the servicer hands it to a servable."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...] = ()
+    request_id: str = ""
+    #: Absolute `time.monotonic()` time the caller stops waiting; None = no deadline.
+    deadline: float | None = None
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+class Servable(ABC):
+    """One model version served over OIP."""
+
+    name: str
+    version: str
+    signature: ModelSignature
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool: ...
+
+    async def load(self) -> None:
+        """Load and warm up; readiness turns true only after this returns."""
+
+    async def close(self) -> None:
+        """Release resources at shutdown."""
+
+    @abstractmethod
+    async def infer(self, request: InferRequest) -> InferResult: ...
+
+    def validate(self, inputs: Mapping[str, tuple[str, Sequence[int]]], outputs: Sequence[str]) -> None:
+        """Check input names, datatypes and shapes (from the request headers) and requested outputs."""
+        validate_against(self.name, self.signature, inputs, outputs)
+
+
+def validate_against(
+    model: str,
+    signature: ModelSignature,
+    inputs: Mapping[str, tuple[str, Sequence[int]]],
+    outputs: Sequence[str],
+) -> None:
+    """InvalidInput naming the tensor, what was expected and what came, for the first problem found."""
+    expected = {spec.name: spec for spec in signature.inputs}
+    missing = [name for name in expected if name not in inputs]
+    extra = [name for name in inputs if name not in expected]
+    if extra:
+        raise InvalidInput(
+            f"model '{model}' has no input named '{extra[0]}'; expected inputs: {_describe(signature.inputs)}"
+        )
+    if missing:
+        raise InvalidInput(
+            f"model '{model}': input '{missing[0]}' is missing; expected inputs: {_describe(signature.inputs)}"
+        )
+    for name, (datatype, shape) in inputs.items():
+        spec = expected[name]
+        if datatype != spec.datatype:
+            raise InvalidInput(
+                f"model '{model}': input '{name}' has datatype {datatype}, expected {spec.datatype}"
+            )
+        if not spec.accepts_shape(shape):
+            raise InvalidInput(
+                f"model '{model}': input '{name}' has shape {list(shape)}, expected {list(spec.shape)} "
+                "(-1 = any size)"
+            )
+    known = {spec.name for spec in signature.outputs}
+    for name in outputs:
+        if name not in known:
+            raise InvalidInput(
+                f"model '{model}' has no output named '{name}'; outputs: {', '.join(sorted(known))}"
+            )
+
+
+def _describe(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{s.name} {s.describe()}" for s in specs)
+
+
+class Model(Servable):
+    """A model whose `predict` is synchronous numpy-in, numpy-out, run on a worker thread.
+
+    Subclasses implement `load_sync` (build the session, set `signature`) and `predict`.
+    `predict` must be batch-native: the first dimension is the batch, and row i of every
+    output belongs to row i of the inputs (batching relies on it).
+    """
+
+    def __init__(self, name: str, version: str, executor: Executor) -> None:
+        self.name = name
+        self.version = version
+        self.executor = executor
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @abstractmethod
+    def load_sync(self) -> None: ...
+
+    @abstractmethod
+    def predict(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def warmup_inputs(self) -> dict[str, np.ndarray]:
+        """One row of zeros per input (dynamic dims as 1); override for models that need real data."""
+        return {
+            spec.name: np.zeros(
+                [1 if d == -1 else d for d in spec.shape], dtype=DATATYPE_TO_NUMPY[spec.datatype]
+            )
+            for spec in self.signature.inputs
+        }
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.load_sync)
+        await loop.run_in_executor(self.executor, self.predict, self.warmup_inputs(), ())
+        self._ready = True
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        if not self._ready:
+            raise Unavailable(f"model '{self.name}' version {self.version} is not ready")
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self.executor, self.predict, request.inputs, request.outputs)
+        return InferResult(outputs=outputs, model_name=self.name, model_version=self.version)

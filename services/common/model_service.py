@@ -1,0 +1,72 @@
+"""`main()` of a model-serving node: scan a model directory, build servables, serve.
+
+model_a, model_b and preprocess differ only in their defaults and in the factory that
+turns one `<model>/<version>/` directory into a servable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+
+from services.common.logs import configure_logging
+from services.common.model import Servable
+from services.common.onnx_model import OnnxModel
+from services.common.repository import ModelRepository, ModelVersionDir, scan
+from services.common.server import MeshServer
+from services.common.settings import ServerSettings, parse_server_settings
+
+log = logging.getLogger(__name__)
+
+#: Builds the servable of one model version directory.
+ServableFactory = Callable[[ModelVersionDir, ServerSettings, Executor], Servable]
+
+
+def onnx_servable(entry: ModelVersionDir, settings: ServerSettings, executor: Executor) -> Servable:
+    """An ONNX model version, batched adaptively when its config asks for it."""
+    model = OnnxModel(entry.name, entry.version, entry.path, executor, threads=settings.ort_threads)
+    if entry.config.max_batch_size > 1:
+        from services.common.batching import BatchingModel
+
+        return BatchingModel(model, entry.config)
+    return model
+
+
+def build_repository(
+    settings: ServerSettings,
+    executor: Executor,
+    factory: ServableFactory = onnx_servable,
+    filename: str = "model.onnx",
+) -> ModelRepository:
+    if settings.model_dir is None:
+        raise ValueError("no model directory given (--model-dir or ONNXMESH_MODEL_DIR)")
+    entries = list(scan(settings.model_dir, filename))
+    if not entries:
+        raise FileNotFoundError(f"no <model>/<version>/{filename} under {settings.model_dir}")
+    return ModelRepository(factory(entry, settings, executor) for entry in entries)
+
+
+def main(
+    service: str,
+    *,
+    port: int,
+    model_dir: Path,
+    description: str,
+    factory: ServableFactory = onnx_servable,
+    filename: str = "model.onnx",
+    argv: Sequence[str] | None = None,
+) -> None:
+    settings = parse_server_settings(service, argv, port=port, model_dir=model_dir, description=description)
+    configure_logging(service, settings.log_level, settings.log_format)
+    executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix=f"{service}-infer")
+    try:
+        repository = build_repository(settings, executor, factory, filename)
+        asyncio.run(MeshServer(settings, repository).run_until_signal())
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(f"{service}: {exc}") from exc
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)

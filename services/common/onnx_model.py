@@ -1,0 +1,89 @@
+"""Any ONNX model, served by onnxruntime, with its OIP signature read from the graph."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from services.common.errors import InvalidInput
+from services.common.model import Model
+from services.common.types import ModelSignature, TensorSpec
+
+#: onnxruntime's type strings -> OIP datatypes.
+ONNX_TO_DATATYPE: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def _spec(arg: Any, path: Path) -> TensorSpec:
+    datatype = ONNX_TO_DATATYPE.get(arg.type)
+    if datatype is None:
+        raise ValueError(f"{path}: tensor '{arg.name}' has type {arg.type}, which OIP cannot carry")
+    # Symbolic ("batch") or unknown (None) dimensions are dynamic: -1 in OIP metadata.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, datatype, shape)
+
+
+class OnnxModel(Model):
+    """One version of an ONNX model file; inputs/outputs come from the ONNX graph itself."""
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, name: str, version: str, path: Path, executor: Executor, *, threads: int = 1) -> None:
+        super().__init__(name, version, executor)
+        self.path = path
+        self.threads = threads
+        self._session: ort.InferenceSession | None = None
+        self._all_outputs: list[str] = []
+        self._string_inputs: frozenset[str] = frozenset()
+
+    def load_sync(self) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        inputs = tuple(_spec(arg, self.path) for arg in session.get_inputs())
+        outputs = tuple(_spec(arg, self.path) for arg in session.get_outputs())
+        self.signature = ModelSignature(self.name, (self.version,), self.platform, inputs, outputs)
+        self._all_outputs = [spec.name for spec in outputs]
+        self._string_inputs = frozenset(spec.name for spec in inputs if spec.datatype == "BYTES")
+        self._session = session
+
+    def predict(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        assert self._session is not None, "predict before load"
+        names = list(outputs) or self._all_outputs
+        feed = dict(inputs)
+        for name in self._string_inputs:
+            # OIP BYTES arrive as bytes objects; onnxruntime string tensors want str.
+            feed[name] = np.vectorize(_to_str, otypes=[object])(feed[name])
+        try:
+            results = self._session.run(names, feed)
+        except (
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.Fail,
+        ) as exc:
+            # Shapes that pass metadata checks can still be wrong for the graph (e.g. a Reshape).
+            raise InvalidInput(f"model '{self.name}' rejected the input: {exc}") from exc
+        return dict(zip(names, results, strict=True))
+
+
+def _to_str(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,16 @@
+"""`python -m services.preprocess`: the digits preprocessing service (see services/common/settings.py)."""
+
+from pathlib import Path
+
+from services.common.model_service import main
+from services.preprocess.model import preprocess_servable
+
+if __name__ == "__main__":
+    main(
+        "preprocess",
+        port=8011,
+        model_dir=Path(__file__).parent / "models",
+        description="Turn raw digit images into standardized features, served over the Open Inference Protocol.",
+        factory=preprocess_servable,
+        filename="stats.json",
+    )
