@@ -117,13 +117,18 @@ class MeshServer:
             await self.health.set(service, status)
         self.metrics.ready.set(1 if serving else 0)
 
+    async def begin_drain(self) -> None:
+        """Report NOT_SERVING (health and ServerReady) so balancers and probes move away."""
+        if not self.draining:
+            self.draining = True
+            self.metrics.ready.set(0)
+            await self.health.enter_graceful_shutdown()
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING now, finish in-flight calls within `grace`, then stop."""
-        if self._server is None or self.draining:
+        if self._server is None or self._stopped.is_set():
             return
-        self.draining = True
-        self.metrics.ready.set(0)
-        await self.health.enter_graceful_shutdown()
+        await self.begin_drain()
         log.info("draining", extra={"grace_s": self.settings.grace if grace is None else grace})
         await self._server.stop(self.settings.grace if grace is None else grace)
         await asyncio.gather(*(servable.close() for servable in self.repository.all()))

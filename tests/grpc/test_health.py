@@ -1,0 +1,86 @@
+"""Health follows the model life cycle: NOT_SERVING until loaded, SERVING, NOT_SERVING while draining."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.client import OipClient
+from services.common.model import Model
+from services.common.repository import ModelRepository
+from services.common.types import ModelSignature, TensorSpec
+from tests.support import ServerThread
+
+SIGNATURE = ModelSignature(
+    "gated", ("1",), "test", (TensorSpec("x", "FP32", (-1,)),), (TensorSpec("y", "FP32", (-1,)),)
+)
+
+
+class GatedModelDouble(Model):
+    """A test double whose load and predict wait for the test to open a gate."""
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        super().__init__("gated", "1", executor)
+        self.signature = SIGNATURE
+        self.load_gate = threading.Event()
+        self.predict_gate = threading.Event()
+        self.predict_started = threading.Event()
+
+    def load_sync(self) -> None:
+        assert self.load_gate.wait(20)
+
+    def warmup_inputs(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def predict(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        if not inputs:  # warm-up
+            return {}
+        self.predict_started.set()
+        assert self.predict_gate.wait(20)
+        return {"y": inputs["x"] * 2}
+
+
+def health_status(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def test_not_serving_until_loaded_then_serving_then_draining() -> None:
+    with ThreadPoolExecutor(2) as executor:
+        model = GatedModelDouble(executor)
+        server = ServerThread(ModelRepository([model]))
+        try:
+            server.start(load=False)
+            loading = server.submit(server.server.load)
+            assert health_status(server.address) == "NOT_SERVING"
+            model.load_gate.set()
+            loading.result(20)
+            assert health_status(server.address) == "SERVING"
+
+            async def call() -> np.ndarray:
+                async with OipClient(server.address) as client:
+                    result = await client.infer("gated", {"x": np.arange(3, dtype=np.float32)}, timeout=20)
+                return result.outputs["y"]
+
+            in_flight = server.submit(call)
+            assert model.predict_started.wait(20)
+            server.call(server.server.begin_drain)  # the first thing SIGTERM does
+            assert health_status(server.address) == "NOT_SERVING"
+            stopping = server.submit(lambda: server.server.stop(10.0))  # then drain in-flight calls
+            model.predict_gate.set()
+            np.testing.assert_array_equal(
+                in_flight.result(20), [0.0, 2.0, 4.0]
+            )  # the in-flight call completes
+            stopping.result(20)
+        finally:
+            model.load_gate.set()
+            model.predict_gate.set()
+            server.stop()

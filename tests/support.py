@@ -1,0 +1,90 @@
+"""Test helpers: run a real MeshServer on 127.0.0.1:0 in a background thread.
+
+The server gets its own event loop so plain (sync) tests can call it with blocking stubs;
+`stop()` always drains it, so no test leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.common.model_service import build_repository
+from services.common.repository import ModelRepository
+from services.common.server import MeshServer
+from services.common.settings import ServerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+class ServerThread:
+    """A MeshServer on its own loop in a daemon thread."""
+
+    def __init__(self, repository: ModelRepository, settings: ServerSettings | None = None) -> None:
+        self.settings = settings or ServerSettings(service="test", host="127.0.0.1", port=0, grace=2.0)
+        self.repository = repository
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(self._make)
+
+    async def _make(self) -> MeshServer:
+        return MeshServer(self.settings, self.repository)
+
+    def call(self, factory: Callable[[], Coroutine[Any, Any, T]], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(factory(), self.loop).result(timeout)
+
+    def submit(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> Any:
+        return asyncio.run_coroutine_threadsafe(factory(), self.loop)
+
+    def start(self, *, load: bool = True) -> int:
+        port = self.call(self.server.start)
+        if load:
+            self.call(self.server.load)
+        return port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stop(self, grace: float = 0.0) -> None:
+        try:
+            self.call(lambda: self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+def model_repository(*model_dirs: Path, executor: ThreadPoolExecutor) -> ModelRepository:
+    """The real ONNX models of the given directories in one repository."""
+    repo = ModelRepository()
+    for model_dir in model_dirs:
+        settings = ServerSettings(service="test", model_dir=model_dir)
+        for servable in build_repository(settings, executor).all():
+            repo.add(servable)
+    return repo
+
+
+@contextmanager
+def serving(repository: ModelRepository) -> Iterator[ServerThread]:
+    server = ServerThread(repository)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def stub(address: str) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(address) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
