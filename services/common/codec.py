@@ -127,7 +127,22 @@ def encode_raw(array: np.ndarray) -> tuple[str, list[int], bytes]:
             parts.append(_LEN.pack(len(data)))
             parts.append(data)
         return datatype, shape, b"".join(parts)
-    return datatype, shape, np.ascontiguousarray(array).tobytes()
+    return datatype, shape, received_bytes(array) or np.ascontiguousarray(array).tobytes()
+
+
+def received_bytes(array: np.ndarray) -> bytes | None:
+    """The wire bytes an array was decoded from, if it is an untouched view of all of them.
+
+    `decode_raw` returns `np.frombuffer(raw).reshape(shape)`: forwarding such a tensor to the
+    next service can reuse `raw` itself instead of copying it (the orchestrator's hot path).
+    """
+    base = array.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not isinstance(base, bytes) or len(base) != array.nbytes or not array.flags.c_contiguous:
+        return None
+    start = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    return base if array.__array_interface__["data"][0] == start else None
 
 
 def encode_contents(array: np.ndarray, contents: pb.InferTensorContents) -> str:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,6 +61,8 @@ class MeshServer:
         *,
         metrics: ServerMetrics | None = None,
         add_services: Callable[[grpc.aio.Server], list[str]] | None = None,
+        loader: Callable[[], Awaitable[None]] | None = None,
+        closer: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.repository = repository
@@ -69,6 +71,8 @@ class MeshServer:
         self.draining = False
         self.port = 0
         self._add_services = add_services
+        self._loader = loader
+        self._closer = closer
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -105,8 +109,14 @@ class MeshServer:
 
     async def load(self) -> None:
         """Load and warm up every servable, then report SERVING."""
-        await asyncio.gather(*(servable.load() for servable in self.repository.all()))
-        await self.set_serving(self.repository.ready)
+        if self._loader is not None:
+            # A node with a loader of its own (the orchestrator) is serving once it has loaded;
+            # each model's readiness is still reported by ModelReady.
+            await self._loader()
+            await self.set_serving(True)
+        else:
+            await asyncio.gather(*(servable.load() for servable in self.repository.all()))
+            await self.set_serving(self.repository.ready)
         log.info("ready", extra={"models": [f"{s.name}/{s.version}" for s in self.repository.all()]})
 
     async def set_serving(self, serving: bool) -> None:
@@ -132,6 +142,8 @@ class MeshServer:
         log.info("draining", extra={"grace_s": self.settings.grace if grace is None else grace})
         await self._server.stop(self.settings.grace if grace is None else grace)
         await asyncio.gather(*(servable.close() for servable in self.repository.all()))
+        if self._closer is not None:
+            await self._closer()
         log.info("stopped")
         self._stopped.set()
 
@@ -148,7 +160,9 @@ class MeshServer:
         stop_wait = asyncio.create_task(stop_requested.wait())
         done, _ = await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if load in done:
-            load.result()  # a model that fails to load stops the node with its error
+            if load.exception() is not None:
+                await self.stop(0)
+                load.result()  # a model that fails to load stops the node with its error
             say(f"{self.settings.service} ready on {self.settings.host}:{port}")
             await stop_wait
         else:

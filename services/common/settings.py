@@ -49,7 +49,7 @@ def _env(name: str) -> str | None:
     return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
 
 
-def _opt(
+def add_option(
     parser: argparse.ArgumentParser, name: str, conv: Callable[[str], Any], default: Any, help: str
 ) -> None:
     """Add `--name` whose default comes from ONNXMESH_NAME, then from `default`."""
@@ -70,14 +70,14 @@ def server_parser(
 ) -> argparse.ArgumentParser:
     """The argument parser every node starts from; nodes may add flags of their own."""
     parser = argparse.ArgumentParser(prog=f"python -m {service}", description=description)
-    _opt(parser, "host", str, "127.0.0.1", "address to listen on (0.0.0.0 in a container)")
-    _opt(parser, "port", int, port, "gRPC port; 0 picks a free port and prints it")
-    _opt(parser, "metrics-port", _optional_int, None, "Prometheus /metrics port; unset = off")
-    _opt(parser, "model-dir", Path, model_dir, "model repository: <model>/<version>/model.onnx")
-    _opt(parser, "ort-threads", int, 1, "onnxruntime intra-op threads per session (match the CPU limit)")
-    _opt(parser, "inference-workers", int, 2, "threads running inference concurrently")
-    _opt(parser, "max-message-mb", int, 64, "largest gRPC message sent or received, MiB")
-    _opt(parser, "max-concurrent-rpcs", _optional_int, None, "above this, RESOURCE_EXHAUSTED (load shed)")
+    add_option(parser, "host", str, "127.0.0.1", "address to listen on (0.0.0.0 in a container)")
+    add_option(parser, "port", int, port, "gRPC port; 0 picks a free port and prints it")
+    add_option(parser, "metrics-port", _optional_int, None, "Prometheus /metrics port; unset = off")
+    add_option(parser, "model-dir", Path, model_dir, "model repository: <model>/<version>/model.onnx")
+    add_option(parser, "ort-threads", int, 1, "onnxruntime intra-op threads per session (match the CPU limit)")
+    add_option(parser, "inference-workers", int, 2, "threads running inference concurrently")
+    add_option(parser, "max-message-mb", int, 64, "largest gRPC message sent or received, MiB")
+    add_option(parser, "max-concurrent-rpcs", _optional_int, None, "above this, RESOURCE_EXHAUSTED (load shed)")
     _opt(
         parser,
         "max-connection-age",
@@ -85,9 +85,9 @@ def server_parser(
         300.0,
         "seconds before clients are asked to reconnect (re-resolve DNS)",
     )
-    _opt(parser, "grace", float, 10.0, "seconds to drain in-flight calls on SIGTERM")
-    _opt(parser, "log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
-    _opt(parser, "log-format", str, "json", "json (one object per line) or text")
+    add_option(parser, "grace", float, 10.0, "seconds to drain in-flight calls on SIGTERM")
+    add_option(parser, "log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
+    add_option(parser, "log-format", str, "json", "json (one object per line) or text")
     return parser
 
 

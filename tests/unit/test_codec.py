@@ -115,3 +115,13 @@ def test_duplicate_input_names_are_rejected() -> None:
         request.inputs.add(name="a", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
     with pytest.raises(InvalidInput, match="input 'a' appears more than once"):
         codec.decode_request_inputs(request)
+
+
+def test_untouched_received_tensor_is_forwarded_without_copy() -> None:
+    raw = np.arange(12, dtype=np.float32).tobytes()
+    view = codec.decode_raw("x", "FP32", [3, 4], raw)
+    assert codec.encode_raw(view)[2] is raw
+    # A slice or a transformed tensor is re-encoded, never forwarded by mistake.
+    assert codec.encode_raw(view[1:])[2] == raw[16:]
+    assert codec.encode_raw(view.T)[2] == np.ascontiguousarray(view.T).tobytes()
+    assert codec.encode_raw(view * 2)[2] == (np.arange(12, dtype=np.float32) * 2).tobytes()

@@ -1,0 +1,440 @@
+"""Adaptive batching as a wrapper around a `Model`: many small calls, one `predict` each batch.
+
+    callers --infer()--> bounded queue (rows) --batcher task--> predict(concatenated rows)
+                                                                      | on the executor
+    callers <--own rows, own outputs-- split by row ranges <----------+
+
+The batcher takes the oldest waiting request, then keeps collecting requests whose non-batch
+dimensions match until the batch holds `max_batch_size` rows or `max_queue_delay_ms` has
+passed since that first request arrived. Up to `max_concurrent_batches` batches run at once,
+so the next batch forms while the previous one runs (onnxruntime releases the GIL).
+
+The model's `predict` is untouched: it is batch-native already (row i of every output belongs
+to row i of the inputs), which is all this wrapper relies on. What each caller sees:
+
+- exactly its own rows, and only the outputs it asked for (empty = all);
+- its own error: when a batched `predict` raises, every request of that batch is run alone,
+  so one bad request fails alone while its batch-mates succeed;
+- DeadlineExceeded without running when its deadline passed while it waited;
+- ResourceExhausted at once when more than `max_queue_size` rows are already waiting
+  (shed load rather than let latency grow without end).
+
+Models whose inputs have a fixed first dimension are never batched: the wrapper then passes
+each request straight to the inner model (decided in `load()`, once the signature is known).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
+from services.common.model import InferRequest, Model, Servable
+from services.common.repository import ModelConfig
+from services.common.types import InferResult, ModelSignature
+
+log = logging.getLogger(__name__)
+
+#: What must match for two requests to share a batch: per input (in signature order), the
+#: dtype and the dimensions after the first.
+BatchKey = tuple[tuple[np.dtype, tuple[int, ...]], ...]
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    """One caller's request while it waits in the queue or runs in a batch."""
+
+    request: InferRequest
+    rows: int
+    key: BatchKey
+    future: asyncio.Future[InferResult]
+    arrived: float
+    #: Still counted in the queue's row total; whoever clears it (the batcher taking it,
+    #: or the caller leaving) subtracts its rows, so they are subtracted exactly once.
+    queued: bool = True
+
+
+@dataclass(slots=True)
+class _Batch:
+    items: list[_Waiting] = field(default_factory=list)
+    rows: int = 0
+
+
+class BatchingModel(Servable):
+    """Serves `model` with adaptive batching; see the module docstring for the behaviour.
+
+    Counters (read them, never write): `batches_run` and `rows_run` count the inner
+    `predict` calls this wrapper made and the rows they carried (a request re-run alone
+    after a failed batch counts as a batch of its own); `requests_run` counts the requests
+    answered by them; `failed_batches` counts batched calls that raised and were split up.
+    In pass-through mode (`batching` is False) none of them moves.
+    """
+
+    def __init__(self, model: Model, config: ModelConfig, *, max_concurrent_batches: int = 2) -> None:
+        if max_concurrent_batches < 1:
+            raise ValueError(f"max_concurrent_batches must be at least 1, got {max_concurrent_batches}")
+        self.inner = model
+        self.name = model.name
+        self.version = model.version
+        self.max_batch_size = config.max_batch_size
+        self.max_queue_delay = config.max_queue_delay_ms / 1000.0
+        self.max_queue_size = config.max_queue_size
+        self.max_concurrent_batches = max_concurrent_batches
+        self.batches_run = 0
+        self.rows_run = 0
+        self.requests_run = 0
+        self.failed_batches = 0
+        self._batching = False
+        self._closed = False
+        self._input_names: tuple[str, ...] = ()
+        # Requests by batch key, each deque in arrival order; a key is dropped when empty.
+        self._queues: dict[BatchKey, deque[_Waiting]] = {}
+        self._queued_rows = 0
+        self._arrival = itertools.count()
+        self._arrived: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    # -- delegated to the inner model ---------------------------------------------------
+
+    @property  # type: ignore[override]
+    def signature(self) -> ModelSignature:
+        return self.inner.signature
+
+    @signature.setter
+    def signature(self, value: ModelSignature) -> None:
+        self.inner.signature = value
+
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready and not self._closed
+
+    def validate(self, inputs: Mapping[str, tuple[str, Sequence[int]]], outputs: Sequence[str]) -> None:
+        self.inner.validate(inputs, outputs)
+
+    # -- what tests, metrics and benchmarks may read --------------------------------------
+
+    @property
+    def batching(self) -> bool:
+        """True once loaded with batching on; False in pass-through mode."""
+        return self._batching
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch (not counting batches being formed or running)."""
+        return self._queued_rows
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load the inner model, then start the batcher unless the model cannot be batched."""
+        await self.inner.load()
+        fixed = [spec for spec in self.signature.inputs if not spec.shape or spec.shape[0] != -1]
+        if self.max_batch_size <= 1:
+            log.info("batching off for %s/%s: max_batch_size %d", self.name, self.version, self.max_batch_size)
+            return
+        if fixed:
+            # Rows of different requests cannot be stacked into a dimension of fixed size.
+            log.warning(
+                "batching off for %s/%s: input '%s' has a fixed first dimension %s; requests run one by one",
+                self.name,
+                self.version,
+                fixed[0].name,
+                list(fixed[0].shape),
+            )
+            return
+        self._input_names = tuple(spec.name for spec in self.signature.inputs)
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.max_concurrent_batches)
+        self._batcher = asyncio.create_task(self._batch_forever(), name=f"batcher-{self.name}")
+        self._batching = True
+
+    async def close(self) -> None:
+        """Stop forming batches, fail whatever still waits, let running batches finish."""
+        self._closed = True
+        if self._batcher is not None:
+            self._batcher.cancel()
+            await asyncio.gather(self._batcher, return_exceptions=True)
+            self._batcher = None
+        for queue in self._queues.values():
+            for item in queue:
+                self._fail(item, self._shutting_down())
+        self._queues.clear()
+        self._queued_rows = 0
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        await self.inner.close()
+
+    # -- the caller's side ----------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        if not self._batching:
+            if self._closed:
+                raise self._shutting_down()
+            return await self.inner.infer(request)
+        if self._closed:
+            raise self._shutting_down()
+        now = time.monotonic()
+        if request.deadline is not None and request.deadline <= now:
+            raise self._expired()
+        try:
+            key = tuple(
+                (array.dtype, array.shape[1:])
+                for array in (request.inputs[name] for name in self._input_names)
+            )
+            rows = request.inputs[self._input_names[0]].shape[0]
+        except (KeyError, IndexError):
+            key, rows = (), -1
+        if rows <= 0 or len(request.inputs) != len(self._input_names) or not self._same_rows(request, rows):
+            # Not something a batch can carry (no rows, scalars, ragged first dims, unknown
+            # inputs): the inner model answers or rejects it on its own.
+            return await self.inner.infer(request)
+        if self._queued_rows and self._queued_rows + rows > self.max_queue_size:
+            # An empty queue admits any request, so one larger than the bound still runs.
+            raise ResourceExhausted(
+                f"model '{self.name}' version {self.version}: the batching queue is full "
+                f"({self._queued_rows} rows waiting, max_queue_size {self.max_queue_size}); "
+                "retry later or on another replica"
+            )
+        item = _Waiting(request, rows, key, asyncio.get_running_loop().create_future(), now)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        queue.append(item)
+        self._queued_rows += rows
+        assert self._arrived is not None
+        self._arrived.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # The caller is gone: free its place now; the batcher skips the cancelled future.
+            item.future.cancel()
+            self._unqueue(item)
+            raise
+
+    def _same_rows(self, request: InferRequest, rows: int) -> bool:
+        return all(request.inputs[name].shape[0] == rows for name in self._input_names)
+
+    # -- the batcher ----------------------------------------------------------------------
+
+    async def _batch_forever(self) -> None:
+        assert self._slots is not None
+        while True:
+            # Take a slot before forming: while every slot is busy, requests pile up in the
+            # queue and the next batch takes them all at once instead of closing early.
+            await self._slots.acquire()
+            try:
+                batch = await self._form_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._run_batch(batch.items))
+            self._running.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        assert self._slots is not None
+        self._slots.release()
+
+    async def _form_batch(self) -> _Batch:
+        assert self._arrived is not None
+        batch = _Batch()
+        try:
+            first = self._take_oldest()
+            while first is None:
+                self._arrived.clear()
+                await self._arrived.wait()
+                first = self._take_oldest()
+            batch.items.append(first)
+            batch.rows = first.rows
+            closes_at = first.arrived + self.max_queue_delay
+            while batch.rows < self.max_batch_size:
+                item = self._take_fitting(first.key, self.max_batch_size - batch.rows)
+                if item is _FULL:
+                    break
+                if item is None:
+                    if time.monotonic() >= closes_at:
+                        break
+                    self._arrived.clear()
+                    try:
+                        async with asyncio.timeout_at(asyncio.get_running_loop().time() + closes_at - time.monotonic()):
+                            await self._arrived.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                assert isinstance(item, _Waiting)
+                batch.items.append(item)
+                batch.rows += item.rows
+        except asyncio.CancelledError:
+            for item in batch.items:
+                self._fail(item, self._shutting_down())
+            raise
+        return batch
+
+    def _take_oldest(self) -> _Waiting | None:
+        """The live request that arrived first, across keys; None when nothing waits."""
+        while self._queues:
+            if len(self._queues) == 1:
+                key = next(iter(self._queues))
+            else:
+                key = min(self._queues, key=lambda k: self._queues[k][0].arrived)
+            queue = self._queues[key]
+            item = queue.popleft()
+            if not queue:
+                del self._queues[key]
+            if self._claim(item):
+                return item
+        return None
+
+    def _take_fitting(self, key: BatchKey, room: int) -> _Waiting | object | None:
+        """The next live request of `key` if it fits in `room` rows; _FULL if it does not;
+        None when no request of `key` waits."""
+        queue = self._queues.get(key)
+        while queue:
+            head = queue[0]
+            if head.rows > room and not head.future.done():
+                # Keep arrival order within a key: the batch closes rather than skip ahead.
+                return _FULL
+            queue.popleft()
+            if not queue:
+                del self._queues[key]
+            if self._claim(head):
+                return head
+        return None
+
+    def _claim(self, item: _Waiting) -> bool:
+        """Take `item` out of the queue's count; True if it should run."""
+        self._unqueue(item)
+        if item.future.done():  # cancelled by its caller
+            return False
+        if item.request.deadline is not None and item.request.deadline <= time.monotonic():
+            self._fail(item, self._expired())
+            return False
+        return True
+
+    def _unqueue(self, item: _Waiting) -> None:
+        if item.queued:
+            item.queued = False
+            self._queued_rows -= item.rows
+
+    async def _run_batch(self, items: list[_Waiting]) -> None:
+        try:
+            now = time.monotonic()
+            live: list[_Waiting] = []
+            for item in items:
+                # Callers may have left, or run out of time, while the batch was forming.
+                if item.future.done():
+                    continue
+                if item.request.deadline is not None and item.request.deadline <= now:
+                    self._fail(item, self._expired())
+                    continue
+                live.append(item)
+            if len(live) == 1:
+                await self._run_alone(live[0])
+            elif live:
+                await self._run_together(live)
+        except Exception:
+            log.exception("batch of %s/%s failed unexpectedly", self.name, self.version)
+        finally:
+            # Nobody may wait forever, whatever went wrong above.
+            for item in items:
+                if not item.future.done():
+                    self._fail(item, MeshError(f"batch of model '{self.name}' ended without an answer"))
+
+    async def _run_together(self, live: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        inputs = {
+            name: np.concatenate([item.request.inputs[name] for item in live]) for name in self._input_names
+        }
+        wanted = _union_outputs(live)
+        total = sum(item.rows for item in live)
+        try:
+            outputs = await loop.run_in_executor(self.inner.executor, self.inner.predict, inputs, wanted)
+        except Exception as exc:
+            # Which request broke the batch is unknown: run each alone, so only it fails.
+            self.failed_batches += 1
+            log.info(
+                "batch of %d requests to %s/%s failed (%s); running them one by one",
+                len(live),
+                self.name,
+                self.version,
+                type(exc).__name__,
+            )
+            await asyncio.gather(*(self._run_alone(item) for item in live))
+            return
+        misaligned = [name for name, array in outputs.items() if array.ndim == 0 or array.shape[0] != total]
+        if misaligned:
+            # Rows cannot be told apart; a model that is not batch-native still answers right alone.
+            log.warning(
+                "output '%s' of %s/%s has not one row per input row; running the batch one by one",
+                misaligned[0],
+                self.name,
+                self.version,
+            )
+            await asyncio.gather(*(self._run_alone(item) for item in live))
+            return
+        self._count(len(live), total)
+        start = 0
+        for item in live:
+            stop = start + item.rows
+            if not item.future.done():
+                names = item.request.outputs or outputs.keys()
+                item.future.set_result(
+                    InferResult(
+                        outputs={name: outputs[name][start:stop] for name in names},
+                        model_name=self.name,
+                        model_version=self.version,
+                    )
+                )
+            start = stop
+
+    async def _run_alone(self, item: _Waiting) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(
+                self.inner.executor, self.inner.predict, item.request.inputs, item.request.outputs
+            )
+        except Exception as exc:
+            self._fail(item, exc)
+            return
+        self._count(1, item.rows)
+        if not item.future.done():
+            item.future.set_result(InferResult(outputs, model_name=self.name, model_version=self.version))
+
+    def _count(self, requests: int, rows: int) -> None:
+        self.batches_run += 1
+        self.requests_run += requests
+        self.rows_run += rows
+
+    @staticmethod
+    def _fail(item: _Waiting, error: BaseException) -> None:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+    def _expired(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"model '{self.name}' version {self.version}: the deadline passed while the request waited for a batch"
+        )
+
+    def _shutting_down(self) -> Unavailable:
+        return Unavailable(f"model '{self.name}' version {self.version} is shutting down; retry elsewhere")
+
+
+#: `_take_fitting`'s answer when the next request of the key does not fit the batch.
+_FULL = object()
+
+
+def _union_outputs(items: Sequence[_Waiting]) -> tuple[str, ...]:
+    """Every output some caller asked for, in first-asked order; () (= all) if one asked for all."""
+    if any(not item.request.outputs for item in items):
+        return ()
+    return tuple(dict.fromkeys(name for item in items for name in item.request.outputs))
