@@ -26,7 +26,6 @@ each request straight to the inner model (decided in `load()`, once the signatur
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
@@ -97,7 +96,6 @@ class BatchingModel(Servable):
         # Requests by batch key, each deque in arrival order; a key is dropped when empty.
         self._queues: dict[BatchKey, deque[_Waiting]] = {}
         self._queued_rows = 0
-        self._arrival = itertools.count()
         self._arrived: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._batcher: asyncio.Task[None] | None = None
@@ -105,7 +103,7 @@ class BatchingModel(Servable):
 
     # -- delegated to the inner model ---------------------------------------------------
 
-    @property  # type: ignore[override]
+    @property
     def signature(self) -> ModelSignature:
         return self.inner.signature
 
@@ -137,10 +135,12 @@ class BatchingModel(Servable):
     async def load(self) -> None:
         """Load the inner model, then start the batcher unless the model cannot be batched."""
         await self.inner.load()
-        fixed = [spec for spec in self.signature.inputs if not spec.shape or spec.shape[0] != -1]
         if self.max_batch_size <= 1:
-            log.info("batching off for %s/%s: max_batch_size %d", self.name, self.version, self.max_batch_size)
+            log.info(
+                "batching off for %s/%s: max_batch_size %d", self.name, self.version, self.max_batch_size
+            )
             return
+        fixed = [spec for spec in self.signature.inputs if not spec.shape or spec.shape[0] != -1]
         if fixed:
             # Rows of different requests cannot be stacked into a dimension of fixed size.
             log.warning(
@@ -185,18 +185,12 @@ class BatchingModel(Servable):
         now = time.monotonic()
         if request.deadline is not None and request.deadline <= now:
             raise self._expired()
-        try:
-            key = tuple(
-                (array.dtype, array.shape[1:])
-                for array in (request.inputs[name] for name in self._input_names)
-            )
-            rows = request.inputs[self._input_names[0]].shape[0]
-        except (KeyError, IndexError):
-            key, rows = (), -1
-        if rows <= 0 or len(request.inputs) != len(self._input_names) or not self._same_rows(request, rows):
-            # Not something a batch can carry (no rows, scalars, ragged first dims, unknown
-            # inputs): the inner model answers or rejects it on its own.
+        key = self._batch_key(request)
+        if key is None:
+            # Not something a batch can carry (missing or unknown inputs, scalars, ragged or
+            # empty first dims): the inner model answers or rejects it on its own.
             return await self.inner.infer(request)
+        rows = request.inputs[self._input_names[0]].shape[0]
         if self._queued_rows and self._queued_rows + rows > self.max_queue_size:
             # An empty queue admits any request, so one larger than the bound still runs.
             raise ResourceExhausted(
@@ -220,8 +214,22 @@ class BatchingModel(Servable):
             self._unqueue(item)
             raise
 
-    def _same_rows(self, request: InferRequest, rows: int) -> bool:
-        return all(request.inputs[name].shape[0] == rows for name in self._input_names)
+    def _batch_key(self, request: InferRequest) -> BatchKey | None:
+        """What must match for `request` to share a batch; None if it cannot be batched."""
+        if len(request.inputs) != len(self._input_names):
+            return None
+        rows = -1
+        key = []
+        for name in self._input_names:
+            array = request.inputs.get(name)
+            if array is None or array.ndim == 0:
+                return None
+            if rows == -1:
+                rows = array.shape[0]
+            if array.shape[0] != rows or rows == 0:
+                return None
+            key.append((array.dtype, array.shape[1:]))
+        return tuple(key)
 
     # -- the batcher ----------------------------------------------------------------------
 
@@ -233,9 +241,14 @@ class BatchingModel(Servable):
             await self._slots.acquire()
             try:
                 batch = await self._form_batch()
-            except BaseException:
+            except asyncio.CancelledError:
                 self._slots.release()
                 raise
+            except Exception:
+                # A dead batcher would leave every later caller hanging: log and go on.
+                log.exception("forming a batch of %s/%s failed", self.name, self.version)
+                self._slots.release()
+                continue
             task = asyncio.create_task(self._run_batch(batch.items))
             self._running.add(task)
             task.add_done_callback(self._batch_done)
@@ -259,24 +272,25 @@ class BatchingModel(Servable):
             closes_at = first.arrived + self.max_queue_delay
             while batch.rows < self.max_batch_size:
                 item = self._take_fitting(first.key, self.max_batch_size - batch.rows)
-                if item is _FULL:
+                if isinstance(item, _Full):
                     break
                 if item is None:
                     if time.monotonic() >= closes_at:
                         break
                     self._arrived.clear()
                     try:
-                        async with asyncio.timeout_at(asyncio.get_running_loop().time() + closes_at - time.monotonic()):
+                        async with asyncio.timeout(closes_at - time.monotonic()):
                             await self._arrived.wait()
                     except TimeoutError:
                         pass
                     continue
-                assert isinstance(item, _Waiting)
                 batch.items.append(item)
                 batch.rows += item.rows
-        except asyncio.CancelledError:
+        except BaseException as exc:
+            # Cancelled at close (or a bug): the requests taken so far must not wait forever.
+            error = self._shutting_down() if isinstance(exc, asyncio.CancelledError) else self._internal()
             for item in batch.items:
-                self._fail(item, self._shutting_down())
+                self._fail(item, error)
             raise
         return batch
 
@@ -295,7 +309,7 @@ class BatchingModel(Servable):
                 return item
         return None
 
-    def _take_fitting(self, key: BatchKey, room: int) -> _Waiting | object | None:
+    def _take_fitting(self, key: BatchKey, room: int) -> _Waiting | _Full | None:
         """The next live request of `key` if it fits in `room` rows; _FULL if it does not;
         None when no request of `key` waits."""
         queue = self._queues.get(key)
@@ -348,7 +362,7 @@ class BatchingModel(Servable):
             # Nobody may wait forever, whatever went wrong above.
             for item in items:
                 if not item.future.done():
-                    self._fail(item, MeshError(f"batch of model '{self.name}' ended without an answer"))
+                    self._fail(item, self._internal())
 
     async def _run_together(self, live: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
@@ -425,12 +439,19 @@ class BatchingModel(Servable):
             f"model '{self.name}' version {self.version}: the deadline passed while the request waited for a batch"
         )
 
+    def _internal(self) -> MeshError:
+        # Not public: the client gets the fixed INTERNAL message; the log has the details.
+        return MeshError(f"batch of model '{self.name}' version {self.version} ended without an answer")
+
     def _shutting_down(self) -> Unavailable:
         return Unavailable(f"model '{self.name}' version {self.version} is shutting down; retry elsewhere")
 
 
-#: `_take_fitting`'s answer when the next request of the key does not fit the batch.
-_FULL = object()
+class _Full:
+    """`_take_fitting`'s answer when the next request of the key does not fit the batch."""
+
+
+_FULL = _Full()
 
 
 def _union_outputs(items: Sequence[_Waiting]) -> tuple[str, ...]:
