@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
+from services.common.batching import BatchingModel
 from services.common.logs import configure_logging
 from services.common.model import Servable
 from services.common.onnx_model import OnnxModel
@@ -29,9 +30,7 @@ def onnx_servable(entry: ModelVersionDir, settings: ServerSettings, executor: Ex
     """An ONNX model version, batched adaptively when its config asks for it."""
     model = OnnxModel(entry.name, entry.version, entry.path, executor, threads=settings.ort_threads)
     if entry.config.max_batch_size > 1:
-        from services.common.batching import BatchingModel
-
-        return BatchingModel(model, entry.config)
+        return BatchingModel(model, entry.config, max_concurrent_batches=settings.inference_workers)
     return model
 
 
