@@ -78,7 +78,7 @@ def server_parser(
     add_option(parser, "inference-workers", int, 2, "threads running inference concurrently")
     add_option(parser, "max-message-mb", int, 64, "largest gRPC message sent or received, MiB")
     add_option(parser, "max-concurrent-rpcs", _optional_int, None, "above this, RESOURCE_EXHAUSTED (load shed)")
-    _opt(
+    add_option(
         parser,
         "max-connection-age",
         float,
