@@ -1,0 +1,823 @@
+"""The local mesh: every node as its own process on one machine (`make run`, e2e tests, benchmarks).
+
+`python -m orchestrator.mesh` starts preprocess, model_a, model_b and the orchestrator as
+separate processes, the same way Kubernetes runs them as separate Deployments, waits until
+each answers grpc.health.v1 SERVING, streams their logs prefixed with their name, and stops
+them all on Ctrl-C or SIGTERM. `LocalMesh` is the same thing as a class:
+
+    with LocalMesh(ports=EPHEMERAL_PORTS, include_orchestrator=False) as mesh:
+        address = mesh.address("model_a")          # "127.0.0.1:<port>"
+        mesh.stop_service("model_b")               # e.g. a fault-tolerance test
+
+Life cycle of each node process (see services/common/server.py): it prints `<service>
+listening on HOST:PORT` once bound (the launcher reads the port from it, so port 0 works),
+reports SERVING once its models are warm, and drains and exits 0 on SIGTERM. Processes stay
+in the launcher's process group, so a Ctrl-C in the terminal reaches them too, and a launcher
+that fails halfway through starting stops what it started before raising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import yaml
+
+from services.common.client import OipClient
+from services.common.errors import MeshError
+from services.common.types import ModelSignature
+
+REPO = Path(__file__).resolve().parent.parent
+ORCHESTRATOR = "orchestrator"
+#: Model-serving services in start order; the orchestrator starts after them (it needs their ports).
+SERVICES = ("preprocess", "model_a", "model_b")
+ALL_SERVICES = (*SERVICES, ORCHESTRATOR)
+MODULES = {
+    "preprocess": "services.preprocess",
+    "model_a": "services.model_a",
+    "model_b": "services.model_b",
+    ORCHESTRATOR: "orchestrator",
+}
+DEFAULT_PORTS = {ORCHESTRATOR: 8001, "preprocess": 8011, "model_a": 8021, "model_b": 8031}
+#: Every service on a free port chosen by the OS (tests): the launcher reads the bound port back.
+EPHEMERAL_PORTS = dict.fromkeys(ALL_SERVICES, 0)
+#: The models each local service serves, and the graphs of the default spec (OIP has no "list" RPC).
+SERVICE_MODELS = {
+    "preprocess": ("digits-preprocess",),
+    "model_a": ("digits-mlp",),
+    "model_b": ("digits-logreg", "digits-head"),
+}
+KNOWN_GRAPHS = ("digits-serial", "digits-parallel", "digits-cascade")
+DEFAULT_GRAPHS = REPO / "orchestrator" / "graphs.yaml"
+
+STARTUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+TAIL_LINES = 40
+_POLL_S = 0.05
+_HEALTH_CALL_S = 1.0
+
+T = TypeVar("T")
+
+
+class MeshStopped(RuntimeError):
+    """`start()` gave up because the mesh was asked to stop (Ctrl-C, SIGTERM, `interrupt()`)."""
+
+
+class MeshStartupError(RuntimeError):
+    """A node died or never became SERVING; the message names it and shows its last stderr lines."""
+
+    def __init__(self, name: str, reason: str, tail: Sequence[str] = ()) -> None:
+        message = f"{name} failed to start: {reason}"
+        if tail:
+            message += f"\n--- last {len(tail)} stderr lines of {name} ---\n" + "\n".join(tail)
+        super().__init__(message)
+        self.name = name
+        self.reason = reason
+        self.tail = list(tail)
+
+
+def ports_from_base(base: int) -> dict[str, int]:
+    """Ports laid out like the defaults around another base (9000 -> 9001, 9011, ...); 0 = all free."""
+    if base == 0:
+        return dict(EPHEMERAL_PORTS)
+    return {service: base + port - 8000 for service, port in DEFAULT_PORTS.items()}
+
+
+def replica_target(host: str, ports: Sequence[int]) -> str:
+    """The gRPC target of every replica: `host:port` for one, a static `ipv4:`/`ipv6:` list for several.
+
+    The orchestrator's client balances round robin over every address of a target.
+    """
+    if len(ports) == 1:
+        return f"{_bracket(host)}:{ports[0]}"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"several replicas need an IP address to list them, not host '{host}'") from None
+    scheme = "ipv4" if ip.version == 4 else "ipv6"
+    return f"{scheme}:" + ",".join(f"{_bracket(host)}:{port}" for port in ports)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _connect_host(host: str) -> str:
+    """Where clients connect to a node that listens on `host` (a wildcard is reachable on loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion on a fresh event loop in a worker thread.
+
+    A worker thread keeps this usable from code that already runs an event loop (a benchmark)
+    and keeps the caller's thread interruptible: Ctrl-C lands in the caller, not inside asyncio.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(asyncio.run(factory()))
+        except BaseException as exc:
+            error.append(exc)
+
+    worker = threading.Thread(target=work, name="onnxmesh-async", daemon=True)
+    worker.start()
+    worker.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+async def probe_models(
+    target: str, names: Iterable[str], *, timeout: float = 2.0
+) -> dict[str, ModelSignature | MeshError]:
+    """ModelMetadata of each name at `target`: the signature, or the error it answered with."""
+    async with OipClient(target) as client:
+
+        async def one(name: str) -> ModelSignature | MeshError:
+            try:
+                return await client.metadata(name, timeout=timeout)
+            except MeshError as err:
+                return err
+
+        names = list(names)
+        answers = await asyncio.gather(*(one(name) for name in names))
+    return dict(zip(names, answers, strict=True))
+
+
+def spec_graph_names(path: Path) -> list[str]:
+    """Graph names declared in a spec file, best effort (the spec format belongs to the orchestrator)."""
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    graphs = spec.get("graphs") if isinstance(spec, dict) else None
+    if isinstance(graphs, dict):
+        return [str(name) for name in graphs]
+    if isinstance(graphs, list):
+        return [str(g["name"]) for g in graphs if isinstance(g, dict) and "name" in g]
+    return []
+
+
+class ServiceProcess:
+    """One running node: its process, the port it bound, and the tail of its logs.
+
+    Two reader threads drain its stdout and stderr (a full pipe would block the node), echo
+    each line with a `[name]` prefix when asked to, and pick the bound port out of the
+    `listening on` line.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        replica: int,
+        host: str,
+        requested_port: int,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        echo: Callable[[str, str], None] | None,
+    ) -> None:
+        self.service = service
+        self.replica = replica
+        self.name = f"{service}-{replica}"
+        self.host = host
+        self.requested_port = requested_port
+        self.command = list(command)
+        self.port: int | None = None
+        self.ready_line_seen = False
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._echo = echo
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=REPO,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+        )
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        """`host:port` to connect to; only known once the node printed its `listening on` line."""
+        if self.port is None:
+            raise RuntimeError(f"{self.name} has not bound a port yet")
+        return f"{_bracket(_connect_host(self.host))}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def _read(self, stream: TextIO | None, is_stdout: bool) -> None:
+        if stream is None:
+            return
+        for raw in stream:
+            line = raw.rstrip("\n")
+            if is_stdout:
+                self._announcement(line)
+            else:
+                self.tail.append(line)
+            if self._echo is not None:
+                self._echo(self.name, line)
+        stream.close()
+
+    def _announcement(self, line: str) -> None:
+        """Parse `<service> listening on HOST:PORT` / `<service> ready on HOST:PORT` from stdout."""
+        words = line.split()
+        if len(words) == 4 and words[1:3] == ["listening", "on"]:
+            self.port = int(words[3].rsplit(":", 1)[1])
+        elif len(words) == 4 and words[1:3] == ["ready", "on"]:
+            self.ready_line_seen = True
+
+    def signal(self, sig: signal.Signals) -> None:
+        # Until it is reaped the child's pid cannot be reused, so signalling it is safe.
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM (the node drains), then SIGKILL if it is still alive after `timeout`; the exit code."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> int:
+        self.signal(signal.SIGKILL)
+        return self.wait(STOP_TIMEOUT)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for exit, killing the node once `timeout` has passed; joins the log readers."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            code = self.proc.wait()
+        for reader in self._readers:
+            reader.join(2.0)
+        return code
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited {self.returncode}"
+        return f"<ServiceProcess {self.name} pid={self.pid} port={self.port} {state}>"
+
+
+class LocalMesh:
+    """preprocess, model_a, model_b and (optionally) the orchestrator as local processes.
+
+    `ports` maps a service to its first replica's port (missing services use DEFAULT_PORTS;
+    0 = a free port); replica i listens on port + i - 1. `replicas` maps a service to its
+    replica count. `model_dirs` and `extra_args` pass per-service `--model-dir` and flags.
+    `echo` receives every log line as `[name] line` (None: only kept for error messages).
+    Use as a context manager, or call `start()` and `stop()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        ports: Mapping[str, int] | None = None,
+        replicas: Mapping[str, int] | None = None,
+        include_orchestrator: bool = True,
+        graphs: Path | None = None,
+        model_dirs: Mapping[str, Path] | None = None,
+        extra_args: Mapping[str, Sequence[str]] | None = None,
+        env: Mapping[str, str] | None = None,
+        log_format: str = "json",
+        log_level: str = "INFO",
+        grace: float | None = None,
+        echo: TextIO | None = None,
+        startup_timeout: float = STARTUP_TIMEOUT,
+        stop_timeout: float = STOP_TIMEOUT,
+        python: str = sys.executable,
+    ) -> None:
+        self.host = host
+        self.include_orchestrator = include_orchestrator
+        self.services = (*SERVICES, ORCHESTRATOR) if include_orchestrator else SERVICES
+        for label, mapping in (("ports", ports), ("replicas", replicas), ("model_dirs", model_dirs)):
+            _check_names(label, mapping or {})
+        _check_names("extra_args", extra_args or {})
+        self.ports = {**DEFAULT_PORTS, **(ports or {})}
+        self.replicas = {service: 1 for service in ALL_SERVICES} | dict(replicas or {})
+        if any(count < 1 for count in self.replicas.values()):
+            raise ValueError(f"replica counts must be at least 1: {self.replicas}")
+        _check_port_ranges({s: (self.ports[s], self.replicas[s]) for s in self.services})
+        self.graphs = graphs
+        self.model_dirs = dict(model_dirs or {})
+        self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
+        self.env = dict(env or {})
+        self.log_format = log_format
+        self.log_level = log_level
+        self.grace = grace
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.python = python
+        self._echo_stream = echo
+        self._echo_lock = threading.Lock()
+        self._procs: list[ServiceProcess] = []
+        #: Every process ever started, restarted ones included: `stop()` makes sure none survives.
+        self.spawned: list[ServiceProcess] = []
+        #: Exit code of each node `stop()` stopped (also when `start()` failed and stopped them).
+        self.exit_codes: dict[str, int] = {}
+        self._closing = threading.Event()
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> LocalMesh:
+        """Start every node and wait until each is SERVING; on any failure stop them all and raise."""
+        if self._procs:
+            raise RuntimeError("the mesh is already started")
+        self._closing.clear()
+        atexit.register(self.stop)
+        try:
+            backends = [self._spawn(s, i) for s in SERVICES for i in range(1, self.replicas[s] + 1)]
+            self._wait_serving(backends)
+            if self.include_orchestrator:
+                replicas = range(1, self.replicas[ORCHESTRATOR] + 1)
+                self._wait_serving([self._spawn(ORCHESTRATOR, i) for i in replicas])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float | None = None) -> dict[str, int]:
+        """Stop every node (the orchestrator first, so it never sees its services vanish); exit codes.
+
+        Each node gets SIGTERM and drains; whatever is still alive after `timeout` is killed.
+        """
+        self._closing.set()
+        atexit.unregister(self.stop)
+        bound = self.stop_timeout if timeout is None else timeout
+        codes: dict[str, int] = {}
+        live = [p for p in self.spawned if p.running]
+        orchestrators = [p for p in live if p.service == ORCHESTRATOR]
+        for group in (orchestrators, [p for p in live if p.service != ORCHESTRATOR]):
+            for proc in group:
+                proc.signal(signal.SIGTERM)
+            deadline = time.monotonic() + bound
+            for proc in group:
+                codes[proc.name] = proc.wait(max(0.0, deadline - time.monotonic()))
+        for proc in self.spawned:  # reap anything that exited on its own, and join its readers
+            proc.wait(bound)
+        self._procs = []
+        self.exit_codes.update(codes)
+        return codes
+
+    def interrupt(self) -> None:
+        """Make a `start()` in progress give up soon (it then stops what it started and raises
+        MeshStopped). Safe from a signal handler: it only sets a flag."""
+        self._closing.set()
+
+    def kill(self) -> None:
+        """SIGKILL every node now (a second Ctrl-C while stopping); `stop()` still reaps them."""
+        for proc in self.spawned:
+            proc.signal(signal.SIGKILL)
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- one service -----------------------------------------------------------------------------
+
+    def processes(self, service: str | None = None) -> list[ServiceProcess]:
+        """The current process of each replica (of one service, or of all), in start order."""
+        return [p for p in self._procs if service is None or p.service == service]
+
+    def process(self, service: str, replica: int = 1) -> ServiceProcess:
+        for proc in self._procs:
+            if proc.service == service and proc.replica == replica:
+                return proc
+        raise KeyError(f"no replica {replica} of '{service}' in this mesh")
+
+    def address(self, service: str, replica: int = 1) -> str:
+        """`host:port` of one replica."""
+        return self.process(service, replica).address
+
+    def target(self, service: str) -> str:
+        """The gRPC target of every replica of a service (round robin when there are several)."""
+        ports = [p.port for p in self.processes(service) if p.port is not None]
+        if not ports:
+            raise KeyError(f"'{service}' has no replica with a known port")
+        return replica_target(_connect_host(self.host), ports)
+
+    def endpoints(self) -> dict[str, str]:
+        """Replica name -> `host:port`, in start order."""
+        return {p.name: p.address for p in self._procs if p.port is not None}
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def stop_service(
+        self, service: str, replica: int | None = None, timeout: float | None = None
+    ) -> list[int]:
+        """Gracefully stop one replica (or all replicas) of a service; their exit codes."""
+        procs = self._select(service, replica)
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        bound = self.stop_timeout if timeout is None else timeout
+        return [proc.wait(bound) for proc in procs]
+
+    def kill_service(self, service: str, replica: int | None = None) -> list[int]:
+        """SIGKILL one replica (or all replicas) of a service: a crash, no drain; their exit codes."""
+        return [proc.kill() for proc in self._select(service, replica)]
+
+    def restart_service(self, service: str, replica: int | None = None) -> list[ServiceProcess]:
+        """Stop a service's replicas and start them again on the same ports; waits until SERVING.
+
+        Restarting the orchestrator also picks up replicas added since it started.
+        """
+        new: list[ServiceProcess] = []
+        for old in self._select(service, replica):
+            old.stop(self.stop_timeout)
+            # Same port, so clients (the orchestrator) find the new process where the old one was.
+            fresh = self._spawn(old.service, old.replica, port=old.port or old.requested_port, register=False)
+            self._procs[self._procs.index(old)] = fresh
+            new.append(fresh)
+        self._wait_serving(new)
+        return new
+
+    def add_replica(self, service: str) -> ServiceProcess:
+        """Start one more replica of a service (next port, or a free one) and wait until SERVING.
+
+        A running orchestrator keeps its address list: restart it to send it traffic.
+        """
+        existing = self.processes(service)
+        replica = max((p.replica for p in existing), default=0) + 1
+        proc = self._spawn(service, replica)
+        try:
+            self._wait_serving([proc])
+        except BaseException:
+            proc.stop(self.stop_timeout)
+            self._procs.remove(proc)
+            raise
+        self.replicas[service] = max(self.replicas[service], replica)
+        return proc
+
+    def served_graphs(self, timeout: float = 2.0) -> list[str]:
+        """The graphs the orchestrator answers ModelMetadata for (known names and the spec's)."""
+        names = dict.fromkeys([*KNOWN_GRAPHS, *spec_graph_names(self.graphs or DEFAULT_GRAPHS)])
+        target = self.target(ORCHESTRATOR)
+        answers = run_async(lambda: probe_models(target, names, timeout=timeout))
+        return [name for name, answer in answers.items() if isinstance(answer, ModelSignature)]
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _select(self, service: str, replica: int | None) -> list[ServiceProcess]:
+        procs = [p for p in self.processes(service) if replica is None or p.replica == replica]
+        if not procs:
+            raise KeyError(
+                f"no {'replica ' + str(replica) + ' of ' if replica else ''}'{service}' in this mesh"
+            )
+        return procs
+
+    def _command(self, service: str, port: int) -> list[str]:
+        command = [self.python, "-m", MODULES[service], "--host", self.host, "--port", str(port)]
+        command += ["--log-format", self.log_format, "--log-level", self.log_level]
+        if self.grace is not None:
+            command += ["--grace", str(self.grace)]
+        if service in self.model_dirs:
+            command += ["--model-dir", str(self.model_dirs[service])]
+        if service == ORCHESTRATOR and self.graphs is not None:
+            command += ["--graphs", str(self.graphs)]
+        return command + self.extra_args.get(service, [])
+
+    def _child_env(self, service: str) -> dict[str, str]:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        if service == ORCHESTRATOR:
+            # The orchestrator reads addresses from its spec; point it at this mesh's replicas.
+            for backend in SERVICES:
+                env[f"ONNXMESH_SERVICE_{backend.upper()}_ADDRESS"] = self.target(backend)
+        return env
+
+    def _spawn(
+        self, service: str, replica: int, *, port: int | None = None, register: bool = True
+    ) -> ServiceProcess:
+        """Start one node; `register=False` leaves its place in `processes()` to the caller."""
+        if port is None:
+            base = self.ports[service]
+            port = base + replica - 1 if base else 0
+        if port:
+            self._check_port_free(f"{service}-{replica}", port)
+        proc = ServiceProcess(
+            service,
+            replica,
+            self.host,
+            port,
+            self._command(service, port),
+            self._child_env(service),
+            self._echo if self._echo_stream is not None else None,
+        )
+        self.spawned.append(proc)
+        if register:
+            self._procs.append(proc)
+        return proc
+
+    def _check_port_free(self, name: str, port: int) -> None:
+        """Fail early and clearly when a fixed port is taken (e.g. a mesh is already running).
+
+        gRPC servers bind with SO_REUSEPORT, so a second node on a busy port would start fine and
+        silently share the port with the first. A bind with SO_REUSEADDR only still fails on a
+        listening socket, yet ignores TIME_WAIT leftovers of a mesh that just stopped.
+        """
+        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, port))
+            except OSError as exc:
+                raise MeshStartupError(
+                    name,
+                    f"port {port} on {self.host} is already in use ({exc.strerror}); "
+                    "is a mesh already running? check with 'onnxmesh health'",
+                ) from None
+
+    def _echo(self, name: str, line: str) -> None:
+        stream = self._echo_stream
+        if stream is None:
+            return
+        with self._echo_lock:
+            stream.write(f"[{name}] {line}\n")
+            stream.flush()
+
+    def _wait_serving(self, procs: Sequence[ServiceProcess]) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+
+        async def all_serving() -> None:
+            async with asyncio.TaskGroup() as group:
+                for proc in procs:
+                    group.create_task(self._until_serving(proc, deadline))
+
+        try:
+            run_async(all_serving)
+        except BaseExceptionGroup as group:
+            # Report the first node that failed, not a group: that is the one to look at.
+            raise _first_leaf(group) from None
+
+    async def _until_serving(self, proc: ServiceProcess, deadline: float) -> None:
+        """Poll one node's health until SERVING; raise if it dies, the mesh stops, or time runs out."""
+        client: OipClient | None = None
+        status = "not bound yet"
+        try:
+            while True:
+                if self._closing.is_set():
+                    raise MeshStopped(f"stopped while {proc.name} was starting")
+                if not proc.running:
+                    await asyncio.sleep(0.2)  # let the reader threads collect its last words
+                    raise MeshStartupError(
+                        proc.name, f"exited with code {proc.returncode} before it was ready", list(proc.tail)
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MeshStartupError(
+                        proc.name,
+                        f"not SERVING after {self.startup_timeout:g}s (last: {status})",
+                        list(proc.tail),
+                    )
+                # Only connect once the node said it is bound: a refused first attempt would put the
+                # channel into reconnect backoff and slow every later check.
+                if proc.port is not None:
+                    client = client or OipClient(proc.address)
+                    try:
+                        status = await client.health(timeout=min(_HEALTH_CALL_S, remaining))
+                    except MeshError as err:
+                        status = f"{err.code.name}: {err.message}"
+                    if status == "SERVING":
+                        return
+                await asyncio.sleep(_POLL_S)
+        finally:
+            if client is not None:
+                await client.close()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _check_names(label: str, mapping: Mapping[str, object]) -> None:
+    unknown = sorted(set(mapping) - set(ALL_SERVICES))
+    if unknown:
+        raise ValueError(
+            f"{label}: unknown service(s) {', '.join(unknown)}; known: {', '.join(ALL_SERVICES)}"
+        )
+
+
+def _check_port_ranges(plan: Mapping[str, tuple[int, int]]) -> None:
+    """Fixed port ranges (first port, replica count) must not overlap: model_a=12 would reach model_b."""
+    taken: dict[int, str] = {}
+    for service, (first, count) in plan.items():
+        if first == 0:
+            continue
+        for port in range(first, first + count):
+            if port in taken:
+                raise ValueError(
+                    f"port {port} is planned for both {taken[port]} and {service}; pick other ports"
+                )
+            taken[port] = service
+
+
+# -- `python -m orchestrator.mesh` ---------------------------------------------------------------
+
+
+def _service_counts(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    if name not in ALL_SERVICES or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SERVICE=N with SERVICE one of {', '.join(ALL_SERVICES)}")
+    return name, int(value)
+
+
+def _service_path(text: str) -> tuple[str, Path]:
+    name, _, value = text.partition("=")
+    if name not in ALL_SERVICES or not value:
+        raise argparse.ArgumentTypeError(
+            f"expected SERVICE=PATH with SERVICE one of {', '.join(ALL_SERVICES)}"
+        )
+    return name, Path(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.mesh",
+        description="Run the onnxmesh services and the orchestrator as local processes until Ctrl-C.",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address every node listens on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=8000,
+        help="ports are base+1 (orchestrator), +11 (preprocess), +21 (model_a), +31 (model_b); "
+        "0 = free ports (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=_service_counts,
+        action="append",
+        default=[],
+        metavar="SERVICE=PORT",
+        help="first port of one service, e.g. model_a=9021 (repeatable)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=_service_counts,
+        action="append",
+        default=[],
+        metavar="SERVICE=N",
+        help="replicas of one service on consecutive ports, e.g. model_a=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=_service_path,
+        action="append",
+        default=[],
+        metavar="SERVICE=PATH",
+        help="model directory of one service (repeatable)",
+    )
+    parser.add_argument("--graphs", type=Path, default=None, help=f"graph spec (default: {DEFAULT_GRAPHS})")
+    parser.add_argument("--no-orchestrator", action="store_true", help="start only the services")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="(default: %(default)s)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="(default: %(default)s)")
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=STARTUP_TIMEOUT,
+        help="seconds per node (default: %(default)s)",
+    )
+    return parser
+
+
+def mesh_from_args(args: argparse.Namespace, echo: TextIO | None) -> LocalMesh:
+    replicas = dict(args.replicas)
+    for service, count in replicas.items():
+        if count < 1:
+            raise ValueError(f"--replicas {service}={count}: at least 1")
+    return LocalMesh(
+        host=args.host,
+        ports={**ports_from_base(args.base_port), **dict(args.port)},
+        replicas=replicas,
+        include_orchestrator=not args.no_orchestrator,
+        graphs=args.graphs,
+        model_dirs=dict(args.model_dir),
+        log_format=args.log_format,
+        log_level=args.log_level,
+        echo=echo,
+        startup_timeout=args.startup_timeout,
+    )
+
+
+def ready_lines(mesh: LocalMesh, graphs: Sequence[str]) -> list[str]:
+    """What `make run` prints once everything is SERVING: endpoints, a ready line, and a hint."""
+    lines = ["onnxmesh endpoints:"]
+    width = max(len(p.name) for p in mesh.processes())
+    lines += [f"  {p.name:<{width}}  {p.address:<21} pid {p.pid}" for p in mesh.processes()]
+    if mesh.include_orchestrator:
+        address = mesh.address(ORCHESTRATOR)
+        lines.append(
+            f"onnxmesh ready: orchestrator {address} (graphs: {', '.join(graphs) or 'none answered'})"
+        )
+        target = "" if address == f"127.0.0.1:{DEFAULT_PORTS[ORCHESTRATOR]}" else f" --target {address}"
+        example = "digits-parallel" if "digits-parallel" in graphs or not graphs else graphs[0]
+        lines.append(
+            f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{target}, onnxmesh health)"
+        )
+    else:
+        services = ", ".join(f"{s} {mesh.target(s)}" for s in SERVICES)
+        lines.append(f"onnxmesh ready: {services} (no orchestrator)")
+        # predict sends a model its image through preprocess: say where preprocess is if not at home.
+        env = ""
+        if mesh.address("preprocess") != f"127.0.0.1:{DEFAULT_PORTS['preprocess']}":
+            env = f"ONNXMESH_SERVICE_PREPROCESS_ADDRESS={mesh.address('preprocess')} "
+        lines.append(f"try: {env}onnxmesh predict digits-mlp --target {mesh.address('model_a')}")
+    lines.append("Ctrl-C stops the mesh.")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start the mesh, print where it listens, and keep it running until Ctrl-C or SIGTERM."""
+    args = build_parser().parse_args(argv)
+    try:
+        mesh = mesh_from_args(args, echo=sys.stdout)
+    except ValueError as exc:
+        print(f"onnxmesh: {exc}", file=sys.stderr)
+        return 2
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        # No exception from here: one raised between Popen() and its bookkeeping would orphan a
+        # node. start() notices the flag within a poll interval and stops what it started.
+        if stopping.is_set():
+            mesh.kill()  # a second Ctrl-C: no more waiting for drains
+        stopping.set()
+        mesh.interrupt()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    names = " ".join(f"{s}x{mesh.replicas[s]}" if mesh.replicas[s] > 1 else s for s in mesh.services)
+    print(f"onnxmesh: starting {names} on {args.host}", flush=True)
+    code = 0
+    try:
+        mesh.start()
+        graphs = mesh.served_graphs() if mesh.include_orchestrator else []
+        print("\n".join(ready_lines(mesh, graphs)), flush=True)
+        _watch(mesh, stopping)
+    except MeshStopped:
+        pass
+    except MeshStartupError as exc:
+        print(f"onnxmesh: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        stopping.set()
+        print("onnxmesh: stopping", flush=True)
+        mesh.stop()
+        codes = ", ".join(f"{name} exit {code}" for name, code in mesh.exit_codes.items())
+        print(f"onnxmesh: stopped ({codes or 'nothing was running'})", flush=True)
+    return code
+
+
+def _watch(mesh: LocalMesh, stopping: threading.Event) -> None:
+    """Wait for a signal; say so when a node exits on its own (the rest keep serving)."""
+    reported: set[int] = set()
+    while not stopping.wait(0.5):
+        for proc in mesh.processes():
+            if not proc.running and proc.pid not in reported:
+                reported.add(proc.pid)
+                print(f"onnxmesh: {proc.name} exited with code {proc.returncode}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""`onnxmesh` CLI: argument parsing, image files, output helpers, and a friendly error when nothing listens.
+
+No server is started here: the "mesh not running" cases point the CLI at a port nobody listens on.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator import cli
+from services.common.errors import DeadlineExceeded, NotFound, Unavailable
+
+REFUSED = "unavailable: connections to all backends failing; last error: Connection refused"
+
+
+@pytest.fixture
+def dead_target() -> str:
+    """A 127.0.0.1 port that was free a moment ago: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return np.arange(64, dtype=np.uint8).reshape(8, 8) % 17
+
+
+# -- the mesh is not running ---------------------------------------------------------------------------
+
+
+def test_predict_without_a_mesh_exits_1_with_a_hint(
+    dead_target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["predict", "--target", dead_target, "--connect-timeout", "2"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err.strip() == (
+        f"onnxmesh: cannot reach {dead_target} (UNAVAILABLE): is the mesh running? start it with 'make run'"
+    )
+    assert "Traceback" not in out + err
+
+
+def test_health_without_a_mesh_reports_each_target_and_exits_1(
+    dead_target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["health", "--target", dead_target, "--timeout", "2"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out.strip() == f"{dead_target}  UNREACHABLE (UNAVAILABLE)"
+    assert "is the mesh running?" in err
+
+
+def test_models_without_a_mesh_exits_1(dead_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "--target", dead_target, "--timeout", "2"]) == 1
+    assert f"cannot reach {dead_target} (UNAVAILABLE)" in capsys.readouterr().out
+
+
+def test_predict_with_a_bad_image_file_fails_before_calling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2 3")
+    assert cli.main(["predict", "--image", str(bad), "--target", "127.0.0.1:1"]) == 1
+    assert "expected 64 pixel values" in capsys.readouterr().err
+
+
+# -- argument parsing ----------------------------------------------------------------------------------
+
+
+def test_predict_defaults() -> None:
+    args = cli.build_parser().parse_args(["predict"])
+    assert (args.name, args.index, args.image, args.count, args.version, args.target) == (
+        "digits-parallel",
+        0,
+        None,
+        1,
+        "",
+        None,
+    )
+
+
+def test_predict_options() -> None:
+    args = cli.build_parser().parse_args(
+        ["predict", "digits-serial", "--index", "7", "--count", "20", "--target", "h:1", "--version", "2"]
+    )
+    assert (args.name, args.index, args.count, args.target, args.version) == (
+        "digits-serial",
+        7,
+        20,
+        "h:1",
+        "2",
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--index", "1", "--image", "x.npy"],  # one source only
+        ["predict", "--count", "0"],
+        ["predict", "--index", "-1"],
+        [],  # a command is required
+        ["frobnicate"],
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(argv)
+    assert caught.value.code == 2
+
+
+def test_count_with_an_image_file_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["predict", "--image", "x.npy", "--count", "3"]) == 1
+    assert "--count sends held-out digits" in capsys.readouterr().err
+
+
+def test_health_and_models_accept_several_targets() -> None:
+    args = cli.build_parser().parse_args(["health", "--target", "a:1", "--target", "b:2"])
+    assert args.target == ["a:1", "b:2"]
+    args = cli.build_parser().parse_args(["models", "--model", "digits-mlp", "--model", "digits-head"])
+    assert args.model == ["digits-mlp", "digits-head"] and args.target is None
+
+
+def test_rollout_is_a_command() -> None:
+    # Wired in from orchestrator/rollout.py when present; otherwise a stub that explains itself.
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit) as caught:
+        parser.parse_args(["rollout", "--help"])
+    assert caught.value.code == 0
+
+
+# -- targets -------------------------------------------------------------------------------------------
+
+
+def test_default_target_is_the_local_node_serving_the_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cli.TARGET_ENV, raising=False)
+    assert cli.default_target("digits-parallel") == "127.0.0.1:8001"
+    assert cli.default_target("digits-preprocess") == "127.0.0.1:8011"
+    assert cli.default_target("digits-mlp") == "127.0.0.1:8021"
+    assert cli.default_target("digits-head") == "127.0.0.1:8031"
+    assert cli.default_target("my-own-graph") == "127.0.0.1:8001"
+    monkeypatch.setenv(cli.TARGET_ENV, "10.0.0.5:8001")
+    assert cli.default_target("digits-mlp") == "10.0.0.5:8001"
+
+
+def test_explain_adds_the_hint_only_when_nothing_answered() -> None:
+    hint = "is the mesh running? start it with 'make run'"
+    assert cli.explain("h:1", Unavailable(f"h:1 {REFUSED}")).endswith(hint)
+    assert cli.explain("h:1", DeadlineExceeded("h:1: deadline exceeded"), connecting=True).endswith(hint)
+    # A server that answered (draining, loading, slow) is not "the mesh is not running".
+    assert cli.explain("h:1", Unavailable("server is shutting down")) == (
+        "h:1: UNAVAILABLE: server is shutting down"
+    )
+    assert hint not in cli.explain("h:1", DeadlineExceeded("h:1: deadline exceeded"))
+    assert cli.explain("h:1", NotFound("no model 'x'")) == "h:1: NOT_FOUND: no model 'x'"
+
+
+# -- image files ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (1, 8, 8), (64,)])
+def test_load_image_from_npy(tmp_path: Path, image: np.ndarray, shape: tuple[int, ...]) -> None:
+    path = tmp_path / "digit.npy"
+    np.save(path, image.reshape(shape).astype(np.int64))
+    loaded = cli.load_image(path)
+    assert loaded.dtype == np.uint8 and loaded.shape == (8, 8)
+    np.testing.assert_array_equal(loaded, image)
+
+
+@pytest.mark.parametrize("separator", [",", " ", "\t"])
+def test_load_image_from_text(tmp_path: Path, image: np.ndarray, separator: str) -> None:
+    path = tmp_path / "digit.csv"
+    path.write_text("\n".join(separator.join(str(v) for v in row) for row in image) + "\n")
+    np.testing.assert_array_equal(cli.load_image(path), image)
+
+
+def test_load_image_accepts_one_line_and_whole_floats(tmp_path: Path, image: np.ndarray) -> None:
+    path = tmp_path / "digit.txt"
+    path.write_text(" ".join(f"{v}.0" for v in image.reshape(-1)))
+    np.testing.assert_array_equal(cli.load_image(path), image)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1 " * 63, "expected 64 pixel values (an 8x8 image), found 63"),
+        ("1 " * 63 + "17", "pixel values must be 0..16, found 1..17"),
+        ("1 " * 63 + "-1", "pixel values must be 0..16"),
+        ("1 " * 63 + "0.5", "expected integer pixel values 0..16"),
+        ("1 " * 63 + "x", "cannot read an image"),
+    ],
+)
+def test_load_image_rejects_bad_text(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "digit.txt"
+    path.write_text(text)
+    with pytest.raises(cli.CliError, match=re.escape(message)):
+        cli.load_image(path)
+
+
+def test_load_image_reports_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(cli.CliError, match="cannot read an image"):
+        cli.load_image(tmp_path / "missing.npy")
+
+
+def test_held_out_digits_are_selected_in_order_and_wrap(tmp_path: Path) -> None:
+    data = tmp_path / "holdout.npz"
+    images = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
+    np.savez(data, images=images, labels=np.array([4, 5, 6], dtype=np.int64))
+    args = cli.build_parser().parse_args(["predict", "--index", "2", "--count", "2", "--data", str(data)])
+    digits = cli.select_digits(args)
+    assert digits.labels is not None and digits.labels.tolist() == [6, 4]
+    np.testing.assert_array_equal(digits.images, images[[2, 0]])
+    assert digits.description == ["held-out #2", "held-out #0"]
+
+
+# -- output helpers ------------------------------------------------------------------------------------
+
+
+def test_format_probabilities_marks_the_top_class() -> None:
+    probabilities = np.array([0.01, 0.0, 0.0, 0.95, 0.04, 0, 0, 0, 0, 0], dtype=np.float32)
+    text = cli.format_probabilities(probabilities)
+    assert text.startswith("0:0.01 1:0.00 2:0.00 3:0.95* 4:0.04")
+    assert text.count("*") == 1
+
+
+def test_step_and_version_parameters_are_read_per_name() -> None:
+    parameters: dict[str, object] = {
+        "step.mlp": "ok",
+        "step.logreg": "timeout: 50 ms budget spent",
+        "version.mlp": "1",
+        "other": 3,
+    }
+    steps = cli.response_details(parameters, "step.")
+    assert steps == {"logreg": "timeout: 50 ms budget spent", "mlp": "ok"}
+    assert [cli.step_outcome(v) for v in steps.values()] == ["timeout", "ok"]
+    assert cli.response_details(parameters, "version.") == {"mlp": "1"}
