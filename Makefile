@@ -37,10 +37,10 @@ lint: setup
 	$(BIN)/mypy
 
 run: setup
-	$(BIN)/python -m orchestrator.mesh
+	$(BIN)/python -m orchestrator.mesh $(ARGS)
 
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
 
 models: setup
 	$(BIN)/python scripts/train_digits.py

@@ -47,6 +47,8 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", age_ms),
         ("grpc.max_connection_age_grace_ms", int(settings.grace * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Off unless asked: otherwise a second node silently shares a busy port.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 
@@ -97,9 +99,13 @@ class MeshServer:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, NOT_SERVING)
-        self.port = server.add_insecure_port(self.settings.address)
-        if self.port == 0:
-            raise OSError(f"could not bind {self.settings.address}")
+        try:
+            self.port = server.add_insecure_port(self.settings.address)
+        except RuntimeError as exc:
+            raise OSError(
+                f"cannot listen on {self.settings.address}: is another process using the port? "
+                "(--port 0 picks a free one)"
+            ) from exc
         await server.start()
         self._server = server
         if self.settings.metrics_port is not None:

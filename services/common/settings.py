@@ -35,6 +35,7 @@ class ServerSettings:
     grace: float = 10.0
     log_level: str = "INFO"
     log_format: str = "json"
+    reuse_port: bool = False
 
     @property
     def max_message_bytes(self) -> int:
@@ -59,6 +60,10 @@ def add_option(
     parser.add_argument(
         f"--{name}", type=conv, default=value, help=f"{help} (env {env_name}; default: {default})"
     )
+
+
+def _flag(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def _optional_int(text: str) -> int | None:
@@ -88,6 +93,9 @@ def server_parser(
     add_option(parser, "grace", float, 10.0, "seconds to drain in-flight calls on SIGTERM")
     add_option(parser, "log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
     add_option(parser, "log-format", str, "json", "json (one object per line) or text")
+    add_option(
+        parser, "reuse-port", _flag, False, "share the port with a newer process (SO_REUSEPORT) for hand-overs"
+    )
     return parser
 
 
@@ -106,6 +114,7 @@ def settings_from_args(service: str, args: argparse.Namespace) -> ServerSettings
         grace=args.grace,
         log_level=args.log_level.upper(),
         log_format=args.log_format,
+        reuse_port=args.reuse_port,
     )
 
 

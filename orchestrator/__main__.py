@@ -1,0 +1,53 @@
+"""`python -m orchestrator`: serve the graphs of a spec as OIP models (see services/common/settings.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.service import Orchestrator
+from orchestrator.spec import SpecError
+from services.common.logs import configure_logging
+from services.common.metrics import ServerMetrics
+from services.common.repository import ModelRepository
+from services.common.server import MeshServer
+from services.common.settings import add_option, server_parser, settings_from_args
+
+DEFAULT_GRAPHS = Path(__file__).parent / "graphs.yaml"
+log = logging.getLogger("orchestrator")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = server_parser(
+        "orchestrator",
+        port=8001,
+        model_dir=None,
+        description="Run the inference graphs of a spec over the mesh's services; each graph is served as a model.",
+    )
+    add_option(parser, "graphs", Path, DEFAULT_GRAPHS, "graph spec (YAML); watched and reloaded on change")
+    add_option(parser, "reload-interval", float, 2.0, "seconds between checks of the graph spec file")
+    args = parser.parse_args(argv)
+    settings = settings_from_args("orchestrator", args)
+    configure_logging("orchestrator", settings.log_level, settings.log_format)
+    repository = ModelRepository()
+    metrics = ServerMetrics("orchestrator")
+    try:
+        app = Orchestrator(args.graphs, repository, metrics, reload_interval=args.reload_interval)
+    except (SpecError, OSError) as exc:
+        log.error("invalid graph spec: %s", exc)
+        sys.exit(f"orchestrator: invalid graph spec {args.graphs}: {exc}")
+    server = MeshServer(settings, repository, metrics=metrics, loader=app.load, closer=app.close)
+    try:
+        asyncio.run(server.run_until_signal())
+    except OSError as exc:
+        sys.exit(f"orchestrator: {exc}")
+    except SpecError as exc:
+        log.error("graph spec does not match the services: %s", exc)
+        sys.exit(f"orchestrator: graph spec {args.graphs} does not match the services: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The orchestrator node: graphs from the spec, served as OIP models through the shared runtime.
+
+Start-up: the spec is checked statically (a bad spec exits with its error); the node binds
+and answers NOT_SERVING while it waits for every service to answer ModelMetadata; the spec
+is then checked against those signatures (a mismatch exits with its error) and each graph is
+served as a model. The spec file is watched: a valid new spec replaces the old one atomically
+(in-flight requests finish on the old one); an invalid one is logged and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Counter, Histogram
+
+from orchestrator.engine import Engine
+from orchestrator.grpc_stage import GrpcStage, busy_time, downstream_spans
+from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
+from services.common.client import OipClient
+from services.common.errors import MeshError, Unavailable
+from services.common.metrics import LATENCY_BUCKETS, ServerMetrics
+from services.common.model import InferRequest, Servable
+from services.common.repository import ModelRepository
+from services.common.types import InferResult, ModelSignature
+
+log = logging.getLogger(__name__)
+
+ModelKey = tuple[str, str, str]  # (service, model, version)
+
+
+def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Each service's address from the spec, overridden by ONNXMESH_SERVICE_<NAME>_ADDRESS."""
+    out = {}
+    for name, service in spec.services.items():
+        env_name = f"ONNXMESH_SERVICE_{name.upper().replace('-', '_')}_ADDRESS"
+        out[name] = environ.get(env_name, service.address)
+    return out
+
+
+class OrchestratorMetrics:
+    """Series of the orchestrator on top of every node's: per step, its own overhead, shadows."""
+
+    def __init__(self, base: ServerMetrics) -> None:
+        registry = base.registry
+        self.steps = Histogram(
+            "onnxmesh_step_duration_seconds",
+            "Downstream step latency by graph, step, service, model, version and status.",
+            ["graph", "step", "service", "model", "version", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.overhead = Histogram(
+            "onnxmesh_orchestrator_overhead_seconds",
+            "The orchestrator's own time per request: request time minus time waiting on steps.",
+            ["graph"],
+            buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
+            registry=registry,
+        )
+        self.mirror = Counter(
+            "onnxmesh_mirror_comparisons",
+            "Shadow answers compared with the primary's, by graph, step and agreement.",
+            ["graph", "step", "agree"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "onnxmesh_spec_reloads", "Graph spec reload attempts by result.", ["result"], registry=registry
+        )
+
+
+class Graph(Servable):
+    """One graph of the spec, served as an OIP model."""
+
+    def __init__(self, name: str, signature: ModelSignature, app: Orchestrator) -> None:
+        self.name = name
+        self.version = "1"
+        self.signature = signature
+        self.app = app
+
+    @property
+    def ready(self) -> bool:
+        return self.app.graph_ready(self.name)
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        engine = self.app.engine
+        if engine is None:
+            raise Unavailable("the orchestrator is still starting")
+        spans: list[tuple[float, float]] = []
+        token = downstream_spans.set(spans)
+        started = time.perf_counter()
+        try:
+            result = await engine.run(
+                self.name, request.inputs, deadline=request.deadline, request_id=request.request_id
+            )
+        finally:
+            downstream_spans.reset(token)
+            self.app.metrics.overhead.labels(self.name).observe(
+                max(0.0, time.perf_counter() - started - busy_time(spans))
+            )
+        if request.outputs:
+            result.outputs = {name: result.outputs[name] for name in request.outputs}
+        result.model_name, result.model_version = self.name, self.version
+        return result
+
+
+@dataclass
+class Loaded:
+    """One consistent generation of the spec: its engine and graph servables."""
+
+    spec: MeshSpec
+    digest: str
+    engine: Engine
+    graphs: list[Graph]
+    hard_models: dict[str, set[ModelKey]]
+
+
+class Orchestrator:
+    """Owns the spec, the long-lived clients (one per address), the engine and readiness."""
+
+    def __init__(
+        self,
+        spec_path: Path,
+        repository: ModelRepository,
+        metrics: ServerMetrics,
+        *,
+        reload_interval: float = 2.0,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self.spec_path = spec_path
+        self.repository = repository
+        self.metrics = OrchestratorMetrics(metrics)
+        self.reload_interval = reload_interval
+        self.environ = environ
+        self.clients: dict[str, OipClient] = {}
+        self.current: Loaded | None = None
+        self.model_ready: dict[ModelKey, bool] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        text = spec_path.read_text()
+        self.pending_spec = parse_spec(text)  # a bad spec fails here, before anything starts
+        self.pending_digest = hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def engine(self) -> Engine | None:
+        return None if self.current is None else self.current.engine
+
+    def graph_ready(self, graph: str) -> bool:
+        if self.current is None:
+            return False
+        return all(self.model_ready.get(key, False) for key in self.current.hard_models.get(graph, ()))
+
+    def stages(self, spec: MeshSpec) -> dict[str, GrpcStage]:
+        stages = {}
+        for service, address in service_addresses(spec, self.environ).items():
+            if address not in self.clients:
+                self.clients[address] = OipClient(address)
+            stages[service] = GrpcStage(service, self.clients[address])
+        return stages
+
+    async def signatures(
+        self, spec: MeshSpec, stages: Mapping[str, GrpcStage]
+    ) -> dict[ModelKey, ModelSignature]:
+        keys = sorted(spec.model_keys())
+        found = await asyncio.gather(*(stages[svc].metadata(model, ver) for svc, model, ver in keys))
+        return dict(zip(keys, found, strict=True))
+
+    def build(self, spec: MeshSpec, digest: str, signatures: Mapping[ModelKey, ModelSignature]) -> Loaded:
+        graph_signatures = validate_against_signatures(spec, signatures)
+        stages = self.stages(spec)
+        engine = Engine(spec, stages, on_step=self._on_step, on_mirror=self._on_mirror)
+        graphs = [Graph(name, sig, self) for name, sig in graph_signatures.items()]
+        return Loaded(spec, digest, engine, graphs, {g: spec.hard_model_keys(g) for g in spec.graphs})
+
+    async def load(self) -> None:
+        """Wait for every service's metadata, check the spec against it, then serve the graphs."""
+        spec = self.pending_spec
+        stages = self.stages(spec)
+        delay = 0.2
+        while True:
+            try:
+                signatures = await self.signatures(spec, stages)
+                break
+            except MeshError as err:
+                log.warning("waiting for services: %s", err.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.activate(self.build(spec, self.pending_digest, signatures))
+        await self.refresh_readiness()
+        self._tasks = [asyncio.create_task(self._watch_readiness()), asyncio.create_task(self._watch_spec())]
+
+    def activate(self, loaded: Loaded) -> None:
+        self.current = loaded
+        self.repository.replace([*loaded.graphs])
+        log.info("graphs active", extra={"graphs": sorted(loaded.spec.graphs), "digest": loaded.digest[:12]})
+
+    async def refresh_readiness(self) -> None:
+        if self.current is None:
+            return
+        stages = self.stages(self.current.spec)
+        keys = sorted(self.current.spec.model_keys())
+        states = await asyncio.gather(*(stages[svc].ready(model, ver) for svc, model, ver in keys))
+        self.model_ready = dict(zip(keys, states, strict=True))
+
+    async def _watch_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.refresh_readiness()
+            except Exception:
+                log.exception("readiness refresh failed")
+
+    async def _watch_spec(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            await self.reload_if_changed()
+
+    async def reload_if_changed(self) -> bool:
+        """Apply a changed spec file if it is valid; keep the running one otherwise."""
+        try:
+            text = self.spec_path.read_text()
+        except OSError as exc:
+            log.error("cannot read graph spec %s: %s; keeping the running spec", self.spec_path, exc)
+            return False
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if self.current is not None and digest == self.current.digest:
+            return False
+        try:
+            spec = parse_spec(text)
+            loaded = self.build(spec, digest, await self.signatures(spec, self.stages(spec)))
+        except (SpecError, MeshError) as exc:
+            self.metrics.reloads.labels("rejected").inc()
+            log.error("rejected new graph spec: %s; keeping the running spec", exc)
+            if self.current is not None:
+                self.current.digest = digest  # don't retry the same bad file every interval
+            return False
+        self.activate(loaded)
+        self.metrics.reloads.labels("applied").inc()
+        await self.refresh_readiness()
+        return True
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(client.close() for client in self.clients.values()))
+
+    def _on_step(
+        self, graph: str, step: str, service: str, model: str, version: str, status: str, seconds: float
+    ) -> None:
+        self.metrics.steps.labels(graph, step, service, model, version, status).observe(seconds)
+
+    def _on_mirror(self, graph: str, step: str, agree: bool, max_abs_diff: float) -> None:
+        self.metrics.mirror.labels(graph, step, str(agree).lower()).inc()
