@@ -200,6 +200,8 @@ class ServiceProcess:
         self.requested_port = requested_port
         self.command = list(command)
         self.port: int | None = None
+        #: The Prometheus /metrics port, when the node was started with --metrics-port.
+        self.metrics_port: int | None = None
         self.ready_line_seen = False
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._echo = echo
@@ -255,10 +257,12 @@ class ServiceProcess:
         stream.close()
 
     def _announcement(self, line: str) -> None:
-        """Parse `<service> listening on HOST:PORT` / `<service> ready on HOST:PORT` from stdout."""
+        """Parse the `<service> listening|metrics|ready on HOST:PORT` lines a node prints on stdout."""
         words = line.split()
         if len(words) == 4 and words[1:3] == ["listening", "on"]:
             self.port = int(words[3].rsplit(":", 1)[1])
+        elif len(words) == 4 and words[1:3] == ["metrics", "on"]:
+            self.metrics_port = int(words[3].rsplit(":", 1)[1])
         elif len(words) == 4 and words[1:3] == ["ready", "on"]:
             self.ready_line_seen = True
 

@@ -51,6 +51,7 @@ class ServerMetrics:
             "onnxmesh_ready", "1 when every model of this node is loaded and warm.", registry=self.registry
         )
 
-    def serve_http(self, host: str, port: int) -> None:
-        """Expose /metrics over HTTP on host:port (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP on host:port (a daemon thread); returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)

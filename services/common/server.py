@@ -72,6 +72,7 @@ class MeshServer:
         self.health = HealthServicer()
         self.draining = False
         self.port = 0
+        self.metrics_port: int | None = None
         self._add_services = add_services
         self._loader = loader
         self._closer = closer
@@ -109,7 +110,7 @@ class MeshServer:
         await server.start()
         self._server = server
         if self.settings.metrics_port is not None:
-            self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
         log.info("listening", extra={"address": f"{self.settings.host}:{self.port}"})
         return self.port
 
@@ -162,6 +163,8 @@ class MeshServer:
             loop.add_signal_handler(sig, stop_requested.set)
         port = await self.start()
         say(f"{self.settings.service} listening on {self.settings.host}:{port}")
+        if self.metrics_port is not None:
+            say(f"{self.settings.service} metrics on {self.settings.host}:{self.metrics_port}")
         load = asyncio.create_task(self.load())
         stop_wait = asyncio.create_task(stop_requested.wait())
         done, _ = await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

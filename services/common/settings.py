@@ -79,10 +79,14 @@ def server_parser(
     add_option(parser, "port", int, port, "gRPC port; 0 picks a free port and prints it")
     add_option(parser, "metrics-port", _optional_int, None, "Prometheus /metrics port; unset = off")
     add_option(parser, "model-dir", Path, model_dir, "model repository: <model>/<version>/model.onnx")
-    add_option(parser, "ort-threads", int, 1, "onnxruntime intra-op threads per session (match the CPU limit)")
+    add_option(
+        parser, "ort-threads", int, 1, "onnxruntime intra-op threads per session (match the CPU limit)"
+    )
     add_option(parser, "inference-workers", int, 2, "threads running inference concurrently")
     add_option(parser, "max-message-mb", int, 64, "largest gRPC message sent or received, MiB")
-    add_option(parser, "max-concurrent-rpcs", _optional_int, None, "above this, RESOURCE_EXHAUSTED (load shed)")
+    add_option(
+        parser, "max-concurrent-rpcs", _optional_int, None, "above this, RESOURCE_EXHAUSTED (load shed)"
+    )
     add_option(
         parser,
         "max-connection-age",
@@ -94,7 +98,11 @@ def server_parser(
     add_option(parser, "log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
     add_option(parser, "log-format", str, "json", "json (one object per line) or text")
     add_option(
-        parser, "reuse-port", _flag, False, "share the port with a newer process (SO_REUSEPORT) for hand-overs"
+        parser,
+        "reuse-port",
+        _flag,
+        False,
+        "share the port with a newer process (SO_REUSEPORT) for hand-overs",
     )
     return parser
 

@@ -1,0 +1,171 @@
+"""The orchestrator's graphs end to end: real processes on 127.0.0.1, a stock client, faults.
+
+Every node runs as its own process (LocalMesh); the fixtures always stop them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from orchestrator.mesh import EPHEMERAL_PORTS, LocalMesh
+from services.common.client import OipClient
+from services.common.errors import InvalidInput, MeshError, Unavailable
+from tests.support import ROOT
+
+HOLDOUT = np.load(ROOT / "data" / "digits-holdout.npz")
+GRAPHS = ("digits-serial", "digits-parallel", "digits-cascade")
+
+# A stock client in its own process (tritonclient and our stubs both register `inference.*`).
+TRITON_ACCURACY = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as tc
+
+    address, holdout = sys.argv[1], np.load(sys.argv[2])
+    client = tc.InferenceServerClient(address)
+    report = {}
+    for graph in sys.argv[3:]:
+        meta = client.get_model_metadata(graph, as_json=True)
+        correct = 0
+        statuses = {}
+        for image, label in zip(holdout["images"], holdout["labels"]):
+            tensor = tc.InferInput("image", [1, 8, 8], "UINT8")
+            tensor.set_data_from_numpy(image[None])
+            result = client.infer(graph, [tensor], client_timeout=10)
+            correct += int(result.as_numpy("label")[0] == label)
+            for key, value in result.get_response().parameters.items():
+                if key.startswith("step."):
+                    state = value.string_param.split(":")[0]
+                    statuses.setdefault(key, {}).setdefault(state, 0)
+                    statuses[key][state] += 1
+        report[graph] = {
+            "accuracy": correct / len(holdout["labels"]),
+            "inputs": [i["name"] for i in meta["inputs"]],
+            "outputs": sorted(o["name"] for o in meta["outputs"]),
+            "statuses": statuses,
+        }
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[LocalMesh]:
+    with LocalMesh(
+        ports=EPHEMERAL_PORTS, replicas={"model_a": 2}, extra_args={"model_a": ["--metrics-port", "0"]}
+    ) as running:
+        yield running
+
+
+def infer(address: str, graph: str, image: np.ndarray, timeout: float = 10.0) -> dict[str, object]:
+    async def call() -> dict[str, object]:
+        async with OipClient(address) as client:
+            result = await client.infer(graph, {"image": image}, timeout=timeout)
+        return {"outputs": result.outputs, "parameters": result.parameters, "version": result.model_version}
+
+    return asyncio.run(call())
+
+
+def test_every_graph_is_accurate_through_a_stock_client(mesh: LocalMesh) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TRITON_ACCURACY,
+            mesh.address("orchestrator"),
+            str(ROOT / "data/digits-holdout.npz"),
+            *GRAPHS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd="/",
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    for graph in GRAPHS:
+        assert report[graph]["accuracy"] >= 0.95, (graph, report[graph])
+        assert report[graph]["inputs"] == ["image"]
+        assert report[graph]["outputs"] == ["label", "probabilities"]
+    # The cascade asked model_b only for some images: its switch really routes.
+    logreg = report["digits-cascade"]["statuses"]["step.logreg"]
+    assert logreg.get("ok", 0) > 0 and logreg.get("skipped", 0) > logreg.get("ok", 0)
+    print({g: report[g]["accuracy"] for g in GRAPHS})
+
+
+def test_both_model_a_replicas_receive_traffic(mesh: LocalMesh) -> None:
+    images = HOLDOUT["images"]
+    for i in range(40):
+        infer(mesh.address("orchestrator"), "digits-serial", images[i : i + 1])
+    counts = []
+    for proc in mesh.processes("model_a"):
+        assert proc.metrics_port is not None
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5).read().decode()
+        )
+        counts.append(
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("onnxmesh_requests_total{") and 'model="digits-mlp"' in line
+            )
+        )
+    assert len(counts) == 2 and all(c >= 5 for c in counts), counts
+
+
+def test_bad_client_input_names_step_and_tensor(mesh: LocalMesh) -> None:
+    bad = np.full((1, 8, 8), 99, dtype=np.uint8)
+    with pytest.raises(InvalidInput) as info:
+        infer(mesh.address("orchestrator"), "digits-parallel", bad)
+    assert "pre" in info.value.message and "'image'" in info.value.message
+    with pytest.raises(InvalidInput, match="image"):
+        infer(mesh.address("orchestrator"), "digits-parallel", np.zeros((1, 8, 8), np.float32))
+    # The mesh keeps answering.
+    assert infer(mesh.address("orchestrator"), "digits-parallel", HOLDOUT["images"][:1])["outputs"]
+
+
+def test_unknown_graph_is_not_found(mesh: LocalMesh) -> None:
+    with pytest.raises(MeshError) as info:
+        infer(mesh.address("orchestrator"), "digits-nope", HOLDOUT["images"][:1])
+    assert info.value.code.name == "NOT_FOUND" and "digits-parallel" in info.value.message
+
+
+@pytest.fixture
+def mesh_without_model_b() -> Iterator[LocalMesh]:
+    with LocalMesh(ports=EPHEMERAL_PORTS) as running:
+        running.stop_service("model_b")
+        yield running
+
+
+def test_with_model_b_down_parallel_degrades_and_serial_fails_fast(mesh_without_model_b: LocalMesh) -> None:
+    address = mesh_without_model_b.address("orchestrator")
+    images, labels = HOLDOUT["images"][:20], HOLDOUT["labels"][:20]
+    correct = 0
+    for image, label in zip(images, labels, strict=True):
+        answer = infer(address, "digits-parallel", image[None])
+        params = answer["parameters"]
+        assert isinstance(params, dict)
+        assert params["step.mlp"] == "ok"
+        assert str(params["step.logreg"]).startswith("error: UNAVAILABLE")
+        outputs = answer["outputs"]
+        assert isinstance(outputs, dict)
+        correct += int(outputs["label"][0] == label)
+    assert correct >= 18
+
+    deadline = 3.0
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as info:
+        infer(address, "digits-serial", images[:1], timeout=deadline)
+    assert time.monotonic() - started < deadline  # failed fast, never hung until the deadline
+    assert "head" in info.value.message and "model_b" in info.value.message
