@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 GEN    := proto/gen/inference/grpc_predict_v2_pb2.py
 PROTOS := $(wildcard proto/inference/*.proto)
 
-.PHONY: setup proto test lint run bench models clean
+.PHONY: setup proto test lint run bench rehearse models clean
 
 setup: $(STAMP) $(GEN)
 
@@ -41,6 +41,10 @@ run: setup
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
+
+# A rolling update of model_a with traffic flowing, on local processes.
+rehearse: setup
+	$(BIN)/python -m orchestrator.rehearsal $(ARGS)
 
 models: setup
 	$(BIN)/python scripts/train_digits.py

@@ -490,6 +490,41 @@ class LocalMesh:
         self.replicas[service] = max(self.replicas[service], replica)
         return proc
 
+    def hand_over(self, service: str, replica: int, model_dir: Path | None = None) -> ServiceProcess:
+        """Replace one replica the way a rolling update does: start new, wait ready, drain old.
+
+        The new process binds the SAME port beside the old one (both run with `--reuse-port 1`),
+        so clients need no new address: once the old one drains (SIGTERM: NOT_SERVING, in-flight
+        calls finish, connections close), they reconnect and land on the new one.
+        """
+        old = self._select(service, replica)[0]
+        if old.port is None:
+            raise RuntimeError(f"{old.name} has no port to hand over")
+        command = self._command(service, old.port)
+        if model_dir is not None:
+            command += ["--model-dir", str(model_dir)]  # the last flag wins
+        fresh = ServiceProcess(
+            service,
+            replica,
+            self.host,
+            old.port,
+            command,
+            self._child_env(service),
+            self._echo if self._echo_stream is not None else None,
+        )
+        self.spawned.append(fresh)
+        # Health checks on the shared port could reach the old process: wait for the new one's
+        # own ready line instead (printed once its models are warm and it reports SERVING).
+        deadline = time.monotonic() + self.startup_timeout
+        while not fresh.ready_line_seen:
+            if not fresh.running or time.monotonic() > deadline:
+                fresh.kill()
+                raise MeshStartupError(fresh.name, "the new process never got ready", list(fresh.tail))
+            time.sleep(_POLL_S)
+        self._procs[self._procs.index(old)] = fresh
+        old.stop(self.stop_timeout)
+        return fresh
+
     def served_graphs(self, timeout: float = 2.0) -> list[str]:
         """The graphs the orchestrator answers ModelMetadata for (known names and the spec's)."""
         names = dict.fromkeys([*KNOWN_GRAPHS, *spec_graph_names(self.graphs or DEFAULT_GRAPHS)])

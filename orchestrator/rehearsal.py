@@ -1,0 +1,191 @@
+"""A rolling update rehearsed locally, with traffic flowing: `python -m orchestrator.rehearsal`.
+
+What Kubernetes does for `kubectl set image` on model_a (maxSurge 1, maxUnavailable 0), done
+with local processes: two model_a replicas serve version 1 behind the orchestrator; each is
+replaced in turn by a process serving version 2 (start new, wait until ready, drain old with
+SIGTERM) while a closed-loop client keeps calling a graph. It reports how many requests were
+sent and failed, and how long answers came from both versions. Zero failures is the bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.mesh import EPHEMERAL_PORTS, REPO, LocalMesh
+from services.common.client import OipClient
+from services.common.errors import MeshError
+
+HOLDOUT = REPO / "data" / "digits-holdout.npz"
+
+
+@dataclass
+class TrafficReport:
+    """What a traffic run saw: counts, errors, and which step versions answered when."""
+
+    sent: int = 0
+    failed: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    #: (seconds since start, version of the watched step) for every answered request.
+    versions: list[tuple[float, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def share(self, version: str) -> float:
+        return sum(v == version for _, v in self.versions) / max(1, len(self.versions))
+
+    def mixed_seconds(self, old: str, new: str) -> float:
+        """From the first answer of `new` to the last answer of `old` (0 if they never overlap)."""
+        first_new = min((t for t, v in self.versions if v == new), default=None)
+        last_old = max((t for t, v in self.versions if v == old), default=None)
+        if first_new is None or last_old is None:
+            return 0.0
+        return max(0.0, last_old - first_new)
+
+
+class Traffic:
+    """Closed-loop requests to one graph from a background thread, bounded in count and time."""
+
+    def __init__(
+        self,
+        target: str,
+        graph: str,
+        *,
+        steps: Sequence[str],
+        concurrency: int = 4,
+        max_requests: int = 50_000,
+        max_seconds: float = 120.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self.target, self.graph = target, graph
+        # The steps whose answering version is recorded (a splitter's branches: whichever ran).
+        self.version_keys = [f"version.{step}" for step in steps]
+        self.concurrency, self.max_requests, self.max_seconds = concurrency, max_requests, max_seconds
+        self.timeout = timeout
+        self.report = TrafficReport()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> TrafficReport:
+        self._stop.set()
+        self._thread.join(self.timeout + 10)
+        return self.report
+
+    def wait_for(self, requests: int, timeout: float = 30.0) -> None:
+        """Block until `requests` more answers arrived (or timeout)."""
+        goal, deadline = len(self.report.versions) + requests, time.monotonic() + timeout
+        while len(self.report.versions) < goal and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.02)
+
+    async def _run(self) -> None:
+        images = np.load(HOLDOUT)["images"]
+        started = time.monotonic()
+        async with OipClient(self.target) as client:
+
+            async def worker(offset: int) -> None:
+                i = offset
+                while not self._stop.is_set() and self.report.sent < self.max_requests:
+                    if time.monotonic() - started > self.max_seconds:
+                        return
+                    image = images[i % len(images)][None]
+                    i += self.concurrency
+                    self.report.sent += 1
+                    try:
+                        result = await client.infer(self.graph, {"image": image}, timeout=self.timeout)
+                    except MeshError as err:
+                        self.report.failed += 1
+                        self.report.errors[f"{err.code.name}: {err.message}"[:200]] += 1
+                        continue
+                    version = next(
+                        (str(result.parameters[k]) for k in self.version_keys if k in result.parameters), "?"
+                    )
+                    self.report.versions.append((time.monotonic() - started, version))
+
+            await asyncio.gather(*(worker(k) for k in range(self.concurrency)))
+        self.report.seconds = time.monotonic() - started
+
+
+def versioned_copy(model_dir: Path, model: str, version: str, out_dir: Path) -> Path:
+    """A model directory whose `model` gets `version` (the newest version's file, repackaged).
+
+    A new version of a model is a new model directory (a new image tag in Kubernetes).
+    """
+    source = model_dir / model
+    latest = max((p for p in source.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    target = out_dir / model
+    target.mkdir(parents=True, exist_ok=True)
+    for extra in source.glob("*.json"):
+        shutil.copy(extra, target / extra.name)
+    shutil.copytree(latest, target / version)
+    return out_dir
+
+
+@dataclass
+class RehearsalResult:
+    requests_sent: int
+    requests_failed: int
+    errors: dict[str, int]
+    seconds_of_mixed_versions: float
+    share_new_version_at_end: float
+    seconds: float
+
+
+def rehearse(*, graph: str = "digits-parallel", step: str = "mlp", concurrency: int = 4) -> RehearsalResult:
+    """Roll model_a from version 1 to version 2 on two replicas while traffic flows."""
+    with tempfile.TemporaryDirectory(prefix="onnxmesh-v2-") as tmp:
+        new_dir = versioned_copy(REPO / "services/model_a/models", "digits-mlp", "2", Path(tmp))
+        with LocalMesh(
+            ports=EPHEMERAL_PORTS,
+            replicas={"model_a": 2},
+            extra_args={"model_a": ["--reuse-port", "1"]},
+            grace=5.0,
+        ) as mesh:
+            with Traffic(
+                mesh.address("orchestrator"), graph, steps=[step], concurrency=concurrency
+            ) as traffic:
+                traffic.wait_for(200)
+                for replica in (1, 2):
+                    mesh.hand_over("model_a", replica, new_dir)
+                    traffic.wait_for(200)
+                report = traffic.stop()
+    tail = [v for _, v in report.versions[-100:]]
+    return RehearsalResult(
+        requests_sent=report.sent,
+        requests_failed=report.failed,
+        errors=dict(report.errors),
+        seconds_of_mixed_versions=round(report.mixed_seconds("1", "2"), 3),
+        share_new_version_at_end=sum(v == "2" for v in tail) / max(1, len(tail)),
+        seconds=round(report.seconds, 3),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.rehearsal", description=__doc__)
+    parser.add_argument("--graph", default="digits-parallel")
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args(argv)
+    result = rehearse(graph=args.graph, concurrency=args.concurrency)
+    print(json.dumps(asdict(result), indent=2))
+    return 0 if result.requests_failed == 0 and result.share_new_version_at_end == 1.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
