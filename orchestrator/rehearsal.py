@@ -152,7 +152,7 @@ def rehearse(*, graph: str = "digits-parallel", step: str = "mlp", concurrency: 
     """Roll model_a from version 1 to version 2 on two replicas while traffic flows."""
     with tempfile.TemporaryDirectory(prefix="onnxmesh-v2-") as tmp:
         new_dir = versioned_copy(REPO / "services/model_a/models", "digits-mlp", "2", Path(tmp))
-        with LocalMesh(
+        with LocalMesh(  # noqa: SIM117 - the traffic needs the started mesh's address
             ports=EPHEMERAL_PORTS,
             replicas={"model_a": 2},
             extra_args={"model_a": ["--reuse-port", "1"]},
