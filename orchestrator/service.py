@@ -87,6 +87,11 @@ class Graph(Servable):
     def ready(self) -> bool:
         return self.app.graph_ready(self.name)
 
+    @property
+    def loaded(self) -> bool:
+        # Requests still run when a step is down: soft steps degrade, hard ones fail naming the step.
+        return self.app.engine is not None
+
     async def infer(self, request: InferRequest) -> InferResult:
         engine = self.app.engine
         if engine is None:
@@ -158,7 +163,7 @@ class Orchestrator:
         stages = {}
         for service, address in service_addresses(spec, self.environ).items():
             if address not in self.clients:
-                self.clients[address] = OipClient(address)
+                self.clients[address] = OipClient(address, health_checked=True)
             stages[service] = GrpcStage(service, self.clients[address])
         return stages
 

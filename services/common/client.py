@@ -23,12 +23,21 @@ from services.common.servicer import REQUEST_ID_HEADER
 from services.common.settings import MIB
 from services.common.types import InferResult, ModelSignature, TensorSpec
 
-_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+def service_config(health_checked: bool) -> str:
+    config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if health_checked:
+        # Watch grpc.health.v1 on every replica: one that reports NOT_SERVING (loading, or
+        # draining after SIGTERM) leaves the round robin at once, before its port closes.
+        config["healthCheckConfig"] = {"serviceName": ""}
+    return json.dumps(config)
 
 
-def channel_options(max_message_bytes: int = 64 * MIB) -> list[tuple[str, object]]:
+def channel_options(
+    max_message_bytes: int = 64 * MIB, *, health_checked: bool = False
+) -> list[tuple[str, object]]:
     return [
-        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.service_config", service_config(health_checked)),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         # Transparent retries need the whole request buffered; the 256 KiB default would
@@ -47,9 +56,15 @@ def _parameter_value(param: pb.InferParameter) -> str | int | float | bool:
 class OipClient:
     """Async client for one OIP endpoint (possibly many replicas behind one target)."""
 
-    def __init__(self, target: str, *, max_message_bytes: int = 64 * MIB) -> None:
+    def __init__(
+        self, target: str, *, max_message_bytes: int = 64 * MIB, health_checked: bool = False
+    ) -> None:
+        """`health_checked`: only send calls to replicas whose health reports SERVING (for the
+        orchestrator's long-lived channels; tools that check health themselves leave it off)."""
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self.channel = grpc.aio.insecure_channel(
+            target, options=channel_options(max_message_bytes, health_checked=health_checked)
+        )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 

@@ -46,6 +46,11 @@ class Servable(ABC):
     @abstractmethod
     def ready(self) -> bool: ...
 
+    @property
+    def loaded(self) -> bool:
+        """Whether inference may be attempted; a graph is loaded but not ready while a step is down."""
+        return self.ready
+
     async def load(self) -> None:
         """Load and warm up; readiness turns true only after this returns."""
 

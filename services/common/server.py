@@ -177,6 +177,9 @@ class MeshServer:
         else:
             load.cancel()
         say(f"{self.settings.service} draining")
+        await self.begin_drain()
+        # Keep answering while clients watching health move away, then close the port.
+        await asyncio.sleep(self.settings.drain_delay)
         await self.stop()
 
 

@@ -126,7 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         servable = self.repository.get(request.name, request.version)
-        if not servable.ready:
+        if not servable.loaded:
             raise Unavailable(f"model '{servable.name}' is still loading")
         sig = servable.signature
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -150,7 +150,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             version = servable.version
             if self.is_draining():
                 raise Unavailable(f"server is shutting down; retry on another replica of '{model}'")
-            if not servable.ready:
+            if not servable.loaded:
                 raise Unavailable(f"model '{model}' version {servable.version} is still loading")
             headers: dict[str, tuple[str, list[int]]] = {}
             for tensor in request.inputs:

@@ -33,6 +33,7 @@ class ServerSettings:
     max_concurrent_rpcs: int | None = None
     max_connection_age: float = 300.0
     grace: float = 10.0
+    drain_delay: float = 0.5
     log_level: str = "INFO"
     log_format: str = "json"
     reuse_port: bool = False
@@ -95,6 +96,13 @@ def server_parser(
         "seconds before clients are asked to reconnect (re-resolve DNS)",
     )
     add_option(parser, "grace", float, 10.0, "seconds to drain in-flight calls on SIGTERM")
+    add_option(
+        parser,
+        "drain-delay",
+        float,
+        0.5,
+        "seconds between NOT_SERVING and closing the port on SIGTERM, so health-checking clients move away",
+    )
     add_option(parser, "log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
     add_option(parser, "log-format", str, "json", "json (one object per line) or text")
     add_option(
@@ -120,6 +128,7 @@ def settings_from_args(service: str, args: argparse.Namespace) -> ServerSettings
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_connection_age=args.max_connection_age,
         grace=args.grace,
+        drain_delay=args.drain_delay,
         log_level=args.log_level.upper(),
         log_format=args.log_format,
         reuse_port=args.reuse_port,
