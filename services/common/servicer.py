@@ -29,6 +29,7 @@ from services.common.repository import ModelRepository
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+_CLIENT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
 REQUEST_ID_HEADER = "x-request-id"
 
 Req = TypeVar("Req")
@@ -57,6 +58,10 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             code, message = err.code, (err.message if err.public else INTERNAL_MESSAGE)
             if not err.public:
                 log.error("internal error in %s: %s", method.__name__, err.message)
+            else:
+                # Client mistakes are routine (INFO); a peer down or a deadline is worth a look.
+                level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
+                log.log(level, "%s failed", method.__name__, extra={"code": code.name, "error": err.message})
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
