@@ -29,13 +29,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     add_option(parser, "graphs", Path, DEFAULT_GRAPHS, "graph spec (YAML); watched and reloaded on change")
     add_option(parser, "reload-interval", float, 2.0, "seconds between checks of the graph spec file")
+    add_option(
+        parser,
+        "coalesce",
+        int,
+        2,
+        "calls per step in flight before concurrent requests are stacked into one downstream call (0 = off)",
+    )
     args = parser.parse_args(argv)
     settings = settings_from_args("orchestrator", args)
     configure_logging("orchestrator", settings.log_level, settings.log_format)
     repository = ModelRepository()
     metrics = ServerMetrics("orchestrator")
     try:
-        app = Orchestrator(args.graphs, repository, metrics, reload_interval=args.reload_interval)
+        app = Orchestrator(
+            args.graphs,
+            repository,
+            metrics,
+            reload_interval=args.reload_interval,
+            coalesce_in_flight=args.coalesce,
+        )
     except (SpecError, OSError) as exc:
         log.error("invalid graph spec: %s", exc)
         sys.exit(f"orchestrator: invalid graph spec {args.graphs}: {exc}")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -17,6 +18,18 @@ from services.common.types import InferResult, ModelSignature
 downstream_spans: contextvars.ContextVar[list[tuple[float, float]] | None] = contextvars.ContextVar(
     "downstream_spans", default=None
 )
+
+
+@contextlib.contextmanager
+def waiting_on_step() -> Iterator[None]:
+    """Count the enclosed time as waiting on a downstream step for the current request."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        spans = downstream_spans.get()
+        if spans is not None:
+            spans.append((started, time.perf_counter()))
 
 
 class GrpcStage:
@@ -36,15 +49,10 @@ class GrpcStage:
         timeout: float,
         request_id: str,
     ) -> InferResult:
-        started = time.perf_counter()
-        try:
+        with waiting_on_step():
             return await self.client.infer(
                 model, inputs, outputs, version=version, timeout=timeout, request_id=request_id
             )
-        finally:
-            spans = downstream_spans.get()
-            if spans is not None:
-                spans.append((started, time.perf_counter()))
 
     async def metadata(self, model: str, version: str) -> ModelSignature:
         return await self.client.metadata(model, version)

@@ -20,9 +20,11 @@ from pathlib import Path
 
 from prometheus_client import Counter, Histogram
 
+from orchestrator.coalescing import CoalescingStage
 from orchestrator.engine import Engine
 from orchestrator.grpc_stage import GrpcStage, busy_time, downstream_spans
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
+from orchestrator.stage import Stage
 from services.common.client import OipClient
 from services.common.errors import MeshError, Unavailable
 from services.common.metrics import LATENCY_BUCKETS, ServerMetrics
@@ -135,14 +137,19 @@ class Orchestrator:
         metrics: ServerMetrics,
         *,
         reload_interval: float = 2.0,
+        coalesce_in_flight: int = 2,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
+        """`coalesce_in_flight`: downstream calls per step that may run at once before further
+        calls of that step wait and leave stacked as one (0 = never stack)."""
         self.spec_path = spec_path
         self.repository = repository
         self.metrics = OrchestratorMetrics(metrics)
         self.reload_interval = reload_interval
         self.environ = environ
+        self.coalesce_in_flight = coalesce_in_flight
         self.clients: dict[str, OipClient] = {}
+        self._stages: dict[tuple[str, str], Stage] = {}
         self.current: Loaded | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -159,17 +166,22 @@ class Orchestrator:
             return False
         return all(self.model_ready.get(key, False) for key in self.current.hard_models.get(graph, ()))
 
-    def stages(self, spec: MeshSpec) -> dict[str, GrpcStage]:
-        stages = {}
+    def stages(self, spec: MeshSpec) -> dict[str, Stage]:
+        """One stage per service, kept across reloads: one long-lived channel per address."""
+        stages: dict[str, Stage] = {}
         for service, address in service_addresses(spec, self.environ).items():
-            if address not in self.clients:
-                self.clients[address] = OipClient(address, health_checked=True)
-            stages[service] = GrpcStage(service, self.clients[address])
+            stage = self._stages.get((service, address))
+            if stage is None:
+                if address not in self.clients:
+                    self.clients[address] = OipClient(address, health_checked=True)
+                stage = GrpcStage(service, self.clients[address])
+                if self.coalesce_in_flight > 0:
+                    stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight)
+                self._stages[(service, address)] = stage
+            stages[service] = stage
         return stages
 
-    async def signatures(
-        self, spec: MeshSpec, stages: Mapping[str, GrpcStage]
-    ) -> dict[ModelKey, ModelSignature]:
+    async def signatures(self, spec: MeshSpec, stages: Mapping[str, Stage]) -> dict[ModelKey, ModelSignature]:
         keys = sorted(spec.model_keys())
         found = await asyncio.gather(*(stages[svc].metadata(model, ver) for svc, model, ver in keys))
         return dict(zip(keys, found, strict=True))

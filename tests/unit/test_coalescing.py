@@ -1,0 +1,140 @@
+"""Coalescing at the orchestrator: concurrent calls of a step share one downstream call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from orchestrator.coalescing import CoalescingStage
+from services.common.errors import DeadlineExceeded, InvalidInput, Unavailable
+from tests.unit.fakes import FakeStage
+
+
+def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = inputs["x"]
+    if (x < 0).any():
+        raise InvalidInput("negative rows are not allowed")
+    return {"y": x * 2, "z": x + 1}
+
+
+def rows(value: float, n: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.full((n, 3), value, dtype=np.float32)}
+
+
+async def call(
+    stage: CoalescingStage, inputs: dict[str, np.ndarray], timeout: float = 5.0
+) -> dict[str, np.ndarray]:
+    result = await stage.infer("m", "", inputs, ("y",), timeout=timeout, request_id="r")
+    return result.outputs
+
+
+def test_a_lone_call_goes_out_at_once() -> None:
+    fake = FakeStage({"m": double})
+    stage = CoalescingStage(fake, max_in_flight=1)
+    out = asyncio.run(call(stage, rows(1.0)))
+    np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0))
+    assert len(fake.calls) == 1
+
+
+def test_concurrent_callers_share_calls_and_each_gets_its_own_rows() -> None:
+    fake = FakeStage({"m": double}, sleep={"m": 0.01})
+    stage = CoalescingStage(fake, max_in_flight=1)
+
+    async def many() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(*(call(stage, rows(float(i), n=1 + i % 3)) for i in range(30)))
+
+    answers = asyncio.run(many())
+    for i, out in enumerate(answers):
+        np.testing.assert_array_equal(out["y"], np.full((1 + i % 3, 3), 2.0 * i))
+        assert set(out) == {"y"}
+    assert len(fake.calls) < 30 / 2  # really coalesced
+    assert stage.callers_served == 30
+
+
+def test_one_bad_caller_fails_alone() -> None:
+    fake = FakeStage({"m": double}, sleep={"m": 0.01})
+    stage = CoalescingStage(fake, max_in_flight=1)
+
+    async def scenario() -> list[object]:
+        first = asyncio.create_task(call(stage, rows(1.0)))
+        await fake.wait_for_calls(1)  # the others queue behind it and leave together
+        rest = [call(stage, rows(2.0)), call(stage, rows(-1.0)), call(stage, rows(3.0))]
+        return [await first, *await asyncio.gather(*rest, return_exceptions=True)]
+
+    _, good, bad, other = asyncio.run(scenario())
+    assert isinstance(bad, InvalidInput) and "negative" in bad.message
+    np.testing.assert_array_equal(good["y"], np.full((1, 3), 4.0))  # type: ignore[index]
+    np.testing.assert_array_equal(other["y"], np.full((1, 3), 6.0))  # type: ignore[index]
+
+
+def test_a_service_failure_reaches_every_caller_of_the_shared_call() -> None:
+    fake = FakeStage({"m": double}, sleep={"m": 0.01})
+    stage = CoalescingStage(fake, max_in_flight=1)
+
+    async def scenario() -> list[object]:
+        first = asyncio.create_task(call(stage, rows(1.0)))
+        await fake.wait_for_calls(1)
+        fake.fail("m", Unavailable("replica gone"), Unavailable("replica gone"))
+        return await asyncio.gather(
+            first, call(stage, rows(2.0)), call(stage, rows(3.0)), return_exceptions=True
+        )
+
+    answers = asyncio.run(scenario())
+    assert all(isinstance(a, Unavailable) for a in answers)
+    assert len(fake.calls) == 2  # the shared call was not split up and retried one by one
+
+
+def test_each_waiting_caller_keeps_its_own_timeout() -> None:
+    fake = FakeStage({"m": double}, sleep={"m": 0.3})
+    stage = CoalescingStage(fake, max_in_flight=1)
+
+    async def scenario() -> object:
+        first = asyncio.create_task(call(stage, rows(1.0)))
+        await fake.wait_for_calls(1)
+        try:
+            return await call(stage, rows(2.0), timeout=0.05)
+        except DeadlineExceeded as err:
+            return err
+        finally:
+            await first
+
+    assert isinstance(asyncio.run(scenario()), DeadlineExceeded)
+
+
+def test_cancelled_waiter_is_dropped_from_the_next_call() -> None:
+    fake = FakeStage({"m": double}, sleep={"m": 0.05})
+    stage = CoalescingStage(fake, max_in_flight=1)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(call(stage, rows(1.0)))
+        await fake.wait_for_calls(1)
+        gone = asyncio.create_task(call(stage, rows(7.0)))
+        stays = asyncio.create_task(call(stage, rows(2.0)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await first
+        out = await stays
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 4.0))
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+
+    asyncio.run(scenario())
+    assert all(7.0 not in c.inputs["x"] for c in fake.calls)
+
+
+def test_calls_with_different_layouts_never_share() -> None:
+    fake = FakeStage({"m": double}, sleep={"m": 0.01})
+    stage = CoalescingStage(fake, max_in_flight=1)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(call(stage, rows(1.0)))
+        await fake.wait_for_calls(1)
+        wide = {"x": np.ones((1, 5), np.float32)}
+        await asyncio.gather(call(stage, rows(2.0)), call(stage, wide), first)
+
+    asyncio.run(scenario())
+    assert all(len({c.inputs["x"].shape[1]}) == 1 for c in fake.calls)
+    assert len(fake.calls) == 3
