@@ -1,0 +1,238 @@
+"""`python -m bench.all_in_one`: every step of every graph in ONE gRPC server process.
+
+This is the "one server does everything" baseline that the mesh replaces, built from the mesh's
+own pieces so that the comparison measures only the network hops and the process split:
+
+- the same model classes on the same files (`bench.models`; no batching),
+- the same `Engine` running the same graph spec (orchestrator/graphs.yaml by default), its
+  services mapped to `InProcessStage`s that call the local servables directly (no codec, no
+  channel, no copy), wrapped like the orchestrator wraps its gRPC stages (`CoalescingStage`,
+  same `--coalesce` default), so both stack concurrent calls of a step the same way,
+- served as OIP models by the same `MeshServer` (health, reflection, metrics, drain), graphs
+  and the individual models alike.
+
+It prints `all_in_one listening on HOST:PORT` and `all_in_one ready on HOST:PORT` like every
+node, so launchers read its port the same way (`--port 0` picks a free one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from bench.models import DEFAULT_DIRS, local_repositories, model_dirs
+from orchestrator.coalescing import CoalescingStage
+from orchestrator.engine import Engine
+from orchestrator.spec import MeshSpec, SignatureKey, SpecError, load_spec, validate_against_signatures
+from orchestrator.stage import Stage
+from services.common.errors import MeshError, NotFound, Unavailable
+from services.common.logs import configure_logging
+from services.common.model import InferRequest, Servable
+from services.common.repository import ModelRepository
+from services.common.server import MeshServer
+from services.common.settings import ServerSettings, add_option, server_parser, settings_from_args
+from services.common.types import InferResult, ModelSignature
+
+SERVICE = "all_in_one"
+#: The orchestrator's `--coalesce` default (orchestrator/__main__.py); the env var is shared too.
+COALESCE_IN_FLIGHT = 2
+DEFAULT_GRAPHS = Path(__file__).resolve().parent.parent / "orchestrator" / "graphs.yaml"
+log = logging.getLogger(SERVICE)
+
+
+class InProcessStage:
+    """A `Stage` over one local repository: the engine calls the servables directly, in-process."""
+
+    def __init__(self, service: str, repository: ModelRepository) -> None:
+        self.service = service
+        self.repository = repository
+
+    async def infer(
+        self,
+        model: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        timeout: float,
+        request_id: str,
+    ) -> InferResult:
+        servable = self.repository.get(model, version)
+        request = InferRequest(
+            inputs=dict(inputs),
+            outputs=tuple(outputs),
+            request_id=request_id,
+            deadline=time.monotonic() + timeout,
+        )
+        result = await servable.infer(request)
+        result.model_version = result.model_version or servable.version
+        return result
+
+    async def metadata(self, model: str, version: str) -> ModelSignature:
+        servable = self.repository.get(model, version)
+        if not servable.ready:
+            raise Unavailable(f"{self.service}: model '{model}' is still loading")
+        return servable.signature
+
+    async def ready(self, model: str, version: str) -> bool:
+        try:
+            return self.repository.get(model, version).ready
+        except NotFound:
+            return False
+
+
+class EngineGraph(Servable):
+    """One graph of the spec served as an OIP model, run by an in-process `Engine`."""
+
+    def __init__(self, name: str, signature: ModelSignature, engine: Engine) -> None:
+        self.name = name
+        self.version = "1"
+        self.signature = signature
+        self.engine = engine
+
+    @property
+    def ready(self) -> bool:
+        return True  # it exists only once every model it calls is loaded
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        result = await self.engine.run(
+            self.name, request.inputs, deadline=request.deadline, request_id=request.request_id
+        )
+        if request.outputs:
+            result.outputs = {name: result.outputs[name] for name in request.outputs}
+        result.model_name, result.model_version = self.name, self.version
+        return result
+
+
+class AllInOne:
+    """Loads every service's models, checks the spec against them, then serves models and graphs."""
+
+    def __init__(
+        self,
+        spec: MeshSpec,
+        services: Mapping[str, ModelRepository],
+        served: ModelRepository,
+        *,
+        coalesce_in_flight: int = COALESCE_IN_FLIGHT,
+    ) -> None:
+        unknown = sorted(set(spec.services) - set(services))
+        if unknown:
+            raise ValueError(f"the spec names service(s) {', '.join(unknown)} with no model directory")
+        self.spec = spec
+        self.services = dict(services)
+        self.served = served
+        self.coalesce_in_flight = coalesce_in_flight
+        self.engine: Engine | None = None
+
+    def models(self) -> list[Servable]:
+        """Every model of every service; a model name may belong to one service only."""
+        seen: dict[str, str] = {}
+        out: list[Servable] = []
+        for service, repository in self.services.items():
+            for servable in repository.all():
+                owner = seen.setdefault(servable.name, service)
+                if owner != service:
+                    raise ValueError(f"model '{servable.name}' is in both {owner} and {service}")
+                out.append(servable)
+        return out
+
+    async def load(self) -> None:
+        """MeshServer's loader: models first, then the engine over them; SERVING afterwards."""
+        models = self.models()
+        await asyncio.gather(*(servable.load() for servable in models))
+        stages = {name: self.stage(name, repo) for name, repo in self.services.items()}
+        signatures: dict[SignatureKey, ModelSignature] = {}
+        for key in self.spec.model_keys():
+            service, model, version = key
+            signatures[key] = await stages[service].metadata(model, version)
+        graph_signatures = validate_against_signatures(self.spec, signatures)
+        self.engine = Engine(self.spec, stages)
+        graphs = [EngineGraph(name, sig, self.engine) for name, sig in graph_signatures.items()]
+        self.served.replace([*models, *graphs])
+        log.info("graphs active", extra={"graphs": sorted(graph_signatures)})
+
+    def stage(self, service: str, repository: ModelRepository) -> Stage:
+        """The in-process stage of one service, wrapped as the orchestrator wraps its gRPC stages."""
+        stage: Stage = InProcessStage(service, repository)
+        if self.coalesce_in_flight > 0:
+            stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight)
+        return stage
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.aclose()
+
+
+def _service_dir(text: str) -> tuple[str, Path]:
+    name, _, value = text.partition("=")
+    if not name or not value:
+        raise argparse.ArgumentTypeError("expected SERVICE=PATH, e.g. model_a=/tmp/large-models")
+    return name, Path(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = server_parser(SERVICE, port=8000, model_dir=None, description=__doc__.splitlines()[0])
+    add_option(parser, "graphs", Path, DEFAULT_GRAPHS, "graph spec (YAML) whose services run in-process")
+    add_option(
+        parser,
+        "coalesce",
+        int,
+        COALESCE_IN_FLIGHT,
+        "calls per step in flight before concurrent requests are stacked into one call (0 = off), as the "
+        "orchestrator's flag",
+    )
+    parser.add_argument(
+        "--service-dir",
+        type=_service_dir,
+        action="append",
+        default=[],
+        metavar="SERVICE=PATH",
+        help=f"model directory of one service of the spec (repeatable; defaults: {', '.join(DEFAULT_DIRS)} "
+        "read their own services/<name>/models)",
+    )
+    return parser
+
+
+def build(
+    spec: MeshSpec,
+    dirs: Mapping[str, Path],
+    settings: ServerSettings,
+    executor: Executor,
+    *,
+    coalesce_in_flight: int = COALESCE_IN_FLIGHT,
+) -> tuple[MeshServer, AllInOne]:
+    """The server and its app: models of the spec's services only, one executor for all of them."""
+    wanted = {service: path for service, path in model_dirs(dirs).items() if service in spec.services}
+    served = ModelRepository()
+    repositories = local_repositories(wanted, settings, executor)
+    app = AllInOne(spec, repositories, served, coalesce_in_flight=coalesce_in_flight)
+    return MeshServer(settings, served, loader=app.load, closer=app.close), app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(SERVICE, args)
+    configure_logging(SERVICE, settings.log_level, settings.log_format)
+    # One pool for every model, the size each mesh node uses: the same settings, one process.
+    executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix=f"{SERVICE}-infer")
+    try:
+        spec = load_spec(args.graphs)
+        server, _ = build(spec, dict(args.service_dir), settings, executor, coalesce_in_flight=args.coalesce)
+        asyncio.run(server.run_until_signal())
+    except (SpecError, MeshError, FileNotFoundError, ValueError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(f"{SERVICE}: {exc}")
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+if __name__ == "__main__":
+    main()

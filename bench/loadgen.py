@@ -1,0 +1,192 @@
+"""`python -m bench.loadgen`: a closed-loop OIP load generator for any endpoint.
+
+    python -m bench.loadgen --target 127.0.0.1:8001 --model digits-serial \\
+        --concurrency 32 --duration 4 --warmup 2 --json
+
+N workers on one asyncio event loop share one long-lived `OipClient` channel; each sends a
+request, waits for the answer, and sends the next (closed loop). Requests are held-out digits
+sent round robin, one image per request, built once before the run so the loop only sends and
+receives. Every answer's label is checked against the held-out label (a sanity check: a fast
+wrong answer is not a result).
+
+What is sent follows the model's metadata: an `image` input gets the raw UINT8 [1,8,8] image; a
+`features` input (e.g. model_a's `digits-mlp`) gets the preprocessed FP32 [1,64] row. Only one
+output is asked for: `label` when the model has it, else `probabilities`.
+
+It runs in a process of its own so that its CPU can be measured apart from the servers'; it
+shares the machine's cores with them, so the driver reports its CPU share too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bench.measure import MEASURED, MEASURING, Samples, Window, describe, emit, summarize
+from bench.models import HOLDOUT, Holdout, features_of, load_holdout
+from proto.gen.inference import grpc_predict_v2_pb2 as pb
+from services.common.client import OipClient
+from services.common.errors import MeshError
+from services.common.types import ModelSignature
+
+#: After a failed call, wait this long before the next: a dead endpoint must not spin a core.
+ERROR_PAUSE_S = 0.001
+
+
+def build_requests(
+    model: str, signature: ModelSignature, holdout: Holdout, preprocess_dir: Path | None
+) -> tuple[list[pb.ModelInferRequest], str]:
+    """One prebuilt request per held-out image, and the output they ask for."""
+    names = [spec.name for spec in signature.inputs]
+    if names == ["image"]:
+        rows = holdout.images
+    elif names == ["features"]:
+        rows = features_of(holdout.images, preprocess_dir)
+    else:
+        raise ValueError(f"model '{model}' takes {names}; the load generator sends 'image' or 'features'")
+    output = "label" if signature.output("label") is not None else "probabilities"
+    if signature.output(output) is None:
+        raise ValueError(f"model '{model}' answers neither 'label' nor 'probabilities'")
+    requests = [
+        OipClient.build_request(model, {names[0]: rows[i : i + 1]}, [output]) for i in range(len(rows))
+    ]
+    return requests, output
+
+
+def predicted_label(output: str, array: np.ndarray) -> int:
+    return int(array[0]) if output == "label" else int(np.argmax(array[0]))
+
+
+class LoadGenerator:
+    """N closed-loop workers over one client; `run` warms up, measures and summarizes."""
+
+    def __init__(
+        self,
+        client: OipClient,
+        requests: Sequence[pb.ModelInferRequest],
+        labels: Sequence[int],
+        output: str,
+        *,
+        concurrency: int,
+        timeout: float,
+    ) -> None:
+        self.client = client
+        self.requests = requests
+        self.labels = labels
+        self.output = output
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.samples = Samples()
+        self._next = itertools.count()
+        self._stop = False
+
+    async def worker(self) -> None:
+        # Locals: this loop is the load generator's whole CPU cost per request.
+        requests, labels, output, samples = self.requests, self.labels, self.output, self.samples
+        infer, timeout, perf, count = (
+            self.client.infer_request,
+            self.timeout,
+            time.perf_counter,
+            len(requests),
+        )
+        while not self._stop:
+            index = next(self._next) % count
+            started = perf()
+            try:
+                result = await infer(requests[index], timeout=timeout)
+            except MeshError as err:
+                samples.error(perf(), err.code.name)
+                await asyncio.sleep(ERROR_PAUSE_S)
+                continue
+            ended = perf()
+            samples.ok(
+                ended, ended - started, predicted_label(output, result.outputs[output]) == labels[index]
+            )
+
+    async def run(self, warmup: float, duration: float, announce: bool) -> Window:
+        """Run the workers through warm-up and the measured window; the window."""
+        workers = [asyncio.create_task(self.worker()) for _ in range(self.concurrency)]
+        try:
+            await asyncio.sleep(warmup)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            if announce:
+                emit(MEASURING)
+            await asyncio.sleep(duration)
+            end, cpu_end = time.perf_counter(), time.process_time()
+            if announce:
+                emit(MEASURED)
+            self._stop = True
+            # In-flight calls finish (bounded by their timeout); they fall outside the window.
+            await asyncio.wait(workers, timeout=self.timeout + 1.0)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        return Window(start, end, cpu_end - cpu_start)
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    holdout = load_holdout(args.holdout)
+    async with OipClient(args.target) as client:
+        signature = await client.metadata(args.model, timeout=10.0)
+        requests, output = build_requests(args.model, signature, holdout, args.preprocess_dir)
+        labels = [int(v) for v in holdout.labels]
+        generator = LoadGenerator(
+            client, requests, labels, output, concurrency=args.concurrency, timeout=args.timeout
+        )
+        window = await generator.run(args.warmup, args.duration, announce=args.json)
+    return summarize(
+        generator.samples,
+        window,
+        target=args.target,
+        model=args.model,
+        concurrency=args.concurrency,
+        driver="loadgen",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="OIP endpoint, HOST:PORT (any gRPC target)")
+    parser.add_argument("--model", required=True, help="model or graph name")
+    parser.add_argument("--concurrency", type=int, default=1, help="closed-loop workers (default: 1)")
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds (default: 4)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default: 2)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s (default: 10)")
+    parser.add_argument("--holdout", type=Path, default=HOLDOUT, help="held-out digits (.npz)")
+    parser.add_argument(
+        "--preprocess-dir",
+        type=Path,
+        default=None,
+        help="stats for 'features' inputs (default: the service's)",
+    )
+    parser.add_argument("--json", action="store_true", help="JSON lines: window markers, then the result")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0:
+        print("loadgen: --concurrency >= 1, --duration > 0 and --warmup >= 0 please", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(run(args))
+    except (MeshError, ValueError) as exc:
+        print(f"loadgen: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        emit(str(result.pop("event")), **result)
+    else:
+        print(describe(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

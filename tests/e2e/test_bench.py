@@ -1,0 +1,185 @@
+"""`python -m bench` end to end on a tiny run: real processes, every report file, the right shape.
+
+No timed assertions: the numbers depend on the machine. What must hold anywhere is that every
+mode answered every request correctly (zero errors, labels mostly right), that every ratio the
+report promises is there, and that nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import analysis, procstat
+from bench.profile import parse_collapsed, summarize
+from orchestrator.mesh import DEFAULT_GRAPHS
+from orchestrator.spec import load_spec
+from tests.support import ROOT
+
+pytestmark = pytest.mark.timeout(180)
+
+TINY = ["--quick", "--warmup", "0.2", "--duration", "0.3", "--concurrency", "1,2"]
+TINY += ["--graphs", "digits-serial", "--skip-large"]
+TAG_VARIABLE = "ONNXMESH_BENCH_TEST_RUN"
+#: floor x2 + floor digits-mlp, all-in-one x2, mesh x2 + model_a direct.
+EXPECTED_POINTS = {
+    ("floor", "digits-serial", 1),
+    ("floor", "digits-serial", 2),
+    ("floor", "digits-mlp", 1),
+    ("all-in-one", "digits-serial", 1),
+    ("all-in-one", "digits-serial", 2),
+    ("mesh", "digits-serial", 1),
+    ("mesh", "digits-serial", 2),
+    ("model_a direct", "digits-mlp", 1),
+}
+
+
+def _tagged(tag: str) -> set[int]:
+    """Pids whose environment holds `tag`: every process the benchmark started inherits it."""
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if needle in environ.split(b"\0"):
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench")
+    tag = uuid.uuid4().hex
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *TINY, "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, TAG_VARIABLE: tag},
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _tagged(tag) == set(), "the benchmark left processes running"
+    return out, json.loads((out / "report.json").read_text()), done.stdout
+
+
+def test_writes_every_report_file(run: tuple[Path, dict[str, Any], str]) -> None:
+    out, _, stdout = run
+    assert (out / "report.md").stat().st_size > 0
+    assert (out / "latency_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ratios (mesh / all-in-one | mesh / floor)" in stdout
+
+
+def test_every_point_answered_correctly(run: tuple[Path, dict[str, Any], str]) -> None:
+    _, data, _ = run
+    points = data["points"]
+    assert {(p["mode"], p["model"], p["concurrency"]) for p in points} == EXPECTED_POINTS
+    for p in points:
+        assert p["errors"] == 0, p
+        assert p["requests"] > 0 and p["rps"] > 0
+        assert p["accuracy"] > 0.9, p  # the models' held-out accuracy is about 0.96
+        assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"]
+        assert p["server_cpu_per_request_s"] > 0
+        assert 0 <= p["other_load"] <= 1
+        if p["mode"] == "floor":
+            assert p["loadgen_cpu_s"] is None
+        else:
+            assert 0 < p["loadgen_cpu_share"] < 1
+    mesh = [p for p in points if p["mode"] == "mesh"]
+    assert set(mesh[0]["server_cpu_by_process_s"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
+    assert all(p["orchestrator_overhead_ms"] > 0 and p["orchestrator_cpu_per_request_s"] > 0 for p in mesh)
+
+
+def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], str]) -> None:
+    out, data, _ = run
+    assert set(data) >= {
+        "meta",
+        "servers",
+        "points",
+        "ratios",
+        "hops",
+        "raw_hop",
+        "batching",
+        "targets",
+        "profile",
+    }
+    assert data["meta"]["machine"]["cores"] >= 1 and data["meta"]["versions"]["grpcio"]
+    assert data["meta"]["code"]["commit"]
+    assert set(data["servers"]["small mesh"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
+    assert "bench.all_in_one" in data["servers"]["small all-in-one"]["all_in_one"]
+    assert len(data["ratios"]) == 2
+    for ratio in data["ratios"]:
+        for against in ("mesh_vs_all_in_one", "mesh_vs_floor"):
+            assert all(v is not None and v > 0 for v in ratio[against].values()), ratio
+    assert [(h["concurrency"], h["extra_calls"], h["sequential"]) for h in data["hops"]] == [
+        (1, 3, 3),
+        (2, 3, 3),
+    ]
+    assert data["raw_hop"]["hop_p50_ms"] is not None
+    targets = {t["id"]: t for t in data["targets"]}
+    assert sorted(targets) == [1, 2, 3, 4]
+    assert all(isinstance(targets[i]["met"], bool) and targets[i]["checks"] for i in (1, 2, 3))
+    assert targets[4]["met"] is None  # no large model in this run
+    markdown = (out / "report.md").read_text()
+    for heading in (
+        "## Targets",
+        "## Main table",
+        "## Ratios",
+        "## What a hop costs",
+        "## The load generator",
+        "## Run quality and what ran",
+    ):
+        assert heading in markdown
+    for mode in ("floor", "all-in-one", "mesh"):
+        for c in (1, 2):
+            assert f"| small | digits-serial | {mode} | {c} |" in markdown
+
+
+def test_hops_follow_the_graphs() -> None:
+    spec = load_spec(DEFAULT_GRAPHS)
+    assert analysis.hops_of(spec.graphs["digits-serial"]) == {"extra_calls": 3, "sequential": 3}
+    assert analysis.hops_of(spec.graphs["digits-parallel"]) == {"extra_calls": 3, "sequential": 2}
+
+
+def test_profile_summary_counts_self_and_total() -> None:
+    stacks = parse_collapsed(
+        [
+            "main (a.py:1);Engine.run (orchestrator/engine.py:10);infer (services/common/client.py:5) 3\n",
+            "main (a.py:1);send (services/common/client.py:9);sendmsg (libc.so.6) 2\n",
+            "main (a.py:1);Engine.run (orchestrator/engine.py:12) 1\n",
+            "garbage line\n",
+        ]
+    )
+    summary = summarize(stacks)
+    assert summary["samples"] == 6
+    assert summary["self"][0] == {"name": "infer (services/common/client.py)", "samples": 3, "percent": 50.0}
+    assert {"name": "Engine.run (orchestrator/engine.py)", "samples": 4, "percent": 400 / 6} in summary[
+        "total"
+    ]
+    areas = {a["name"]: a["samples"] for a in summary["areas"]}
+    assert areas == {
+        "ours: OIP client (services/common/client.py)": 3,
+        "system calls: socket send / recv / write": 2,
+        "ours: engine (orchestrator/engine.py)": 1,
+    }
+    # A native leaf is charged to the Python function that called into it.
+    assert {"name": "send (services/common/client.py)", "samples": 2, "percent": 200 / 6} in summary["python"]
+
+
+def test_procstat_sees_this_process_work() -> None:
+    before = procstat.snapshot({"me": os.getpid()})
+    sum(i * i for i in range(300_000))
+    after = procstat.snapshot({"me": os.getpid()})
+    used = procstat.usage(before, after)
+    assert used.seconds["me"] >= 0 and 0 <= used.machine_busy <= 1
+    assert procstat.process_cpu_seconds(2**22 + 12345) == 0.0  # no such process
