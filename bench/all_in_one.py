@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.models import DEFAULT_DIRS, local_repositories, model_dirs
-from orchestrator.coalescing import CoalescingStage
+from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
 from orchestrator.spec import MeshSpec, SignatureKey, SpecError, load_spec, validate_against_signatures
 from orchestrator.stage import Stage
@@ -42,8 +42,8 @@ from services.common.settings import ServerSettings, add_option, server_parser, 
 from services.common.types import InferResult, ModelSignature
 
 SERVICE = "all_in_one"
-#: The orchestrator's `--coalesce` default (orchestrator/__main__.py); the env var is shared too.
-COALESCE_IN_FLIGHT = 2
+#: The orchestrator's `--coalesce` default; the env var is shared too.
+COALESCE_IN_FLIGHT = DEFAULT_IN_FLIGHT
 DEFAULT_GRAPHS = Path(__file__).resolve().parent.parent / "orchestrator" / "graphs.yaml"
 log = logging.getLogger(SERVICE)
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestrator.coalescing import DEFAULT_IN_FLIGHT
 from orchestrator.service import Orchestrator
 from orchestrator.spec import SpecError
 from services.common.logs import configure_logging
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser,
         "coalesce",
         int,
-        2,
+        DEFAULT_IN_FLIGHT,
         "calls per step in flight before concurrent requests are stacked into one downstream call (0 = off)",
     )
     args = parser.parse_args(argv)

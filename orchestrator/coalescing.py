@@ -32,6 +32,9 @@ from services.common.types import InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
 
+#: Calls of one step in flight before further ones wait to leave stacked (`--coalesce`).
+DEFAULT_IN_FLIGHT = 2
+
 #: Calls may share a downstream call only if all of this matches.
 CallKey = tuple[str, str, tuple[str, ...], tuple[tuple[str, np.dtype, tuple[int, ...]], ...]]
 
@@ -60,7 +63,7 @@ class _Lane:
 class CoalescingStage:
     """A Stage that stacks concurrent calls with the same key into one call of `inner`."""
 
-    def __init__(self, inner: Stage, *, max_in_flight: int = 2, max_rows: int = 64) -> None:
+    def __init__(self, inner: Stage, *, max_in_flight: int = DEFAULT_IN_FLIGHT, max_rows: int = 64) -> None:
         if max_in_flight < 1 or max_rows < 1:
             raise ValueError("max_in_flight and max_rows must be at least 1")
         self.inner = inner

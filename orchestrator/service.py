@@ -17,10 +17,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from orchestrator.coalescing import CoalescingStage
+from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
 from orchestrator.grpc_stage import GrpcStage, busy_time, downstream_spans
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
@@ -137,7 +138,7 @@ class Orchestrator:
         metrics: ServerMetrics,
         *,
         reload_interval: float = 2.0,
-        coalesce_in_flight: int = 2,
+        coalesce_in_flight: int = DEFAULT_IN_FLIGHT,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         """`coalesce_in_flight`: downstream calls per step that may run at once before further
@@ -150,6 +151,7 @@ class Orchestrator:
         self.coalesce_in_flight = coalesce_in_flight
         self.clients: dict[str, OipClient] = {}
         self._stages: dict[tuple[str, str], Stage] = {}
+        self._step_series: dict[tuple[str, ...], Any] = {}
         self.current: Loaded | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -269,7 +271,11 @@ class Orchestrator:
     def _on_step(
         self, graph: str, step: str, service: str, model: str, version: str, status: str, seconds: float
     ) -> None:
-        self.metrics.steps.labels(graph, step, service, model, version, status).observe(seconds)
+        key = (graph, step, service, model, version, status)
+        child = self._step_series.get(key)
+        if child is None:  # labels() costs a lock and a lookup: once per series, not per call
+            child = self._step_series[key] = self.metrics.steps.labels(*key)
+        child.observe(seconds)
 
     def _on_mirror(self, graph: str, step: str, agree: bool, max_abs_diff: float) -> None:
         self.metrics.mirror.labels(graph, step, str(agree).lower()).inc()

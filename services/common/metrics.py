@@ -5,6 +5,8 @@ The exposition itself is prometheus_client's; this module only names the series.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (
@@ -47,9 +49,19 @@ class ServerMetrics:
         self.inflight = Gauge(
             "onnxmesh_inflight_requests", "ModelInfer calls in progress.", registry=self.registry
         )
+        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.ready = Gauge(
             "onnxmesh_ready", "1 when every model of this node is loaded and warm.", registry=self.registry
         )
+
+    def observe_request(self, model: str, version: str, code: str, seconds: float) -> None:
+        """Count one ModelInfer call (label children are looked up once per series)."""
+        key = (model, version, code)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (self.requests.labels(*key), self.latency.labels(model))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on host:port (a daemon thread); returns the bound port."""

@@ -9,8 +9,8 @@ and a fixed message, so internals never leak to clients.
 from __future__ import annotations
 
 import logging
+import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -43,7 +43,7 @@ def _request_id(request: object, context: grpc.aio.ServicerContext) -> str:
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_HEADER:
                 return str(value)
-    return request_id or uuid.uuid4().hex[:16]
+    return request_id or f"{random.getrandbits(64):016x}"
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -148,11 +148,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         started = time.perf_counter()
-        model, version, code = request.model_name, request.model_version, "OK"
+        # Series are labelled by served models only: unknown names must not grow the registry.
+        model, version, code = "unknown", "", "OK"
         self.metrics.inflight.inc()
         try:
-            servable = self.repository.get(model, version)
-            version = servable.version
+            servable = self.repository.get(request.model_name, request.model_version)
+            model, version = servable.name, servable.version
             if self.is_draining():
                 raise Unavailable(f"server is shutting down; retry on another replica of '{model}'")
             if not servable.loaded:
@@ -191,5 +192,4 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             raise
         finally:
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(model, version, code).inc()
-            self.metrics.latency.labels(model).observe(time.perf_counter() - started)
+            self.metrics.observe_request(model, version, code, time.perf_counter() - started)
