@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -33,6 +40,8 @@ class ServerMetrics:
     def __init__(self, service: str) -> None:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_cpu_seconds_total and friends: the node's whole CPU, beside its own-time metrics.
+        ProcessCollector(registry=self.registry)
         self.requests = Counter(
             "onnxmesh_requests",
             "ModelInfer calls by model, version and gRPC status code.",
