@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.models import DEFAULT_DIRS, local_repositories, model_dirs
+from bench.models import DEFAULT_DIRS, local_repositories, model_dirs, service_dir
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
+from orchestrator.service import Graph
 from orchestrator.spec import MeshSpec, SignatureKey, SpecError, load_spec, validate_against_signatures
 from orchestrator.stage import Stage
 from services.common.errors import MeshError, NotFound, Unavailable
@@ -89,29 +90,6 @@ class InProcessStage:
             return False
 
 
-class EngineGraph(Servable):
-    """One graph of the spec served as an OIP model, run by an in-process `Engine`."""
-
-    def __init__(self, name: str, signature: ModelSignature, engine: Engine) -> None:
-        self.name = name
-        self.version = "1"
-        self.signature = signature
-        self.engine = engine
-
-    @property
-    def ready(self) -> bool:
-        return True  # it exists only once every model it calls is loaded
-
-    async def infer(self, request: InferRequest) -> InferResult:
-        result = await self.engine.run(
-            self.name, request.inputs, deadline=request.deadline, request_id=request.request_id
-        )
-        if request.outputs:
-            result.outputs = {name: result.outputs[name] for name in request.outputs}
-        result.model_name, result.model_version = self.name, self.version
-        return result
-
-
 class AllInOne:
     """Loads every service's models, checks the spec against them, then serves models and graphs."""
 
@@ -155,7 +133,8 @@ class AllInOne:
             signatures[key] = await stages[service].metadata(model, version)
         graph_signatures = validate_against_signatures(self.spec, signatures)
         self.engine = Engine(self.spec, stages)
-        graphs = [EngineGraph(name, sig, self.engine) for name, sig in graph_signatures.items()]
+        # The orchestrator's own graph servable: only the network hops differ from the mesh.
+        graphs = [Graph(name, sig, self.engine) for name, sig in graph_signatures.items()]
         self.served.replace([*models, *graphs])
         log.info("graphs active", extra={"graphs": sorted(graph_signatures)})
 
@@ -171,13 +150,6 @@ class AllInOne:
             await self.engine.aclose()
 
 
-def _service_dir(text: str) -> tuple[str, Path]:
-    name, _, value = text.partition("=")
-    if not name or not value:
-        raise argparse.ArgumentTypeError("expected SERVICE=PATH, e.g. model_a=/tmp/large-models")
-    return name, Path(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = server_parser(SERVICE, port=8000, model_dir=None, description=__doc__.splitlines()[0])
     add_option(parser, "graphs", Path, DEFAULT_GRAPHS, "graph spec (YAML) whose services run in-process")
@@ -191,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--service-dir",
-        type=_service_dir,
+        type=service_dir,
         action="append",
         default=[],
         metavar="SERVICE=PATH",

@@ -29,7 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from bench.measure import MEASURED, MEASURING, Samples, Window, describe, emit, summarize
-from bench.models import HOLDOUT, features_of, load_holdout, load_models_sync, local_repositories, model_dirs
+from bench.models import (
+    HOLDOUT,
+    features_of,
+    load_holdout,
+    load_models_sync,
+    local_repositories,
+    model_dirs,
+    service_dir,
+)
 from services.common.model import Model
 from services.common.settings import ServerSettings
 
@@ -126,13 +134,6 @@ class Floor:
         return samples, Window(start, end, cpu_end - cpu_start)
 
 
-def _service_dir(text: str) -> tuple[str, Path]:
-    name, _, value = text.partition("=")
-    if not name or not value:
-        raise argparse.ArgumentTypeError("expected SERVICE=PATH, e.g. model_a=/tmp/large-models")
-    return name, Path(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
     parser.add_argument("--graph", choices=GRAPHS, default="digits-serial")
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--holdout", type=Path, default=HOLDOUT, help="held-out digits (.npz)")
     parser.add_argument(
         "--service-dir",
-        type=_service_dir,
+        type=service_dir,
         action="append",
         default=[],
         metavar="SERVICE=PATH",

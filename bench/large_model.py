@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -37,13 +36,12 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 from bench.models import DEFAULT_DIRS, Holdout, features_of
+from scripts.train_digits import logreg_to_onnx, mlp_to_onnx
 
 #: Hidden layers of the large MLP; the last one is the embedding and must stay 32 wide (digits-head).
 DEFAULT_HIDDEN = (3072, 3072, 3072, 32)
 DEFAULT_EPOCHS = 2
 EMBEDDING = 32
-IR_VERSION = 10
-OPSET = 17
 #: What scripts/train_digits.py split with; the held-out part must equal data/digits-holdout.npz.
 SPLIT_SEED = 0
 TEST_SIZE = 0.2
@@ -89,66 +87,6 @@ def train_split(holdout: Holdout) -> tuple[np.ndarray, np.ndarray]:
         # Training on the images the benchmark sends would make the label check meaningless.
         raise RuntimeError("the held-out file no longer matches the training split; rerun `make models`")
     return train_x, train_y
-
-
-def _dense(
-    prefix: str, x: str, out: str, weight: np.ndarray, bias: np.ndarray
-) -> tuple[list[Any], list[Any]]:
-    nodes = [
-        helper.make_node("MatMul", [x, f"{prefix}_W"], [f"{prefix}_xw"], name=f"{prefix}_matmul"),
-        helper.make_node("Add", [f"{prefix}_xw", f"{prefix}_b"], [out], name=f"{prefix}_add"),
-    ]
-    inits = [
-        numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), f"{prefix}_W"),
-        numpy_helper.from_array(np.ascontiguousarray(bias, dtype=np.float32), f"{prefix}_b"),
-    ]
-    return nodes, inits
-
-
-def _model(
-    nodes: list[Any], inits: list[Any], name: str, inputs: list[Any], outputs: list[Any]
-) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, name, inputs=inputs, outputs=outputs, initializer=inits)
-    model = helper.make_model(
-        graph, producer_name="onnxmesh-bench", opset_imports=[helper.make_opsetid("", OPSET)]
-    )
-    model.ir_version = IR_VERSION  # the newest onnx writes an IR the pinned onnxruntime may reject
-    onnx.checker.check_model(model)
-    return model
-
-
-def _tensor(name: str, width: int) -> Any:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", width])
-
-
-def mlp_to_onnx(mlp: MLPClassifier) -> onnx.ModelProto:
-    """features -> [MatMul, Add, Relu] per hidden layer (the last is `embedding`) -> Softmax."""
-    nodes: list[Any] = []
-    inits: list[Any] = []
-    x = "features"
-    hidden = list(zip(mlp.coefs_[:-1], mlp.intercepts_[:-1], strict=True))
-    for i, (weight, bias) in enumerate(hidden):
-        out = "embedding" if i == len(hidden) - 1 else f"hidden{i}"
-        dense, params = _dense(f"hidden{i}", x, f"hidden{i}_pre", weight, bias)
-        nodes += [*dense, helper.make_node("Relu", [f"hidden{i}_pre"], [out], name=f"hidden{i}_relu")]
-        inits += params
-        x = out
-    dense, params = _dense("output", x, "logits", mlp.coefs_[-1], mlp.intercepts_[-1])
-    nodes += [*dense, helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1, name="softmax")]
-    inits += params
-    outputs = [_tensor("probabilities", 10), _tensor("embedding", EMBEDDING)]
-    return _model(nodes, inits, "digits-mlp", [_tensor("features", 64)], outputs)
-
-
-def head_to_onnx(head: LogisticRegression) -> onnx.ModelProto:
-    """embedding -> MatMul + Add -> Softmax, as digits-head."""
-    nodes, inits = _dense(
-        "linear", "embedding", "logits", np.asarray(head.coef_).T, np.asarray(head.intercept_)
-    )
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1, name="softmax"))
-    return _model(
-        nodes, inits, "digits-head", [_tensor("embedding", EMBEDDING)], [_tensor("probabilities", 10)]
-    )
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -203,7 +141,9 @@ def build_large_model(
     embedding = session(mlp_path).run(["embedding"], {"features": train_x})[0]
     head = LogisticRegression(max_iter=2000, random_state=SPLIT_SEED).fit(embedding, labels)
     _write(
-        out / "model_b" / "digits-head", head_to_onnx(head), {"description": "Head on the large embedding."}
+        out / "model_b" / "digits-head",
+        logreg_to_onnx(head, "embedding", "digits-head", "Head on the large embedding."),
+        {"description": "Head on the large embedding."},
     )
     shutil.copytree(DEFAULT_DIRS["model_b"] / "digits-logreg", out / "model_b" / "digits-logreg")
     train_seconds = time.perf_counter() - started

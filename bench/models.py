@@ -7,6 +7,7 @@ and without batching, so the three modes run exactly the same model code.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -42,6 +43,14 @@ def load_holdout(path: Path = HOLDOUT) -> Holdout:
     """The held-out split written by scripts/train_digits.py."""
     with np.load(path) as data:
         return Holdout(np.asarray(data["images"], dtype=np.uint8), np.asarray(data["labels"], dtype=np.int64))
+
+
+def service_dir(text: str) -> tuple[str, Path]:
+    """`--service-dir SERVICE=PATH`, as the floor and the all-in-one server take it."""
+    name, _, value = text.partition("=")
+    if not name or not value:
+        raise argparse.ArgumentTypeError("expected SERVICE=PATH, e.g. model_a=/tmp/large-models")
+    return name, Path(value)
 
 
 def model_dirs(overrides: Mapping[str, Path] | None = None) -> dict[str, Path]:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator.grpc_stage import waiting_on_step
 from orchestrator.stage import Stage
 from services.common.errors import DeadlineExceeded, MeshError
 from services.common.types import InferResult, ModelSignature
@@ -87,19 +86,6 @@ class CoalescingStage:
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str],
         *,
-        timeout: float,
-        request_id: str,
-    ) -> InferResult:
-        # Time spent queued here is time waiting on the step, not the orchestrator's own work.
-        with waiting_on_step():
-            return await self._infer(model, version, inputs, outputs, timeout, request_id)
-
-    async def _infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
         timeout: float,
         request_id: str,
     ) -> InferResult:

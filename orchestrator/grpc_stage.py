@@ -1,14 +1,15 @@
-"""The real Stage: one downstream service reached over OIP gRPC on a long-lived channel."""
+"""The real Stage: one downstream service over OIP gRPC on a long-lived channel; and the
+wrapper that times it for the orchestrator's overhead metric."""
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from orchestrator.stage import Stage
 from services.common.client import OipClient
 from services.common.errors import MeshError
 from services.common.types import InferResult, ModelSignature
@@ -18,18 +19,6 @@ from services.common.types import InferResult, ModelSignature
 downstream_spans: contextvars.ContextVar[list[tuple[float, float]] | None] = contextvars.ContextVar(
     "downstream_spans", default=None
 )
-
-
-@contextlib.contextmanager
-def waiting_on_step() -> Iterator[None]:
-    """Count the enclosed time as waiting on a downstream step for the current request."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        spans = downstream_spans.get()
-        if spans is not None:
-            spans.append((started, time.perf_counter()))
 
 
 class GrpcStage:
@@ -49,10 +38,9 @@ class GrpcStage:
         timeout: float,
         request_id: str,
     ) -> InferResult:
-        with waiting_on_step():
-            return await self.client.infer(
-                model, inputs, outputs, version=version, timeout=timeout, request_id=request_id
-            )
+        return await self.client.infer(
+            model, inputs, outputs, version=version, timeout=timeout, request_id=request_id
+        )
 
     async def metadata(self, model: str, version: str) -> ModelSignature:
         return await self.client.metadata(model, version)
@@ -62,6 +50,41 @@ class GrpcStage:
             return await self.client.model_ready(model, version, timeout=2.0)
         except MeshError:
             return False
+
+
+class TimedStage:
+    """The outermost wrapper of a service's stage: records, for the current request, when it
+    waited on the step (queued for coalescing included), so the orchestrator can tell its own
+    time from the steps'."""
+
+    def __init__(self, inner: Stage) -> None:
+        self.inner = inner
+
+    async def infer(
+        self,
+        model: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        timeout: float,
+        request_id: str,
+    ) -> InferResult:
+        started = time.perf_counter()
+        try:
+            return await self.inner.infer(
+                model, version, inputs, outputs, timeout=timeout, request_id=request_id
+            )
+        finally:
+            spans = downstream_spans.get()
+            if spans is not None:
+                spans.append((started, time.perf_counter()))
+
+    async def metadata(self, model: str, version: str) -> ModelSignature:
+        return await self.inner.metadata(model, version)
+
+    async def ready(self, model: str, version: str) -> bool:
+        return await self.inner.ready(model, version)
 
 
 def busy_time(spans: Sequence[tuple[float, float]]) -> float:

@@ -42,9 +42,6 @@ class TrafficReport:
     versions: list[tuple[float, str]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def share(self, version: str) -> float:
-        return sum(v == version for _, v in self.versions) / max(1, len(self.versions))
-
     def mixed_seconds(self, old: str, new: str) -> float:
         """From the first answer of `new` to the last answer of `old` (0 if they never overlap)."""
         first_new = min((t for t, v in self.versions if v == new), default=None)

@@ -10,11 +10,12 @@ served as a model. The spec file is watched: a valid new spec replaces the old o
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ from prometheus_client import Counter, Histogram
 
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
-from orchestrator.grpc_stage import GrpcStage, busy_time, downstream_spans
+from orchestrator.grpc_stage import GrpcStage, TimedStage, busy_time, downstream_spans
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stage import Stage
 from services.common.client import OipClient
-from services.common.errors import MeshError, Unavailable
+from services.common.errors import MeshError
 from services.common.metrics import LATENCY_BUCKETS, ServerMetrics
 from services.common.model import InferRequest, Servable
 from services.common.repository import ModelRepository
@@ -78,43 +79,59 @@ class OrchestratorMetrics:
 
 
 class Graph(Servable):
-    """One graph of the spec, served as an OIP model."""
+    """One graph of a spec, served as an OIP model by the engine of its spec generation.
 
-    def __init__(self, name: str, signature: ModelSignature, app: Orchestrator) -> None:
+    In-flight requests finish on the engine they started with, whatever a reload does meanwhile.
+    `ready` tells whether every hard step is ready; `overhead` (a histogram series) receives the
+    node's own time per request, measured from the spans TimedStage records.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        signature: ModelSignature,
+        engine: Engine,
+        *,
+        ready: Callable[[], bool] = lambda: True,
+        overhead: Any = None,
+    ) -> None:
         self.name = name
         self.version = "1"
         self.signature = signature
-        self.app = app
+        self.engine = engine
+        self._ready = ready
+        self._overhead = overhead
 
     @property
     def ready(self) -> bool:
-        return self.app.graph_ready(self.name)
+        return self._ready()
 
     @property
     def loaded(self) -> bool:
         # Requests still run when a step is down: soft steps degrade, hard ones fail naming the step.
-        return self.app.engine is not None
+        return True
 
     async def infer(self, request: InferRequest) -> InferResult:
-        engine = self.app.engine
-        if engine is None:
-            raise Unavailable("the orchestrator is still starting")
-        spans: list[tuple[float, float]] = []
-        token = downstream_spans.set(spans)
-        started = time.perf_counter()
-        try:
-            result = await engine.run(
-                self.name, request.inputs, deadline=request.deadline, request_id=request.request_id
-            )
-        finally:
-            downstream_spans.reset(token)
-            self.app.metrics.overhead.labels(self.name).observe(
-                max(0.0, time.perf_counter() - started - busy_time(spans))
-            )
+        if self._overhead is None:
+            result = await self._run(request)
+        else:
+            spans: list[tuple[float, float]] = []
+            token = downstream_spans.set(spans)
+            started = time.perf_counter()
+            try:
+                result = await self._run(request)
+            finally:
+                downstream_spans.reset(token)
+                self._overhead.observe(max(0.0, time.perf_counter() - started - busy_time(spans)))
         if request.outputs:
             result.outputs = {name: result.outputs[name] for name in request.outputs}
         result.model_name, result.model_version = self.name, self.version
         return result
+
+    async def _run(self, request: InferRequest) -> InferResult:
+        return await self.engine.run(
+            self.name, request.inputs, deadline=request.deadline, request_id=request.request_id
+        )
 
 
 @dataclass
@@ -159,10 +176,6 @@ class Orchestrator:
         self.pending_spec = parse_spec(text)  # a bad spec fails here, before anything starts
         self.pending_digest = hashlib.sha256(text.encode()).hexdigest()
 
-    @property
-    def engine(self) -> Engine | None:
-        return None if self.current is None else self.current.engine
-
     def graph_ready(self, graph: str) -> bool:
         if self.current is None:
             return False
@@ -179,7 +192,7 @@ class Orchestrator:
                 stage = GrpcStage(service, self.clients[address])
                 if self.coalesce_in_flight > 0:
                     stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight)
-                self._stages[(service, address)] = stage
+                stage = self._stages[(service, address)] = TimedStage(stage)
             stages[service] = stage
         return stages
 
@@ -192,7 +205,16 @@ class Orchestrator:
         graph_signatures = validate_against_signatures(spec, signatures)
         stages = self.stages(spec)
         engine = Engine(spec, stages, on_step=self._on_step, on_mirror=self._on_mirror)
-        graphs = [Graph(name, sig, self) for name, sig in graph_signatures.items()]
+        graphs = [
+            Graph(
+                name,
+                sig,
+                engine,
+                ready=functools.partial(self.graph_ready, name),
+                overhead=self.metrics.overhead.labels(name),
+            )
+            for name, sig in graph_signatures.items()
+        ]
         return Loaded(spec, digest, engine, graphs, {g: spec.hard_model_keys(g) for g in spec.graphs})
 
     async def load(self) -> None:
@@ -263,6 +285,8 @@ class Orchestrator:
         return True
 
     async def close(self) -> None:
+        if self.current is not None:
+            await self.current.engine.aclose()  # shadows still running have no one to report to
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

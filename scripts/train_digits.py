@@ -195,10 +195,11 @@ def mlp_to_onnx(mlp: MLPClassifier) -> onnx.ModelProto:
         nodes,
         "digits-mlp",
         inputs=[_tensor("features", N_FEATURES)],
-        outputs=[_tensor("probabilities", N_CLASSES), _tensor("embedding", HIDDEN_LAYERS[-1])],
+        outputs=[_tensor("probabilities", N_CLASSES), _tensor("embedding", weights[-2].shape[1])],
         initializer=inits,
     )
-    return _finish(graph, f"Digits MLP {HIDDEN_LAYERS}, ReLU, softmax output; embedding = last hidden layer.")
+    layers = tuple(w.shape[1] for w in weights[:-1])
+    return _finish(graph, f"Digits MLP {layers}, ReLU, softmax output; embedding = last hidden layer.")
 
 
 def logreg_to_onnx(logreg: LogisticRegression, input_name: str, name: str, doc: str) -> onnx.ModelProto:

@@ -9,7 +9,6 @@ one codec serve every node.
 from __future__ import annotations
 
 import asyncio
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -30,9 +29,6 @@ class InferRequest:
     request_id: str = ""
     #: Absolute `time.monotonic()` time the caller stops waiting; None = no deadline.
     deadline: float | None = None
-
-    def time_remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
 
 
 class Servable(ABC):
@@ -72,7 +68,7 @@ def validate_against(
     outputs: Sequence[str],
 ) -> None:
     """InvalidInput naming the tensor, what was expected and what came, for the first problem found."""
-    expected = {spec.name: spec for spec in signature.inputs}
+    expected = signature.inputs_by_name
     missing = [name for name in expected if name not in inputs]
     extra = [name for name in inputs if name not in expected]
     if extra:
@@ -94,7 +90,7 @@ def validate_against(
                 f"model '{model}': input '{name}' has shape {list(shape)}, expected {list(spec.shape)} "
                 "(-1 = any size)"
             )
-    known = {spec.name for spec in signature.outputs}
+    known = signature.outputs_by_name
     for name in outputs:
         if name not in known:
             raise InvalidInput(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -632,7 +633,7 @@ def with_model(name: str, **changes: Any) -> dict[tuple[str, str, str], ModelSig
     signatures = digits_signatures()
     for key, sig in signatures.items():
         if key[1] == name:
-            signatures[key] = ModelSignature(**{**sig.__dict__, **changes})
+            signatures[key] = dataclasses.replace(sig, **changes)
     return signatures
 
 
