@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.model_service import build_repository
@@ -88,3 +90,15 @@ def serving(repository: ModelRepository) -> Iterator[ServerThread]:
 def stub(address: str) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(address) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def metric_total(port: int, sample: str, **labels: str) -> float:
+    """The sum of a sample's values on a node's /metrics, over series carrying ``labels``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )

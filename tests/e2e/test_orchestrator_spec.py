@@ -16,7 +16,7 @@ import yaml
 from orchestrator.mesh import EPHEMERAL_PORTS, LocalMesh
 from services.common.client import OipClient
 from services.common.errors import NotFound
-from tests.support import ROOT
+from tests.support import ROOT, metric_total
 
 SPEC = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
 IMAGE = np.load(ROOT / "data/digits-holdout.npz")["images"][:1]
@@ -84,7 +84,9 @@ def reloading_mesh(tmp_path: Path) -> Iterator[tuple[LocalMesh, Path]]:
     path = tmp_path / "graphs.yaml"
     path.write_text(yaml.safe_dump(SPEC))
     with LocalMesh(
-        ports=EPHEMERAL_PORTS, graphs=path, extra_args={"orchestrator": ["--reload-interval", "0.2"]}
+        ports=EPHEMERAL_PORTS,
+        graphs=path,
+        extra_args={"orchestrator": ["--reload-interval", "0.2", "--metrics-port", "0"]},
     ) as mesh:
         yield mesh, path
 
@@ -127,6 +129,8 @@ def test_hot_reload_applies_a_good_spec_and_keeps_the_old_one_on_a_bad_one(
     broken = dict(renamed)
     broken["graphs"] = {"bad": {"steps": [{"name": "x", "service": "nowhere", "model": "m"}]}}
     path.write_text(yaml.safe_dump(broken))
-    time.sleep(1.0)  # several reload intervals: the bad spec is seen and rejected
+    port = mesh.process("orchestrator").metrics_port
+    assert port is not None
+    assert wait_until(lambda: metric_total(port, "onnxmesh_spec_reloads_total", result="rejected") >= 1)
     assert call(address, "digits-serial-v2") == "digits-serial-v2"
     assert call(address, "digits-parallel") == "digits-parallel"
