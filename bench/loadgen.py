@@ -102,7 +102,7 @@ class LoadGenerator:
             try:
                 result = await infer(requests[index], timeout=timeout)
             except MeshError as err:
-                samples.error(perf(), err.code.name)
+                samples.error(perf(), err.code)
                 await asyncio.sleep(ERROR_PAUSE_S)
                 continue
             ended = perf()

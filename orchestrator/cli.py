@@ -85,8 +85,8 @@ def unreachable(err: MeshError, *, connecting: bool = False) -> bool:
 def explain(target: str, err: MeshError, *, connecting: bool = False) -> str:
     """One line for a failed call; an unreachable target gets the 'is the mesh running?' hint."""
     if unreachable(err, connecting=connecting):
-        return f"cannot reach {target} ({err.code.name}): {MESH_HINT}"
-    return f"{target}: {err.code.name}: {err.message}"
+        return f"cannot reach {target} ({err.code}): {MESH_HINT}"
+    return f"{target}: {err.code}: {err.message}"
 
 
 # -- images --------------------------------------------------------------------------------------------
@@ -366,7 +366,7 @@ async def _models(args: argparse.Namespace) -> int:
                 found.add(name)
                 print("  " + describe_signature(answer).replace("\n", "\n  "))
             elif args.model and len(targets) == 1:  # asked for by name: say why it is missing
-                print(f"  {name}: not served ({answer.code.name}: {answer.message})")
+                print(f"  {name}: not served ({answer.code}: {answer.message})")
         if not args.model:
             served = sum(isinstance(a, ModelSignature) for a in answers.values())
             print(f"  ({served} of {len(names)} known names answered; OIP has no call that lists models)")
@@ -386,8 +386,8 @@ async def _health(args: argparse.Namespace) -> int:
                 return await client.health(args.service, timeout=args.timeout)
             except MeshError as err:
                 if unreachable(err, connecting=True):
-                    return f"UNREACHABLE ({err.code.name})"
-                return f"{err.code.name}: {err.message}"
+                    return f"UNREACHABLE ({err.code})"
+                return f"{err.code}: {err.message}"
 
     statuses = await asyncio.gather(*(check(target) for target in targets.values()))
     for label, status in zip(targets, statuses, strict=True):

@@ -171,7 +171,7 @@ class CoalescingStage:
                 request_id=request_id,
             )
         except MeshError as err:
-            if err.code.name in _SHARED_FAILURES:
+            if err.code in _SHARED_FAILURES:
                 for call in live:
                     _settle(call, error=err)
                 return

@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 
 from orchestrator.aggregators import AGGREGATORS
@@ -51,7 +50,7 @@ from orchestrator.spec import (
     storage_name,
 )
 from orchestrator.stage import Stage
-from services.common.errors import DeadlineExceeded, InvalidInput, MeshError, NotFound
+from services.common.errors import DeadlineExceeded, InvalidInput, MeshError, NotFound, Unavailable
 from services.common.types import InferResult, TensorSpec, datatype_of
 
 logger = logging.getLogger(__name__)
@@ -666,15 +665,15 @@ class Engine:
             except TimeoutError:
                 raise _Failed(DeadlineExceeded(f"{node.label} {limit}"), f"timeout: {limit}") from None
             except MeshError as err:
-                if err.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                if isinstance(err, DeadlineExceeded):
                     status = f"timeout: {limit}: {_reason(err)}"
                     raise _Failed(err.with_prefix(f"{node.label} {limit}"), status) from err
                 after = f" (after {attempt} attempts)" if attempt > 1 else ""
                 failed = _Failed(
-                    err.with_prefix(f"{node.label}: {err.code.name}{after}"),
-                    f"error: {err.code.name} {_reason(err)}{after}",
+                    err.with_prefix(f"{node.label}: {err.code}{after}"),
+                    f"error: {err.code} {_reason(err)}{after}",
                 )
-                if err.code != grpc.StatusCode.UNAVAILABLE or attempt > step.retries:
+                if not isinstance(err, Unavailable) or attempt > step.retries:
                     raise failed from err
                 # Full jitter spreads the retries of concurrent requests apart.
                 delay = self._rng.uniform(0.0, min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1)))

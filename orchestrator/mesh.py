@@ -651,7 +651,7 @@ class LocalMesh:
                     try:
                         status = await client.health(timeout=min(_HEALTH_CALL_S, remaining))
                     except MeshError as err:
-                        status = f"{err.code.name}: {err.message}"
+                        status = f"{err.code}: {err.message}"
                     if status == "SERVING":
                         return
                 await asyncio.sleep(_POLL_S)

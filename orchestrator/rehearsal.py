@@ -109,7 +109,7 @@ class Traffic:
                         result = await client.infer(self.graph, {"image": image}, timeout=self.timeout)
                     except MeshError as err:
                         self.report.failed += 1
-                        self.report.errors[f"{err.code.name}: {err.message}"[:200]] += 1
+                        self.report.errors[f"{err.code}: {err.message}"[:200]] += 1
                         continue
                     version = next(
                         (str(result.parameters[k]) for k in self.version_keys if k in result.parameters), "?"

@@ -169,9 +169,9 @@ class OipClient:
 
     def error(self, err: grpc.aio.AioRpcError) -> MeshError:
         """The MeshError for a failed call, keeping the status code and the server's message."""
-        code, details = err.code(), err.details() or ""
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not details.strip():
+        code, details = err.code().name, err.details() or ""
+        if code == "DEADLINE_EXCEEDED" and not details.strip():
             return DeadlineExceeded(f"{self.target}: deadline exceeded")
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == "UNAVAILABLE":
             return from_status(code, f"{self.target} unavailable: {details}")
         return from_status(code, details)

@@ -7,19 +7,20 @@
     ├── DeadlineExceeded           DEADLINE_EXCEEDED the request's time budget ran out
     └── ResourceExhausted          RESOURCE_EXHAUSTED a queue is full; shed load rather than wait
 
-Code anywhere raises these; the transport edge (services.common.servicer) maps them to a status
-in one place. Any other exception becomes INTERNAL with a fixed message and is logged in full.
+Code anywhere raises these and tells them apart by class. ``code`` is the status *name*
+(``"UNAVAILABLE"``), not a grpc object, so nothing inside the mesh imports grpc: the transport
+edge (services.common.servicer, services.common.client) maps names to grpc status codes in one
+place. Any other exception becomes INTERNAL with a fixed message and is logged in full.
 """
 
 from __future__ import annotations
-
-import grpc
 
 
 class MeshError(Exception):
     """Base of every error onnxmesh raises on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: The gRPC status name the transport edge answers with.
+    code: str = "INTERNAL"
     #: True when the message is safe and useful to show the client.
     public: bool = False
 
@@ -36,37 +37,37 @@ class MeshError(Exception):
 
 
 class InvalidInput(MeshError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
     public = True
 
 
 class NotFound(MeshError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
     public = True
 
 
 class Unavailable(MeshError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
     public = True
 
 
 class DeadlineExceeded(MeshError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
     public = True
 
 
 class ResourceExhausted(MeshError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
     public = True
 
 
-_BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
+_BY_CODE: dict[str, type[MeshError]] = {
     cls.code: cls for cls in (InvalidInput, NotFound, Unavailable, DeadlineExceeded, ResourceExhausted)
 }
 
 
-def from_status(code: grpc.StatusCode, message: str) -> MeshError:
-    """The MeshError for a status a downstream service returned, keeping its code.
+def from_status(code: str, message: str) -> MeshError:
+    """The MeshError for a status (by name) a downstream service returned, keeping its code.
 
     Codes without a class of their own (e.g. FAILED_PRECONDITION) keep their code on a
     public MeshError so that the orchestrator passes the downstream code through unchanged.
@@ -76,5 +77,5 @@ def from_status(code: grpc.StatusCode, message: str) -> MeshError:
         return cls(message)
     err = MeshError(message)
     err.code = code
-    err.public = code != grpc.StatusCode.INTERNAL
+    err.public = code != "INTERNAL"
     return err

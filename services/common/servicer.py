@@ -29,7 +29,7 @@ from services.common.repository import ModelRepository
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
-_CLIENT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
+_CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND"})
 REQUEST_ID_HEADER = "x-request-id"
 
 Req = TypeVar("Req")
@@ -55,12 +55,12 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await method(self, request, context)
         except MeshError as err:
-            code, message = err.code, (err.message if err.public else INTERNAL_MESSAGE)
+            code, message = grpc.StatusCode[err.code], (err.message if err.public else INTERNAL_MESSAGE)
             if not err.public:
                 log.error("internal error in %s: %s", method.__name__, err.message)
             else:
                 # Client mistakes are routine (INFO); a peer down or a deadline is worth a look.
-                level = logging.INFO if code in _CLIENT_CODES else logging.WARNING
+                level = logging.INFO if err.code in _CLIENT_CODES else logging.WARNING
                 log.log(level, "%s failed", method.__name__, extra={"code": code.name, "error": err.message})
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
@@ -185,7 +185,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 response.raw_output_contents.append(raw)
             return response
         except MeshError as err:
-            code = err.code.name
+            code = err.code
             raise
         except Exception:
             code = "INTERNAL"

@@ -138,7 +138,7 @@ def test_bad_client_input_names_step_and_tensor(mesh: LocalMesh) -> None:
 def test_unknown_graph_is_not_found(mesh: LocalMesh) -> None:
     with pytest.raises(MeshError) as info:
         infer(mesh.address("orchestrator"), "digits-nope", HOLDOUT["images"][:1])
-    assert info.value.code.name == "NOT_FOUND" and "digits-parallel" in info.value.message
+    assert info.value.code == "NOT_FOUND" and "digits-parallel" in info.value.message
 
 
 @pytest.fixture

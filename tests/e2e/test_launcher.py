@@ -52,7 +52,7 @@ def _health(address: str) -> str:
             try:
                 return await client.health(timeout=2.0)
             except MeshError as err:
-                return err.code.name
+                return err.code
 
     return asyncio.run(check())
 

@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 import onnx
 import pytest
@@ -273,7 +272,7 @@ def test_a_bad_request_fails_alone_and_its_batch_mates_succeed(executor: ThreadP
 
     (result_a, error, result_b), after, ready = run(main())
     assert isinstance(error, InvalidInput)
-    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code == "INVALID_ARGUMENT"
     assert "sentinel" in error.message
     for x, result in ((good_a, result_a), (good_b, result_b), (good_a, after)):
         assert isinstance(result, InferResult), result
@@ -354,7 +353,7 @@ def test_a_full_queue_answers_resource_exhausted_at_once(executor: ThreadPoolExe
 
     refused, answered, after = run(main())
     assert isinstance(refused, ResourceExhausted)
-    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.code == "RESOURCE_EXHAUSTED"
     assert "queue is full" in refused.message and "max_queue_size 3" in refused.message
     for result in [*answered, after]:
         np.testing.assert_array_equal(result.outputs["double"], row * 2)

@@ -559,18 +559,17 @@ def test_hard_failure_raises_the_downstream_class_naming_the_step() -> None:
     with pytest.raises(ResourceExhausted) as info:
         run(default_engine(stages).run("digits-serial", {"image": IMAGES}, deadline=None))
     assert str(info.value) == "step 'head' (model_b/digits-head): RESOURCE_EXHAUSTED: too many requests"
-    assert info.value.code.name == "RESOURCE_EXHAUSTED"
+    assert info.value.code == "RESOURCE_EXHAUSTED"
 
 
 def test_codes_without_a_class_pass_through() -> None:
-    import grpc
 
     from services.common.errors import from_status
 
-    stage = FakeStage({"m": echo}).fail("m", from_status(grpc.StatusCode.FAILED_PRECONDITION, "not loaded"))
+    stage = FakeStage({"m": echo}).fail("m", from_status("FAILED_PRECONDITION", "not loaded"))
     with pytest.raises(MeshError) as info:
         go(engine_for(ONE, {"s": stage}))
-    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.code == "FAILED_PRECONDITION"
     assert info.value.public
     assert str(info.value) == "step 'a' (s/m): FAILED_PRECONDITION: not loaded"
 
