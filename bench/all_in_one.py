@@ -21,12 +21,9 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from bench.models import DEFAULT_DIRS, local_repositories, model_dirs, service_dir
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
@@ -36,11 +33,11 @@ from orchestrator.spec import MeshSpec, SignatureKey, SpecError, load_spec, vali
 from orchestrator.stage import Stage
 from services.common.errors import MeshError, NotFound, Unavailable
 from services.common.logs import configure_logging
-from services.common.model import InferRequest, Servable
+from services.common.model import Servable
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings, add_option, server_parser, settings_from_args
-from services.common.types import InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature
 
 SERVICE = "all_in_one"
 #: The orchestrator's `--coalesce` default; the env var is shared too.
@@ -56,23 +53,8 @@ class InProcessStage:
         self.service = service
         self.repository = repository
 
-    async def infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        *,
-        timeout: float,
-        request_id: str,
-    ) -> InferResult:
-        servable = self.repository.get(model, version)
-        request = InferRequest(
-            inputs=dict(inputs),
-            outputs=tuple(outputs),
-            request_id=request_id,
-            deadline=time.monotonic() + timeout,
-        )
+    async def call(self, request: InferRequest) -> InferResult:
+        servable = self.repository.get(request.model, request.version)
         result = await servable.infer(request)
         result.model_version = result.model_version or servable.version
         return result
@@ -83,7 +65,7 @@ class InProcessStage:
             raise Unavailable(f"{self.service}: model '{model}' is still loading")
         return servable.signature
 
-    async def ready(self, model: str, version: str) -> bool:
+    async def is_ready(self, model: str, version: str) -> bool:
         try:
             return self.repository.get(model, version).ready
         except NotFound:

@@ -9,7 +9,7 @@ sending them as one call with their rows stacked divides that cost by the batch 
 
 No timer: a call goes out at once while fewer than `max_in_flight` are running, so a lone
 request (concurrency 1) never waits. Each caller gets exactly its rows back and keeps its own
-timeout; when a coalesced call fails with anything but UNAVAILABLE or DEADLINE_EXCEEDED, each
+deadline; when a coalesced call fails with anything but UNAVAILABLE or DEADLINE_EXCEEDED, each
 caller is retried alone, so a bad request fails alone. Graph semantics are untouched: switches,
 ensembles and aggregations still see one request's rows at a time.
 """
@@ -20,14 +20,14 @@ import asyncio
 import contextvars
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from orchestrator.stage import Stage
-from services.common.errors import DeadlineExceeded, MeshError
-from services.common.types import InferResult, ModelSignature
+from services.common.errors import Cancelled, DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
+from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,13 @@ CallKey = tuple[str, str, tuple[str, ...], tuple[tuple[str, np.dtype, tuple[int,
 
 #: Failures that are about the downstream service, not about one request's rows: every caller
 #: gets them as they are (the engine decides whether to retry).
-_SHARED_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED")
+_SHARED_FAILURES = (Unavailable, DeadlineExceeded, ResourceExhausted, Cancelled)
 
 
 @dataclass(eq=False, slots=True)
 class _Call:
-    inputs: Mapping[str, np.ndarray]
+    request: InferRequest
     rows: int
-    timeout: float
-    request_id: str
     future: asyncio.Future[InferResult]
 
 
@@ -76,56 +74,40 @@ class CoalescingStage:
     async def metadata(self, model: str, version: str) -> ModelSignature:
         return await self.inner.metadata(model, version)
 
-    async def ready(self, model: str, version: str) -> bool:
-        return await self.inner.ready(model, version)
+    async def is_ready(self, model: str, version: str) -> bool:
+        return await self.inner.is_ready(model, version)
 
-    async def infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        *,
-        timeout: float,
-        request_id: str,
-    ) -> InferResult:
-        key = _key(model, version, inputs, outputs)
+    async def call(self, request: InferRequest) -> InferResult:
+        key = _key(request)
         if key is None:
-            return await self._send(model, version, inputs, outputs, timeout, request_id)
+            return await self._send(request)
         lane = self._lanes.setdefault(key, _Lane())
         if lane.running < self.max_in_flight and not lane.waiting:
             lane.running += 1
             try:
-                return await self._send(model, version, inputs, outputs, timeout, request_id)
+                return await self._send(request)
             finally:
                 self._finished(key, lane)
-        call = _Call(inputs, _rows(inputs), timeout, request_id, asyncio.get_running_loop().create_future())
+        call = _Call(request, _rows(request), asyncio.get_running_loop().create_future())
         lane.waiting.append(call)
+        left = None if request.deadline is None else request.deadline - time.monotonic()
         try:
-            # Each caller keeps its own budget, whatever the shared call is given.
-            async with asyncio.timeout(timeout):
+            # Each caller keeps its own deadline, whatever the shared call is given.
+            async with asyncio.timeout(left):
                 return await asyncio.shield(call.future)
         except TimeoutError:
             call.future.cancel()  # if it has not left yet, it never will
-            raise DeadlineExceeded(f"{model}: no answer within {timeout:.3f}s") from None
+            raise DeadlineExceeded(f"{request.model}: no answer within {left:.3f}s") from None
         except asyncio.CancelledError:
             call.future.cancel()  # the caller is gone: drop it from the next call
             if call in lane.waiting:
                 lane.waiting.remove(call)
             raise
 
-    async def _send(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        timeout: float,
-        request_id: str,
-    ) -> InferResult:
+    async def _send(self, request: InferRequest) -> InferResult:
         self.calls_sent += 1
         self.callers_served += 1
-        return await self.inner.infer(model, version, inputs, outputs, timeout=timeout, request_id=request_id)
+        return await self.inner.call(request)
 
     def _finished(self, key: CallKey, lane: _Lane) -> None:
         """A downstream call of `key` returned: send whoever waits, stacked, in its slot."""
@@ -138,8 +120,8 @@ class CoalescingStage:
                 batch.append(call)
                 rows += call.rows
             lane.running += 1
-            # A fresh context: the shared call belongs to no single request's accounting.
-            task = asyncio.create_task(self._send_stacked(key, batch), context=contextvars.Context())
+            # A fresh context: the shared call belongs to no single request (its log context included).
+            task = asyncio.create_task(self._send_stacked(batch), context=contextvars.Context())
             task.add_done_callback(functools.partial(self._stacked_done, key, lane))
         if not lane.running and not lane.waiting:
             self._lanes.pop(key, None)
@@ -149,34 +131,35 @@ class CoalescingStage:
             log.error("coalesced call of %s failed unexpectedly", key[0], exc_info=task.exception())
         self._finished(key, lane)
 
-    async def _send_stacked(self, key: CallKey, batch: list[_Call]) -> None:
-        model, version, outputs, _ = key
+    async def _send_stacked(self, batch: list[_Call]) -> None:
         live = [call for call in batch if not call.future.done()]
         if not live:
             return
         if len(live) == 1:
-            await self._answer_alone(key, live[0])
+            await self._answer_alone(live[0])
             return
-        names = list(live[0].inputs)
-        stacked = {name: np.concatenate([call.inputs[name] for call in live]) for name in names}
-        request_id = ",".join(call.request_id for call in live if call.request_id)[:256]
+        first = live[0].request
+        deadlines = [call.request.deadline for call in live]
+        stacked = InferRequest(
+            model=first.model,
+            inputs={
+                name: np.concatenate([call.request.inputs[name] for call in live]) for name in first.inputs
+            },
+            outputs=first.outputs,
+            version=first.version,
+            request_id=",".join(call.request.request_id for call in live if call.request.request_id)[:256],
+            deadline=None if None in deadlines else max(d for d in deadlines if d is not None),
+        )
         self.calls_sent += 1
         try:
-            result = await self.inner.infer(
-                model,
-                version,
-                stacked,
-                outputs,
-                timeout=max(call.timeout for call in live),
-                request_id=request_id,
-            )
-        except MeshError as err:
-            if err.code in _SHARED_FAILURES:
-                for call in live:
-                    _settle(call, error=err)
-                return
+            result = await self.inner.call(stacked)
+        except _SHARED_FAILURES as err:
+            for call in live:
+                _settle(call, error=err)
+            return
+        except MeshError:
             # One request's rows may have broken the call: answer each alone.
-            await asyncio.gather(*(self._answer_alone(key, call) for call in live))
+            await asyncio.gather(*(self._answer_alone(call) for call in live))
             return
         except BaseException as exc:
             for call in live:
@@ -186,7 +169,7 @@ class CoalescingStage:
             raise
         total = sum(call.rows for call in live)
         if any(array.ndim == 0 or array.shape[0] != total for array in result.outputs.values()):
-            await asyncio.gather(*(self._answer_alone(key, call) for call in live))
+            await asyncio.gather(*(self._answer_alone(call) for call in live))
             return
         self.callers_served += len(live)
         start = 0
@@ -199,10 +182,9 @@ class CoalescingStage:
             )
             start = stop
 
-    async def _answer_alone(self, key: CallKey, call: _Call) -> None:
-        model, version, outputs, _ = key
+    async def _answer_alone(self, call: _Call) -> None:
         try:
-            result = await self._send(model, version, call.inputs, outputs, call.timeout, call.request_id)
+            result = await self._send(call.request)
         except Exception as exc:
             _settle(call, error=exc)
         else:
@@ -219,18 +201,16 @@ def _settle(call: _Call, *, result: InferResult | None = None, error: BaseExcept
         call.future.set_result(result)
 
 
-def _rows(inputs: Mapping[str, np.ndarray]) -> int:
-    return int(next(iter(inputs.values())).shape[0])
+def _rows(request: InferRequest) -> int:
+    return int(next(iter(request.inputs.values())).shape[0])
 
 
-def _key(
-    model: str, version: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-) -> CallKey | None:
+def _key(request: InferRequest) -> CallKey | None:
     """The coalescing key, or None for calls that cannot be stacked (scalars, ragged, empty)."""
     layout = []
     rows = -1
-    for name in sorted(inputs):
-        array = inputs[name]
+    for name in sorted(request.inputs):
+        array = request.inputs[name]
         if array.ndim == 0 or array.dtype == np.object_:
             return None
         if rows == -1:
@@ -240,4 +220,4 @@ def _key(
         layout.append((name, array.dtype, tuple(array.shape[1:])))
     if rows <= 0:
         return None
-    return (model, version, tuple(outputs), tuple(layout))
+    return (request.model, request.version, request.outputs, tuple(layout))

@@ -51,7 +51,7 @@ from orchestrator.spec import (
 )
 from orchestrator.stage import Stage
 from services.common.errors import DeadlineExceeded, InvalidInput, MeshError, NotFound, Unavailable
-from services.common.types import InferResult, TensorSpec, datatype_of
+from services.common.types import InferRequest, InferResult, TensorSpec, datatype_of
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ RETRY_CAP = 0.5
 StepHook = Callable[[str, str, str, str, str, str, float], None]
 #: on_mirror(graph, mirror step, argmax agrees on every row, max abs difference)
 MirrorHook = Callable[[str, str, bool, float], None]
+#: on_request(graph, seconds): the engine's own time for one request, i.e. its duration minus the
+#: time at least one model step was in flight (queueing for coalescing included).
+RequestHook = Callable[[str, float], None]
 
 #: What ``parameters`` reports for the model steps of a mirror's shadow: the answer doesn't wait for
 #: them, their outcome goes to the on_step / on_mirror hooks.
@@ -146,11 +149,27 @@ def _reason(err: MeshError) -> str:
 # Per-request state
 
 
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What compiled steps may use of the engine, and nothing else of it."""
+
+    #: The time base of deadlines (seconds, monotonic).
+    clock: Callable[[], float]
+    #: Drives the splitter's choices.
+    rng: random.Random
+    #: One model step: its attempts, status, version and report.
+    call: Callable[[_ModelNode, _Run, Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+    #: Runs a coroutine in the background (a mirror's shadow), tied to the request.
+    spawn: Callable[[_Run, Coroutine[Any, Any, None]], asyncio.Task[None]]
+    #: Reports a shadow's comparison with the primary.
+    mirrored: Callable[[str, str, bool, float], None]
+
+
 class _Run:
     """The state of one request: produced tensors, failures, per-step statuses, shadow tasks."""
 
-    def __init__(self, engine: Engine, plan: _Plan, deadline: float, request_id: str) -> None:
-        self.engine = engine
+    def __init__(self, ctx: StepContext, plan: _Plan, deadline: float, request_id: str) -> None:
+        self.ctx = ctx
         self.graph = plan.name
         self.deadline = deadline
         self.request_id = request_id
@@ -159,6 +178,8 @@ class _Run:
         self.status: dict[str, str] = {}  # model step -> parameter value
         self.versions: dict[str, str] = {}  # model step -> version that answered
         self.shadows: set[asyncio.Task[None]] = set()
+        #: (start, end) of every model step, for the orchestrator's own-time metric.
+        self.spans: list[tuple[float, float]] = []
 
     def get(self, source: str, tensor: str) -> np.ndarray | None:
         outputs = self.values.get(source)
@@ -263,7 +284,7 @@ class _ModelNode(_Node):
                 )
                 raise run.missing(source, tensor, self.label)
             inputs[name] = array  # as produced: no copy
-        return await run.engine._call(self, run, inputs)
+        return await run.ctx.call(self, run, inputs)
 
 
 class _SequenceNode(_Node):
@@ -385,7 +406,7 @@ class _SplitterNode(_Node):
 
     async def execute(self, run: _Run) -> Mapping[str, np.ndarray]:
         # bisect_right never lands on a 0-weight branch: its cumulative equals its predecessor's.
-        chosen = bisect.bisect_right(self.cumulative, run.engine._rng.random() * self.total)
+        chosen = bisect.bisect_right(self.cumulative, run.ctx.rng.random() * self.total)
         cause = MeshError(f"splitter {self.name!r} chose another branch")
         for i, branch in enumerate(self.branches):
             if i != chosen:
@@ -404,7 +425,7 @@ class _MirrorNode(_Node):
 
     async def execute(self, run: _Run) -> None:
         primary_answer: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
-        shadow = run.engine._spawn_shadow(run, self._shadow(run, primary_answer))
+        shadow = run.ctx.spawn(run, self._shadow(run, primary_answer))
         try:
             await _run_node(self.primary, run)
         except BaseException:
@@ -416,7 +437,7 @@ class _MirrorNode(_Node):
     async def _shadow(self, run: _Run, primary_answer: Awaitable[np.ndarray | None]) -> None:
         try:
             # Bounded by the request's deadline even though nobody waits for it.
-            async with asyncio.timeout(max(0.0, run.deadline - run.engine._clock())):
+            async with asyncio.timeout(max(0.0, run.deadline - run.ctx.clock())):
                 await _run_node(self.shadow, run)
                 theirs = run.get(self.shadow_source, self.compare)
                 ours = await primary_answer
@@ -430,7 +451,7 @@ class _MirrorNode(_Node):
         except Exception:
             logger.exception("shadow of mirror %r in graph %r crashed", self.name, run.graph)
             return
-        run.engine._notify_mirror(run.graph, self.name, agree, diff)
+        run.ctx.mirrored(run.graph, self.name, agree, diff)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +550,8 @@ class Engine:
     ``stages`` maps every service name of the spec to its Stage. ``rng`` drives the splitter's
     choices and the retry jitter (inject a seeded one in tests). ``retry_budget`` is shared by all
     requests (default: ``RetryBudget()``). ``clock`` is the time base of deadlines (seconds,
-    monotonic). ``on_step`` and ``on_mirror`` are metric hooks; they must be quick and are called on
+    monotonic; ``InferRequest.deadline`` of every stage call is in it). ``on_step``, ``on_mirror``
+    and ``on_request`` are metric hooks; they must be quick and are called on
     the event loop (their exceptions are logged and ignored).
     """
 
@@ -543,6 +565,7 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         on_mirror: MirrorHook | None = None,
         on_step: StepHook | None = None,
+        on_request: RequestHook | None = None,
     ) -> None:
         missing = sorted({s.service for g in spec.graphs.values() for s in g.model_steps()} - set(stages))
         if missing:
@@ -553,6 +576,8 @@ class Engine:
         self._clock = clock
         self._on_mirror = on_mirror
         self._on_step = on_step
+        self._on_request = on_request
+        self._ctx = StepContext(clock, self._rng, self._call, self._spawn_shadow, self._notify_mirror)
         self._plans = {name: _compile(graph, stages) for name, graph in spec.graphs.items()}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -585,9 +610,8 @@ class Engine:
         if plan is None:
             raise NotFound(f"unknown graph {graph!r}; graphs: {', '.join(self._plans)}")
         plan.check_inputs(inputs)
-        if deadline is None:
-            deadline = self._clock() + plan.timeout
-        run = _Run(self, plan, deadline, request_id)
+        started = self._clock()
+        run = _Run(self._ctx, plan, started + plan.timeout if deadline is None else deadline, request_id)
         run.values[REQUEST] = inputs
         try:
             await _run_sequence(plan.root, run)
@@ -596,6 +620,9 @@ class Engine:
             # The request is over (failed or cancelled): shadows have nothing left to report to.
             await _cancel(run.shadows)
             raise
+        finally:
+            if self._on_request is not None:
+                self._notify_request(graph, self._clock() - started - busy_time(run.spans))
         return InferResult(outputs, model_name=graph, parameters=plan.parameters(run))
 
     async def drain(self) -> None:
@@ -616,7 +643,10 @@ class Engine:
         step = node.step
         started = self._clock()
         try:
-            result = await self._attempts(node, run, inputs)
+            try:
+                result = await self._attempts(node, run, inputs)
+            finally:
+                run.spans.append((started, self._clock()))
             missing = [t for t in node.requested if t not in result.outputs]
             if missing:
                 error = MeshError(f"{node.label} answered without the output(s) {', '.join(missing)}")
@@ -654,13 +684,15 @@ class Engine:
             try:
                 # The stage is asked to keep to `timeout` itself; this guard holds when it doesn't.
                 async with asyncio.timeout(timeout):
-                    return await node.stage.infer(
-                        step.model,
-                        step.version,
-                        inputs,
-                        node.requested,
-                        timeout=timeout,
-                        request_id=run.request_id,
+                    return await node.stage.call(
+                        InferRequest(
+                            model=step.model,
+                            inputs=inputs,
+                            outputs=node.requested,
+                            version=step.version,
+                            request_id=run.request_id,
+                            deadline=self._clock() + timeout,
+                        )
                     )
             except TimeoutError:
                 raise _Failed(DeadlineExceeded(f"{node.label} {limit}"), f"timeout: {limit}") from None
@@ -700,6 +732,12 @@ class Engine:
         except Exception:
             logger.exception("on_step hook failed")
 
+    def _notify_request(self, graph: str, seconds: float) -> None:
+        try:
+            self._on_request(graph, max(0.0, seconds))  # type: ignore[misc]
+        except Exception:
+            logger.exception("on_request hook failed")
+
     def _notify_mirror(self, graph: str, step: str, agree: bool, diff: float) -> None:
         if self._on_mirror is None:
             return
@@ -715,3 +753,16 @@ async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
         task.cancel()
     if tasks:
         await asyncio.wait(tasks)
+
+
+def busy_time(spans: Sequence[tuple[float, float]]) -> float:
+    """Total length of the union of intervals (overlapping parallel calls count once)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +23,14 @@ from prometheus_client import Counter, Histogram
 
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
-from orchestrator.grpc_stage import GrpcStage, TimedStage, busy_time, downstream_spans
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stage import Stage
 from services.common.client import OipClient
 from services.common.errors import MeshError
 from services.common.metrics import LATENCY_BUCKETS, ServerMetrics
-from services.common.model import InferRequest, Servable
+from services.common.model import Servable
 from services.common.repository import ModelRepository
-from services.common.types import InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +80,7 @@ class Graph(Servable):
     """One graph of a spec, served as an OIP model by the engine of its spec generation.
 
     In-flight requests finish on the engine they started with, whatever a reload does meanwhile.
-    `ready` tells whether every hard step is ready; `overhead` (a histogram series) receives the
-    node's own time per request, measured from the spans TimedStage records.
+    `ready` tells whether every hard step is ready.
     """
 
     def __init__(
@@ -93,14 +90,12 @@ class Graph(Servable):
         engine: Engine,
         *,
         ready: Callable[[], bool] = lambda: True,
-        overhead: Any = None,
     ) -> None:
         self.name = name
         self.version = "1"
         self.signature = signature
         self.engine = engine
         self._ready = ready
-        self._overhead = overhead
 
     @property
     def ready(self) -> bool:
@@ -112,26 +107,13 @@ class Graph(Servable):
         return True
 
     async def infer(self, request: InferRequest) -> InferResult:
-        if self._overhead is None:
-            result = await self._run(request)
-        else:
-            spans: list[tuple[float, float]] = []
-            token = downstream_spans.set(spans)
-            started = time.perf_counter()
-            try:
-                result = await self._run(request)
-            finally:
-                downstream_spans.reset(token)
-                self._overhead.observe(max(0.0, time.perf_counter() - started - busy_time(spans)))
+        result = await self.engine.run(
+            self.name, dict(request.inputs), deadline=request.deadline, request_id=request.request_id
+        )
         if request.outputs:
             result.outputs = {name: result.outputs[name] for name in request.outputs}
         result.model_name, result.model_version = self.name, self.version
         return result
-
-    async def _run(self, request: InferRequest) -> InferResult:
-        return await self.engine.run(
-            self.name, request.inputs, deadline=request.deadline, request_id=request.request_id
-        )
 
 
 @dataclass
@@ -169,6 +151,7 @@ class Orchestrator:
         self.clients: dict[str, OipClient] = {}
         self._stages: dict[tuple[str, str], Stage] = {}
         self._step_series: dict[tuple[str, ...], Any] = {}
+        self._overhead_series: dict[str, Any] = {}
         self.current: Loaded | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -189,10 +172,10 @@ class Orchestrator:
             if stage is None:
                 if address not in self.clients:
                     self.clients[address] = OipClient(address, health_checked=True)
-                stage = GrpcStage(service, self.clients[address])
+                stage = self.clients[address]
                 if self.coalesce_in_flight > 0:
                     stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight)
-                stage = self._stages[(service, address)] = TimedStage(stage)
+                self._stages[(service, address)] = stage
             stages[service] = stage
         return stages
 
@@ -204,15 +187,11 @@ class Orchestrator:
     def build(self, spec: MeshSpec, digest: str, signatures: Mapping[ModelKey, ModelSignature]) -> Loaded:
         graph_signatures = validate_against_signatures(spec, signatures)
         stages = self.stages(spec)
-        engine = Engine(spec, stages, on_step=self._on_step, on_mirror=self._on_mirror)
+        engine = Engine(
+            spec, stages, on_step=self._on_step, on_mirror=self._on_mirror, on_request=self._on_request
+        )
         graphs = [
-            Graph(
-                name,
-                sig,
-                engine,
-                ready=functools.partial(self.graph_ready, name),
-                overhead=self.metrics.overhead.labels(name),
-            )
+            Graph(name, sig, engine, ready=functools.partial(self.graph_ready, name))
             for name, sig in graph_signatures.items()
         ]
         return Loaded(spec, digest, engine, graphs, {g: spec.hard_model_keys(g) for g in spec.graphs})
@@ -244,7 +223,7 @@ class Orchestrator:
             return
         stages = self.stages(self.current.spec)
         keys = sorted(self.current.spec.model_keys())
-        states = await asyncio.gather(*(stages[svc].ready(model, ver) for svc, model, ver in keys))
+        states = await asyncio.gather(*(stages[svc].is_ready(model, ver) for svc, model, ver in keys))
         self.model_ready = dict(zip(keys, states, strict=True))
 
     async def _watch_readiness(self) -> None:
@@ -300,6 +279,12 @@ class Orchestrator:
         if child is None:  # labels() costs a lock and a lookup: once per series, not per call
             child = self._step_series[key] = self.metrics.steps.labels(*key)
         child.observe(seconds)
+
+    def _on_request(self, graph: str, seconds: float) -> None:
+        series = self._overhead_series.get(graph)
+        if series is None:
+            series = self._overhead_series[graph] = self.metrics.overhead.labels(graph)
+        series.observe(seconds)
 
     def _on_mirror(self, graph: str, step: str, agree: bool, max_abs_diff: float) -> None:
         self.metrics.mirror.labels(graph, step, str(agree).lower()).inc()

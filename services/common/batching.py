@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
-from services.common.model import InferRequest, Model, Servable
+from services.common.model import Model, Servable
 from services.common.repository import ModelConfig
-from services.common.types import InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
 

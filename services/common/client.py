@@ -9,6 +9,7 @@ status code, so callers never see grpc exceptions.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -21,7 +22,7 @@ from services.common import codec
 from services.common.errors import DeadlineExceeded, MeshError, from_status
 from services.common.servicer import REQUEST_ID_HEADER
 from services.common.settings import MIB
-from services.common.types import InferResult, ModelSignature, TensorSpec
+from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 
 
 def service_config(health_checked: bool) -> str:
@@ -106,8 +107,21 @@ class OipClient:
         request_id: str = "",
         wait_for_ready: bool = False,
     ) -> InferResult:
+        """One ModelInfer call, for tools and tests; `timeout` in seconds (None = no deadline)."""
         request = self.build_request(model, inputs, outputs, version=version, request_id=request_id)
         return await self.infer_request(request, timeout=timeout, wait_for_ready=wait_for_ready)
+
+    async def call(self, request: InferRequest) -> InferResult:
+        """The orchestrator's hot path (the Stage protocol): one request value, one RPC."""
+        message = self.build_request(
+            request.model,
+            request.inputs,
+            request.outputs,
+            version=request.version,
+            request_id=request.request_id,
+        )
+        timeout = None if request.deadline is None else request.deadline - time.monotonic()
+        return await self.infer_request(message, timeout=timeout)
 
     async def infer_request(
         self, request: pb.ModelInferRequest, *, timeout: float | None = None, wait_for_ready: bool = False
@@ -140,6 +154,13 @@ class OipClient:
             inputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in response.inputs),
             outputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in response.outputs),
         )
+
+    async def is_ready(self, model: str, version: str = "") -> bool:
+        """ModelReady, with False for a service that does not answer within 2 s (the Stage protocol)."""
+        try:
+            return await self.model_ready(model, version, timeout=2.0)
+        except MeshError:
+            return False
 
     async def model_ready(self, model: str, version: str = "", *, timeout: float | None = 5.0) -> bool:
         try:

@@ -5,7 +5,8 @@
     ├── NotFound                   NOT_FOUND         unknown model, version or graph
     ├── Unavailable                UNAVAILABLE       not ready, draining, or a peer is down (retryable)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED the request's time budget ran out
-    └── ResourceExhausted          RESOURCE_EXHAUSTED a queue is full; shed load rather than wait
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED a queue is full; shed load rather than wait
+    └── Cancelled                  CANCELLED         the caller (or a peer on its behalf) gave up
 
 Code anywhere raises these and tells them apart by class. ``code`` is the status *name*
 (``"UNAVAILABLE"``), not a grpc object, so nothing inside the mesh imports grpc: the transport
@@ -61,8 +62,14 @@ class ResourceExhausted(MeshError):
     public = True
 
 
+class Cancelled(MeshError):
+    code = "CANCELLED"
+    public = True
+
+
 _BY_CODE: dict[str, type[MeshError]] = {
-    cls.code: cls for cls in (InvalidInput, NotFound, Unavailable, DeadlineExceeded, ResourceExhausted)
+    cls.code: cls
+    for cls in (InvalidInput, NotFound, Unavailable, DeadlineExceeded, ResourceExhausted, Cancelled)
 }
 
 

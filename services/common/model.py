@@ -12,23 +12,11 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import numpy as np
 
 from services.common.errors import InvalidInput, Unavailable
-from services.common.types import DATATYPE_TO_NUMPY, InferResult, ModelSignature, TensorSpec
-
-
-@dataclass(frozen=True)
-class InferRequest:
-    """One decoded inference call, as the servicer hands it to a servable."""
-
-    inputs: dict[str, np.ndarray]
-    outputs: tuple[str, ...] = ()
-    request_id: str = ""
-    #: Absolute `time.monotonic()` time the caller stops waiting; None = no deadline.
-    deadline: float | None = None
+from services.common.types import DATATYPE_TO_NUMPY, InferRequest, InferResult, ModelSignature, TensorSpec
 
 
 class Servable(ABC):

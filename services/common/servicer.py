@@ -23,8 +23,8 @@ from services.common import codec
 from services.common.errors import MeshError, Unavailable
 from services.common.logs import request_id_var
 from services.common.metrics import ServerMetrics
-from services.common.model import InferRequest
 from services.common.repository import ModelRepository
+from services.common.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             remaining = context.time_remaining()
             result = await servable.infer(
                 InferRequest(
+                    model=servable.name,
                     inputs=codec.decode_request_inputs(request),
+                    version=servable.version,
                     outputs=outputs,
                     request_id=request_id_var.get(),
                     deadline=None if remaining is None else time.monotonic() + remaining,

@@ -5,7 +5,7 @@ No protobuf here: protobuf types stop at the transport edge (servicer and client
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -92,3 +92,18 @@ class InferResult:
     model_name: str = ""
     model_version: str = ""
     parameters: dict[str, str | int | float | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """One inference call, the same value at every layer: the servicer hands it to a servable,
+    the orchestrator's engine to a stage, a stage to the client that puts it on the wire."""
+
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...] = ()
+    #: "" = the service's default version.
+    version: str = ""
+    request_id: str = ""
+    #: Absolute ``time.monotonic()`` time the caller stops waiting; None = no deadline.
+    deadline: float | None = None

@@ -29,12 +29,12 @@ from onnx import TensorProto, helper
 from services.common.batching import BatchingModel
 from services.common.client import OipClient
 from services.common.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
-from services.common.model import InferRequest, Model
+from services.common.model import Model
 from services.common.onnx_model import OnnxModel
 from services.common.repository import ModelConfig, ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings
-from services.common.types import InferResult, ModelSignature, TensorSpec
+from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
 MLP = REPO / "services/model_a/models/digits-mlp/1/model.onnx"
@@ -427,7 +427,7 @@ def test_a_request_whose_deadline_passed_is_not_run(executor: ThreadPoolExecutor
             # Already too late on arrival: refused without queueing.
             expired: BaseException | None = None
             try:
-                await model.infer(InferRequest({"x": late}, deadline=time.monotonic() - 1))
+                await model.infer(InferRequest("sentinel", {"x": late}, deadline=time.monotonic() - 1))
             except DeadlineExceeded as err:
                 expired = err
             inner.gate.shut()
@@ -435,7 +435,9 @@ def test_a_request_whose_deadline_passed_is_not_run(executor: ThreadPoolExecutor
                 held = asyncio.create_task(client.infer("sentinel", {"x": late[:1]}))
                 await until(lambda: len(inner.gate.calls) == 1)
                 deadline = time.monotonic() + 0.05
-                waiting = asyncio.create_task(model.infer(InferRequest({"x": late}, deadline=deadline)))
+                waiting = asyncio.create_task(
+                    model.infer(InferRequest("sentinel", {"x": late}, deadline=deadline))
+                )
                 await until(lambda: time.monotonic() > deadline)
             finally:
                 inner.gate.open()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.common.errors import MeshError
-from services.common.types import InferResult, ModelSignature, TensorSpec
+from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 
 FakeModel = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -79,23 +81,17 @@ class FakeStage:
             self._called = asyncio.Event()
             await self._called.wait()
 
-    async def infer(
-        self,
-        model: str,
-        version: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        *,
-        timeout: float,
-        request_id: str,
-    ) -> InferResult:
+    async def call(self, request: InferRequest) -> InferResult:
+        model, version, inputs, outputs = request.model, request.version, request.inputs, request.outputs
+        now = self.clock() if self.clock else time.monotonic()
+        timeout = math.inf if request.deadline is None else request.deadline - now
         call = FakeCall(
             model,
             version,
             dict(inputs),
             tuple(outputs),
             timeout,
-            request_id,
+            request.request_id,
             self.clock() if self.clock else None,
         )
         self.calls.append(call)
@@ -126,7 +122,7 @@ class FakeStage:
         except KeyError:
             raise MeshError(f"FakeStage has no signature for {model!r}") from None
 
-    async def ready(self, model: str, version: str) -> bool:
+    async def is_ready(self, model: str, version: str) -> bool:
         return model in self.models
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from orchestrator.coalescing import CoalescingStage
 from services.common.errors import DeadlineExceeded, InvalidInput, Unavailable
+from services.common.types import InferRequest
 from tests.unit.fakes import FakeStage
 
 
@@ -27,7 +29,8 @@ def rows(value: float, n: int = 1) -> dict[str, np.ndarray]:
 async def call(
     stage: CoalescingStage, inputs: dict[str, np.ndarray], timeout: float = 5.0
 ) -> dict[str, np.ndarray]:
-    result = await stage.infer("m", "", inputs, ("y",), timeout=timeout, request_id="r")
+    request = InferRequest("m", inputs, ("y",), request_id="r", deadline=time.monotonic() + timeout)
+    result = await stage.call(request)
     return result.outputs
 
 
