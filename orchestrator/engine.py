@@ -212,7 +212,7 @@ class _Node:
         self.soft = step.dependency == "soft"
         subtree = list(iter_steps((step,)))
         self.names = tuple(s.name for s in subtree)
-        self.model_steps = tuple(s.name for s in subtree if isinstance(s, ModelStep))
+        self.model_steps = tuple(s.name for s in subtree if s.kind == ModelStep.kind)
 
     async def execute(self, run: _Run) -> Mapping[str, np.ndarray] | None:
         raise NotImplementedError
@@ -501,43 +501,65 @@ class _Plan:
         return params
 
 
-def _compile(graph: GraphSpec, stages: Mapping[str, Stage]) -> _Plan:
-    storage = {s.name: storage_name(s) for s in graph.all_steps()}
-    storage[REQUEST] = REQUEST
+class _Compiler:
+    """Compiles one graph's steps into nodes; the one place the engine dispatches on step kinds."""
 
-    def compile_step(step: Step) -> _Node:
-        if isinstance(step, ModelStep):
-            return model(step)
-        if isinstance(step, SequenceStep):
-            return _SequenceNode(step, tuple(map(compile_step, step.steps)))
-        if isinstance(step, EnsembleStep):
-            return _EnsembleNode(step, tuple(map(compile_step, step.branches)), storage)
-        if isinstance(step, SwitchStep):
-            then = tuple(map(compile_step, step.then))
-            return _SwitchNode(step, then, tuple(map(compile_step, step.else_)), storage)
-        if isinstance(step, SplitterStep):
-            return _SplitterNode(step, tuple(model(b.step) for b in step.branches))
-        return _MirrorNode(step, compile_step(step.primary), compile_step(step.shadow), storage)
+    def __init__(self, graph: GraphSpec, stages: Mapping[str, Stage]) -> None:
+        self.graph = graph
+        self.stages = stages
+        self.storage = {s.name: storage_name(s) for s in graph.all_steps()}
+        self.storage[REQUEST] = REQUEST
+        self._by_kind: dict[str, Callable[[Any], _Node]] = {
+            ModelStep.kind: self._model,
+            SequenceStep.kind: self._sequence,
+            EnsembleStep.kind: self._ensemble,
+            SwitchStep.kind: self._switch,
+            SplitterStep.kind: self._splitter,
+            MirrorStep.kind: self._mirror,
+        }
 
-    def model(step: ModelStep) -> _ModelNode:
-        requested = graph.requested_outputs.get(step.name, ())
-        return _ModelNode(step, stages[step.service], requested, storage)
+    def node(self, step: Step) -> _Node:
+        return self._by_kind[step.kind](step)
 
-    shadows = frozenset(
-        s.name
-        for mirror in graph.all_steps()
-        if isinstance(mirror, MirrorStep)
-        for s in iter_steps((mirror.shadow,))
-    )
-    return _Plan(
-        name=graph.name,
-        timeout=graph.timeout,
-        inputs=graph.inputs,
-        root=tuple(map(compile_step, graph.steps)),
-        outputs=_Outputs(graph.outputs, storage),
-        model_steps=tuple(s.name for s in graph.model_steps()),
-        shadow_steps=shadows,
-    )
+    def nodes(self, steps: Sequence[Step]) -> tuple[_Node, ...]:
+        return tuple(map(self.node, steps))
+
+    def plan(self) -> _Plan:
+        graph = self.graph
+        shadows = frozenset(
+            s.name
+            for mirror in graph.all_steps()
+            if isinstance(mirror, MirrorStep)
+            for s in iter_steps((mirror.shadow,))
+        )
+        return _Plan(
+            name=graph.name,
+            timeout=graph.timeout,
+            inputs=graph.inputs,
+            root=self.nodes(graph.steps),
+            outputs=_Outputs(graph.outputs, self.storage),
+            model_steps=tuple(s.name for s in graph.model_steps()),
+            shadow_steps=shadows,
+        )
+
+    def _model(self, step: ModelStep) -> _ModelNode:
+        requested = self.graph.requested_outputs.get(step.name, ())
+        return _ModelNode(step, self.stages[step.service], requested, self.storage)
+
+    def _sequence(self, step: SequenceStep) -> _Node:
+        return _SequenceNode(step, self.nodes(step.steps))
+
+    def _ensemble(self, step: EnsembleStep) -> _Node:
+        return _EnsembleNode(step, self.nodes(step.branches), self.storage)
+
+    def _switch(self, step: SwitchStep) -> _Node:
+        return _SwitchNode(step, self.nodes(step.then), self.nodes(step.else_), self.storage)
+
+    def _splitter(self, step: SplitterStep) -> _Node:
+        return _SplitterNode(step, tuple(self._model(b.step) for b in step.branches))
+
+    def _mirror(self, step: MirrorStep) -> _Node:
+        return _MirrorNode(step, self.node(step.primary), self.node(step.shadow), self.storage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +600,7 @@ class Engine:
         self._on_step = on_step
         self._on_request = on_request
         self._ctx = StepContext(clock, self._rng, self._call, self._spawn_shadow, self._notify_mirror)
-        self._plans = {name: _compile(graph, stages) for name, graph in spec.graphs.items()}
+        self._plans = {name: _Compiler(graph, stages).plan() for name, graph in spec.graphs.items()}
         self._background: set[asyncio.Task[None]] = set()
 
     @property
