@@ -5,11 +5,12 @@ own pieces so that the comparison measures only the network hops and the process
 
 - the same model classes on the same files (`bench.models`; no batching),
 - the same `Engine` running the same graph spec (orchestrator/graphs.yaml by default), its
-  services mapped to `InProcessStage`s that call the local servables directly (no codec, no
-  channel, no copy), wrapped like the orchestrator wraps its gRPC stages (`CoalescingStage`,
-  same `--coalesce` default), so both stack concurrent calls of a step the same way,
-- served as OIP models by the same `MeshServer` (health, reflection, metrics, drain), graphs
-  and the individual models alike.
+  services mapped to `InProcessStage`s that call each service's own `DataPlane` directly (the
+  lookup, readiness, validation and metrics a model service does, with no codec, no channel,
+  no copy), wrapped like the orchestrator wraps its gRPC stages (`CoalescingStage`, same
+  `--coalesce` default), so both stack concurrent calls of a step the same way,
+- served as OIP models by the same `MeshServer` and its `DataPlane` (health, reflection,
+  validation, metrics, drain), graphs and the individual models alike.
 
 It prints `all_in_one listening on HOST:PORT` and `all_in_one ready on HOST:PORT` like every
 node, so launchers read its port the same way (`--port 0` picks a free one).
@@ -31,8 +32,10 @@ from orchestrator.engine import Engine
 from orchestrator.service import Graph
 from orchestrator.spec import MeshSpec, SignatureKey, SpecError, load_spec, validate_against_signatures
 from orchestrator.stage import Stage
-from services.common.errors import MeshError, NotFound, Unavailable
+from services.common.dataplane import DataPlane
+from services.common.errors import MeshError, NotFound
 from services.common.logs import configure_logging
+from services.common.metrics import ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
@@ -47,27 +50,28 @@ log = logging.getLogger(SERVICE)
 
 
 class InProcessStage:
-    """A `Stage` over one local repository: the engine calls the servables directly, in-process."""
+    """A `Stage` over one service's data plane: the engine calls it directly, in-process.
 
-    def __init__(self, service: str, repository: ModelRepository) -> None:
+    The data plane is the one a model service would run (lookup, readiness, validation, its own
+    request metrics), so only the network hop and the codec differ from the mesh.
+    """
+
+    def __init__(self, service: str, dataplane: DataPlane) -> None:
         self.service = service
-        self.repository = repository
+        self.dataplane = dataplane
 
     async def call(self, request: InferRequest) -> InferResult:
-        servable = self.repository.get(request.model, request.version)
-        result = await servable.infer(request)
-        result.model_version = result.model_version or servable.version
-        return result
+        return await self.dataplane.infer(request)
 
     async def metadata(self, model: str, version: str) -> ModelSignature:
-        servable = self.repository.get(model, version)
-        if not servable.ready:
-            raise Unavailable(f"{self.service}: model '{model}' is still loading")
-        return servable.signature
+        try:
+            return self.dataplane.model_metadata(model, version).signature
+        except MeshError as err:
+            raise err.with_prefix(self.service) from None
 
     async def is_ready(self, model: str, version: str) -> bool:
         try:
-            return self.repository.get(model, version).ready
+            return self.dataplane.model_ready(model, version)
         except NotFound:
             return False
 
@@ -121,8 +125,13 @@ class AllInOne:
         log.info("graphs active", extra={"graphs": sorted(graph_signatures)})
 
     def stage(self, service: str, repository: ModelRepository) -> Stage:
-        """The in-process stage of one service, wrapped as the orchestrator wraps its gRPC stages."""
-        stage: Stage = InProcessStage(service, repository)
+        """The in-process stage of one service, wrapped as the orchestrator wraps its gRPC stages.
+
+        Each service gets a data plane of its own, as each node of the mesh has (its request
+        metrics on a registry of their own, not exported: the server's are the baseline's).
+        """
+        dataplane = DataPlane(repository, ServerMetrics(service), server_name=f"onnxmesh-{service}")
+        stage: Stage = InProcessStage(service, dataplane)
         if self.coalesce_in_flight > 0:
             stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight)
         return stage

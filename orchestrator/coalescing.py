@@ -8,10 +8,13 @@ sending them as one call with their rows stacked divides that cost by the batch 
                    running; the rest wait and leave together, as one call, when one returns
 
 No timer: a call goes out at once while fewer than `max_in_flight` are running, so a lone
-request (concurrency 1) never waits. Each caller gets exactly its rows back and keeps its own
-deadline; when a coalesced call fails with anything but UNAVAILABLE or DEADLINE_EXCEEDED, each
-caller is retried alone, so a bad request fails alone. Graph semantics are untouched: switches,
-ensembles and aggregations still see one request's rows at a time.
+request (concurrency 1) never waits. Stacking, splitting and re-running alone are
+`services.common.stacking`'s, shared with the model services' adaptive batching: each caller
+gets exactly its rows back; when a coalesced call fails with anything but a shared failure
+(UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED: `stacking.SHARED_FAILURES`),
+each caller is retried alone, so a bad request fails alone. Each caller keeps its own deadline
+while it waits. Graph semantics are untouched: switches, ensembles and aggregations still see
+one request's rows at a time.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from orchestrator.stage import Stage
-from services.common.errors import Cancelled, DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
+from services.common import stacking
+from services.common.errors import DeadlineExceeded, MeshError
 from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
@@ -34,12 +36,9 @@ log = logging.getLogger(__name__)
 #: Calls of one step in flight before further ones wait to leave stacked (`--coalesce`).
 DEFAULT_IN_FLIGHT = 2
 
-#: Calls may share a downstream call only if all of this matches.
-CallKey = tuple[str, str, tuple[str, ...], tuple[tuple[str, np.dtype, tuple[int, ...]], ...]]
-
-#: Failures that are about the downstream service, not about one request's rows: every caller
-#: gets them as they are (the engine decides whether to retry).
-_SHARED_FAILURES = (Unavailable, DeadlineExceeded, ResourceExhausted, Cancelled)
+#: Calls may share a downstream call only if all of this matches: model, version, outputs asked
+#: for, and the layout of the inputs.
+CallKey = tuple[str, str, tuple[str, ...], stacking.Layout]
 
 
 @dataclass(eq=False, slots=True)
@@ -67,7 +66,8 @@ class CoalescingStage:
         self.max_in_flight = max_in_flight
         self.max_rows = max_rows
         self._lanes: dict[CallKey, _Lane] = {}
-        #: Downstream calls made, and how many callers they answered (for tests and metrics).
+        #: Downstream calls made, and how many callers they answered, with rows or with an error
+        #: (for tests and metrics).
         self.calls_sent = 0
         self.callers_served = 0
 
@@ -88,7 +88,7 @@ class CoalescingStage:
                 return await self._send(request)
             finally:
                 self._finished(key, lane)
-        call = _Call(request, _rows(request), asyncio.get_running_loop().create_future())
+        call = _Call(request, stacking.rows(request), asyncio.get_running_loop().create_future())
         lane.waiting.append(call)
         left = None if request.deadline is None else request.deadline - time.monotonic()
         try:
@@ -135,89 +135,41 @@ class CoalescingStage:
         live = [call for call in batch if not call.future.done()]
         if not live:
             return
-        if len(live) == 1:
-            await self._answer_alone(live[0])
-            return
-        first = live[0].request
-        deadlines = [call.request.deadline for call in live]
-        stacked = InferRequest(
-            model=first.model,
-            inputs={
-                name: np.concatenate([call.request.inputs[name] for call in live]) for name in first.inputs
-            },
-            outputs=first.outputs,
-            version=first.version,
-            request_id=",".join(call.request.request_id for call in live if call.request.request_id)[:256],
-            deadline=None if None in deadlines else max(d for d in deadlines if d is not None),
-        )
-        self.calls_sent += 1
+        answer = functools.partial(self._answer, live)
         try:
-            result = await self.inner.call(stacked)
-        except _SHARED_FAILURES as err:
+            if len(live) == 1:
+                await stacking.run_alone([live[0].request], self._send_one, answer)
+            else:
+                # A shared failure reaches every caller (the engine decides whether to retry);
+                # any other, and each caller is answered alone.
+                await stacking.run_stacked([call.request for call in live], self._send_one, answer)
+        except BaseException:
             for call in live:
-                _settle(call, error=err)
-            return
-        except MeshError:
-            # One request's rows may have broken the call: answer each alone.
-            await asyncio.gather(*(self._answer_alone(call) for call in live))
-            return
-        except BaseException as exc:
-            for call in live:
-                _settle(
-                    call, error=exc if isinstance(exc, Exception) else MeshError("coalesced call cancelled")
-                )
+                _settle(call, MeshError("coalesced call cancelled"))
             raise
-        total = sum(call.rows for call in live)
-        if any(array.ndim == 0 or array.shape[0] != total for array in result.outputs.values()):
-            await asyncio.gather(*(self._answer_alone(call) for call in live))
-            return
-        self.callers_served += len(live)
-        start = 0
-        for call in live:
-            stop = start + call.rows
-            rows = {name: array[start:stop] for name, array in result.outputs.items()}
-            _settle(
-                call,
-                result=InferResult(rows, result.model_name, result.model_version, dict(result.parameters)),
-            )
-            start = stop
 
-    async def _answer_alone(self, call: _Call) -> None:
-        try:
-            result = await self._send(call.request)
-        except Exception as exc:
-            _settle(call, error=exc)
-        else:
-            _settle(call, result=result)
+    async def _send_one(self, request: InferRequest) -> InferResult:
+        """One downstream call on behalf of waiting callers (stacked or alone); `_answer` counts them."""
+        self.calls_sent += 1
+        return await self.inner.call(request)
+
+    def _answer(self, calls: list[_Call], index: int, answer: InferResult | BaseException) -> None:
+        self.callers_served += 1
+        _settle(calls[index], answer)
 
 
-def _settle(call: _Call, *, result: InferResult | None = None, error: BaseException | None = None) -> None:
+def _settle(call: _Call, answer: InferResult | BaseException) -> None:
     if call.future.done():
         return
-    if error is not None:
-        call.future.set_exception(error)
+    if isinstance(answer, BaseException):
+        call.future.set_exception(answer)
     else:
-        assert result is not None
-        call.future.set_result(result)
-
-
-def _rows(request: InferRequest) -> int:
-    return int(next(iter(request.inputs.values())).shape[0])
+        call.future.set_result(answer)
 
 
 def _key(request: InferRequest) -> CallKey | None:
-    """The coalescing key, or None for calls that cannot be stacked (scalars, ragged, empty)."""
-    layout = []
-    rows = -1
-    for name in sorted(request.inputs):
-        array = request.inputs[name]
-        if array.ndim == 0 or array.dtype == np.object_:
-            return None
-        if rows == -1:
-            rows = array.shape[0]
-        if array.shape[0] != rows or rows == 0:
-            return None
-        layout.append((name, array.dtype, tuple(array.shape[1:])))
-    if rows <= 0:
+    """The coalescing key, or None for calls that cannot be stacked (scalars, ragged, empty, BYTES)."""
+    stackable = stacking.layout(request.inputs, bytes_tensors=False)
+    if stackable is None:
         return None
-    return (request.model, request.version, request.outputs, tuple(layout))
+    return (request.model, request.version, request.outputs, stackable[0])

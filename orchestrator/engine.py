@@ -50,8 +50,8 @@ from orchestrator.spec import (
     storage_name,
 )
 from orchestrator.stage import Stage
-from services.common.errors import DeadlineExceeded, InvalidInput, MeshError, NotFound, Unavailable
-from services.common.types import InferRequest, InferResult, TensorSpec, datatype_of
+from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
+from services.common.types import InferRequest, InferResult, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -468,27 +468,6 @@ class _Plan:
     model_steps: tuple[str, ...]
     shadow_steps: frozenset[str]
 
-    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
-        for spec in self.inputs:
-            array = inputs.get(spec.name)
-            if array is None:
-                raise InvalidInput(f"graph {self.name!r} needs input {spec.name!r} ({spec.describe()})")
-            try:
-                datatype = datatype_of(array)
-            except TypeError:
-                datatype = str(array.dtype)
-            if datatype != spec.datatype or not spec.accepts_shape(array.shape):
-                raise InvalidInput(
-                    f"graph {self.name!r} input {spec.name!r}: expected {spec.describe()}, "
-                    f"got {datatype}{list(array.shape)}"
-                )
-        for name in inputs:
-            if all(spec.name != name for spec in self.inputs):
-                raise InvalidInput(
-                    f"graph {self.name!r} has no input {name!r}; its inputs: "
-                    + ", ".join(spec.name for spec in self.inputs)
-                )
-
     def parameters(self, run: _Run) -> dict[str, str | int | float | bool]:
         params: dict[str, str | int | float | bool] = {"graph": self.name}
         for name in self.model_steps:
@@ -631,7 +610,6 @@ class Engine:
         plan = self._plans.get(graph)
         if plan is None:
             raise NotFound(f"unknown graph {graph!r}; graphs: {', '.join(self._plans)}")
-        plan.check_inputs(inputs)
         started = self._clock()
         run = _Run(self._ctx, plan, started + plan.timeout if deadline is None else deadline, request_id)
         run.values[REQUEST] = inputs

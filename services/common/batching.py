@@ -1,20 +1,24 @@
 """Adaptive batching as a wrapper around a `Model`: many small calls, one `predict` each batch.
 
-    callers --infer()--> bounded queue (rows) --batcher task--> predict(concatenated rows)
+    callers --infer()--> bounded queue (rows) --batcher task--> predict(stacked rows)
                                                                       | on the executor
     callers <--own rows, own outputs-- split by row ranges <----------+
 
-The batcher takes the oldest waiting request, then keeps collecting requests whose non-batch
-dimensions match until the batch holds `max_batch_size` rows or `max_queue_delay_ms` has
-passed since that first request arrived. Up to `max_concurrent_batches` batches run at once,
-so the next batch forms while the previous one runs (onnxruntime releases the GIL).
+The batcher takes the oldest waiting request, then keeps collecting requests of the same
+layout (input names, dtypes and non-batch dimensions: `stacking.layout`) until the batch
+holds `max_batch_size` rows or `max_queue_delay_ms` has passed since that first request
+arrived. Up to `max_concurrent_batches` batches run at once, so the next batch forms while
+the previous one runs (onnxruntime releases the GIL).
 
 The model's `predict` is untouched: it is batch-native already (row i of every output belongs
-to row i of the inputs), which is all this wrapper relies on. What each caller sees:
+to row i of the inputs), which is all this wrapper relies on. Stacking, splitting and
+re-running alone are `services.common.stacking`'s, shared with the orchestrator's coalescing.
+What each caller sees:
 
 - exactly its own rows, and only the outputs it asked for (empty = all);
-- its own error: when a batched `predict` raises, every request of that batch is run alone,
-  so one bad request fails alone while its batch-mates succeed;
+- its own error: when a batched `predict` raises (anything but a failure shared by the whole
+  batch, `stacking.SHARED_FAILURES`), every request of that batch is run alone, so one bad
+  request fails alone while its batch-mates succeed;
 - DeadlineExceeded without running when its deadline passed while it waited;
 - ResourceExhausted at once when more than `max_queue_size` rows are already waiting
   (shed load rather than let latency grow without end).
@@ -26,14 +30,13 @@ each request straight to the inner model (decided in `load()`, once the signatur
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from services.common import stacking
 from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
 from services.common.model import Model, Servable
 from services.common.repository import ModelConfig
@@ -41,9 +44,9 @@ from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
 
-#: What must match for two requests to share a batch: per input (in signature order), the
-#: dtype and the dimensions after the first.
-BatchKey = tuple[tuple[np.dtype, tuple[int, ...]], ...]
+#: What must match for two requests to share a batch: their inputs' names, dtypes and
+#: dimensions after the first (`stacking.layout`).
+BatchKey = stacking.Layout
 
 
 @dataclass(eq=False, slots=True)
@@ -70,9 +73,10 @@ class BatchingModel(Servable):
     """Serves `model` with adaptive batching; see the module docstring for the behaviour.
 
     Counters (read them, never write): `batches_run` and `rows_run` count the inner
-    `predict` calls this wrapper made and the rows they carried (a request re-run alone
-    after a failed batch counts as a batch of its own); `requests_run` counts the requests
-    answered by them; `failed_batches` counts batched calls that raised and were split up.
+    `predict` calls this wrapper made that returned, and the rows they carried (a request
+    re-run alone after a failed batch counts as a batch of its own); `requests_run` counts
+    the requests answered by them; `failed_batches` counts batched calls that raised and
+    were split up.
     In pass-through mode (`batching` is False) none of them moves.
     """
 
@@ -92,7 +96,7 @@ class BatchingModel(Servable):
         self.failed_batches = 0
         self._batching = False
         self._closed = False
-        self._input_names: tuple[str, ...] = ()
+        self._input_names: frozenset[str] = frozenset()
         # Requests by batch key, each deque in arrival order; a key is dropped when empty.
         self._queues: dict[BatchKey, deque[_Waiting]] = {}
         self._queued_rows = 0
@@ -114,9 +118,6 @@ class BatchingModel(Servable):
     @property
     def ready(self) -> bool:
         return self.inner.ready and not self._closed
-
-    def validate(self, inputs: Mapping[str, tuple[str, Sequence[int]]], outputs: Sequence[str]) -> None:
-        self.inner.validate(inputs, outputs)
 
     # -- what tests, metrics and benchmarks may read --------------------------------------
 
@@ -151,7 +152,7 @@ class BatchingModel(Servable):
                 list(fixed[0].shape),
             )
             return
-        self._input_names = tuple(spec.name for spec in self.signature.inputs)
+        self._input_names = frozenset(spec.name for spec in self.signature.inputs)
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(self.max_concurrent_batches)
         self._batcher = asyncio.create_task(self._batch_forever(), name=f"batcher-{self.name}")
@@ -185,12 +186,12 @@ class BatchingModel(Servable):
         now = time.monotonic()
         if request.deadline is not None and request.deadline <= now:
             raise self._expired()
-        key = self._batch_key(request)
-        if key is None:
+        stackable = stacking.layout(request.inputs)
+        if stackable is None or request.inputs.keys() != self._input_names:
             # Not something a batch can carry (missing or unknown inputs, scalars, ragged or
             # empty first dims): the inner model answers or rejects it on its own.
             return await self.inner.infer(request)
-        rows = request.inputs[self._input_names[0]].shape[0]
+        key, rows = stackable
         if self._queued_rows and self._queued_rows + rows > self.max_queue_size:
             # An empty queue admits any request, so one larger than the bound still runs.
             raise ResourceExhausted(
@@ -213,23 +214,6 @@ class BatchingModel(Servable):
             item.future.cancel()
             self._unqueue(item)
             raise
-
-    def _batch_key(self, request: InferRequest) -> BatchKey | None:
-        """What must match for `request` to share a batch; None if it cannot be batched."""
-        if len(request.inputs) != len(self._input_names):
-            return None
-        rows = -1
-        key = []
-        for name in self._input_names:
-            array = request.inputs.get(name)
-            if array is None or array.ndim == 0:
-                return None
-            if rows == -1:
-                rows = array.shape[0]
-            if array.shape[0] != rows or rows == 0:
-                return None
-            key.append((array.dtype, array.shape[1:]))
-        return tuple(key)
 
     # -- the batcher ----------------------------------------------------------------------
 
@@ -365,69 +349,49 @@ class BatchingModel(Servable):
                     self._fail(item, self._internal())
 
     async def _run_together(self, live: list[_Waiting]) -> None:
-        loop = asyncio.get_running_loop()
-        inputs = {
-            name: np.concatenate([item.request.inputs[name] for item in live]) for name in self._input_names
-        }
-        wanted = _union_outputs(live)
-        total = sum(item.rows for item in live)
-        try:
-            outputs = await loop.run_in_executor(self.inner.executor, self.inner.predict, inputs, wanted)
-        except Exception as exc:
-            # Which request broke the batch is unknown: run each alone, so only it fails.
+        outcome = await stacking.run_stacked(
+            [item.request for item in live], self._predict, functools.partial(self._answer, live)
+        )
+        if outcome.misaligned is not None:
+            log.warning(
+                "output '%s' of %s/%s has not one row per input row; ran the batch one by one",
+                outcome.misaligned,
+                self.name,
+                self.version,
+            )
+        elif not outcome.together:
+            # Which request broke the batch was unknown: each ran alone, so only it failed.
             self.failed_batches += 1
             log.info(
-                "batch of %d requests to %s/%s failed (%s); running them one by one",
+                "batch of %d requests to %s/%s failed (%s); ran them one by one",
                 len(live),
                 self.name,
                 self.version,
-                type(exc).__name__,
+                type(outcome.error).__name__,
             )
-            await asyncio.gather(*(self._run_alone(item) for item in live))
-            return
-        misaligned = [name for name, array in outputs.items() if array.ndim == 0 or array.shape[0] != total]
-        if misaligned:
-            # Rows cannot be told apart; a model that is not batch-native still answers right alone.
-            log.warning(
-                "output '%s' of %s/%s has not one row per input row; running the batch one by one",
-                misaligned[0],
-                self.name,
-                self.version,
-            )
-            await asyncio.gather(*(self._run_alone(item) for item in live))
-            return
-        self._count(len(live), total)
-        start = 0
-        for item in live:
-            stop = start + item.rows
-            if not item.future.done():
-                names = item.request.outputs or outputs.keys()
-                item.future.set_result(
-                    InferResult(
-                        outputs={name: outputs[name][start:stop] for name in names},
-                        model_name=self.name,
-                        model_version=self.version,
-                    )
-                )
-            start = stop
 
     async def _run_alone(self, item: _Waiting) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            outputs = await loop.run_in_executor(
-                self.inner.executor, self.inner.predict, item.request.inputs, item.request.outputs
-            )
-        except Exception as exc:
-            self._fail(item, exc)
-            return
-        self._count(1, item.rows)
-        if not item.future.done():
-            item.future.set_result(InferResult(outputs, model_name=self.name, model_version=self.version))
+        await stacking.run_alone([item.request], self._predict, functools.partial(self._answer, [item]))
 
-    def _count(self, requests: int, rows: int) -> None:
+    async def _predict(self, request: InferRequest) -> InferResult:
+        """One call of the inner model's `predict` on the executor (a batch, or one request)."""
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(
+            self.inner.executor, self.inner.predict, request.inputs, request.outputs
+        )
         self.batches_run += 1
-        self.requests_run += requests
-        self.rows_run += rows
+        self.rows_run += stacking.rows(request)
+        return InferResult(outputs, model_name=self.name, model_version=self.version)
+
+    def _answer(self, items: list[_Waiting], index: int, answer: InferResult | BaseException) -> None:
+        item = items[index]
+        if item.future.done():
+            return
+        if isinstance(answer, InferResult):
+            self.requests_run += 1
+            item.future.set_result(answer)
+        else:
+            item.future.set_exception(answer)
 
     @staticmethod
     def _fail(item: _Waiting, error: BaseException) -> None:
@@ -452,10 +416,3 @@ class _Full:
 
 
 _FULL = _Full()
-
-
-def _union_outputs(items: Sequence[_Waiting]) -> tuple[str, ...]:
-    """Every output some caller asked for, in first-asked order; () (= all) if one asked for all."""
-    if any(not item.request.outputs for item in items):
-        return ()
-    return tuple(dict.fromkeys(name for item in items for name in item.request.outputs))

@@ -2,8 +2,10 @@
 
 A model service's servables are `Model`s: synchronous, batch-native `predict` over numpy
 arrays, run on a worker thread so the event loop never blocks (onnxruntime releases the
-GIL). The orchestrator serves its graphs through the same interface, so one servicer and
-one codec serve every node.
+GIL). The orchestrator serves its graphs through the same interface, so one data plane
+(`services.common.dataplane`: lookup, readiness, validation against `signature`, metrics),
+one servicer and one codec serve every node. A servable's `infer` only sees requests the
+data plane has already checked against its signature.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from services.common.errors import InvalidInput, Unavailable
-from services.common.types import DATATYPE_TO_NUMPY, InferRequest, InferResult, ModelSignature, TensorSpec
+from services.common.errors import Unavailable
+from services.common.types import DATATYPE_TO_NUMPY, InferRequest, InferResult, ModelSignature
 
 
 class Servable(ABC):
@@ -42,52 +44,9 @@ class Servable(ABC):
         """Release resources at shutdown."""
 
     @abstractmethod
-    async def infer(self, request: InferRequest) -> InferResult: ...
-
-    def validate(self, inputs: Mapping[str, tuple[str, Sequence[int]]], outputs: Sequence[str]) -> None:
-        """Check input names, datatypes and shapes (from the request headers) and requested outputs."""
-        validate_against(self.name, self.signature, inputs, outputs)
-
-
-def validate_against(
-    model: str,
-    signature: ModelSignature,
-    inputs: Mapping[str, tuple[str, Sequence[int]]],
-    outputs: Sequence[str],
-) -> None:
-    """InvalidInput naming the tensor, what was expected and what came, for the first problem found."""
-    expected = signature.inputs_by_name
-    missing = [name for name in expected if name not in inputs]
-    extra = [name for name in inputs if name not in expected]
-    if extra:
-        raise InvalidInput(
-            f"model '{model}' has no input named '{extra[0]}'; expected inputs: {_describe(signature.inputs)}"
-        )
-    if missing:
-        raise InvalidInput(
-            f"model '{model}': input '{missing[0]}' is missing; expected inputs: {_describe(signature.inputs)}"
-        )
-    for name, (datatype, shape) in inputs.items():
-        spec = expected[name]
-        if datatype != spec.datatype:
-            raise InvalidInput(
-                f"model '{model}': input '{name}' has datatype {datatype}, expected {spec.datatype}"
-            )
-        if not spec.accepts_shape(shape):
-            raise InvalidInput(
-                f"model '{model}': input '{name}' has shape {list(shape)}, expected {list(spec.shape)} "
-                "(-1 = any size)"
-            )
-    known = signature.outputs_by_name
-    for name in outputs:
-        if name not in known:
-            raise InvalidInput(
-                f"model '{model}' has no output named '{name}'; outputs: {', '.join(sorted(known))}"
-            )
-
-
-def _describe(specs: Sequence[TensorSpec]) -> str:
-    return ", ".join(f"{s.name} {s.describe()}" for s in specs)
+    async def infer(self, request: InferRequest) -> InferResult:
+        """Answer `request`, which the data plane has checked against `signature` (input names,
+        datatypes, shapes; outputs known). `request.version` is the one asked for ("" = latest)."""
 
 
 class Model(Servable):
@@ -106,6 +65,11 @@ class Model(Servable):
 
     @property
     def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def loaded(self) -> bool:
+        # Asked on every request: read the flag here rather than through `ready`.
         return self._ready
 
     @abstractmethod

@@ -73,16 +73,20 @@ class ModelRepository:
 
     def __init__(self, servables: Iterable[Servable] = ()) -> None:
         self._models: dict[str, dict[str, Servable]] = {}
+        #: name -> its highest version: what most requests (version "") ask for, found in one lookup.
+        self._latest: dict[str, Servable] = {}
         for servable in servables:
             self.add(servable)
 
     def add(self, servable: Servable) -> None:
-        self._models.setdefault(servable.name, {})[servable.version] = servable
+        versions = self._models.setdefault(servable.name, {})
+        versions[servable.version] = servable
+        self._latest[servable.name] = versions[max(versions, key=_version_key)]
 
     def replace(self, servables: Iterable[Servable]) -> None:
         """Swap the whole set at once (the orchestrator's spec reload)."""
         fresh = ModelRepository(servables)
-        self._models = fresh._models
+        self._models, self._latest = fresh._models, fresh._latest
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -94,13 +98,15 @@ class ModelRepository:
         return sorted(self._models.get(name, {}), key=_version_key)
 
     def get(self, name: str, version: str = "") -> Servable:
+        if not version:
+            latest = self._latest.get(name)
+            if latest is not None:
+                return latest
         versions = self._models.get(name)
         if not versions:
             raise NotFound(
                 f"model '{name}' is not served here; available: {', '.join(self.names()) or 'none'}"
             )
-        if not version:
-            return versions[max(versions, key=_version_key)]
         servable = versions.get(version)
         if servable is None:
             raise NotFound(

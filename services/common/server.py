@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.common.dataplane import DataPlane
 from services.common.metrics import ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.servicer import InferenceServicer
@@ -54,7 +55,11 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 class MeshServer:
-    """One node: build with its repository, then `start()`, `load()`, and `stop()`."""
+    """One node: build with its repository, then `start()`, `load()`, and `stop()`.
+
+    `dataplane` is the node's core (lookup, readiness, validation, metrics, inference); the
+    gRPC servicer is only its transport edge.
+    """
 
     def __init__(
         self,
@@ -69,8 +74,10 @@ class MeshServer:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics or ServerMetrics(settings.service)
+        self.dataplane = DataPlane(
+            repository, self.metrics, server_name=f"onnxmesh-{settings.service}", server_version=VERSION
+        )
         self.health = HealthServicer()
-        self.draining = False
         self.port = 0
         self.metrics_port: int | None = None
         self._add_services = add_services
@@ -79,20 +86,18 @@ class MeshServer:
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
+    @property
+    def draining(self) -> bool:
+        """True once `begin_drain` ran: NOT_SERVING, and new inference calls get UNAVAILABLE."""
+        return self.dataplane.draining
+
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); returns the bound port."""
         server = grpc.aio.server(
             options=server_options(self.settings),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
-        servicer = InferenceServicer(
-            self.repository,
-            self.metrics,
-            server_name=f"onnxmesh-{self.settings.service}",
-            server_version=VERSION,
-            is_draining=lambda: self.draining,
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self._add_services is not None:
@@ -137,7 +142,7 @@ class MeshServer:
     async def begin_drain(self) -> None:
         """Report NOT_SERVING (health and ServerReady) so balancers and probes move away."""
         if not self.draining:
-            self.draining = True
+            self.dataplane.draining = True
             self.metrics.ready.set(0)
             await self.health.enter_graceful_shutdown()
 

@@ -1,9 +1,10 @@
-"""The transport edge: OIP gRPC requests in, servables called, responses out.
+"""The transport edge: OIP gRPC requests in, the data plane called, responses out.
 
-Each RPC converts protobuf to plain data, calls the repository's servable, and converts
-back. Errors are mapped to status codes here and nowhere else: a MeshError keeps its code
-(and its message when public); anything else is logged in full and answered with INTERNAL
-and a fixed message, so internals never leak to clients.
+Each RPC converts protobuf to plain values (the tensor codec for tensors), calls the node's
+`DataPlane`, and converts its answer back; lookup, readiness, validation and metrics are the
+data plane's. Errors are mapped to status codes here and nowhere else (`status`): a MeshError
+keeps its code (and its message when public); anything else is logged in full and answered
+with INTERNAL and a fixed message, so internals never leak to clients.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import grpc
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import codec
-from services.common.errors import MeshError, Unavailable
+from services.common.dataplane import DataPlane
+from services.common.errors import MeshError
 from services.common.logs import request_id_var
-from services.common.metrics import ServerMetrics
-from services.common.repository import ModelRepository
-from services.common.types import InferRequest
+from services.common.types import InferRequest, InferResult
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,27 @@ Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
-def _request_id(request: object, context: grpc.aio.ServicerContext) -> str:
-    request_id = getattr(request, "id", "")
-    if not request_id:
-        for key, value in context.invocation_metadata() or ():
-            if key == REQUEST_ID_HEADER:
-                return str(value)
-    return request_id or f"{random.getrandbits(64):016x}"
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    """The request id of a call whose request carries none: the header's, else a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER:
+            return str(value)
+    return f"{random.getrandbits(64):016x}"
+
+
+def status(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed RPC answers with; logs the failure."""
+    if isinstance(exc, MeshError):
+        code = grpc.StatusCode[exc.code]
+        if not exc.public:
+            log.error("internal error in %s: %s", method, exc.message)
+            return code, INTERNAL_MESSAGE
+        # Client mistakes are routine (INFO); a peer down or a deadline is worth a look.
+        level = logging.INFO if exc.code in _CLIENT_CODES else logging.WARNING
+        log.log(level, "%s failed", method, extra={"code": code.name, "error": exc.message})
+        return code, exc.message
+    log.error("unexpected error in %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -51,20 +65,11 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        token = request_id_var.set(_request_id(request, context))
+        token = request_id_var.set(getattr(request, "id", "") or _request_id(context))
         try:
             return await method(self, request, context)
-        except MeshError as err:
-            code, message = grpc.StatusCode[err.code], (err.message if err.public else INTERNAL_MESSAGE)
-            if not err.public:
-                log.error("internal error in %s: %s", method.__name__, err.message)
-            else:
-                # Client mistakes are routine (INFO); a peer down or a deadline is worth a look.
-                level = logging.INFO if err.code in _CLIENT_CODES else logging.WARNING
-                log.log(level, "%s failed", method.__name__, extra={"code": code.name, "error": err.message})
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+        except Exception as exc:
+            code, message = status(method.__name__, exc)
         finally:
             request_id_var.reset(token)
         await context.abort(code, message)
@@ -83,115 +88,94 @@ def _parameter(value: str | int | float | bool) -> pb.InferParameter:
     return pb.InferParameter(string_param=str(value))
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """GRPCInferenceService over a ModelRepository."""
+def infer_response(result: InferResult) -> pb.ModelInferResponse:
+    """A ModelInferResponse (raw output contents) from an InferResult; the caller sets its id."""
+    response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version)
+    for name, value in result.parameters.items():
+        response.parameters[name].CopyFrom(_parameter(value))
+    for name, array in result.outputs.items():
+        datatype, shape, raw = codec.encode_raw(array)
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+        response.raw_output_contents.append(raw)
+    return response
 
-    def __init__(
-        self,
-        repository: ModelRepository,
-        metrics: ServerMetrics,
-        *,
-        server_name: str,
-        server_version: str,
-        is_draining: Callable[[], bool] = lambda: False,
-    ) -> None:
-        self.repository = repository
-        self.metrics = metrics
-        self.server_name = server_name
-        self.server_version = server_version
-        self.is_draining = is_draining
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """GRPCInferenceService over a node's DataPlane."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
 
     @rpc
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.dataplane.live())
 
     @rpc
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.repository.ready and not self.is_draining())
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     @rpc
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        servable = self.repository.get(request.name, request.version)
-        return pb.ModelReadyResponse(ready=servable.ready and not self.is_draining())
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
     @rpc
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=self.server_name, version=self.server_version, extensions=[])
+        server = self.dataplane.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=server.name, version=server.version, extensions=list(server.extensions)
+        )
 
     @rpc
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        servable = self.repository.get(request.name, request.version)
-        if not servable.loaded:
-            raise Unavailable(f"model '{servable.name}' is still loading")
-        sig = servable.signature
+        meta = self.dataplane.model_metadata(request.name, request.version)
+        sig = meta.signature
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=servable.name,
-            versions=[request.version] if request.version else self.repository.versions(servable.name),
+            name=sig.name,
+            versions=list(meta.versions),
             platform=sig.platform,
             inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in sig.inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in sig.outputs],
         )
 
-    @rpc
+    # The hot path: `rpc`'s work written out, so a call is one frame here rather than two.
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        started = time.perf_counter()
-        # Series are labelled by served models only: unknown names must not grow the registry.
-        model, version, code = "unknown", "", "OK"
-        self.metrics.inflight.inc()
+        request_id = request.id or _request_id(context)
+        token = request_id_var.set(request_id)
         try:
-            servable = self.repository.get(request.model_name, request.model_version)
-            model, version = servable.name, servable.version
-            if self.is_draining():
-                raise Unavailable(f"server is shutting down; retry on another replica of '{model}'")
-            if not servable.loaded:
-                raise Unavailable(f"model '{model}' version {servable.version} is still loading")
-            headers: dict[str, tuple[str, list[int]]] = {}
-            for tensor in request.inputs:
-                headers[tensor.name] = (tensor.datatype, list(tensor.shape))
-            outputs = tuple(o.name for o in request.outputs)
-            servable.validate(headers, outputs)
             remaining = context.time_remaining()
-            result = await servable.infer(
+            try:
+                inputs = codec.decode_request_inputs(request)
+            except Exception as exc:
+                raise self.dataplane.refused(request.model_name, request.model_version, exc) from None
+            response: pb.ModelInferResponse = await self.dataplane.infer(
                 InferRequest(
-                    model=servable.name,
-                    inputs=codec.decode_request_inputs(request),
-                    version=servable.version,
-                    outputs=outputs,
-                    request_id=request_id_var.get(),
+                    model=request.model_name,
+                    inputs=inputs,
+                    outputs=tuple([o.name for o in request.outputs]) if request.outputs else (),
+                    version=request.model_version,
+                    request_id=request_id,
                     deadline=None if remaining is None else time.monotonic() + remaining,
-                )
+                ),
+                infer_response,
             )
-            response = pb.ModelInferResponse(
-                model_name=result.model_name or servable.name,
-                model_version=result.model_version or servable.version,
-                id=request.id,
-            )
-            for name, value in result.parameters.items():
-                response.parameters[name].CopyFrom(_parameter(value))
-            for name, array in result.outputs.items():
-                datatype, shape, raw = codec.encode_raw(array)
-                response.outputs.add(name=name, datatype=datatype, shape=shape)
-                response.raw_output_contents.append(raw)
+            response.id = request.id
             return response
-        except MeshError as err:
-            code = err.code
-            raise
-        except Exception:
-            code = "INTERNAL"
-            raise
+        except Exception as exc:
+            code, message = status("ModelInfer", exc)
         finally:
-            self.metrics.inflight.dec()
-            self.metrics.observe_request(model, version, code, time.perf_counter() - started)
+            request_id_var.reset(token)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")

@@ -1,16 +1,22 @@
 """Settings shared by every node, from command-line flags with environment fallbacks.
 
-Every flag `--some-name` can also be set as `ONNXMESH_SOME_NAME`; a flag wins over the
-environment, which wins over the default. Settings are read in `main()` and passed down,
-never parsed at import time.
+Each setting is declared once, as a field of `ServerSettings` whose metadata holds its help
+text and its parser (`option(...)`); the argument parser, the environment names and the
+settings object are all derived from those fields. Every flag `--some-name` can also be set as
+`ONNXMESH_SOME_NAME`; a flag wins over the environment, which wins over the default. Settings
+are read in `main()` and passed down, never parsed at import time.
+
+A node changes a field's default for itself (`server_parser(port=..., model_dir=...)`) and
+adds flags of its own with `add_option` (the orchestrator's `--graphs`, for instance), which
+follow the same flag > environment > default rule.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,49 +24,9 @@ ENV_PREFIX = "ONNXMESH_"
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """How one node listens and behaves; the same for every service and the orchestrator."""
-
-    service: str
-    host: str = "127.0.0.1"
-    port: int = 0
-    metrics_port: int | None = None
-    model_dir: Path | None = None
-    ort_threads: int = 1
-    inference_workers: int = 2
-    max_message_mb: int = 64
-    max_concurrent_rpcs: int | None = None
-    max_connection_age: float = 300.0
-    grace: float = 10.0
-    drain_delay: float = 0.5
-    log_level: str = "INFO"
-    log_format: str = "json"
-    reuse_port: bool = False
-
-    @property
-    def max_message_bytes(self) -> int:
-        return self.max_message_mb * MIB
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
-
-
-def add_option(
-    parser: argparse.ArgumentParser, name: str, conv: Callable[[str], Any], default: Any, help: str
-) -> None:
-    """Add `--name` whose default comes from ONNXMESH_NAME, then from `default`."""
-    env = _env(name)
-    value = conv(env) if env is not None else default
-    env_name = ENV_PREFIX + name.upper().replace("-", "_")
-    parser.add_argument(
-        f"--{name}", type=conv, default=value, help=f"{help} (env {env_name}; default: {default})"
-    )
+def option(help: str, parse: Callable[[str], Any] = str) -> dict[str, Any]:
+    """The metadata that makes a `ServerSettings` field a flag: its help and how to parse its text."""
+    return {"help": help, "parse": parse}
 
 
 def _flag(text: str) -> bool:
@@ -71,68 +37,114 @@ def _optional_int(text: str) -> int | None:
     return None if text in ("", "none", "off") else int(text)
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """How one node listens and behaves; the same for every service and the orchestrator.
+
+    Every field but `service` is a flag (`--max-message-mb` for `max_message_mb`).
+    """
+
+    service: str
+    host: str = field(default="127.0.0.1", metadata=option("address to listen on (0.0.0.0 in a container)"))
+    port: int = field(default=0, metadata=option("gRPC port; 0 picks a free port and prints it", int))
+    metrics_port: int | None = field(
+        default=None, metadata=option("Prometheus /metrics port; unset = off", _optional_int)
+    )
+    model_dir: Path | None = field(
+        default=None, metadata=option("model repository: <model>/<version>/model.onnx", Path)
+    )
+    ort_threads: int = field(
+        default=1, metadata=option("onnxruntime intra-op threads per session (match the CPU limit)", int)
+    )
+    inference_workers: int = field(default=2, metadata=option("threads running inference concurrently", int))
+    max_message_mb: int = field(
+        default=64, metadata=option("largest gRPC message sent or received, MiB", int)
+    )
+    max_concurrent_rpcs: int | None = field(
+        default=None, metadata=option("above this, RESOURCE_EXHAUSTED (load shed)", _optional_int)
+    )
+    max_connection_age: float = field(
+        default=300.0,
+        metadata=option("seconds before clients are asked to reconnect (re-resolve DNS)", float),
+    )
+    grace: float = field(default=10.0, metadata=option("seconds to drain in-flight calls on SIGTERM", float))
+    drain_delay: float = field(
+        default=0.5,
+        metadata=option(
+            "seconds between NOT_SERVING and closing the port on SIGTERM, so health-checking clients move away",
+            float,
+        ),
+    )
+    log_level: str = field(default="INFO", metadata=option("DEBUG, INFO, WARNING or ERROR", str.upper))
+    log_format: str = field(default="json", metadata=option("json (one object per line) or text"))
+    reuse_port: bool = field(
+        default=False,
+        metadata=option("share the port with a newer process (SO_REUSEPORT) for hand-overs", _flag),
+    )
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MIB
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+#: The fields of ServerSettings that are flags, in declaration (and --help) order.
+SETTINGS_FIELDS = tuple(f for f in fields(ServerSettings) if "parse" in f.metadata)
+
+
+def env_name(name: str) -> str:
+    """`ONNXMESH_SOME_NAME` for the flag `some-name` (or the field `some_name`)."""
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def add_option(
+    parser: argparse.ArgumentParser,
+    name: str,
+    conv: Callable[[str], Any],
+    default: Any,
+    help: str,
+    *,
+    environ: Mapping[str, str] = os.environ,
+) -> None:
+    """Add `--name` whose default comes from ONNXMESH_NAME, then from `default`."""
+    env = environ.get(env_name(name))
+    value = conv(env) if env is not None else default
+    parser.add_argument(
+        f"--{name}", type=conv, default=value, help=f"{help} (env {env_name(name)}; default: {default})"
+    )
+
+
 def server_parser(
-    service: str, *, port: int, model_dir: Path | None, description: str
+    service: str,
+    *,
+    port: int,
+    model_dir: Path | None,
+    description: str,
+    environ: Mapping[str, str] = os.environ,
 ) -> argparse.ArgumentParser:
-    """The argument parser every node starts from; nodes may add flags of their own."""
+    """The argument parser every node starts from: one flag per settings field, with this node's
+    `port` and `model_dir` defaults; nodes may add flags of their own with `add_option`."""
     parser = argparse.ArgumentParser(prog=f"python -m {service}", description=description)
-    add_option(parser, "host", str, "127.0.0.1", "address to listen on (0.0.0.0 in a container)")
-    add_option(parser, "port", int, port, "gRPC port; 0 picks a free port and prints it")
-    add_option(parser, "metrics-port", _optional_int, None, "Prometheus /metrics port; unset = off")
-    add_option(parser, "model-dir", Path, model_dir, "model repository: <model>/<version>/model.onnx")
-    add_option(
-        parser, "ort-threads", int, 1, "onnxruntime intra-op threads per session (match the CPU limit)"
-    )
-    add_option(parser, "inference-workers", int, 2, "threads running inference concurrently")
-    add_option(parser, "max-message-mb", int, 64, "largest gRPC message sent or received, MiB")
-    add_option(
-        parser, "max-concurrent-rpcs", _optional_int, None, "above this, RESOURCE_EXHAUSTED (load shed)"
-    )
-    add_option(
-        parser,
-        "max-connection-age",
-        float,
-        300.0,
-        "seconds before clients are asked to reconnect (re-resolve DNS)",
-    )
-    add_option(parser, "grace", float, 10.0, "seconds to drain in-flight calls on SIGTERM")
-    add_option(
-        parser,
-        "drain-delay",
-        float,
-        0.5,
-        "seconds between NOT_SERVING and closing the port on SIGTERM, so health-checking clients move away",
-    )
-    add_option(parser, "log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
-    add_option(parser, "log-format", str, "json", "json (one object per line) or text")
-    add_option(
-        parser,
-        "reuse-port",
-        _flag,
-        False,
-        "share the port with a newer process (SO_REUSEPORT) for hand-overs",
-    )
+    defaults: dict[str, Any] = {"port": port, "model_dir": model_dir}
+    for f in SETTINGS_FIELDS:
+        flag = f.name.replace("_", "-")
+        add_option(
+            parser,
+            flag,
+            f.metadata["parse"],
+            defaults.get(f.name, f.default),
+            f.metadata["help"],
+            environ=environ,
+        )
     return parser
 
 
 def settings_from_args(service: str, args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(
-        service=service,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        model_dir=args.model_dir,
-        ort_threads=args.ort_threads,
-        inference_workers=args.inference_workers,
-        max_message_mb=args.max_message_mb,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        max_connection_age=args.max_connection_age,
-        grace=args.grace,
-        drain_delay=args.drain_delay,
-        log_level=args.log_level.upper(),
-        log_format=args.log_format,
-        reuse_port=args.reuse_port,
-    )
+    """The settings of `service` from arguments parsed by a `server_parser` (extra flags ignored)."""
+    return ServerSettings(service, **{f.name: getattr(args, f.name) for f in SETTINGS_FIELDS})
 
 
 def parse_server_settings(

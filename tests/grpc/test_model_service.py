@@ -223,3 +223,33 @@ def test_large_batch_above_grpc_default_limit(api: pb_grpc.GRPCInferenceServiceS
     # 20k rows x 64 floats = 5 MiB in, above gRPC's 4 MiB default receive limit.
     response = api.ModelInfer(infer_request("digits-logreg", features=features(20_000)))
     assert list(response.outputs[0].shape) == [20_000, 10]
+
+
+def test_an_unknown_model_is_not_found_even_when_its_tensors_are_malformed(
+    api: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = infer_request("no-such-model", features=features())
+    request.raw_input_contents[0] = request.raw_input_contents[0][:-3]
+    assert "no-such-model" in expect_error(api.ModelInfer, request, grpc.StatusCode.NOT_FOUND)
+
+
+def test_every_call_is_counted_by_model_version_and_code(
+    server: ServerThread, api: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    registry = server.server.metrics.registry
+
+    def count(code: str) -> float:
+        labels = {"model": "digits-logreg", "version": "1", "code": code}
+        return registry.get_sample_value("onnxmesh_requests_total", labels) or 0.0
+
+    ok, invalid = count("OK"), count("INVALID_ARGUMENT")
+    api.ModelInfer(infer_request("digits-logreg", features=features()))
+    expect_error(
+        api.ModelInfer,
+        infer_request("digits-logreg", features=features(1)[:, :8]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    truncated = infer_request("digits-logreg", features=features())
+    truncated.raw_input_contents[0] = truncated.raw_input_contents[0][:-3]
+    expect_error(api.ModelInfer, truncated, grpc.StatusCode.INVALID_ARGUMENT)
+    assert (count("OK") - ok, count("INVALID_ARGUMENT") - invalid) == (1, 2)

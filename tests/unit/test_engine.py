@@ -811,24 +811,6 @@ def test_unknown_graph_is_not_found() -> None:
         run(default_engine(digits_stages()).run("nope", {"image": IMAGES}, deadline=None))
 
 
-@pytest.mark.parametrize(
-    ("inputs", "message"),
-    [
-        ({}, "graph 'digits-serial' needs input 'image' (UINT8[-1, 8, 8])"),
-        ({"image": IMAGES.astype(np.float32)}, "expected UINT8[-1, 8, 8], got FP32[3, 8, 8]"),
-        ({"image": IMAGES.reshape(3, 64)}, "expected UINT8[-1, 8, 8], got UINT8[3, 64]"),
-        ({"image": IMAGES, "extra": IMAGES}, "graph 'digits-serial' has no input 'extra'; its inputs: image"),
-    ],
-)
-def test_inputs_are_checked_against_the_graph(inputs: dict[str, np.ndarray], message: str) -> None:
-    stages = digits_stages()
-    with pytest.raises(
-        InvalidInput, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
-    ):
-        run(default_engine(stages).run("digits-serial", inputs, deadline=None))
-    assert all(not s.calls for s in stages.values())
-
-
 def test_on_step_reports_every_attempted_step() -> None:
     seen: list[tuple[Any, ...]] = []
     stages = digits_stages()

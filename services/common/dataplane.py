@@ -1,0 +1,225 @@
+"""The data plane: what a node does with a request, whatever transport brought it.
+
+    servicer (gRPC edge: protobuf <-> InferRequest/InferResult, errors -> status codes)
+        |
+    DataPlane: model lookup -> readiness (draining, loading) -> validation -> metrics -> infer
+        |
+    Servable (a Model, a BatchingModel around one, or an orchestrator graph)
+
+Every node has one, built by `MeshServer` over its `ModelRepository`: the model services, the
+orchestrator (whose graphs are servables with a signature, so their inputs are checked here
+too, and only here) and the all-in-one baseline, which also calls its in-process services
+through one each, as the mesh calls them over the network. It knows no protobuf and no grpc:
+it takes and returns plain values and raises the `services.common.errors` tree; the servicer
+maps those errors to status codes.
+
+Validation covers what a signature says: input names (none missing, none unknown), each
+input's datatype and shape (-1 = any size), and that every requested output exists. The
+first problem found is an InvalidInput naming the model, the tensor, what was expected and
+what came. What needs the model itself (values out of range, shapes a Reshape rejects) is the
+servable's to reject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+import numpy as np
+
+from services.common.errors import InvalidInput, MeshError, Unavailable
+from services.common.metrics import ServerMetrics
+from services.common.model import Servable
+from services.common.repository import ModelRepository
+from services.common.types import NUMPY_TO_DATATYPE, InferRequest, InferResult, ModelSignature, datatype_of
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetadata:
+    """What ServerMetadata answers."""
+
+    name: str
+    version: str
+    extensions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What ModelMetadata answers: the servable's signature and the versions the request covers."""
+
+    signature: ModelSignature
+    versions: tuple[str, ...]
+
+
+class DataPlane:
+    """Lookup, readiness, validation, metrics and inference over one node's repository.
+
+    `draining` is set once the node begins to shut down (`MeshServer.begin_drain`): from then on
+    the node and its models report not ready, and new inference calls get UNAVAILABLE so that
+    clients retry on another replica.
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: ServerMetrics,
+        *,
+        server_name: str = "onnxmesh",
+        server_version: str = "",
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.server = ServerMetadata(server_name, server_version)
+        self.draining = False
+
+    # -- health and metadata ---------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Every servable ready, and not draining."""
+        return self.repository.ready and not self.draining
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether one model version serves (NotFound if it is not here)."""
+        return self.repository.get(name, version).ready and not self.draining
+
+    def server_metadata(self) -> ServerMetadata:
+        return self.server
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        """The signature of one model version (NotFound; Unavailable while it loads)."""
+        servable = self.repository.get(name, version)
+        if not servable.loaded:
+            raise Unavailable(f"model '{servable.name}' is still loading")
+        versions = (version,) if version else tuple(self.repository.versions(servable.name))
+        return ModelMetadata(servable.signature, versions)
+
+    # -- inference -------------------------------------------------------------------------
+
+    @overload
+    async def infer(self, request: InferRequest) -> InferResult: ...
+
+    @overload
+    async def infer(self, request: InferRequest, encode: Callable[[InferResult], R]) -> R: ...
+
+    async def infer(self, request: InferRequest, encode: Callable[[InferResult], Any] | None = None) -> Any:
+        """Run `request` on the servable it names, after checking that it may run and is valid.
+
+        Raises NotFound (unknown model or version), Unavailable (draining, or still loading),
+        InvalidInput (see the module docstring), or whatever the servable raises. The result
+        names the model and version that answered. `encode`, when given, turns the result into
+        the transport's answer inside the call, so that the request metrics time and count it
+        too (a result that cannot be encoded counts as the error it is).
+        """
+        started = time.perf_counter()
+        # Series are labelled by served models only: unknown names must not grow the registry.
+        model, version, code = "unknown", "", "OK"
+        metrics = self.metrics
+        metrics.inflight.inc()
+        try:
+            servable = self.repository.get(request.model, request.version)
+            model, version = servable.name, servable.version
+            if self.draining or not servable.loaded:
+                raise self._not_serving(servable)
+            validate(model, servable.signature, request.inputs, request.outputs)
+            result = await servable.infer(request)
+            result.model_name = result.model_name or model
+            result.model_version = result.model_version or version
+            return result if encode is None else encode(result)
+        except MeshError as err:
+            code = err.code
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            metrics.inflight.dec()
+            metrics.observe_request(model, version, code, time.perf_counter() - started)
+
+    def refused(self, model: str, version: str, error: BaseException) -> BaseException:
+        """Count an inference call the transport could not turn into an InferRequest (e.g. its
+        tensors do not decode; latency 0, nothing ran), and return the error to answer it with:
+        the one `infer` would have raised first (unknown model, draining, still loading) if
+        any, else `error`."""
+        label, label_version = "unknown", ""
+        try:
+            servable = self.repository.get(model, version)
+            label, label_version = servable.name, servable.version
+            if self.draining or not servable.loaded:
+                raise self._not_serving(servable)
+        except MeshError as err:
+            error = err
+        code = error.code if isinstance(error, MeshError) else "INTERNAL"
+        self.metrics.observe_request(label, label_version, code, 0.0)
+        return error
+
+    def _not_serving(self, servable: Servable) -> Unavailable:
+        if self.draining:
+            return Unavailable(f"server is shutting down; retry on another replica of '{servable.name}'")
+        return Unavailable(f"model '{servable.name}' version {servable.version} is still loading")
+
+
+def validate(
+    model: str, signature: ModelSignature, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+) -> None:
+    """InvalidInput naming the tensor, what was expected and what came, for the first problem found."""
+    expected = signature.inputs_by_name
+    if inputs.keys() != expected.keys():
+        _wrong_names(model, signature, inputs)
+    for name, array in inputs.items():
+        spec = expected[name]
+        datatype = NUMPY_TO_DATATYPE.get(array.dtype) or _datatype(array)
+        if datatype != spec.datatype:
+            raise InvalidInput(
+                f"model '{model}': input '{name}' has datatype {datatype}, expected {spec.datatype}"
+            )
+        # TensorSpec.accepts_shape, unrolled: this runs for every input of every request.
+        shape = array.shape
+        want = spec.shape
+        if len(shape) != len(want):
+            raise _wrong_shape(model, name, shape, want)
+        for w, g in zip(want, shape, strict=True):
+            if w != -1 and w != g:
+                raise _wrong_shape(model, name, shape, want)
+    if outputs:
+        known = signature.outputs_by_name
+        for name in outputs:
+            if name not in known:
+                raise InvalidInput(
+                    f"model '{model}' has no output named '{name}'; outputs: {', '.join(sorted(known))}"
+                )
+
+
+def _wrong_shape(model: str, name: str, shape: Sequence[int], want: Sequence[int]) -> InvalidInput:
+    return InvalidInput(
+        f"model '{model}': input '{name}' has shape {list(shape)}, expected {list(want)} (-1 = any size)"
+    )
+
+
+def _wrong_names(model: str, signature: ModelSignature, inputs: Mapping[str, np.ndarray]) -> None:
+    expected = signature.inputs_by_name
+    described = ", ".join(f"{s.name} {s.describe()}" for s in signature.inputs)
+    extra = [name for name in inputs if name not in expected]
+    if extra:
+        raise InvalidInput(f"model '{model}' has no input named '{extra[0]}'; expected inputs: {described}")
+    missing = [name for name in expected if name not in inputs]
+    raise InvalidInput(f"model '{model}': input '{missing[0]}' is missing; expected inputs: {described}")
+
+
+def _datatype(array: np.ndarray) -> str:
+    """The OIP datatype of an array whose dtype is not one of the exact ones (str, bytes), or the
+    dtype's own name when OIP has none (in-process callers may pass anything)."""
+    try:
+        return datatype_of(array)
+    except TypeError:
+        return str(array.dtype)
