@@ -38,7 +38,6 @@ from bench import procstat
 #: (area, substring of a frame) in match order: the first that matches the leaf names the area.
 AREAS: tuple[tuple[str, str], ...] = (
     ("ours: engine (orchestrator/engine.py)", "orchestrator/engine.py"),
-    ("ours: gRPC stage (orchestrator/grpc_stage.py)", "orchestrator/grpc_stage.py"),
     ("ours: graph servable (orchestrator/service.py)", "orchestrator/service.py"),
     ("ours: aggregators", "orchestrator/aggregators.py"),
     ("ours: coalescing (orchestrator/coalescing.py)", "orchestrator/coalescing.py"),
@@ -46,6 +45,8 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("ours: OIP client (services/common/client.py)", "services/common/client.py"),
     ("ours: codec (services/common/codec.py)", "services/common/codec.py"),
     ("ours: servicer (services/common/servicer.py)", "services/common/servicer.py"),
+    ("ours: data plane (services/common/dataplane.py)", "services/common/dataplane.py"),
+    ("ours: stacking (services/common/stacking.py)", "services/common/stacking.py"),
     ("ours: other services/common", "services/common/"),
     ("metrics (prometheus_client)", "prometheus_client/"),
     ("grpc (Python, Cython and its C core)", "grpc/"),

@@ -51,7 +51,7 @@ from orchestrator.spec import (
 )
 from orchestrator.stage import Stage
 from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
-from services.common.types import InferRequest, InferResult, TensorSpec
+from services.common.types import InferRequest, InferResult
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,6 @@ class _MirrorNode(_Node):
 class _Plan:
     name: str
     timeout: float
-    inputs: tuple[TensorSpec, ...]
     root: tuple[_Node, ...]
     outputs: _Outputs
     model_steps: tuple[str, ...]
@@ -514,7 +513,6 @@ class _Compiler:
         return _Plan(
             name=graph.name,
             timeout=graph.timeout,
-            inputs=graph.inputs,
             root=self.nodes(graph.steps),
             outputs=_Outputs(graph.outputs, self.storage),
             model_steps=tuple(s.name for s in graph.model_steps()),
@@ -603,8 +601,9 @@ class Engine:
         ``"skipped: <reason>"`` (or ``SHADOW_STATUS`` for a mirror's shadow); for every step that
         answered ``"version.<name>"`` -> the model version that answered.
 
-        Raises NotFound (unknown graph), InvalidInput (inputs don't match the graph's), or the
-        failing hard step's own error class prefixed with the step, e.g.
+        ``inputs`` are taken as valid: the data plane checks them against the graph's signature
+        before a graph runs. Raises NotFound (unknown graph), or the failing hard step's own
+        error class prefixed with the step, e.g.
         ``step 'logreg' (model_b/digits-logreg): UNAVAILABLE: ...``.
         """
         plan = self._plans.get(graph)

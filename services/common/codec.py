@@ -50,7 +50,7 @@ def check_header(name: str, datatype: str, shape: Sequence[int]) -> np.dtype:
         raise InvalidInput(
             f"tensor '{name}': unknown datatype '{datatype}'; expected one of {', '.join(DATATYPE_TO_NUMPY)}"
         )
-    if any(d < 0 for d in shape):
+    if min(shape, default=0) < 0:
         raise InvalidInput(f"tensor '{name}': shape {list(shape)} has a negative dimension")
     return dtype
 

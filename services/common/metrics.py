@@ -50,7 +50,7 @@ class ServerMetrics:
         )
         self.latency = Histogram(
             "onnxmesh_request_duration_seconds",
-            "ModelInfer latency seen by this node, from request decoded to response encoded.",
+            "ModelInfer latency seen by this node, from model lookup to response encoded.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
