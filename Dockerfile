@@ -45,6 +45,8 @@ COPY Makefile ./
 COPY proto/ proto/
 COPY services/ services/
 COPY orchestrator/ orchestrator/
+# The operator tooling too, so every image has the `onnxmesh` CLI (e.g. for a throw-away client pod).
+COPY meshctl/ meshctl/
 
 # `make proto` normally sets up .venv first; point it at this venv and mark it installed.
 # Model files never go into the package: each runtime image copies its own directory.

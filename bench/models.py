@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.mesh import REPO, SERVICES
+from meshctl.launcher import REPO, SERVICES
 from services.common.model import Model, Servable
 from services.common.onnx_model import OnnxModel
 from services.common.repository import ModelRepository, ModelVersionDir, scan

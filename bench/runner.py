@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import procstat
 from bench.measure import MEASURED, MEASURING, RESULT
-from orchestrator.mesh import EPHEMERAL_PORTS, ORCHESTRATOR, REPO, LocalMesh, ServiceProcess, run_async
+from meshctl.launcher import EPHEMERAL_PORTS, ORCHESTRATOR, REPO, LocalMesh, ServiceProcess, run_async
 from services.common.client import OipClient
 from services.common.errors import MeshError
 

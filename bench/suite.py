@@ -33,7 +33,7 @@ from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_
 from bench.models import DEFAULT_DIRS, load_holdout
 from bench.profile import BackgroundProfile, summarize_file
 from bench.runner import Target, Timing, all_in_one, local_mesh, run_point, service_target
-from orchestrator.mesh import DEFAULT_GRAPHS, ORCHESTRATOR, REPO
+from meshctl.launcher import DEFAULT_GRAPHS, ORCHESTRATOR, REPO
 from orchestrator.spec import load_spec
 
 GRAPHS = ("digits-serial", "digits-parallel")

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from orchestrator.mesh import EPHEMERAL_PORTS, LocalMesh
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.client import OipClient
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from tests.support import ROOT

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.mesh import EPHEMERAL_PORTS, LocalMesh
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.client import OipClient
 from services.common.errors import NotFound
 from tests.support import ROOT, metric_total

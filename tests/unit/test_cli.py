@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import cli
+from meshctl import cli
 from services.common.errors import DeadlineExceeded, NotFound, Unavailable
 
 REFUSED = "unavailable: connections to all backends failing; last error: Connection refused"
@@ -128,7 +128,7 @@ def test_health_and_models_accept_several_targets() -> None:
 
 
 def test_rollout_is_a_command() -> None:
-    # Wired in from orchestrator/rollout.py when present; otherwise a stub that explains itself.
+    # Wired in from meshctl/rollout.py when present; otherwise a stub that explains itself.
     parser = cli.build_parser()
     with pytest.raises(SystemExit) as caught:
         parser.parse_args(["rollout", "--help"])

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.rollout import (
+from meshctl.rollout import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,

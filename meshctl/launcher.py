@@ -1,6 +1,6 @@
 """The local mesh: every node as its own process on one machine (`make run`, e2e tests, benchmarks).
 
-`python -m orchestrator.mesh` starts preprocess, model_a, model_b and the orchestrator as
+`python -m meshctl.launcher` starts preprocess, model_a, model_b and the orchestrator as
 separate processes, the same way Kubernetes runs them as separate Deployments, waits until
 each answers grpc.health.v1 SERVING, streams their logs prefixed with their name, and stops
 them all on Ctrl-C or SIGTERM. `LocalMesh` is the same thing as a class:
@@ -687,7 +687,7 @@ def _check_port_ranges(plan: Mapping[str, tuple[int, int]]) -> None:
             taken[port] = service
 
 
-# -- `python -m orchestrator.mesh` ---------------------------------------------------------------
+# -- `python -m meshctl.launcher` ---------------------------------------------------------------
 
 
 def _service_counts(text: str) -> tuple[str, int]:
@@ -708,7 +708,7 @@ def _service_path(text: str) -> tuple[str, Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m orchestrator.mesh",
+        prog="python -m meshctl.launcher",
         description="Run the onnxmesh services and the orchestrator as local processes until Ctrl-C.",
     )
     parser.add_argument(

@@ -21,7 +21,7 @@ Exit codes: 0 success, 1 failure (a rollout that does not become ready, an API e
 
 Wiring into a CLI: ``add_rollout_parser(subparsers)`` adds the ``rollout`` command (its
 ``func`` default is ``run_rollout``), and ``run_rollout(args)`` runs it.
-``python -m orchestrator.rollout ...`` runs the same subcommands standalone.
+``python -m meshctl.rollout ...`` runs the same subcommands standalone.
 
 The Kubernetes API is reached only through the ``ClusterApi`` seam (``KubernetesClusterApi`` is
 the real one) and time only through ``Clock``, so tests drive everything with fakes.
@@ -1381,7 +1381,7 @@ def run_rollout(
         return EXIT_FAILURE
 
 
-def build_parser(prog: str = "python -m orchestrator.rollout") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m meshctl.rollout") -> argparse.ArgumentParser:
     """A standalone parser with the rollout subcommands at the top level."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0] if __doc__ else None)
     _add_subcommands(parser)
@@ -1389,7 +1389,7 @@ def build_parser(prog: str = "python -m orchestrator.rollout") -> argparse.Argum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m orchestrator.rollout SUBCOMMAND ...``."""
+    """``python -m meshctl.rollout SUBCOMMAND ...``."""
     return run_rollout(build_parser().parse_args(argv))
 
 

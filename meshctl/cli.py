@@ -3,7 +3,7 @@
     onnxmesh predict [digits-parallel] [--index N | --image FILE] [--count K] [--target HOST:PORT]
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
     onnxmesh health  [--target HOST:PORT ...]
-    onnxmesh rollout ...            (when orchestrator/rollout.py is present)
+    onnxmesh rollout ...            (when meshctl/rollout.py is present)
 
 Every call goes through the shared OipClient with short timeouts. When nothing answers, the
 CLI says so in one line and exits 1 (never a traceback): start the mesh with `make run`.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from orchestrator.mesh import DEFAULT_PORTS, KNOWN_GRAPHS, ORCHESTRATOR, REPO, SERVICE_MODELS, probe_models
+from meshctl.launcher import DEFAULT_PORTS, KNOWN_GRAPHS, ORCHESTRATOR, REPO, SERVICE_MODELS, probe_models
 from services.common.client import OipClient
 from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
 from services.common.types import InferResult, ModelSignature
@@ -415,7 +415,7 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `onnxmesh` parser; `rollout` is added when orchestrator/rollout.py exists."""
+    """The `onnxmesh` parser; `rollout` is added when meshctl/rollout.py exists."""
     parser = argparse.ArgumentParser(prog="onnxmesh", description="Call the onnxmesh inference mesh.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -458,13 +458,11 @@ def _add_timeouts(parser: argparse.ArgumentParser, *, call: float) -> None:
 
 
 def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Wire in `onnxmesh rollout` from orchestrator/rollout.py, or a stub saying why it is missing."""
+    """Wire in `onnxmesh rollout` from meshctl/rollout.py, or a stub saying why it is missing."""
     try:
-        from orchestrator import rollout  # imported lazily: the module lands separately
+        from meshctl import rollout  # imported lazily: the module lands separately
     except ImportError as exc:
-        reason = (
-            "orchestrator/rollout.py is not there yet" if exc.name == "orchestrator.rollout" else str(exc)
-        )
+        reason = "meshctl/rollout.py is not there yet" if exc.name == "meshctl.rollout" else str(exc)
         stub = commands.add_parser("rollout", help="roll out a model version (not available)")
         stub.set_defaults(unavailable=f"rollout is not available: {reason}")
         return
@@ -502,7 +500,7 @@ def _rollout(args: argparse.Namespace) -> int:
     unavailable = getattr(args, "unavailable", None)
     if unavailable:
         raise CliError(unavailable)
-    from orchestrator import rollout
+    from meshctl import rollout
 
     return int(rollout.run_rollout(args))
 
