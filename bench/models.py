@@ -15,17 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from meshctl.launcher import REPO, SERVICES
+from meshctl.launcher import REPO
 from services.common.model import Model, Servable
 from services.common.onnx_model import OnnxModel
 from services.common.repository import ModelRepository, ModelVersionDir, scan
 from services.common.settings import ServerSettings
+from services.common.topology import MODEL_SERVICES, PREPROCESS
 from services.preprocess.model import DigitsPreprocess, preprocess_servable
 
 HOLDOUT = REPO / "data" / "digits-holdout.npz"
 #: The model directory each service reads by default (`services/<name>/models`).
-DEFAULT_DIRS: dict[str, Path] = {service: REPO / "services" / service / "models" for service in SERVICES}
-PREPROCESS = "preprocess"
+DEFAULT_DIRS: dict[str, Path] = {
+    service: REPO / "services" / service / "models" for service in MODEL_SERVICES
+}
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import procstat
 from bench.measure import MEASURED, MEASURING, RESULT
-from meshctl.launcher import EPHEMERAL_PORTS, ORCHESTRATOR, REPO, LocalMesh, ServiceProcess, run_async
+from meshctl.launcher import EPHEMERAL_PORTS, REPO, LocalMesh, ServiceProcess, run_async
 from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.topology import ORCHESTRATOR
 
 OVERHEAD_METRIC = "onnxmesh_orchestrator_overhead_seconds"
 #: The keys of the load driver's process and of this (runner) process in CPU snapshots.

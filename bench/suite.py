@@ -33,8 +33,9 @@ from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_
 from bench.models import DEFAULT_DIRS, load_holdout
 from bench.profile import BackgroundProfile, summarize_file
 from bench.runner import Target, Timing, all_in_one, local_mesh, run_point, service_target
-from meshctl.launcher import DEFAULT_GRAPHS, ORCHESTRATOR, REPO
+from meshctl.launcher import DEFAULT_GRAPHS, REPO
 from orchestrator.spec import load_spec
+from services.common.topology import ORCHESTRATOR
 
 GRAPHS = ("digits-serial", "digits-parallel")
 PROFILE_SECONDS = 5.0

@@ -26,9 +26,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from meshctl.launcher import DEFAULT_PORTS, KNOWN_GRAPHS, ORCHESTRATOR, REPO, SERVICE_MODELS, probe_models
+from meshctl.launcher import REPO, probe_models
 from services.common.client import OipClient
 from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
+from services.common.topology import (
+    DEFAULT_GRAPH_NAMES,
+    DEFAULT_PORTS,
+    MODEL_A,
+    ORCHESTRATOR,
+    PREPROCESS,
+    SERVICE_MODELS,
+    address_variable,
+)
 from services.common.types import InferResult, ModelSignature
 
 HOLDOUT = REPO / "data" / "digits-holdout.npz"
@@ -40,13 +49,13 @@ IMAGE_SHAPE = (8, 8)
 LOCAL_ENDPOINTS = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
 #: Model name -> the service that serves it in the local mesh (graphs are the orchestrator's).
 MODEL_SERVICE = {model: service for service, models in SERVICE_MODELS.items() for model in models} | {
-    graph: ORCHESTRATOR for graph in KNOWN_GRAPHS
+    graph: ORCHESTRATOR for graph in DEFAULT_GRAPH_NAMES
 }
 #: How `predict` builds an input other than the image when it calls a model directly:
 #: input name -> (model that outputs it, that model's input, service serving it).
 PRODUCERS = {
-    "features": ("digits-preprocess", "image", "preprocess"),
-    "embedding": ("digits-mlp", "features", "model_a"),
+    "features": ("digits-preprocess", "image", PREPROCESS),
+    "embedding": ("digits-mlp", "features", MODEL_A),
 }
 
 
@@ -67,7 +76,7 @@ def default_target(name: str) -> str:
 
 def service_address(service: str) -> str:
     """A service's address for chained calls: the orchestrator's env override, else the local default."""
-    return os.environ.get(f"ONNXMESH_SERVICE_{service.upper()}_ADDRESS") or LOCAL_ENDPOINTS[service]
+    return os.environ.get(address_variable(service)) or LOCAL_ENDPOINTS[service]
 
 
 #: What gRPC says when no connection could be made (as opposed to a server answering UNAVAILABLE).

@@ -39,29 +39,22 @@ import yaml
 
 from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.topology import (
+    DEFAULT_GRAPH_NAMES,
+    DEFAULT_PORTS,
+    MODEL_SERVICES,
+    MODULES,
+    ORCHESTRATOR,
+    PREPROCESS,
+    SERVICES,
+    address_variable,
+)
 from services.common.types import ModelSignature
 
 REPO = Path(__file__).resolve().parent.parent
-ORCHESTRATOR = "orchestrator"
-#: Model-serving services in start order; the orchestrator starts after them (it needs their ports).
-SERVICES = ("preprocess", "model_a", "model_b")
-ALL_SERVICES = (*SERVICES, ORCHESTRATOR)
-MODULES = {
-    "preprocess": "services.preprocess",
-    "model_a": "services.model_a",
-    "model_b": "services.model_b",
-    ORCHESTRATOR: "orchestrator",
-}
-DEFAULT_PORTS = {ORCHESTRATOR: 8001, "preprocess": 8011, "model_a": 8021, "model_b": 8031}
 #: Every service on a free port chosen by the OS (tests): the launcher reads the bound port back.
-EPHEMERAL_PORTS = dict.fromkeys(ALL_SERVICES, 0)
-#: The models each local service serves, and the graphs of the default spec (OIP has no "list" RPC).
-SERVICE_MODELS = {
-    "preprocess": ("digits-preprocess",),
-    "model_a": ("digits-mlp",),
-    "model_b": ("digits-logreg", "digits-head"),
-}
-KNOWN_GRAPHS = ("digits-serial", "digits-parallel", "digits-cascade")
+EPHEMERAL_PORTS = dict.fromkeys(SERVICES, 0)
+#: The orchestrator's default spec: what it serves when the mesh is started without `graphs`.
 DEFAULT_GRAPHS = REPO / "orchestrator" / "graphs.yaml"
 
 STARTUP_TIMEOUT = 60.0
@@ -328,12 +321,12 @@ class LocalMesh:
     ) -> None:
         self.host = host
         self.include_orchestrator = include_orchestrator
-        self.services = (*SERVICES, ORCHESTRATOR) if include_orchestrator else SERVICES
+        self.services = SERVICES if include_orchestrator else MODEL_SERVICES
         for label, mapping in (("ports", ports), ("replicas", replicas), ("model_dirs", model_dirs)):
             _check_names(label, mapping or {})
         _check_names("extra_args", extra_args or {})
         self.ports = {**DEFAULT_PORTS, **(ports or {})}
-        self.replicas = {service: 1 for service in ALL_SERVICES} | dict(replicas or {})
+        self.replicas = {service: 1 for service in SERVICES} | dict(replicas or {})
         if any(count < 1 for count in self.replicas.values()):
             raise ValueError(f"replica counts must be at least 1: {self.replicas}")
         _check_port_ranges({s: (self.ports[s], self.replicas[s]) for s in self.services})
@@ -365,7 +358,7 @@ class LocalMesh:
         self._closing.clear()
         atexit.register(self.stop)
         try:
-            backends = [self._spawn(s, i) for s in SERVICES for i in range(1, self.replicas[s] + 1)]
+            backends = [self._spawn(s, i) for s in MODEL_SERVICES for i in range(1, self.replicas[s] + 1)]
             self._wait_serving(backends)
             if self.include_orchestrator:
                 replicas = range(1, self.replicas[ORCHESTRATOR] + 1)
@@ -527,7 +520,7 @@ class LocalMesh:
 
     def served_graphs(self, timeout: float = 2.0) -> list[str]:
         """The graphs the orchestrator answers ModelMetadata for (known names and the spec's)."""
-        names = dict.fromkeys([*KNOWN_GRAPHS, *spec_graph_names(self.graphs or DEFAULT_GRAPHS)])
+        names = dict.fromkeys([*DEFAULT_GRAPH_NAMES, *spec_graph_names(self.graphs or DEFAULT_GRAPHS)])
         target = self.target(ORCHESTRATOR)
         answers = run_async(lambda: probe_models(target, names, timeout=timeout))
         return [name for name, answer in answers.items() if isinstance(answer, ModelSignature)]
@@ -557,8 +550,8 @@ class LocalMesh:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         if service == ORCHESTRATOR:
             # The orchestrator reads addresses from its spec; point it at this mesh's replicas.
-            for backend in SERVICES:
-                env[f"ONNXMESH_SERVICE_{backend.upper()}_ADDRESS"] = self.target(backend)
+            for backend in MODEL_SERVICES:
+                env[address_variable(backend)] = self.target(backend)
         return env
 
     def _spawn(
@@ -666,11 +659,9 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def _check_names(label: str, mapping: Mapping[str, object]) -> None:
-    unknown = sorted(set(mapping) - set(ALL_SERVICES))
+    unknown = sorted(set(mapping) - set(SERVICES))
     if unknown:
-        raise ValueError(
-            f"{label}: unknown service(s) {', '.join(unknown)}; known: {', '.join(ALL_SERVICES)}"
-        )
+        raise ValueError(f"{label}: unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
 
 
 def _check_port_ranges(plan: Mapping[str, tuple[int, int]]) -> None:
@@ -692,17 +683,15 @@ def _check_port_ranges(plan: Mapping[str, tuple[int, int]]) -> None:
 
 def _service_counts(text: str) -> tuple[str, int]:
     name, _, value = text.partition("=")
-    if name not in ALL_SERVICES or not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected SERVICE=N with SERVICE one of {', '.join(ALL_SERVICES)}")
+    if name not in SERVICES or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SERVICE=N with SERVICE one of {', '.join(SERVICES)}")
     return name, int(value)
 
 
 def _service_path(text: str) -> tuple[str, Path]:
     name, _, value = text.partition("=")
-    if name not in ALL_SERVICES or not value:
-        raise argparse.ArgumentTypeError(
-            f"expected SERVICE=PATH with SERVICE one of {', '.join(ALL_SERVICES)}"
-        )
+    if name not in SERVICES or not value:
+        raise argparse.ArgumentTypeError(f"expected SERVICE=PATH with SERVICE one of {', '.join(SERVICES)}")
     return name, Path(value)
 
 
@@ -795,12 +784,12 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str]) -> list[str]:
             f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{target}, onnxmesh health)"
         )
     else:
-        services = ", ".join(f"{s} {mesh.target(s)}" for s in SERVICES)
+        services = ", ".join(f"{s} {mesh.target(s)}" for s in MODEL_SERVICES)
         lines.append(f"onnxmesh ready: {services} (no orchestrator)")
         # predict sends a model its image through preprocess: say where preprocess is if not at home.
         env = ""
-        if mesh.address("preprocess") != f"127.0.0.1:{DEFAULT_PORTS['preprocess']}":
-            env = f"ONNXMESH_SERVICE_PREPROCESS_ADDRESS={mesh.address('preprocess')} "
+        if mesh.address(PREPROCESS) != f"127.0.0.1:{DEFAULT_PORTS[PREPROCESS]}":
+            env = f"{address_variable(PREPROCESS)}={mesh.address(PREPROCESS)} "
         lines.append(f"try: {env}onnxmesh predict digits-mlp --target {mesh.address('model_a')}")
     lines.append("Ctrl-C stops the mesh.")
     return lines

@@ -49,6 +49,8 @@ from typing import Any, Protocol, TextIO
 
 import yaml
 
+from services.common.topology import address_variable, kubernetes_name, service_of_address_variable
+
 #: A Kubernetes object as the API returns it in JSON (camelCase keys), e.g. a Deployment.
 Obj = dict[str, Any]
 
@@ -71,7 +73,6 @@ EXIT_USAGE = 2
 
 # Label values: at most 63 characters, alphanumerics with - _ . inside (what a tag must fit).
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
-_SERVICE_ENV = re.compile(r"^ONNXMESH_SERVICE_(?P<name>[A-Z0-9_]+)_ADDRESS$")
 # How many not-ready pods a failure message details; the rest are counted.
 _MAX_PODS_REPORTED = 5
 
@@ -759,24 +760,22 @@ def service_components(spec: Mapping[str, Any] | None, orchestrator: Obj | None)
     (``dns:///model-a.onnxmesh.svc.cluster.local:8021`` -> ``model-a``); a service without one
     is assumed to be named like the spec service with ``-`` for ``_``.
     """
-    mapping: dict[str, str] = {}
+    addresses: dict[str, str] = {}
     if orchestrator is not None:
         for container in _containers(orchestrator):
             for env in container.get("env") or []:
-                m = _SERVICE_ENV.match(str(env.get("name", "")))
-                host = _address_host(str(env.get("value", "")))
-                if m and host:
-                    mapping[m["name"]] = host
+                variable = str(env.get("name", ""))
+                if service_of_address_variable(variable) is not None:
+                    addresses[variable] = str(env.get("value", ""))
     names: set[str] = set()
     if spec is not None:
         names.update(spec.get("services") or {})
         for used in services_by_graph(spec).values():
             names |= used
-    return {name: mapping.get(_env_key(name), name.replace("_", "-")) for name in names}
-
-
-def _env_key(service: str) -> str:
-    return re.sub(r"[^A-Z0-9]", "_", service.upper())
+    return {
+        name: _address_host(addresses.get(address_variable(name), "")) or kubernetes_name(name)
+        for name in names
+    }
 
 
 def _address_host(address: str) -> str | None:

@@ -25,13 +25,13 @@ from meshctl import cli
 from meshctl.launcher import (
     EPHEMERAL_PORTS,
     REPO,
-    SERVICES,
     LocalMesh,
     MeshStartupError,
     replica_target,
 )
 from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.topology import MODEL_SERVICES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,7 +92,7 @@ def mesh(logs: io.StringIO) -> Iterator[LocalMesh]:
 
 
 def test_every_service_is_serving_on_its_bound_port(mesh: LocalMesh) -> None:
-    assert [p.service for p in mesh.processes()] == list(SERVICES)
+    assert [p.service for p in mesh.processes()] == list(MODEL_SERVICES)
     for proc in mesh.processes():
         assert proc.running and proc.port not in (None, 0)
         assert _health(proc.address) == "SERVING", proc
