@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,28 +22,10 @@ from services.common.settings import ServerSettings
 from services.common.topology import MODEL_SERVICES, PREPROCESS
 from services.preprocess.model import DigitsPreprocess, preprocess_servable
 
-HOLDOUT = REPO / "data" / "digits-holdout.npz"
 #: The model directory each service reads by default (`services/<name>/models`).
 DEFAULT_DIRS: dict[str, Path] = {
     service: REPO / "services" / service / "models" for service in MODEL_SERVICES
 }
-
-
-@dataclass(frozen=True)
-class Holdout:
-    """The held-out digits: images UINT8 [N, 8, 8] (0..16) and their labels INT64 [N]."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_holdout(path: Path = HOLDOUT) -> Holdout:
-    """The held-out split written by scripts/train_digits.py."""
-    with np.load(path) as data:
-        return Holdout(np.asarray(data["images"], dtype=np.uint8), np.asarray(data["labels"], dtype=np.int64))
 
 
 def service_dir(text: str) -> tuple[str, Path]:

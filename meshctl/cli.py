@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from meshctl.launcher import REPO, probe_models
+from meshctl.launcher import probe_models
 from services.common.client import OipClient
+from services.common.digits import IMAGE_SHAPE, PIXEL_MAX, load_holdout
 from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,
@@ -40,11 +41,8 @@ from services.common.topology import (
 )
 from services.common.types import InferResult, ModelSignature
 
-HOLDOUT = REPO / "data" / "digits-holdout.npz"
 DEFAULT_GRAPH = "digits-parallel"
 TARGET_ENV = "ONNXMESH_TARGET"
-PIXEL_MAX = 16
-IMAGE_SHAPE = (8, 8)
 #: Each local endpoint `health` and `models` look at when no --target is given.
 LOCAL_ENDPOINTS = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
 #: Model name -> the service that serves it in the local mesh (graphs are the orchestrator's).
@@ -135,19 +133,17 @@ def load_image(path: Path) -> NDArray[np.uint8]:
     return values.reshape(IMAGE_SHAPE).astype(np.uint8)
 
 
-def load_holdout(path: Path = HOLDOUT) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
-    try:
-        with np.load(path) as data:
-            return np.asarray(data["images"], np.uint8), np.asarray(data["labels"], np.int64)
-    except (OSError, KeyError, ValueError) as exc:
-        raise CliError(f"{path}: cannot read the held-out digits: {exc}") from None
-
-
 def select_digits(args: argparse.Namespace) -> Digits:
     if args.image is not None:
         image = load_image(args.image)
         return Digits(image[None], None, [str(args.image)])
-    images, labels = load_holdout(args.data)
+    try:
+        holdout = load_holdout(args.data)
+    except (OSError, KeyError, ValueError) as exc:
+        raise CliError(
+            f"{args.data or 'the held-out digits'}: cannot read the held-out digits: {exc}"
+        ) from None
+    images, labels = holdout.images, holdout.labels
     rows = [(args.index + i) % len(images) for i in range(args.count)]  # wraps around the set
     return Digits(images[rows], labels[rows], [f"held-out #{row}" for row in rows])
 
@@ -437,7 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--image", type=Path, help=".npy (8x8) or text/CSV file of 64 integers 0..16")
     predict.add_argument("--count", type=_positive, default=1, help="send K consecutive held-out digits")
     predict.add_argument("--version", default="", help="model version (default: the server's choice)")
-    predict.add_argument("--data", type=Path, default=HOLDOUT, help="held-out digits (.npz)")
+    predict.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="held-out digits (.npz; default: the ones shipped with onnxmesh)",
+    )
     _add_target(predict, "HOST:PORT (default: $ONNXMESH_TARGET, else the local node serving NAME)")
     _add_timeouts(predict, call=10.0)
 

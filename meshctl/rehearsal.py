@@ -22,13 +22,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from meshctl.launcher import EPHEMERAL_PORTS, REPO, LocalMesh
 from services.common.client import OipClient
+from services.common.digits import load_holdout
 from services.common.errors import MeshError
-
-HOLDOUT = REPO / "data" / "digits-holdout.npz"
 
 
 @dataclass
@@ -93,7 +90,7 @@ class Traffic:
             time.sleep(0.02)
 
     async def _run(self) -> None:
-        images = np.load(HOLDOUT)["images"]
+        images = load_holdout().images
         started = time.monotonic()
         async with OipClient(self.target) as client:
 

@@ -30,12 +30,11 @@ from meshctl.launcher import (
     replica_target,
 )
 from services.common.client import OipClient
+from services.common.digits import load_holdout
 from services.common.errors import MeshError
 from services.common.topology import MODEL_SERVICES
 
 pytestmark = pytest.mark.timeout(120)
-
-HOLDOUT = REPO / "data" / "digits-holdout.npz"
 
 
 def _alive(pid: int) -> bool:
@@ -74,8 +73,8 @@ def _classify(mesh: LocalMesh, images: np.ndarray, model_a_target: str | None = 
 
 @pytest.fixture(scope="module")
 def holdout() -> tuple[np.ndarray, np.ndarray]:
-    with np.load(HOLDOUT) as data:
-        return data["images"], data["labels"]
+    holdout = load_holdout()
+    return holdout.images, holdout.labels
 
 
 @pytest.fixture
