@@ -3,7 +3,7 @@
     onnxmesh predict [digits-parallel] [--index N | --image FILE] [--count K] [--target HOST:PORT]
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
     onnxmesh health  [--target HOST:PORT ...]
-    onnxmesh rollout ...            (when meshctl/rollout.py is present)
+    onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
 
 Every call goes through the shared OipClient with short timeouts. When nothing answers, the
 CLI says so in one line and exits 1 (never a traceback): start the mesh with `make run`.
@@ -42,6 +42,7 @@ from services.common.topology import (
 from services.common.types import InferResult, ModelSignature
 
 DEFAULT_GRAPH = "digits-parallel"
+ROLLOUT = "rollout"
 TARGET_ENV = "ONNXMESH_TARGET"
 #: Each local endpoint `health` and `models` look at when no --target is given.
 LOCAL_ENDPOINTS = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
@@ -420,7 +421,7 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `onnxmesh` parser; `rollout` is added when meshctl/rollout.py exists."""
+    """The `onnxmesh` parser. `rollout` takes its arguments unparsed: meshctl.rollout parses them."""
     parser = argparse.ArgumentParser(prog="onnxmesh", description="Call the onnxmesh inference mesh.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -452,7 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="health service name (default: the whole server)")
     _add_timeouts(health, call=2.0)
 
-    _add_rollout(commands)
+    # Only this command needs meshctl.rollout (and the Kubernetes client, an optional extra), so it
+    # is imported when the command runs, and parses everything after `rollout` itself.
+    commands.add_parser(
+        ROLLOUT,
+        help="per-model rollouts and canary weights on Kubernetes (onnxmesh rollout --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -467,21 +474,12 @@ def _add_timeouts(parser: argparse.ArgumentParser, *, call: float) -> None:
     )
 
 
-def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Wire in `onnxmesh rollout` from meshctl/rollout.py, or a stub saying why it is missing."""
-    try:
-        from meshctl import rollout  # imported lazily: the module lands separately
-    except ImportError as exc:
-        reason = "meshctl/rollout.py is not there yet" if exc.name == "meshctl.rollout" else str(exc)
-        stub = commands.add_parser("rollout", help="roll out a model version (not available)")
-        stub.set_defaults(unavailable=f"rollout is not available: {reason}")
-        return
-    rollout.add_rollout_parser(commands)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnxmesh` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != ROLLOUT and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "predict":
             if args.image is not None and args.count > 1:
@@ -491,8 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_models(args))
         if args.command == "health":
             return asyncio.run(_health(args))
-        if args.command == "rollout":
-            return _rollout(args)
+        if args.command == ROLLOUT:
+            return _rollout(rest)
         raise CliError(f"unknown command {args.command}")
     except CliError as exc:
         print(f"onnxmesh: {exc}", file=sys.stderr)
@@ -506,13 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _rollout(args: argparse.Namespace) -> int:
-    unavailable = getattr(args, "unavailable", None)
-    if unavailable:
-        raise CliError(unavailable)
+def _rollout(argv: Sequence[str]) -> int:
     from meshctl import rollout
 
-    return int(rollout.run_rollout(args))
+    return rollout.main(argv, prog=f"onnxmesh {ROLLOUT}")
 
 
 if __name__ == "__main__":
