@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meshctl.launcher import REPO
+from meshctl.process import REPO
 from services.common.model import Model, Servable
 from services.common.onnx_model import OnnxModel
 from services.common.repository import ModelRepository, ModelVersionDir, scan

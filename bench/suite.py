@@ -33,7 +33,8 @@ from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_
 from bench.models import DEFAULT_DIRS
 from bench.profile import BackgroundProfile, summarize_file
 from bench.runner import Target, Timing, all_in_one, local_mesh, run_point, service_target
-from meshctl.launcher import DEFAULT_GRAPHS, REPO
+from meshctl.launcher import DEFAULT_GRAPHS
+from meshctl.process import REPO
 from orchestrator.spec import load_spec
 from services.common.digits import load_holdout
 from services.common.topology import ORCHESTRATOR

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from meshctl.launcher import EPHEMERAL_PORTS, REPO, LocalMesh
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
+from meshctl.process import REPO
 from services.common.client import OipClient
 from services.common.digits import load_holdout
 from services.common.errors import MeshError

@@ -22,13 +22,8 @@ import numpy as np
 import pytest
 
 from meshctl import cli
-from meshctl.launcher import (
-    EPHEMERAL_PORTS,
-    REPO,
-    LocalMesh,
-    MeshStartupError,
-    replica_target,
-)
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
+from meshctl.process import REPO, MeshStartupError, replica_target
 from services.common.client import OipClient
 from services.common.digits import load_holdout
 from services.common.errors import MeshError
@@ -142,7 +137,7 @@ def test_stop_leaves_no_process_running() -> None:
     mesh = LocalMesh(ports=EPHEMERAL_PORTS, include_orchestrator=False, grace=2.0)
     try:
         mesh.start()
-        pids = mesh.pids()
+        pids = [p.pid for p in mesh.processes()]
         assert len(pids) == 3 and all(_alive(pid) for pid in pids)
     finally:
         codes = mesh.stop()
@@ -240,11 +235,6 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
     assert not any(_alive(pid) for pid in pids)
 
 
-@pytest.mark.skipif(
-    not (REPO / "orchestrator" / "__main__.py").exists()
-    or not (REPO / "orchestrator" / "graphs.yaml").exists(),
-    reason="the orchestrator (orchestrator/__main__.py and graphs.yaml) is not there yet",
-)
 def test_full_mesh_serves_the_graphs_through_the_orchestrator(
     holdout: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
