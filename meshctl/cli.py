@@ -431,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--index", type=_non_negative, default=0, help="held-out digit to send (default: 0)")
-    source.add_argument("--image", type=Path, help=".npy (8x8) or text/CSV file of 64 integers 0..16")
+    source.add_argument(
+        "--image", type=Path, help=f".npy (8x8) or text/CSV file of 64 integers 0..{PIXEL_MAX}"
+    )
     predict.add_argument("--count", type=_positive, default=1, help="send K consecutive held-out digits")
     predict.add_argument("--version", default="", help="model version (default: the server's choice)")
     predict.add_argument(

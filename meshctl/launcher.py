@@ -63,6 +63,8 @@ EPHEMERAL_PORTS = dict.fromkeys(SERVICES, 0)
 #: The orchestrator's default spec: what it serves when the mesh is started without `graphs`.
 DEFAULT_GRAPHS = REPO / "orchestrator" / "graphs.yaml"
 
+#: The default ports are this plus a fixed offset per service (8001, 8011, ...): `--base-port`.
+BASE_PORT = 8000
 STARTUP_TIMEOUT = 60.0
 
 
@@ -70,7 +72,7 @@ def ports_from_base(base: int) -> dict[str, int]:
     """Ports laid out like the defaults around another base (9000 -> 9001, 9011, ...); 0 = all free."""
     if base == 0:
         return dict(EPHEMERAL_PORTS)
-    return {service: base + port - 8000 for service, port in DEFAULT_PORTS.items()}
+    return {service: base + port - BASE_PORT for service, port in DEFAULT_PORTS.items()}
 
 
 async def probe_models(
@@ -456,9 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base-port",
         type=int,
-        default=8000,
-        help="ports are base+1 (orchestrator), +11 (preprocess), +21 (model_a), +31 (model_b); "
-        "0 = free ports (default: %(default)s)",
+        default=BASE_PORT,
+        help="ports are base"
+        + ", ".join(f"+{port - BASE_PORT} ({service})" for service, port in DEFAULT_PORTS.items())
+        + "; 0 = free ports (default: %(default)s)",
     )
     parser.add_argument(
         "--port",
