@@ -45,6 +45,8 @@ COPY Makefile ./
 COPY proto/ proto/
 COPY services/ services/
 COPY orchestrator/ orchestrator/
+# The operator tooling too, so every image has the `onnxmesh` CLI (e.g. for a throw-away client pod).
+COPY meshctl/ meshctl/
 
 # `make proto` normally sets up .venv first; point it at this venv and mark it installed.
 # Model files never go into the package: each runtime image copies its own directory.
@@ -74,7 +76,8 @@ USER ${UID}:${UID}
 # ---------------------------------------------------------------------------------------
 # One final stage per service. Exec-form ENTRYPOINT cannot expand variables, so each
 # service gets a literal one; `FROM svc-${SERVICE}` at the end picks the stage (BuildKit
-# builds only the stages the chosen one needs).
+# builds only the stages the chosen one needs). Ports and modules are those of
+# services/common/topology.py (tests/unit/test_topology.py keeps them equal).
 FROM runtime AS svc-preprocess
 COPY --chown=0:0 services/preprocess/models /opt/onnxmesh/models
 ENV ONNXMESH_PORT=8011 ONNXMESH_MODEL_DIR=/opt/onnxmesh/models

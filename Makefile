@@ -37,14 +37,14 @@ lint: setup
 	$(BIN)/mypy
 
 run: setup
-	$(BIN)/python -m orchestrator.mesh $(ARGS)
+	$(BIN)/python -m meshctl.launcher $(ARGS)
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
 
 # A rolling update of model_a with traffic flowing, on local processes.
 rehearse: setup
-	$(BIN)/python -m orchestrator.rehearsal $(ARGS)
+	$(BIN)/python -m meshctl.rehearsal $(ARGS)
 
 models: setup
 	$(BIN)/python scripts/train_digits.py

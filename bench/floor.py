@@ -30,14 +30,13 @@ import numpy as np
 
 from bench.measure import MEASURED, MEASURING, Samples, Window, describe, emit, summarize
 from bench.models import (
-    HOLDOUT,
     features_of,
-    load_holdout,
     load_models_sync,
     local_repositories,
     model_dirs,
     service_dir,
 )
+from services.common.digits import load_holdout
 from services.common.model import Model
 from services.common.settings import ServerSettings
 
@@ -140,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=1, help="closed-loop threads (default: 1)")
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds (default: 4)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default: 2)")
-    parser.add_argument("--holdout", type=Path, default=HOLDOUT, help="held-out digits (.npz)")
+    parser.add_argument(
+        "--holdout",
+        type=Path,
+        default=None,
+        help="held-out digits (.npz; default: the ones shipped with onnxmesh)",
+    )
     parser.add_argument(
         "--service-dir",
         type=service_dir,

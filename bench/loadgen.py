@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.measure import MEASURED, MEASURING, Samples, Window, describe, emit, summarize
-from bench.models import HOLDOUT, Holdout, features_of, load_holdout
+from bench.models import features_of
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.client import OipClient
+from services.common.digits import Holdout, load_holdout
 from services.common.errors import MeshError
 from services.common.types import ModelSignature
 
@@ -160,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds (default: 4)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default: 2)")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s (default: 10)")
-    parser.add_argument("--holdout", type=Path, default=HOLDOUT, help="held-out digits (.npz)")
+    parser.add_argument(
+        "--holdout",
+        type=Path,
+        default=None,
+        help="held-out digits (.npz; default: the ones shipped with onnxmesh)",
+    )
     parser.add_argument(
         "--preprocess-dir",
         type=Path,

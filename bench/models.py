@@ -10,39 +10,22 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from orchestrator.mesh import REPO, SERVICES
+from meshctl.process import REPO
 from services.common.model import Model, Servable
 from services.common.onnx_model import OnnxModel
 from services.common.repository import ModelRepository, ModelVersionDir, scan
 from services.common.settings import ServerSettings
+from services.common.topology import MODEL_SERVICES, PREPROCESS
 from services.preprocess.model import DigitsPreprocess, preprocess_servable
 
-HOLDOUT = REPO / "data" / "digits-holdout.npz"
 #: The model directory each service reads by default (`services/<name>/models`).
-DEFAULT_DIRS: dict[str, Path] = {service: REPO / "services" / service / "models" for service in SERVICES}
-PREPROCESS = "preprocess"
-
-
-@dataclass(frozen=True)
-class Holdout:
-    """The held-out digits: images UINT8 [N, 8, 8] (0..16) and their labels INT64 [N]."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_holdout(path: Path = HOLDOUT) -> Holdout:
-    """The held-out split written by scripts/train_digits.py."""
-    with np.load(path) as data:
-        return Holdout(np.asarray(data["images"], dtype=np.uint8), np.asarray(data["labels"], dtype=np.int64))
+DEFAULT_DIRS: dict[str, Path] = {
+    service: REPO / "services" / service / "models" for service in MODEL_SERVICES
+}
 
 
 def service_dir(text: str) -> tuple[str, Path]:

@@ -10,7 +10,6 @@ window as the requests.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,9 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import procstat
 from bench.measure import MEASURED, MEASURING, RESULT
-from orchestrator.mesh import EPHEMERAL_PORTS, ORCHESTRATOR, REPO, LocalMesh, ServiceProcess, run_async
-from services.common.client import OipClient
-from services.common.errors import MeshError
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
+from meshctl.process import REPO, ServiceProcess, wait_serving
+from services.common.topology import ORCHESTRATOR
 
 OVERHEAD_METRIC = "onnxmesh_orchestrator_overhead_seconds"
 #: The keys of the load driver's process and of this (runner) process in CPU snapshots.
@@ -252,27 +250,6 @@ def other_load(cpu: procstat.CpuUsage, ours: float) -> float:
 # -- the targets' processes ---------------------------------------------------------------------
 
 
-async def _until_serving(proc: ServiceProcess, deadline: float) -> None:
-    client: OipClient | None = None
-    try:
-        while True:
-            if not proc.running:
-                raise RuntimeError(
-                    f"{proc.name} exited with code {proc.returncode}:\n" + "\n".join(proc.tail)
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{proc.name} not SERVING in time:\n" + "\n".join(proc.tail))
-            if proc.port is not None:
-                client = client or OipClient(proc.address)
-                with contextlib.suppress(MeshError):
-                    if await client.health(timeout=1.0) == "SERVING":
-                        return
-            await asyncio.sleep(0.05)
-    finally:
-        if client is not None:
-            await client.close()
-
-
 @contextlib.contextmanager
 def all_in_one(config: str, dirs: Mapping[str, Path], log_level: str = "WARNING") -> Iterator[Target]:
     """`python -m bench.all_in_one` on a free port, SERVING, stopped on exit."""
@@ -283,8 +260,7 @@ def all_in_one(config: str, dirs: Mapping[str, Path], log_level: str = "WARNING"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = ServiceProcess("all_in_one", 1, "127.0.0.1", 0, command, env, None)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        run_async(lambda: _until_serving(proc, deadline))
+        wait_serving([proc], STARTUP_TIMEOUT, threading.Event())
         commands = {"all_in_one": shlex.join(command)}
         yield Target("all-in-one", config, proc.address, {"all_in_one": proc.pid}, commands=commands)
     finally:

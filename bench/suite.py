@@ -30,11 +30,14 @@ from typing import Any
 from bench import analysis
 from bench.analysis import FLOOR, LARGE, LARGE_BATCHING, SMALL
 from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_large_model
-from bench.models import DEFAULT_DIRS, load_holdout
+from bench.models import DEFAULT_DIRS
 from bench.profile import BackgroundProfile, summarize_file
 from bench.runner import Target, Timing, all_in_one, local_mesh, run_point, service_target
-from orchestrator.mesh import DEFAULT_GRAPHS, ORCHESTRATOR, REPO
+from meshctl.launcher import DEFAULT_GRAPHS
+from meshctl.process import REPO
 from orchestrator.spec import load_spec
+from services.common.digits import load_holdout
+from services.common.topology import ORCHESTRATOR
 
 GRAPHS = ("digits-serial", "digits-parallel")
 PROFILE_SECONDS = 5.0

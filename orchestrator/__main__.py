@@ -16,6 +16,7 @@ from services.common.metrics import ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import add_option, server_parser, settings_from_args
+from services.common.topology import DEFAULT_PORTS, ORCHESTRATOR
 
 DEFAULT_GRAPHS = Path(__file__).parent / "graphs.yaml"
 log = logging.getLogger("orchestrator")
@@ -23,8 +24,8 @@ log = logging.getLogger("orchestrator")
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = server_parser(
-        "orchestrator",
-        port=8001,
+        ORCHESTRATOR,
+        port=DEFAULT_PORTS[ORCHESTRATOR],
         model_dir=None,
         description="Run the inference graphs of a spec over the mesh's services; each graph is served as a model.",
     )

@@ -3,11 +3,12 @@
 from pathlib import Path
 
 from services.common.model_service import main
+from services.common.topology import DEFAULT_PORTS, MODEL_A
 
 if __name__ == "__main__":
     main(
-        "model_a",
-        port=8021,
+        MODEL_A,
+        port=DEFAULT_PORTS[MODEL_A],
         model_dir=Path(__file__).parent / "models",
         description="Serve every ONNX model under the model directory over the Open Inference Protocol.",
     )

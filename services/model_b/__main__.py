@@ -3,11 +3,12 @@
 from pathlib import Path
 
 from services.common.model_service import main
+from services.common.topology import DEFAULT_PORTS, MODEL_B
 
 if __name__ == "__main__":
     main(
-        "model_b",
-        port=8031,
+        MODEL_B,
+        port=DEFAULT_PORTS[MODEL_B],
         model_dir=Path(__file__).parent / "models",
         description="Serve every ONNX model under the model directory over the Open Inference Protocol.",
     )

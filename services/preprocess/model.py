@@ -12,13 +12,12 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+from services.common.digits import PIXEL_MAX
 from services.common.errors import InvalidInput
 from services.common.model import Model, Servable
 from services.common.repository import ModelVersionDir
 from services.common.settings import ServerSettings
 from services.common.types import ModelSignature, TensorSpec
-
-PIXEL_MAX = 16
 
 
 class DigitsPreprocess(Model):

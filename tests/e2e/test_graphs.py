@@ -17,12 +17,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from orchestrator.mesh import EPHEMERAL_PORTS, LocalMesh
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
+from services.common import digits
 from services.common.client import OipClient
 from services.common.errors import InvalidInput, MeshError, Unavailable
-from tests.support import ROOT
 
-HOLDOUT = np.load(ROOT / "data" / "digits-holdout.npz")
+HOLDOUT = digits.load_holdout()
 GRAPHS = ("digits-serial", "digits-parallel", "digits-cascade")
 
 # A stock client in its own process (tritonclient and our stubs both register `inference.*`).
@@ -84,7 +84,7 @@ def test_every_graph_is_accurate_through_a_stock_client(mesh: LocalMesh) -> None
             "-c",
             TRITON_ACCURACY,
             mesh.address("orchestrator"),
-            str(ROOT / "data/digits-holdout.npz"),
+            str(digits.HOLDOUT),
             *GRAPHS,
         ],
         capture_output=True,
@@ -105,7 +105,7 @@ def test_every_graph_is_accurate_through_a_stock_client(mesh: LocalMesh) -> None
 
 
 def test_both_model_a_replicas_receive_traffic(mesh: LocalMesh) -> None:
-    images = HOLDOUT["images"]
+    images = HOLDOUT.images
     for i in range(40):
         infer(mesh.address("orchestrator"), "digits-serial", images[i : i + 1])
     counts = []
@@ -132,12 +132,12 @@ def test_bad_client_input_names_step_and_tensor(mesh: LocalMesh) -> None:
     with pytest.raises(InvalidInput, match="image"):
         infer(mesh.address("orchestrator"), "digits-parallel", np.zeros((1, 8, 8), np.float32))
     # The mesh keeps answering.
-    assert infer(mesh.address("orchestrator"), "digits-parallel", HOLDOUT["images"][:1])["outputs"]
+    assert infer(mesh.address("orchestrator"), "digits-parallel", HOLDOUT.images[:1])["outputs"]
 
 
 def test_unknown_graph_is_not_found(mesh: LocalMesh) -> None:
     with pytest.raises(MeshError) as info:
-        infer(mesh.address("orchestrator"), "digits-nope", HOLDOUT["images"][:1])
+        infer(mesh.address("orchestrator"), "digits-nope", HOLDOUT.images[:1])
     assert info.value.code == "NOT_FOUND" and "digits-parallel" in info.value.message
 
 
@@ -150,7 +150,7 @@ def mesh_without_model_b() -> Iterator[LocalMesh]:
 
 def test_with_model_b_down_parallel_degrades_and_serial_fails_fast(mesh_without_model_b: LocalMesh) -> None:
     address = mesh_without_model_b.address("orchestrator")
-    images, labels = HOLDOUT["images"][:20], HOLDOUT["labels"][:20]
+    images, labels = HOLDOUT.images[:20], HOLDOUT.labels[:20]
     correct = 0
     for image, label in zip(images, labels, strict=True):
         answer = infer(address, "digits-parallel", image[None])

@@ -21,21 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import cli
-from orchestrator.mesh import (
-    EPHEMERAL_PORTS,
-    REPO,
-    SERVICES,
-    LocalMesh,
-    MeshStartupError,
-    replica_target,
-)
+from meshctl import cli
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
+from meshctl.process import REPO, MeshStartupError, replica_target
 from services.common.client import OipClient
+from services.common.digits import load_holdout
 from services.common.errors import MeshError
+from services.common.topology import MODEL_SERVICES
 
 pytestmark = pytest.mark.timeout(120)
-
-HOLDOUT = REPO / "data" / "digits-holdout.npz"
 
 
 def _alive(pid: int) -> bool:
@@ -74,8 +68,8 @@ def _classify(mesh: LocalMesh, images: np.ndarray, model_a_target: str | None = 
 
 @pytest.fixture(scope="module")
 def holdout() -> tuple[np.ndarray, np.ndarray]:
-    with np.load(HOLDOUT) as data:
-        return data["images"], data["labels"]
+    holdout = load_holdout()
+    return holdout.images, holdout.labels
 
 
 @pytest.fixture
@@ -92,7 +86,7 @@ def mesh(logs: io.StringIO) -> Iterator[LocalMesh]:
 
 
 def test_every_service_is_serving_on_its_bound_port(mesh: LocalMesh) -> None:
-    assert [p.service for p in mesh.processes()] == list(SERVICES)
+    assert [p.service for p in mesh.processes()] == list(MODEL_SERVICES)
     for proc in mesh.processes():
         assert proc.running and proc.port not in (None, 0)
         assert _health(proc.address) == "SERVING", proc
@@ -143,7 +137,7 @@ def test_stop_leaves_no_process_running() -> None:
     mesh = LocalMesh(ports=EPHEMERAL_PORTS, include_orchestrator=False, grace=2.0)
     try:
         mesh.start()
-        pids = mesh.pids()
+        pids = [p.pid for p in mesh.processes()]
         assert len(pids) == 3 and all(_alive(pid) for pid in pids)
     finally:
         codes = mesh.stop()
@@ -212,9 +206,9 @@ def test_replica_ports_and_targets_are_planned() -> None:
 
 
 def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
-    """`python -m orchestrator.mesh` as `make run` runs it: ready line, then SIGTERM, exit 0, no orphans."""
+    """`python -m meshctl.launcher` as `make run` runs it: ready line, then SIGTERM, exit 0, no orphans."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.mesh", "--no-orchestrator", "--base-port", "0"],
+        [sys.executable, "-m", "meshctl.launcher", "--no-orchestrator", "--base-port", "0"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -241,11 +235,6 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
     assert not any(_alive(pid) for pid in pids)
 
 
-@pytest.mark.skipif(
-    not (REPO / "orchestrator" / "__main__.py").exists()
-    or not (REPO / "orchestrator" / "graphs.yaml").exists(),
-    reason="the orchestrator (orchestrator/__main__.py and graphs.yaml) is not there yet",
-)
 def test_full_mesh_serves_the_graphs_through_the_orchestrator(
     holdout: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:

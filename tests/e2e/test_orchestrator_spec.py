@@ -9,17 +9,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from orchestrator.mesh import EPHEMERAL_PORTS, LocalMesh
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.client import OipClient
+from services.common.digits import load_holdout
 from services.common.errors import NotFound
 from tests.support import ROOT, metric_total
 
 SPEC = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
-IMAGE = np.load(ROOT / "data/digits-holdout.npz")["images"][:1]
+IMAGE = load_holdout().images[:1]
 
 
 def run_orchestrator(spec_path: Path, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.mesh import EPHEMERAL_PORTS, LocalMesh
-from orchestrator.rehearsal import Traffic, rehearse, versioned_copy
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
+from meshctl.rehearsal import Traffic, rehearse, versioned_copy
 from tests.support import ROOT
 
 

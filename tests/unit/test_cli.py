@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from orchestrator import cli
+from meshctl import cli
 from services.common.errors import DeadlineExceeded, NotFound, Unavailable
 
 REFUSED = "unavailable: connections to all backends failing; last error: Connection refused"
@@ -127,12 +128,34 @@ def test_health_and_models_accept_several_targets() -> None:
     assert args.model == ["digits-mlp", "digits-head"] and args.target is None
 
 
-def test_rollout_is_a_command() -> None:
-    # Wired in from orchestrator/rollout.py when present; otherwise a stub that explains itself.
-    parser = cli.build_parser()
+def test_unknown_arguments_of_a_command_are_usage_errors() -> None:
     with pytest.raises(SystemExit) as caught:
-        parser.parse_args(["rollout", "--help"])
+        cli.main(["health", "--frobnicate"])
+    assert caught.value.code == 2
+
+
+def test_rollout_hands_its_arguments_to_meshctl_rollout(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["rollout", "--help"])
     assert caught.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: onnxmesh rollout")
+    assert all(command in out for command in ("status", "set-image", "canary", "promote", "abort"))
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["rollout", "canary", "digits-serial"])  # no step, no --weights
+    assert caught.value.code == 2
+
+
+def test_rollout_without_the_kubernetes_client_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "kubernetes", None)  # `import kubernetes` now fails: no k8s extra
+
+    assert cli.main(["rollout", "status"]) == 2
+    err = capsys.readouterr().err
+    assert "the rollout commands need the Kubernetes client" in err
+    assert "pip install 'onnxmesh[k8s]'" in err
+    assert "Traceback" not in err
 
 
 # -- targets -------------------------------------------------------------------------------------------

@@ -24,6 +24,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from orchestrator.spec import parse_spec
+from services.common.topology import (
+    DEFAULT_GRAPH_NAMES,
+    DEFAULT_PORTS,
+    ORCHESTRATOR,
+    address_variable,
+    kubernetes_name,
+)
+
 Obj = dict[str, Any]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +42,8 @@ K8S = REPO / "k8s"
 K8S_VERSION = "1.34"
 NAMESPACE = "onnxmesh"
 TARGETS = ["base", *sorted(f"overlays/{p.name}" for p in (K8S / "overlays").iterdir() if p.is_dir())]
-GRPC_PORTS = {"orchestrator": 8001, "preprocess": 8011, "model-a": 8021, "model-b": 8031}
+#: Each node's Kubernetes name (its app label, Deployment and Service) -> its gRPC port.
+GRPC_PORTS = {kubernetes_name(service): port for service, port in DEFAULT_PORTS.items()}
 METRICS_PORT = 9090
 #: Seconds between the end of the drain and the kubelet's SIGKILL that we insist on.
 GRACE_MARGIN = 5
@@ -129,7 +139,7 @@ def grpc_port(dep: Obj) -> int:
 
 
 def is_orchestrator(dep: Obj) -> bool:
-    return app_name(dep) == "orchestrator"
+    return app_name(dep) == kubernetes_name(ORCHESTRATOR)
 
 
 def selector_matches(selector: Obj | None, labels: dict[str, str]) -> bool:
@@ -431,7 +441,7 @@ def test_model_services_are_headless_and_the_orchestrator_has_a_cluster_ip(rende
         if is_orchestrator(dep):
             assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
             assert service["spec"].get("clusterIP") != "None"
-            assert ports["grpc"]["port"] == 8001
+            assert ports["grpc"]["port"] == DEFAULT_PORTS[ORCHESTRATOR]
         else:
             # The orchestrator balances over pod IPs itself (dns:/// + round_robin).
             assert service["spec"].get("clusterIP") == "None", f"{name}: must be headless"
@@ -518,7 +528,7 @@ def test_orchestrator_accepts_clients_from_the_whole_cluster(rendered: Render) -
         rule
         for policy in policies_for(rendered, pod_labels(orchestrator), "Ingress")
         for rule in policy["spec"].get("ingress", [])
-        if rule_covers_port(rule, 8001, main_container(orchestrator))
+        if rule_covers_port(rule, DEFAULT_PORTS[ORCHESTRATOR], main_container(orchestrator))
     ]
     assert any({"namespaceSelector": {}} in (r.get("from") or []) for r in rules)
 
@@ -583,7 +593,7 @@ def test_orchestrator_knows_the_headless_address_of_every_spec_service(rendered:
     orchestrator = next(d for d in rendered.deployments if is_orchestrator(d))
     env = env_of(main_container(orchestrator))
     for service_name in spec["services"]:
-        key = f"ONNXMESH_SERVICE_{service_name.upper()}_ADDRESS"
+        key = address_variable(service_name)
         assert key in env, f"orchestrator has no {key}"
         m = re.fullmatch(rf"dns:///([a-z0-9-]+)\.{NAMESPACE}\.svc\.cluster\.local:(\d+)", env[key])
         assert m, f"{key}={env[key]}"
@@ -594,15 +604,12 @@ def test_orchestrator_knows_the_headless_address_of_every_spec_service(rendered:
 
 
 def test_graph_spec_parses_with_the_orchestrators_parser(rendered: Render) -> None:
-    spec_module = pytest.importorskip("orchestrator.spec")
-    spec = spec_module.parse_spec(rendered.of_kind("ConfigMap")[0]["data"]["graphs.yaml"])
-    assert set(spec.graphs) >= {"digits-serial", "digits-parallel", "digits-cascade"}
+    spec = parse_spec(rendered.of_kind("ConfigMap")[0]["data"]["graphs.yaml"])
+    assert set(spec.graphs) >= set(DEFAULT_GRAPH_NAMES)
 
 
 def test_base_graph_spec_is_the_orchestrators() -> None:
     source = REPO / "orchestrator" / "graphs.yaml"
-    if not source.exists():
-        pytest.skip("orchestrator/graphs.yaml does not exist yet")
     assert (K8S / "base" / "graphs.yaml").read_text() == source.read_text(), (
         "k8s/base/graphs.yaml differs from orchestrator/graphs.yaml: cp orchestrator/graphs.yaml k8s/base/"
     )

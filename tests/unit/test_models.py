@@ -3,9 +3,11 @@ retraining reproduces them as models (within tolerances; bytes only where the da
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import subprocess
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,16 @@ import onnxruntime as ort
 import pytest
 from numpy.typing import NDArray
 
+from scripts.train_digits import HOLDOUT_PATH
+from services.common import digits
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "train_digits.py"
 STATS = Path("services/preprocess/models/digits-preprocess/1/stats.json")
 MLP = Path("services/model_a/models/digits-mlp/1/model.onnx")
 LOGREG = Path("services/model_b/models/digits-logreg/1/model.onnx")
 HEAD = Path("services/model_b/models/digits-head/1/model.onnx")
-HOLDOUT = Path("data/digits-holdout.npz")
+HOLDOUT = Path("services/common/data/digits-holdout.npz")
 CONFIGS = [p.parent.parent / "config.json" for p in (MLP, LOGREG, HEAD)]
 GENERATED = [STATS, MLP, LOGREG, HEAD, HOLDOUT, *CONFIGS]
 
@@ -92,8 +97,22 @@ def test_holdout_npz(holdout: tuple[NDArray[np.uint8], NDArray[np.int64]]) -> No
     assert images.ndim == 3 and images.shape[1:] == (8, 8)
     assert labels.shape == (images.shape[0],)
     assert 300 <= len(labels) <= 400  # 20 % of 1797
-    assert images.max() <= 16
+    assert images.max() <= digits.PIXEL_MAX
     assert set(np.unique(labels).tolist()) == set(range(10))
+
+
+def test_the_holdout_the_script_writes_is_the_package_data_everyone_reads(
+    holdout: tuple[NDArray[np.uint8], NDArray[np.int64]],
+) -> None:
+    assert HOLDOUT_PATH == HOLDOUT
+    assert Path(str(digits.HOLDOUT)).samefile(REPO / HOLDOUT)
+    loaded = digits.load_holdout()
+    np.testing.assert_array_equal(loaded.images, holdout[0])
+    np.testing.assert_array_equal(loaded.labels, holdout[1])
+    # Declared as package data, so an installed wheel has it too.
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    inside = HOLDOUT.relative_to("services/common").as_posix()
+    assert any(fnmatch.fnmatch(inside, pattern) for pattern in package_data["services.common"])
 
 
 def test_standardization_stats() -> None:

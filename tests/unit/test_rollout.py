@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
 import io
@@ -11,29 +10,22 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import yaml
 
-from orchestrator.rollout import (
+from meshctl.rollout.cli import build_parser, run_rollout
+from meshctl.rollout.cluster import Obj
+from meshctl.rollout.deployments import NAME_LABEL, image_tag, rollout_state
+from meshctl.rollout.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
-    NAME_LABEL,
-    Branch,
     ConflictError,
     NotFoundError,
-    Obj,
     RolloutError,
     UsageError,
-    add_rollout_parser,
-    build_parser,
-    image_tag,
-    parse_weights,
-    rollout_state,
-    run_rollout,
-    service_components,
-    set_splitter_weights,
-    splitter_branches,
 )
+from meshctl.rollout.graphs import Branch, service_components
+from meshctl.rollout.weights import parse_weights, set_splitter_weights, splitter_branches
+from orchestrator.spec import parse_spec
 
 NS = "onnxmesh"
 
@@ -682,7 +674,6 @@ def test_abort_when_already_stable_writes_nothing(cluster: FakeCluster) -> None:
 
 
 def test_canary_refuses_a_spec_the_orchestrator_would_reject(cluster: FakeCluster) -> None:
-    pytest.importorskip("orchestrator.spec")
     broken = SPEC.replace(
         "service: preprocess, model: digits-preprocess", "service: nowhere, model: digits-preprocess"
     )
@@ -829,10 +820,21 @@ def test_status_without_a_graph_spec_still_lists_deployments(cluster: FakeCluste
     assert "note: graph spec unavailable" in result.out
 
 
-def test_service_components_reads_the_orchestrator_environment(cluster: FakeCluster) -> None:
-    spec = yaml.safe_load(SPEC)
+def test_status_of_a_spec_the_orchestrator_rejects_says_why(cluster: FakeCluster) -> None:
+    cluster.config_maps["onnxmesh-graphs"]["data"]["graphs.yaml"] = SPEC.replace(
+        "service: model_b, model: digits-head", "service: nowhere, model: digits-head"
+    )
 
-    mapping = service_components(spec, cluster.deployments["orchestrator"])
+    result = run(cluster, "status")
+
+    assert result.code == EXIT_OK
+    assert "model-a-canary" in result.out and "SPLITTERS" not in result.out
+    assert "note: graph spec unavailable: the orchestrator rejects the spec" in result.out
+    assert "nowhere" in result.out
+
+
+def test_service_components_reads_the_orchestrator_environment(cluster: FakeCluster) -> None:
+    mapping = service_components(parse_spec(SPEC), cluster.deployments["orchestrator"])
 
     assert mapping == {
         "preprocess": "preprocess",
@@ -847,14 +849,15 @@ def test_service_components_reads_the_orchestrator_environment(cluster: FakeClus
 # Command line
 
 
-def test_rollout_plugs_into_a_parent_cli() -> None:
-    parser = argparse.ArgumentParser(prog="onnxmesh")
-    add_rollout_parser(parser.add_subparsers(dest="command", required=True))
+def test_command_lines_parse() -> None:
+    args = build_parser().parse_args(["canary", "g", "s", "--weights", "stable=9,canary=1", "-n", "mesh"])
 
-    args = parser.parse_args(["rollout", "canary", "g", "s", "--weights", "stable=9,canary=1", "-n", "mesh"])
-
-    assert args.func is run_rollout
     assert (args.rollout_command, args.graph, args.step, args.namespace) == ("canary", "g", "s", "mesh")
+    assert (args.configmap, args.graphs_key, args.orchestrator) == (
+        "onnxmesh-graphs",
+        "graphs.yaml",
+        "orchestrator",
+    )
 
 
 @pytest.mark.parametrize(

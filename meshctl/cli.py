@@ -3,7 +3,7 @@
     onnxmesh predict [digits-parallel] [--index N | --image FILE] [--count K] [--target HOST:PORT]
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
     onnxmesh health  [--target HOST:PORT ...]
-    onnxmesh rollout ...            (when orchestrator/rollout.py is present)
+    onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
 
 Every call goes through the shared OipClient with short timeouts. When nothing answers, the
 CLI says so in one line and exits 1 (never a traceback): start the mesh with `make run`.
@@ -26,27 +26,35 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from orchestrator.mesh import DEFAULT_PORTS, KNOWN_GRAPHS, ORCHESTRATOR, REPO, SERVICE_MODELS, probe_models
+from meshctl.launcher import probe_models
 from services.common.client import OipClient
+from services.common.digits import IMAGE_SHAPE, PIXEL_MAX, load_holdout
 from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
+from services.common.topology import (
+    DEFAULT_GRAPH_NAMES,
+    DEFAULT_PORTS,
+    MODEL_A,
+    ORCHESTRATOR,
+    PREPROCESS,
+    SERVICE_MODELS,
+    address_variable,
+)
 from services.common.types import InferResult, ModelSignature
 
-HOLDOUT = REPO / "data" / "digits-holdout.npz"
 DEFAULT_GRAPH = "digits-parallel"
+ROLLOUT = "rollout"
 TARGET_ENV = "ONNXMESH_TARGET"
-PIXEL_MAX = 16
-IMAGE_SHAPE = (8, 8)
 #: Each local endpoint `health` and `models` look at when no --target is given.
 LOCAL_ENDPOINTS = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
 #: Model name -> the service that serves it in the local mesh (graphs are the orchestrator's).
 MODEL_SERVICE = {model: service for service, models in SERVICE_MODELS.items() for model in models} | {
-    graph: ORCHESTRATOR for graph in KNOWN_GRAPHS
+    graph: ORCHESTRATOR for graph in DEFAULT_GRAPH_NAMES
 }
 #: How `predict` builds an input other than the image when it calls a model directly:
 #: input name -> (model that outputs it, that model's input, service serving it).
 PRODUCERS = {
-    "features": ("digits-preprocess", "image", "preprocess"),
-    "embedding": ("digits-mlp", "features", "model_a"),
+    "features": ("digits-preprocess", "image", PREPROCESS),
+    "embedding": ("digits-mlp", "features", MODEL_A),
 }
 
 
@@ -67,7 +75,7 @@ def default_target(name: str) -> str:
 
 def service_address(service: str) -> str:
     """A service's address for chained calls: the orchestrator's env override, else the local default."""
-    return os.environ.get(f"ONNXMESH_SERVICE_{service.upper()}_ADDRESS") or LOCAL_ENDPOINTS[service]
+    return os.environ.get(address_variable(service)) or LOCAL_ENDPOINTS[service]
 
 
 #: What gRPC says when no connection could be made (as opposed to a server answering UNAVAILABLE).
@@ -126,19 +134,17 @@ def load_image(path: Path) -> NDArray[np.uint8]:
     return values.reshape(IMAGE_SHAPE).astype(np.uint8)
 
 
-def load_holdout(path: Path = HOLDOUT) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
-    try:
-        with np.load(path) as data:
-            return np.asarray(data["images"], np.uint8), np.asarray(data["labels"], np.int64)
-    except (OSError, KeyError, ValueError) as exc:
-        raise CliError(f"{path}: cannot read the held-out digits: {exc}") from None
-
-
 def select_digits(args: argparse.Namespace) -> Digits:
     if args.image is not None:
         image = load_image(args.image)
         return Digits(image[None], None, [str(args.image)])
-    images, labels = load_holdout(args.data)
+    try:
+        holdout = load_holdout(args.data)
+    except (OSError, KeyError, ValueError) as exc:
+        raise CliError(
+            f"{args.data or 'the held-out digits'}: cannot read the held-out digits: {exc}"
+        ) from None
+    images, labels = holdout.images, holdout.labels
     rows = [(args.index + i) % len(images) for i in range(args.count)]  # wraps around the set
     return Digits(images[rows], labels[rows], [f"held-out #{row}" for row in rows])
 
@@ -415,7 +421,7 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `onnxmesh` parser; `rollout` is added when orchestrator/rollout.py exists."""
+    """The `onnxmesh` parser. `rollout` takes its arguments unparsed: meshctl.rollout parses them."""
     parser = argparse.ArgumentParser(prog="onnxmesh", description="Call the onnxmesh inference mesh.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -425,10 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--index", type=_non_negative, default=0, help="held-out digit to send (default: 0)")
-    source.add_argument("--image", type=Path, help=".npy (8x8) or text/CSV file of 64 integers 0..16")
+    source.add_argument(
+        "--image", type=Path, help=f".npy (8x8) or text/CSV file of 64 integers 0..{PIXEL_MAX}"
+    )
     predict.add_argument("--count", type=_positive, default=1, help="send K consecutive held-out digits")
     predict.add_argument("--version", default="", help="model version (default: the server's choice)")
-    predict.add_argument("--data", type=Path, default=HOLDOUT, help="held-out digits (.npz)")
+    predict.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="held-out digits (.npz; default: the ones shipped with onnxmesh)",
+    )
     _add_target(predict, "HOST:PORT (default: $ONNXMESH_TARGET, else the local node serving NAME)")
     _add_timeouts(predict, call=10.0)
 
@@ -442,7 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="health service name (default: the whole server)")
     _add_timeouts(health, call=2.0)
 
-    _add_rollout(commands)
+    # Only this command needs meshctl.rollout (and the Kubernetes client, an optional extra), so it
+    # is imported when the command runs, and parses everything after `rollout` itself.
+    commands.add_parser(
+        ROLLOUT,
+        help="per-model rollouts and canary weights on Kubernetes (onnxmesh rollout --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -457,23 +476,12 @@ def _add_timeouts(parser: argparse.ArgumentParser, *, call: float) -> None:
     )
 
 
-def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Wire in `onnxmesh rollout` from orchestrator/rollout.py, or a stub saying why it is missing."""
-    try:
-        from orchestrator import rollout  # imported lazily: the module lands separately
-    except ImportError as exc:
-        reason = (
-            "orchestrator/rollout.py is not there yet" if exc.name == "orchestrator.rollout" else str(exc)
-        )
-        stub = commands.add_parser("rollout", help="roll out a model version (not available)")
-        stub.set_defaults(unavailable=f"rollout is not available: {reason}")
-        return
-    rollout.add_rollout_parser(commands)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnxmesh` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != ROLLOUT and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "predict":
             if args.image is not None and args.count > 1:
@@ -483,8 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_models(args))
         if args.command == "health":
             return asyncio.run(_health(args))
-        if args.command == "rollout":
-            return _rollout(args)
+        if args.command == ROLLOUT:
+            return _rollout(rest)
         raise CliError(f"unknown command {args.command}")
     except CliError as exc:
         print(f"onnxmesh: {exc}", file=sys.stderr)
@@ -498,13 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _rollout(args: argparse.Namespace) -> int:
-    unavailable = getattr(args, "unavailable", None)
-    if unavailable:
-        raise CliError(unavailable)
-    from orchestrator import rollout
+def _rollout(argv: Sequence[str]) -> int:
+    from meshctl import rollout
 
-    return int(rollout.run_rollout(args))
+    return rollout.main(argv, prog=f"onnxmesh {ROLLOUT}")
 
 
 if __name__ == "__main__":

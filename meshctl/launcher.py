@@ -1,6 +1,6 @@
 """The local mesh: every node as its own process on one machine (`make run`, e2e tests, benchmarks).
 
-`python -m orchestrator.mesh` starts preprocess, model_a, model_b and the orchestrator as
+`python -m meshctl.launcher` starts preprocess, model_a, model_b and the orchestrator as
 separate processes, the same way Kubernetes runs them as separate Deployments, waits until
 each answers grpc.health.v1 SERVING, streams their logs prefixed with their name, and stops
 them all on Ctrl-C or SIGTERM. `LocalMesh` is the same thing as a class:
@@ -9,9 +9,9 @@ them all on Ctrl-C or SIGTERM. `LocalMesh` is the same thing as a class:
         address = mesh.address("model_a")          # "127.0.0.1:<port>"
         mesh.stop_service("model_b")               # e.g. a fault-tolerance test
 
-Life cycle of each node process (see services/common/server.py): it prints `<service>
-listening on HOST:PORT` once bound (the launcher reads the port from it, so port 0 works),
-reports SERVING once its models are warm, and drains and exits 0 on SIGTERM. Processes stay
+Each node is one `meshctl.process.ServiceProcess` (its life cycle is described there): it says
+where it listens once bound (so port 0 works), reports SERVING once its models are warm, and
+drains and exits 0 on SIGTERM. Processes stay
 in the launcher's process group, so a Ctrl-C in the terminal reaches them too, and a launcher
 that fails halfway through starting stops what it started before raising.
 """
@@ -21,127 +21,58 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import contextlib
-import ipaddress
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TextIO
 
-import yaml
-
+from meshctl.process import (
+    POLL_S,
+    REPO,
+    STOP_TIMEOUT,
+    MeshStartupError,
+    MeshStopped,
+    ServiceProcess,
+    connect_host,
+    replica_target,
+    run_async,
+    wait_serving,
+)
+from orchestrator.spec import SpecError, load_spec
 from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.topology import (
+    DEFAULT_GRAPH_NAMES,
+    DEFAULT_PORTS,
+    MODEL_SERVICES,
+    MODULES,
+    ORCHESTRATOR,
+    PREPROCESS,
+    SERVICES,
+    address_variable,
+)
 from services.common.types import ModelSignature
 
-REPO = Path(__file__).resolve().parent.parent
-ORCHESTRATOR = "orchestrator"
-#: Model-serving services in start order; the orchestrator starts after them (it needs their ports).
-SERVICES = ("preprocess", "model_a", "model_b")
-ALL_SERVICES = (*SERVICES, ORCHESTRATOR)
-MODULES = {
-    "preprocess": "services.preprocess",
-    "model_a": "services.model_a",
-    "model_b": "services.model_b",
-    ORCHESTRATOR: "orchestrator",
-}
-DEFAULT_PORTS = {ORCHESTRATOR: 8001, "preprocess": 8011, "model_a": 8021, "model_b": 8031}
 #: Every service on a free port chosen by the OS (tests): the launcher reads the bound port back.
-EPHEMERAL_PORTS = dict.fromkeys(ALL_SERVICES, 0)
-#: The models each local service serves, and the graphs of the default spec (OIP has no "list" RPC).
-SERVICE_MODELS = {
-    "preprocess": ("digits-preprocess",),
-    "model_a": ("digits-mlp",),
-    "model_b": ("digits-logreg", "digits-head"),
-}
-KNOWN_GRAPHS = ("digits-serial", "digits-parallel", "digits-cascade")
+EPHEMERAL_PORTS = dict.fromkeys(SERVICES, 0)
+#: The orchestrator's default spec: what it serves when the mesh is started without `graphs`.
 DEFAULT_GRAPHS = REPO / "orchestrator" / "graphs.yaml"
 
+#: The default ports are this plus a fixed offset per service (8001, 8011, ...): `--base-port`.
+BASE_PORT = 8000
 STARTUP_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
-TAIL_LINES = 40
-_POLL_S = 0.05
-_HEALTH_CALL_S = 1.0
-
-T = TypeVar("T")
-
-
-class MeshStopped(RuntimeError):
-    """`start()` gave up because the mesh was asked to stop (Ctrl-C, SIGTERM, `interrupt()`)."""
-
-
-class MeshStartupError(RuntimeError):
-    """A node died or never became SERVING; the message names it and shows its last stderr lines."""
-
-    def __init__(self, name: str, reason: str, tail: Sequence[str] = ()) -> None:
-        message = f"{name} failed to start: {reason}"
-        if tail:
-            message += f"\n--- last {len(tail)} stderr lines of {name} ---\n" + "\n".join(tail)
-        super().__init__(message)
-        self.name = name
-        self.reason = reason
-        self.tail = list(tail)
 
 
 def ports_from_base(base: int) -> dict[str, int]:
     """Ports laid out like the defaults around another base (9000 -> 9001, 9011, ...); 0 = all free."""
     if base == 0:
         return dict(EPHEMERAL_PORTS)
-    return {service: base + port - 8000 for service, port in DEFAULT_PORTS.items()}
-
-
-def replica_target(host: str, ports: Sequence[int]) -> str:
-    """The gRPC target of every replica: `host:port` for one, a static `ipv4:`/`ipv6:` list for several.
-
-    The orchestrator's client balances round robin over every address of a target.
-    """
-    if len(ports) == 1:
-        return f"{_bracket(host)}:{ports[0]}"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"several replicas need an IP address to list them, not host '{host}'") from None
-    scheme = "ipv4" if ip.version == 4 else "ipv6"
-    return f"{scheme}:" + ",".join(f"{_bracket(host)}:{port}" for port in ports)
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _connect_host(host: str) -> str:
-    """Where clients connect to a node that listens on `host` (a wildcard is reachable on loopback)."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-
-
-def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion on a fresh event loop in a worker thread.
-
-    A worker thread keeps this usable from code that already runs an event loop (a benchmark)
-    and keeps the caller's thread interruptible: Ctrl-C lands in the caller, not inside asyncio.
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            result.append(asyncio.run(factory()))
-        except BaseException as exc:
-            error.append(exc)
-
-    worker = threading.Thread(target=work, name="onnxmesh-async", daemon=True)
-    worker.start()
-    worker.join()
-    if error:
-        raise error[0]
-    return result[0]
+    return {service: base + port - BASE_PORT for service, port in DEFAULT_PORTS.items()}
 
 
 async def probe_models(
@@ -162,139 +93,11 @@ async def probe_models(
 
 
 def spec_graph_names(path: Path) -> list[str]:
-    """Graph names declared in a spec file, best effort (the spec format belongs to the orchestrator)."""
+    """The graphs of a spec file, as the orchestrator reads it; none if it cannot be read."""
     try:
-        spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        return list(load_spec(path).graphs)
+    except SpecError:
         return []
-    graphs = spec.get("graphs") if isinstance(spec, dict) else None
-    if isinstance(graphs, dict):
-        return [str(name) for name in graphs]
-    if isinstance(graphs, list):
-        return [str(g["name"]) for g in graphs if isinstance(g, dict) and "name" in g]
-    return []
-
-
-class ServiceProcess:
-    """One running node: its process, the port it bound, and the tail of its logs.
-
-    Two reader threads drain its stdout and stderr (a full pipe would block the node), echo
-    each line with a `[name]` prefix when asked to, and pick the bound port out of the
-    `listening on` line.
-    """
-
-    def __init__(
-        self,
-        service: str,
-        replica: int,
-        host: str,
-        requested_port: int,
-        command: Sequence[str],
-        env: Mapping[str, str],
-        echo: Callable[[str, str], None] | None,
-    ) -> None:
-        self.service = service
-        self.replica = replica
-        self.name = f"{service}-{replica}"
-        self.host = host
-        self.requested_port = requested_port
-        self.command = list(command)
-        self.port: int | None = None
-        #: The Prometheus /metrics port, when the node was started with --metrics-port.
-        self.metrics_port: int | None = None
-        self.ready_line_seen = False
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._echo = echo
-        self.proc = subprocess.Popen(
-            self.command,
-            cwd=REPO,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
-        )
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def address(self) -> str:
-        """`host:port` to connect to; only known once the node printed its `listening on` line."""
-        if self.port is None:
-            raise RuntimeError(f"{self.name} has not bound a port yet")
-        return f"{_bracket(_connect_host(self.host))}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.poll()
-
-    def _read(self, stream: TextIO | None, is_stdout: bool) -> None:
-        if stream is None:
-            return
-        for raw in stream:
-            line = raw.rstrip("\n")
-            if is_stdout:
-                self._announcement(line)
-            else:
-                self.tail.append(line)
-            if self._echo is not None:
-                self._echo(self.name, line)
-        stream.close()
-
-    def _announcement(self, line: str) -> None:
-        """Parse the `<service> listening|metrics|ready on HOST:PORT` lines a node prints on stdout."""
-        words = line.split()
-        if len(words) == 4 and words[1:3] == ["listening", "on"]:
-            self.port = int(words[3].rsplit(":", 1)[1])
-        elif len(words) == 4 and words[1:3] == ["metrics", "on"]:
-            self.metrics_port = int(words[3].rsplit(":", 1)[1])
-        elif len(words) == 4 and words[1:3] == ["ready", "on"]:
-            self.ready_line_seen = True
-
-    def signal(self, sig: signal.Signals) -> None:
-        # Until it is reaped the child's pid cannot be reused, so signalling it is safe.
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM (the node drains), then SIGKILL if it is still alive after `timeout`; the exit code."""
-        self.signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill(self) -> int:
-        self.signal(signal.SIGKILL)
-        return self.wait(STOP_TIMEOUT)
-
-    def wait(self, timeout: float) -> int:
-        """Wait for exit, killing the node once `timeout` has passed; joins the log readers."""
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            code = self.proc.wait()
-        for reader in self._readers:
-            reader.join(2.0)
-        return code
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else f"exited {self.returncode}"
-        return f"<ServiceProcess {self.name} pid={self.pid} port={self.port} {state}>"
 
 
 class LocalMesh:
@@ -328,12 +131,12 @@ class LocalMesh:
     ) -> None:
         self.host = host
         self.include_orchestrator = include_orchestrator
-        self.services = (*SERVICES, ORCHESTRATOR) if include_orchestrator else SERVICES
+        self.services = SERVICES if include_orchestrator else MODEL_SERVICES
         for label, mapping in (("ports", ports), ("replicas", replicas), ("model_dirs", model_dirs)):
             _check_names(label, mapping or {})
         _check_names("extra_args", extra_args or {})
         self.ports = {**DEFAULT_PORTS, **(ports or {})}
-        self.replicas = {service: 1 for service in ALL_SERVICES} | dict(replicas or {})
+        self.replicas = {service: 1 for service in SERVICES} | dict(replicas or {})
         if any(count < 1 for count in self.replicas.values()):
             raise ValueError(f"replica counts must be at least 1: {self.replicas}")
         _check_port_ranges({s: (self.ports[s], self.replicas[s]) for s in self.services})
@@ -365,7 +168,7 @@ class LocalMesh:
         self._closing.clear()
         atexit.register(self.stop)
         try:
-            backends = [self._spawn(s, i) for s in SERVICES for i in range(1, self.replicas[s] + 1)]
+            backends = [self._spawn(s, i) for s in MODEL_SERVICES for i in range(1, self.replicas[s] + 1)]
             self._wait_serving(backends)
             if self.include_orchestrator:
                 replicas = range(1, self.replicas[ORCHESTRATOR] + 1)
@@ -435,14 +238,7 @@ class LocalMesh:
         ports = [p.port for p in self.processes(service) if p.port is not None]
         if not ports:
             raise KeyError(f"'{service}' has no replica with a known port")
-        return replica_target(_connect_host(self.host), ports)
-
-    def endpoints(self) -> dict[str, str]:
-        """Replica name -> `host:port`, in start order."""
-        return {p.name: p.address for p in self._procs if p.port is not None}
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+        return replica_target(connect_host(self.host), ports)
 
     def stop_service(
         self, service: str, replica: int | None = None, timeout: float | None = None
@@ -520,14 +316,14 @@ class LocalMesh:
             if not fresh.running or time.monotonic() > deadline:
                 fresh.kill()
                 raise MeshStartupError(fresh.name, "the new process never got ready", list(fresh.tail))
-            time.sleep(_POLL_S)
+            time.sleep(POLL_S)
         self._procs[self._procs.index(old)] = fresh
         old.stop(self.stop_timeout)
         return fresh
 
     def served_graphs(self, timeout: float = 2.0) -> list[str]:
         """The graphs the orchestrator answers ModelMetadata for (known names and the spec's)."""
-        names = dict.fromkeys([*KNOWN_GRAPHS, *spec_graph_names(self.graphs or DEFAULT_GRAPHS)])
+        names = dict.fromkeys([*DEFAULT_GRAPH_NAMES, *spec_graph_names(self.graphs or DEFAULT_GRAPHS)])
         target = self.target(ORCHESTRATOR)
         answers = run_async(lambda: probe_models(target, names, timeout=timeout))
         return [name for name, answer in answers.items() if isinstance(answer, ModelSignature)]
@@ -557,8 +353,8 @@ class LocalMesh:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         if service == ORCHESTRATOR:
             # The orchestrator reads addresses from its spec; point it at this mesh's replicas.
-            for backend in SERVICES:
-                env[f"ONNXMESH_SERVICE_{backend.upper()}_ADDRESS"] = self.target(backend)
+            for backend in MODEL_SERVICES:
+                env[address_variable(backend)] = self.target(backend)
         return env
 
     def _spawn(
@@ -611,66 +407,13 @@ class LocalMesh:
             stream.flush()
 
     def _wait_serving(self, procs: Sequence[ServiceProcess]) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-
-        async def all_serving() -> None:
-            async with asyncio.TaskGroup() as group:
-                for proc in procs:
-                    group.create_task(self._until_serving(proc, deadline))
-
-        try:
-            run_async(all_serving)
-        except BaseExceptionGroup as group:
-            # Report the first node that failed, not a group: that is the one to look at.
-            raise _first_leaf(group) from None
-
-    async def _until_serving(self, proc: ServiceProcess, deadline: float) -> None:
-        """Poll one node's health until SERVING; raise if it dies, the mesh stops, or time runs out."""
-        client: OipClient | None = None
-        status = "not bound yet"
-        try:
-            while True:
-                if self._closing.is_set():
-                    raise MeshStopped(f"stopped while {proc.name} was starting")
-                if not proc.running:
-                    await asyncio.sleep(0.2)  # let the reader threads collect its last words
-                    raise MeshStartupError(
-                        proc.name, f"exited with code {proc.returncode} before it was ready", list(proc.tail)
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise MeshStartupError(
-                        proc.name,
-                        f"not SERVING after {self.startup_timeout:g}s (last: {status})",
-                        list(proc.tail),
-                    )
-                # Only connect once the node said it is bound: a refused first attempt would put the
-                # channel into reconnect backoff and slow every later check.
-                if proc.port is not None:
-                    client = client or OipClient(proc.address)
-                    try:
-                        status = await client.health(timeout=min(_HEALTH_CALL_S, remaining))
-                    except MeshError as err:
-                        status = f"{err.code}: {err.message}"
-                    if status == "SERVING":
-                        return
-                await asyncio.sleep(_POLL_S)
-        finally:
-            if client is not None:
-                await client.close()
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+        wait_serving(procs, self.startup_timeout, self._closing)
 
 
 def _check_names(label: str, mapping: Mapping[str, object]) -> None:
-    unknown = sorted(set(mapping) - set(ALL_SERVICES))
+    unknown = sorted(set(mapping) - set(SERVICES))
     if unknown:
-        raise ValueError(
-            f"{label}: unknown service(s) {', '.join(unknown)}; known: {', '.join(ALL_SERVICES)}"
-        )
+        raise ValueError(f"{label}: unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
 
 
 def _check_port_ranges(plan: Mapping[str, tuple[int, int]]) -> None:
@@ -687,28 +430,26 @@ def _check_port_ranges(plan: Mapping[str, tuple[int, int]]) -> None:
             taken[port] = service
 
 
-# -- `python -m orchestrator.mesh` ---------------------------------------------------------------
+# -- `python -m meshctl.launcher` ---------------------------------------------------------------
 
 
 def _service_counts(text: str) -> tuple[str, int]:
     name, _, value = text.partition("=")
-    if name not in ALL_SERVICES or not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected SERVICE=N with SERVICE one of {', '.join(ALL_SERVICES)}")
+    if name not in SERVICES or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SERVICE=N with SERVICE one of {', '.join(SERVICES)}")
     return name, int(value)
 
 
 def _service_path(text: str) -> tuple[str, Path]:
     name, _, value = text.partition("=")
-    if name not in ALL_SERVICES or not value:
-        raise argparse.ArgumentTypeError(
-            f"expected SERVICE=PATH with SERVICE one of {', '.join(ALL_SERVICES)}"
-        )
+    if name not in SERVICES or not value:
+        raise argparse.ArgumentTypeError(f"expected SERVICE=PATH with SERVICE one of {', '.join(SERVICES)}")
     return name, Path(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m orchestrator.mesh",
+        prog="python -m meshctl.launcher",
         description="Run the onnxmesh services and the orchestrator as local processes until Ctrl-C.",
     )
     parser.add_argument(
@@ -717,9 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base-port",
         type=int,
-        default=8000,
-        help="ports are base+1 (orchestrator), +11 (preprocess), +21 (model_a), +31 (model_b); "
-        "0 = free ports (default: %(default)s)",
+        default=BASE_PORT,
+        help="ports are base"
+        + ", ".join(f"+{port - BASE_PORT} ({service})" for service, port in DEFAULT_PORTS.items())
+        + "; 0 = free ports (default: %(default)s)",
     )
     parser.add_argument(
         "--port",
@@ -795,12 +537,12 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str]) -> list[str]:
             f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{target}, onnxmesh health)"
         )
     else:
-        services = ", ".join(f"{s} {mesh.target(s)}" for s in SERVICES)
+        services = ", ".join(f"{s} {mesh.target(s)}" for s in MODEL_SERVICES)
         lines.append(f"onnxmesh ready: {services} (no orchestrator)")
         # predict sends a model its image through preprocess: say where preprocess is if not at home.
         env = ""
-        if mesh.address("preprocess") != f"127.0.0.1:{DEFAULT_PORTS['preprocess']}":
-            env = f"ONNXMESH_SERVICE_PREPROCESS_ADDRESS={mesh.address('preprocess')} "
+        if mesh.address(PREPROCESS) != f"127.0.0.1:{DEFAULT_PORTS[PREPROCESS]}":
+            env = f"{address_variable(PREPROCESS)}={mesh.address(PREPROCESS)} "
         lines.append(f"try: {env}onnxmesh predict digits-mlp --target {mesh.address('model_a')}")
     lines.append("Ctrl-C stops the mesh.")
     return lines

@@ -1,4 +1,4 @@
-"""A rolling update rehearsed locally, with traffic flowing: `python -m orchestrator.rehearsal`.
+"""A rolling update rehearsed locally, with traffic flowing: `python -m meshctl.rehearsal`.
 
 What Kubernetes does for `kubectl set image` on model_a (maxSurge 1, maxUnavailable 0), done
 with local processes: two model_a replicas serve version 1 behind the orchestrator; each is
@@ -22,13 +22,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from orchestrator.mesh import EPHEMERAL_PORTS, REPO, LocalMesh
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
+from meshctl.process import REPO
 from services.common.client import OipClient
+from services.common.digits import load_holdout
 from services.common.errors import MeshError
-
-HOLDOUT = REPO / "data" / "digits-holdout.npz"
 
 
 @dataclass
@@ -93,7 +91,7 @@ class Traffic:
             time.sleep(0.02)
 
     async def _run(self) -> None:
-        images = np.load(HOLDOUT)["images"]
+        images = load_holdout().images
         started = time.monotonic()
         async with OipClient(self.target) as client:
 
@@ -175,7 +173,7 @@ def rehearse(*, graph: str = "digits-parallel", step: str = "mlp", concurrency: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.rehearsal", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m meshctl.rehearsal", description=__doc__)
     parser.add_argument("--graph", default="digits-parallel")
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
