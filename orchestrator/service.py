@@ -30,6 +30,7 @@ from services.common.errors import MeshError
 from services.common.metrics import LATENCY_BUCKETS, ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelRepository
+from services.common.topology import address_variable
 from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,7 @@ def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -
     """Each service's address from the spec, overridden by ONNXMESH_SERVICE_<NAME>_ADDRESS."""
     out = {}
     for name, service in spec.services.items():
-        env_name = f"ONNXMESH_SERVICE_{name.upper().replace('-', '_')}_ADDRESS"
-        out[name] = environ.get(env_name, service.address)
+        out[name] = environ.get(address_variable(name), service.address)
     return out
 
 

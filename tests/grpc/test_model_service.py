@@ -13,12 +13,13 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.client import OipClient
 from services.common.codec import decode_response_outputs
+from services.common.digits import load_holdout
 from services.common.model_service import build_repository
 from services.common.settings import ServerSettings
 from services.preprocess.model import preprocess_servable
 from tests.support import ROOT, ServerThread, model_repository, serving, stub
 
-HOLDOUT = np.load(ROOT / "data" / "digits-holdout.npz")
+HOLDOUT = load_holdout()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_typed_contents_are_accepted(api: pb_grpc.GRPCInferenceServiceStub) -> N
 
 
 def test_preprocess_then_models_classify_held_out_digits(api: pb_grpc.GRPCInferenceServiceStub) -> None:
-    images, labels = HOLDOUT["images"][:50], HOLDOUT["labels"][:50]
+    images, labels = HOLDOUT.images[:50], HOLDOUT.labels[:50]
     feats = decode_response_outputs(api.ModelInfer(infer_request("digits-preprocess", image=images)))[
         "features"
     ]
