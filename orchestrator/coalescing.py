@@ -83,9 +83,12 @@ class CoalescingStage:
             return await self._send(request)
         lane = self._lanes.setdefault(key, _Lane())
         if lane.running < self.max_in_flight and not lane.waiting:
+            # The fast path (a lone request never waits): straight through, inline.
             lane.running += 1
+            self.calls_sent += 1
+            self.callers_served += 1
             try:
-                return await self._send(request)
+                return await self.inner.call(request)
             finally:
                 self._finished(key, lane)
         call = _Call(request, stacking.rows(request), asyncio.get_running_loop().create_future())

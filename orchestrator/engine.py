@@ -105,9 +105,11 @@ class RetryBudget:
         self._last = now
 
     def deposit(self) -> None:
-        """Account for one first attempt."""
-        self._refill()
-        self._tokens = min(self._capacity, self._tokens + self._ratio)
+        """Account for one first attempt (on every request's path: refills inline)."""
+        now = self._clock()
+        tokens = self._tokens + (now - self._last) * self._rate + self._ratio
+        self._tokens = min(self._capacity, tokens)
+        self._last = now
 
     def try_spend(self) -> bool:
         """Take the token for one retry; False (no retry) when the budget is empty."""

@@ -105,14 +105,13 @@ class OipClient:
         version: str = "",
         timeout: float | None = None,
         request_id: str = "",
-        wait_for_ready: bool = False,
     ) -> InferResult:
         """One ModelInfer call, for tools and tests; `timeout` in seconds (None = no deadline)."""
-        request = self.build_request(model, inputs, outputs, version=version, request_id=request_id)
-        return await self.infer_request(request, timeout=timeout, wait_for_ready=wait_for_ready)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return await self.call(InferRequest(model, inputs, tuple(outputs), version, request_id, deadline))
 
     async def call(self, request: InferRequest) -> InferResult:
-        """The orchestrator's hot path (the Stage protocol): one request value, one RPC."""
+        """One request value, one RPC: the Stage protocol, the orchestrator's hot path."""
         message = self.build_request(
             request.model,
             request.inputs,
@@ -124,13 +123,12 @@ class OipClient:
         return await self.infer_request(message, timeout=timeout)
 
     async def infer_request(
-        self, request: pb.ModelInferRequest, *, timeout: float | None = None, wait_for_ready: bool = False
+        self, message: pb.ModelInferRequest, *, timeout: float | None = None
     ) -> InferResult:
-        metadata = ((REQUEST_ID_HEADER, request.id),) if request.id else None
+        """One RPC of a ready-made message (the load generator prebuilds them)."""
+        metadata = ((REQUEST_ID_HEADER, message.id),) if message.id else None
         try:
-            response = await self._stub.ModelInfer(
-                request, timeout=timeout, metadata=metadata, wait_for_ready=wait_for_ready
-            )
+            response = await self._stub.ModelInfer(message, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as err:
             raise self.error(err) from err
         return InferResult(

@@ -78,21 +78,20 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     return wrapper
 
 
-def _parameter(value: str | int | float | bool) -> pb.InferParameter:
-    if isinstance(value, bool):
-        return pb.InferParameter(bool_param=value)
-    if isinstance(value, int):
-        return pb.InferParameter(int64_param=value)
-    if isinstance(value, float):
-        return pb.InferParameter(double_param=value)
-    return pb.InferParameter(string_param=str(value))
-
-
 def infer_response(result: InferResult) -> pb.ModelInferResponse:
     """A ModelInferResponse (raw output contents) from an InferResult; the caller sets its id."""
     response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version)
+    params = response.parameters
     for name, value in result.parameters.items():
-        response.parameters[name].CopyFrom(_parameter(value))
+        # Set in place (no message built and copied per parameter): a graph answers several.
+        if isinstance(value, bool):
+            params[name].bool_param = value
+        elif isinstance(value, int):
+            params[name].int64_param = value
+        elif isinstance(value, float):
+            params[name].double_param = value
+        else:
+            params[name].string_param = str(value)
     for name, array in result.outputs.items():
         datatype, shape, raw = codec.encode_raw(array)
         response.outputs.add(name=name, datatype=datatype, shape=shape)

@@ -1,0 +1,136 @@
+"""`python -m bench.calls`: Python function calls per request on each node, counted by cProfile.
+
+Latency and CPU figures move with the machine's load; call counts do not. This runs the local
+mesh with every node under cProfile, sends N1 and then N2 sequential requests (two separate
+meshes) and reports, per node, (calls after N2 - calls after N1) / (N2 - N1): start-up, warm-up
+and shutdown cancel out. Two counts per node: calls into the project's own code (the frames a
+request passes through that we wrote) and every Python call (grpc's, asyncio's, protobuf's and
+prometheus_client's included). cProfile counts each resumption of a coroutine as a call, so an
+`await` that suspends counts again when it resumes.
+
+Two points: `digits-serial` through the orchestrator (one request = three hops) and `digits-mlp`
+called directly on model_a (one hop, no orchestrator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pstats
+import shlex
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
+from services.common.client import OipClient
+from services.common.digits import load_holdout
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The project's own code: the packages of the nodes and the tooling (not bench, not proto/gen).
+OURS = tuple(str(ROOT / name) + "/" for name in ("services", "orchestrator", "meshctl", "jobs"))
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    target: str
+    model: str
+
+
+POINTS = (
+    Point("digits-serial", "orchestrator", "digits-serial"),
+    Point("model_a direct", "model_a", "digits-mlp"),
+)
+
+
+@dataclass(frozen=True)
+class Count:
+    point: str
+    node: str
+    project_calls: float
+    all_calls: float
+
+
+def _wrapper(directory: Path) -> Path:
+    """A `python` for LocalMesh that runs `-m MODULE ARGS` under cProfile, one file per process."""
+    script = directory / "python-profiled"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'mod="$2"; shift 2\n'
+        f'exec {shlex.quote(sys.executable)} -m cProfile -o "{directory}/$mod-$$.prof" -m "$mod" "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _totals(directory: Path) -> dict[str, tuple[int, int]]:
+    """node module -> (calls into project code, all Python calls), summed over its profile files."""
+    out: dict[str, tuple[int, int]] = {}
+    for path in directory.glob("*.prof"):
+        node = path.name.rsplit("-", 1)[0]
+        stats: Mapping[tuple[str, int, str], tuple[int, int, float, float, object]]
+        stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+        ours = sum(v[1] for (file, _, _), v in stats.items() if file.startswith(OURS))
+        every = sum(v[1] for v in stats.values())
+        before = out.get(node, (0, 0))
+        out[node] = (before[0] + ours, before[1] + every)
+    return out
+
+
+def _session(point: Point, requests: int, inputs: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    with tempfile.TemporaryDirectory(prefix="onnxmesh-calls-") as tmp:
+        directory = Path(tmp)
+        with LocalMesh(ports=EPHEMERAL_PORTS, python=str(_wrapper(directory))) as mesh:
+            address = mesh.address(point.target)
+
+            async def send() -> None:
+                async with OipClient(address) as client:
+                    for _ in range(requests):
+                        await client.infer(point.model, inputs, timeout=10.0)
+
+            asyncio.run(send())
+        return _totals(directory)
+
+
+def count(point: Point, low: int, high: int) -> list[Count]:
+    images = load_holdout().images[:1]
+    features = np.zeros((1, 64), np.float32)
+    inputs = {"image": images} if point.target == "orchestrator" else {"features": features}
+    first, second = _session(point, low, inputs), _session(point, high, inputs)
+    n = high - low
+    counts = []
+    for node in sorted(second):
+        ours = (second[node][0] - first.get(node, (0, 0))[0]) / n
+        every = (second[node][1] - first.get(node, (0, 0))[1]) / n
+        if every >= 10.0:  # nodes the request never reached (health checks only) stay out
+            counts.append(Count(point.label, node, round(ours, 1), round(every, 1)))
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.calls", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("--low", type=int, default=50, help="requests in the first mesh (default: 50)")
+    parser.add_argument("--high", type=int, default=250, help="requests in the second mesh (default: 250)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the counts as JSON here")
+    args = parser.parse_args(argv)
+    if not 0 <= args.low < args.high:
+        parser.error("need 0 <= --low < --high")
+    counts = [c for point in POINTS for c in count(point, args.low, args.high)]
+    print("| point | node | project calls/request | all Python calls/request |")
+    print("|---|---|---|---|")
+    for c in counts:
+        print(f"| {c.point} | {c.node} | {c.project_calls:.1f} | {c.all_calls:.1f} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(c) for c in counts], indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
