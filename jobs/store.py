@@ -347,10 +347,10 @@ class Store:
             index_elements=["dataset", "graph", "row_key"],
             set_=updated,
             where=predictions.c.status != OK,
-        )
+        ).returning(predictions.c.row_key)
         with self.transaction() as conn:
-            result = conn.execute(stmt, values)
-            return max(result.rowcount, 0)
+            # RETURNING, because executemany rowcounts are not reliable across drivers.
+            return len(conn.execute(stmt, values).all())
 
     def prediction_counts(self, dataset: str, graph: str) -> dict[str, int]:
         query = (
