@@ -343,14 +343,14 @@ class Store:
             )
         }
         updated["attempts"] = predictions.c.attempts + 1
-        stmt = stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=["dataset", "graph", "row_key"],
             set_=updated,
             where=predictions.c.status != OK,
         ).returning(predictions.c.row_key)
         with self.transaction() as conn:
             # RETURNING, because executemany rowcounts are not reliable across drivers.
-            return len(conn.execute(stmt, values).all())
+            return len(conn.execute(upsert, values).all())
 
     def prediction_counts(self, dataset: str, graph: str) -> dict[str, int]:
         query = (
