@@ -50,6 +50,11 @@ def worker(db_url: str, orchestrator: str, *args: str) -> Node:
     return Node("jobs.worker", ["--jobs-db", db_url, "--target", orchestrator, "--grace", "2", *args])
 
 
+def stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
 def label_of(record: JobRecord) -> int:
     assert record.response is not None
     return int(codec.decode_response_outputs(pb.ModelInferResponse.FromString(record.response))["label"][0])
@@ -100,6 +105,8 @@ def test_a_thousand_jobs_under_load_with_a_worker_killed_all_complete_exactly_on
             held: list[str] = []
             for _ in range(200):  # freeze it while it holds claimed jobs, then kill it
                 victim.signal(signal.SIGSTOP)
+                # Read only once it is stopped: a commit of its own cannot land after our read.
+                wait_until(lambda: stopped(victim.pid), 10, "the worker to stop")
                 running = store.list_jobs([RUNNING], limit=JOBS)[0]
                 held = [j.id for j in running if j.worker and marker in j.worker]
                 if held:
