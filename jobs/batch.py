@@ -76,7 +76,7 @@ class BatchConfig:
     mapping: Mapping[str, str] = field(default_factory=dict)
     version: str = ""
     outputs: tuple[str, ...] = ()
-    rows_per_request: int = 32
+    rows_per_request: int = 128
     concurrency: int = 4
     #: Most rows per second sent (None = as fast as the mesh answers): spare the online traffic.
     rate: float | None = None

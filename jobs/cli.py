@@ -253,7 +253,7 @@ def register(subparsers: Any) -> None:
     batch.add_argument("--output", action="append", metavar="NAME", help="outputs to keep (default: all)")
     batch.add_argument("--version", default="", help="model version to ask for (default: the served one)")
     batch.add_argument(
-        "--rows-per-request", type=_positive, default=32, help="rows in one ModelInfer (default 32)"
+        "--rows-per-request", type=_positive, default=128, help="rows in one ModelInfer (default 128)"
     )
     batch.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default 4)")
     batch.add_argument(
