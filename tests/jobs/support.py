@@ -220,7 +220,7 @@ class Node:
         return self.wait(timeout)
 
     def kill(self) -> int:
-        self.signal(signal.SIGCONT)
+        # No SIGCONT first: a stopped process dies of SIGKILL as it is, without running again.
         self.signal(signal.SIGKILL)
         return self.wait(10.0)
 

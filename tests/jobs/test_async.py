@@ -131,14 +131,22 @@ def test_a_thousand_jobs_under_load_with_a_worker_killed_all_complete_exactly_on
         assert {r.status for r in records} == {SUCCEEDED}
         assert {r.completions for r in records} == {1}
         reclaimed = [store.get(job_id) for job_id in held]
-        assert all(r.attempts >= 2 and r.worker and marker not in r.worker for r in reclaimed)
+        killed_wall = time.time() - (time.monotonic() - killed_at)
+        # A COMMIT the frozen worker had already sent can still land at the PostgreSQL server
+        # after we read: such a job is done by the victim itself, before its death. Every other
+        # held job must have been taken up again by another worker.
+        taken_up = [r for r in reclaimed if r.attempts >= 2 and r.worker and marker not in r.worker]
+        own = [
+            r for r in reclaimed if r.worker and marker in r.worker and (r.finished_at or 0) <= killed_wall
+        ]
+        assert len(taken_up) + len(own) == len(held) and taken_up, [(r.attempts, r.worker) for r in reclaimed]
         assert all(label_of(r) == online[0][submitted[r.id]] for r in records)
         recovered = max(r.finished_at or 0 for r in reclaimed) - (
             time.time() - (time.monotonic() - killed_at)
         )
         print(
             f"\n{JOBS} jobs: submitted in {submit_s[0]:.2f} s ({JOBS / submit_s[0]:.0f} jobs/s), all done in "
-            f"{total_s:.2f} s; worker killed holding {len(held)} jobs, taken up again and done "
+            f"{total_s:.2f} s; worker killed holding {len(held)} jobs, {len(taken_up)} taken up again and done "
             f"{recovered:.2f} s after the kill (lease {lease} s)"
         )
 
