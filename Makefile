@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 GEN    := proto/gen/inference/grpc_predict_v2_pb2.py
-PROTOS := $(wildcard proto/inference/*.proto)
+PROTOS := $(wildcard proto/inference/*.proto proto/jobs/*.proto)
 
 .PHONY: setup proto test lint run bench rehearse models clean
 
@@ -22,11 +22,11 @@ $(STAMP): pyproject.toml
 proto: $(GEN)
 
 $(GEN): $(STAMP) $(PROTOS)
-	rm -rf proto/gen && mkdir -p proto/gen/inference
+	rm -rf proto/gen && mkdir -p proto/gen/inference proto/gen/jobs
 	$(BIN)/python -m grpc_tools.protoc -Iproto/gen=proto \
 		--python_out=. --pyi_out=. --grpc_python_out=. \
 		$(patsubst proto/%,proto/gen/%,$(PROTOS))
-	touch proto/gen/__init__.py proto/gen/inference/__init__.py
+	touch proto/gen/__init__.py proto/gen/inference/__init__.py proto/gen/jobs/__init__.py
 
 test: setup
 	$(BIN)/python -m pytest

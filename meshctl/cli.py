@@ -1,9 +1,10 @@
-"""`onnxmesh`: call the mesh from a terminal (predict, models, health, rollout).
+"""`onnxmesh`: call the mesh from a terminal (predict, models, health, rollout, batch and jobs).
 
     onnxmesh predict [digits-parallel] [--index N | --image FILE] [--count K] [--target HOST:PORT]
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
     onnxmesh health  [--target HOST:PORT ...]
     onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
+    onnxmesh batch|submit|result|jobs ... (batch and asynchronous serving: jobs.cli, jobs extra)
 
 Every call goes through the shared OipClient with short timeouts. When nothing answers, the
 CLI says so in one line and exits 1 (never a traceback): start the mesh with `make run`.
@@ -43,6 +44,14 @@ from services.common.types import InferResult, ModelSignature
 
 DEFAULT_GRAPH = "digits-parallel"
 ROLLOUT = "rollout"
+#: Batch and asynchronous serving (jobs.cli, with the jobs extra): handed over unparsed, like rollout.
+JOB_COMMANDS = {
+    "batch": "run a graph over a dataset, predictions into a database",
+    "submit": "submit asynchronous jobs; prints their ids",
+    "result": "status and answer of an asynchronous job",
+    "jobs": "recent asynchronous jobs; --cancel ID",
+}
+JOBS_EXTRA = "pip install 'onnxmesh[jobs]'"
 TARGET_ENV = "ONNXMESH_TARGET"
 #: Each local endpoint `health` and `models` look at when no --target is given.
 LOCAL_ENDPOINTS = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
@@ -462,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-model rollouts and canary weights on Kubernetes (onnxmesh rollout --help)",
         add_help=False,
     )
+    for name, help in JOB_COMMANDS.items():
+        commands.add_parser(name, help=f"{help} (onnxmesh {name} --help)", add_help=False)
     return parser
 
 
@@ -480,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnxmesh` console script; returns the exit code."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != ROLLOUT and rest:
+    if args.command != ROLLOUT and args.command not in JOB_COMMANDS and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "predict":
@@ -493,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_health(args))
         if args.command == ROLLOUT:
             return _rollout(rest)
+        if args.command in JOB_COMMANDS:
+            return _jobs([args.command, *rest])
         raise CliError(f"unknown command {args.command}")
     except CliError as exc:
         print(f"onnxmesh: {exc}", file=sys.stderr)
@@ -510,6 +523,15 @@ def _rollout(argv: Sequence[str]) -> int:
     from meshctl import rollout
 
     return rollout.main(argv, prog=f"onnxmesh {ROLLOUT}")
+
+
+def _jobs(argv: Sequence[str]) -> int:
+    try:
+        from jobs import cli as jobs_cli
+    except ModuleNotFoundError as exc:  # the jobs extra (SQLAlchemy, ...) is not installed
+        print(f"onnxmesh {argv[0]}: needs {exc.name}: {JOBS_EXTRA}", file=sys.stderr)
+        return 2
+    return jobs_cli.main(argv, prog="onnxmesh")
 
 
 if __name__ == "__main__":
