@@ -25,23 +25,21 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
 from jobs.datasets import Chunk, Dataset, open_dataset
 from jobs.progress import Progress
 from jobs.store import FAILED, OK, Prediction, Store
-from services.common.errors import MeshError
-from services.common.types import InferResult, ModelSignature
+from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
+from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
 
 #: Codes that say the mesh (not the rows) had a problem: worth a retry.
-RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
+RETRYABLE = (Unavailable, DeadlineExceeded, ResourceExhausted)
 READ_CHUNK_ROWS = 4096
 
 
@@ -52,16 +50,7 @@ class InferClient(Protocol):
         self, model: str, version: str = "", *, timeout: float | None = 5.0
     ) -> ModelSignature: ...
 
-    async def infer(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str] = (),
-        *,
-        version: str = "",
-        timeout: float | None = None,
-        request_id: str = "",
-    ) -> InferResult: ...
+    async def call(self, request: InferRequest) -> InferResult: ...
 
 
 @dataclass(frozen=True)
@@ -225,22 +214,24 @@ class BatchRunner:
         while True:
             summary.requests += 1
             try:
-                result = await self.client.infer(
-                    config.graph,
-                    rows.inputs,
-                    config.outputs,
-                    version=config.version,
-                    timeout=config.timeout,
-                    request_id=f"batch-{dataset}-{rows.keys[0]}"[:128],
+                result = await self.client.call(
+                    InferRequest(
+                        config.graph,
+                        rows.inputs,
+                        tuple(config.outputs),
+                        config.version,
+                        request_id=f"batch-{dataset}-{rows.keys[0]}"[:128],
+                        deadline=time.monotonic() + config.timeout,
+                    )
                 )
                 outputs = split_rows(result, len(rows))
             except MeshError as err:
-                if err.code in RETRYABLE and attempt < config.retries and not self._stopping.is_set():
+                if isinstance(err, RETRYABLE) and attempt < config.retries and not self._stopping.is_set():
                     attempt += 1
                     # Full jitter: replicas coming back are not hit by every runner at once.
                     await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
                     continue
-                if err.code not in RETRYABLE and len(rows) > 1:
+                if not isinstance(err, RETRYABLE) and len(rows) > 1:
                     half = len(rows) // 2
                     first = await self._predict(dataset, rows.take(slice(0, half)), summary)
                     second = await self._predict(dataset, rows.take(slice(half, len(rows))), summary)

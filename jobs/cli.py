@@ -34,6 +34,7 @@ from jobs.store import DB_ENV, STATUSES, Store, default_url, redact
 from services.common.client import OipClient
 from services.common.digits import load_holdout
 from services.common.errors import MeshError, NotFound, Unavailable
+from services.common.settings import non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_GRAPH = "digits-parallel"
@@ -44,20 +45,6 @@ COMMANDS = ("batch", "submit", "result", "jobs")
 
 class CliError(Exception):
     """A problem to report in one line, with exit code 1."""
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -252,15 +239,15 @@ def register(subparsers: Any) -> None:
     batch.add_argument("--output", action="append", metavar="NAME", help="outputs to keep (default: all)")
     batch.add_argument("--version", default="", help="model version to ask for (default: the served one)")
     batch.add_argument(
-        "--rows-per-request", type=_positive, default=128, help="rows in one ModelInfer (default 128)"
+        "--rows-per-request", type=positive_int, default=128, help="rows in one ModelInfer (default 128)"
     )
-    batch.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default 4)")
+    batch.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight (default 4)")
     batch.add_argument(
         "--rate", type=float, help="most rows per second, to spare online traffic (default: no limit)"
     )
     batch.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     batch.add_argument(
-        "--retries", type=_non_negative, default=3, help="retries of UNAVAILABLE etc. (default 3)"
+        "--retries", type=non_negative_int, default=3, help="retries of UNAVAILABLE etc. (default 3)"
     )
     batch.add_argument(
         "--progress", choices=("auto", "bar", "plain", "off"), default="auto", help="progress display"
@@ -274,8 +261,10 @@ def register(subparsers: Any) -> None:
     submit.add_argument(
         "graph", nargs="?", default=DEFAULT_GRAPH, help="graph or model (default: %(default)s)"
     )
-    submit.add_argument("--index", type=_non_negative, default=0, help="first held-out digit (default 0)")
-    submit.add_argument("--count", type=_positive, default=1, help="submit K jobs, one held-out digit each")
+    submit.add_argument("--index", type=non_negative_int, default=0, help="first held-out digit (default 0)")
+    submit.add_argument(
+        "--count", type=positive_int, default=1, help="submit K jobs, one held-out digit each"
+    )
     submit.add_argument(
         "--input",
         type=_assignment,
@@ -302,7 +291,7 @@ def register(subparsers: Any) -> None:
     jobs = subparsers.add_parser("jobs", help="recent jobs and counts per status; --cancel ID")
     jobs.add_argument("--status", action="append", choices=STATUSES, help="only jobs in this status")
     jobs.add_argument("--model", default="", help="only jobs of this graph")
-    jobs.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
+    jobs.add_argument("--limit", type=positive_int, default=20, help="how many (default 20)")
     jobs.add_argument("--cancel", action="append", metavar="ID", help="cancel a queued or running job")
     _jobs_target_option(jobs)
     jobs.set_defaults(jobs_command=_jobs)

@@ -10,17 +10,21 @@ Lines for launchers on stdout (`<name> listening on HOST:PORT` first, so port 0 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.common.errors import MeshError
+from services.common.logs import configure_logging
 from services.common.settings import MIB
 
 log = logging.getLogger(__name__)
@@ -113,3 +117,20 @@ class Node:
             if self._server is not None:
                 await self._server.stop(self.grace)
             log.info("stopped")
+
+
+def run_main(
+    name: str,
+    parser: argparse.ArgumentParser,
+    serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]],
+    argv: Sequence[str] | None,
+) -> None:
+    """`main()` of a jobs node: parse, log, serve until a signal; a start-up failure in one line."""
+    args = parser.parse_args(argv)
+    configure_logging(name, args.log_level.upper(), args.log_format)
+    try:
+        asyncio.run(serve(args))
+    except OSError as exc:
+        sys.exit(f"{name}: {exc}")
+    except MeshError as exc:
+        sys.exit(f"{name}: {exc.message}")

@@ -17,21 +17,19 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from proto.gen.jobs import jobs_pb2 as jpb
-from proto.gen.jobs import jobs_pb2_grpc as jpb_grpc
 
 from jobs.client import status_name
-from jobs.node import Node
+from jobs.node import Node, run_main
 from jobs.store import FINISHED, STATUSES, JobRecord, Store, default_url, redact
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
+from proto.gen.jobs import jobs_pb2 as jpb
+from proto.gen.jobs import jobs_pb2_grpc as jpb_grpc
 from services.common import codec
 from services.common.client import OipClient
 from services.common.errors import InvalidInput, MeshError, NotFound
-from services.common.logs import configure_logging
 from services.common.servicer import rpc
 from services.common.settings import add_option
 
@@ -238,14 +236,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging("jobs", args.log_level.upper(), args.log_format)
-    try:
-        asyncio.run(serve(args))
-    except OSError as exc:
-        sys.exit(f"jobs: {exc}")
-    except MeshError as exc:
-        sys.exit(f"jobs: {exc.message}")
+    run_main("jobs", build_parser(), serve, argv)
 
 
 if __name__ == "__main__":

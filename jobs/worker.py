@@ -24,21 +24,19 @@ import functools
 import logging
 import os
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Sequence
 
 import grpc
 
-from jobs.node import Node
+from jobs.node import Node, run_main
 from jobs.service import maintain_forever
 from jobs.store import Claim, Store, default_url, redact
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.client import OipClient
 from services.common.errors import MeshError
-from services.common.logs import configure_logging
 from services.common.servicer import REQUEST_ID_HEADER
 from services.common.settings import add_option
 
@@ -238,14 +236,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging("jobs-worker", args.log_level.upper(), args.log_format)
-    try:
-        asyncio.run(serve(args))
-    except OSError as exc:
-        sys.exit(f"jobs-worker: {exc}")
-    except MeshError as exc:
-        sys.exit(f"jobs-worker: {exc.message}")
+    run_main("jobs-worker", build_parser(), serve, argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,22 @@ def option(help: str, parse: Callable[[str], Any] = str) -> dict[str, Any]:
     return {"help": help, "parse": parse}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _flag(text: str) -> bool:
     return text.lower() in ("1", "true", "yes", "on")
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from jobs.batch import BatchConfig, BatchRunner, Summary
 from jobs.store import FAILED, OK, Store
 from services.common.client import OipClient
 from services.common.errors import InvalidInput, Unavailable
-from services.common.types import InferResult, ModelSignature, TensorSpec
+from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 from tests.jobs.conftest import GRAPH
 from tests.jobs.support import HOLDOUT, REPO, holdout, wait_until
 
@@ -50,17 +49,8 @@ class FakeClient:
         image = TensorSpec("image", "UINT8", (-1, 8, 8))
         return ModelSignature(model, ("1",), "fake", (image,), (TensorSpec("label", "INT64", (-1,)),))
 
-    async def infer(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str] = (),
-        *,
-        version: str = "",
-        timeout: float | None = None,
-        request_id: str = "",
-        wait_for_ready: bool = False,
-    ) -> InferResult:
+    async def call(self, request: InferRequest) -> InferResult:
+        model, inputs = request.model, request.inputs
         self.calls += 1
         if self.down:
             raise Unavailable("127.0.0.1:1 unavailable: connection refused")
