@@ -24,11 +24,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
-from bench.measure import MEASURED, MEASURING, Samples, Window, describe, emit, summarize
+from bench.measure import (
+    MEASURED,
+    MEASURING,
+    Samples,
+    Window,
+    add_run_options,
+    describe,
+    emit,
+    run_options_problem,
+    summarize,
+)
 from bench.models import (
     features_of,
     load_models_sync,
@@ -136,15 +145,7 @@ class Floor:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
     parser.add_argument("--graph", choices=GRAPHS, default="digits-serial")
-    parser.add_argument("--concurrency", type=int, default=1, help="closed-loop threads (default: 1)")
-    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds (default: 4)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default: 2)")
-    parser.add_argument(
-        "--holdout",
-        type=Path,
-        default=None,
-        help="held-out digits (.npz; default: the ones shipped with onnxmesh)",
-    )
+    add_run_options(parser, "threads")
     parser.add_argument(
         "--service-dir",
         type=service_dir,
@@ -153,14 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SERVICE=PATH",
         help="model directory of one service (repeatable; default: services/<name>/models)",
     )
-    parser.add_argument("--json", action="store_true", help="JSON lines: window markers, then the result")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0:
-        print("floor: --concurrency >= 1, --duration > 0 and --warmup >= 0 please", file=sys.stderr)
+    problem = run_options_problem(args)
+    if problem:
+        print(f"floor: {problem}", file=sys.stderr)
         return 2
     dirs = model_dirs(dict(args.service_dir))
     # The same model settings as every node's defaults (one onnxruntime thread per session).

@@ -29,7 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.measure import MEASURED, MEASURING, Samples, Window, describe, emit, summarize
+from bench.measure import (
+    MEASURED,
+    MEASURING,
+    Samples,
+    Window,
+    add_run_options,
+    describe,
+    emit,
+    run_options_problem,
+    summarize,
+)
 from bench.models import features_of
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.client import OipClient
@@ -157,30 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="OIP endpoint, HOST:PORT (any gRPC target)")
     parser.add_argument("--model", required=True, help="model or graph name")
-    parser.add_argument("--concurrency", type=int, default=1, help="closed-loop workers (default: 1)")
-    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds (default: 4)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default: 2)")
+    add_run_options(parser, "workers")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s (default: 10)")
-    parser.add_argument(
-        "--holdout",
-        type=Path,
-        default=None,
-        help="held-out digits (.npz; default: the ones shipped with onnxmesh)",
-    )
     parser.add_argument(
         "--preprocess-dir",
         type=Path,
         default=None,
         help="stats for 'features' inputs (default: the service's)",
     )
-    parser.add_argument("--json", action="store_true", help="JSON lines: window markers, then the result")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0:
-        print("loadgen: --concurrency >= 1, --duration > 0 and --warmup >= 0 please", file=sys.stderr)
+    problem = run_options_problem(args)
+    if problem:
+        print(f"loadgen: {problem}", file=sys.stderr)
         return 2
     try:
         result = asyncio.run(run(args))

@@ -15,11 +15,13 @@ inside it: throughput is completions per second, latencies are those completions
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,3 +124,24 @@ def describe(result: dict[str, Any]) -> str:
         f"p50 {ms('p50')} ms, p90 {ms('p90')} ms, p99 {ms('p99')} ms, {result['requests']} requests, "
         f"{result['errors']} errors, {result['wrong']} wrong labels, own CPU {result['driver_cpu_s']:.2f} s"
     )
+
+
+def add_run_options(parser: argparse.ArgumentParser, workers: str) -> None:
+    """The options every load driver shares: the closed loop, its window, the data, --json."""
+    parser.add_argument("--concurrency", type=int, default=1, help=f"closed-loop {workers} (default: 1)")
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds (default: 4)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default: 2)")
+    parser.add_argument(
+        "--holdout",
+        type=Path,
+        default=None,
+        help="held-out digits (.npz; default: the ones shipped with onnxmesh)",
+    )
+    parser.add_argument("--json", action="store_true", help="JSON lines: window markers, then the result")
+
+
+def run_options_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the shared options, if anything."""
+    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0:
+        return "--concurrency >= 1, --duration > 0 and --warmup >= 0 please"
+    return None
