@@ -1,6 +1,7 @@
 """The layout of the code: what may import what, and what each install and image gets.
 
 `orchestrator/` is the graph node and `services/` the model services with their shared runtime;
+grpc is spoken only at the transport edge;
 operator tooling lives in `meshctl/`. The Kubernetes client is an optional extra (`onnxmesh[k8s]`)
 that only the rollout commands use, so the images of the nodes never carry it.
 """
@@ -15,9 +16,20 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("services", "orchestrator", "meshctl", "bench", "scripts")
+PACKAGES = ("services", "orchestrator", "meshctl", "jobs", "bench", "scripts")
 #: The one module that talks to a real cluster.
 KUBERNETES_CLIENT_USER = "meshctl/rollout/cluster.py"
+#: The transport edge: the only modules that speak gRPC. Everything else sees numpy arrays, plain
+#: dataclasses and the error tree (docs/architecture.md).
+GRPC_EDGE = {
+    "services/common/client.py",
+    "services/common/servicer.py",
+    "services/common/server.py",
+    "jobs/client.py",
+    "jobs/node.py",
+    "jobs/service.py",
+    "jobs/worker.py",
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -48,9 +60,20 @@ def test_only_the_cluster_seam_imports_the_kubernetes_client() -> None:
     assert users == {KUBERNETES_CLIENT_USER}
 
 
+def test_only_the_transport_edge_imports_grpc() -> None:
+    users = {
+        str(path.relative_to(REPO))
+        for path in sources(*PACKAGES)
+        if any(top_level(m) == "grpc" for m in imported_modules(path))
+    }
+    assert users == GRPC_EDGE
+
+
 def test_the_graph_node_and_the_services_do_not_depend_on_the_tooling() -> None:
     for path in sources("orchestrator", "services"):
-        tooling = {m for m in imported_modules(path) if top_level(m) in ("meshctl", "bench", "scripts")}
+        tooling = {
+            m for m in imported_modules(path) if top_level(m) in ("meshctl", "jobs", "bench", "scripts")
+        }
         assert not tooling, f"{path.relative_to(REPO)} imports {sorted(tooling)}"
 
 
