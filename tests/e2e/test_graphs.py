@@ -9,10 +9,10 @@ import asyncio
 import json
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,38 +26,7 @@ HOLDOUT = digits.load_holdout()
 GRAPHS = ("digits-serial", "digits-parallel", "digits-cascade")
 
 # A stock client in its own process (tritonclient and our stubs both register `inference.*`).
-TRITON_ACCURACY = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np
-    import tritonclient.grpc as tc
-
-    address, holdout = sys.argv[1], np.load(sys.argv[2])
-    client = tc.InferenceServerClient(address)
-    report = {}
-    for graph in sys.argv[3:]:
-        meta = client.get_model_metadata(graph, as_json=True)
-        correct = 0
-        statuses = {}
-        for image, label in zip(holdout["images"], holdout["labels"]):
-            tensor = tc.InferInput("image", [1, 8, 8], "UINT8")
-            tensor.set_data_from_numpy(image[None])
-            result = client.infer(graph, [tensor], client_timeout=10)
-            correct += int(result.as_numpy("label")[0] == label)
-            for key, value in result.get_response().parameters.items():
-                if key.startswith("step."):
-                    state = value.string_param.split(":")[0]
-                    statuses.setdefault(key, {}).setdefault(state, 0)
-                    statuses[key][state] += 1
-        report[graph] = {
-            "accuracy": correct / len(holdout["labels"]),
-            "inputs": [i["name"] for i in meta["inputs"]],
-            "outputs": sorted(o["name"] for o in meta["outputs"]),
-            "statuses": statuses,
-        }
-    print(json.dumps(report))
-    """
-)
+TRITON_ACCURACY = Path(__file__).with_name("triton_accuracy.py")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +50,7 @@ def test_every_graph_is_accurate_through_a_stock_client(mesh: LocalMesh) -> None
     run = subprocess.run(
         [
             sys.executable,
-            "-c",
-            TRITON_ACCURACY,
+            str(TRITON_ACCURACY),
             mesh.address("orchestrator"),
             str(digits.HOLDOUT),
             *GRAPHS,
