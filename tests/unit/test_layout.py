@@ -1,9 +1,9 @@
 """The layout of the code: what may import what, and what each install and image gets.
 
 `orchestrator/` is the graph node and `services/` the model services with their shared runtime;
-grpc is spoken only at the transport edge;
-operator tooling lives in `meshctl/`. The Kubernetes client is an optional extra (`onnxmesh[k8s]`)
-that only the rollout commands use, so the images of the nodes never carry it.
+operator tooling lives in `meshctl/`, batch and asynchronous serving in `jobs/`. grpc is spoken
+only at the transport edge. The Kubernetes client is an optional extra (`onnxmesh[k8s]`) that
+only the rollout commands use, so the images of the nodes never carry it.
 """
 
 from __future__ import annotations
