@@ -92,7 +92,6 @@ class ServerMetrics:
             server = make_server(host, port, app, server_class, handler_class=_Quiet)
         except OSError as exc:
             raise OSError(
-                exc.errno,
                 f"{self.service}: cannot serve metrics on {host}:{port}: {exc.strerror}"
                 + (" (another process has it; --metrics-port 0 picks a free one)" if port else ""),
             ) from None

@@ -138,15 +138,14 @@ class RestServer:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=self.grace)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
         except OSError as exc:
             await runner.cleanup()
             raise OSError(
-                exc.errno,
                 f"{self.service}: cannot serve REST on {host}:{port}: {exc.strerror}"
                 + (" (another process has it; --http-port 0 picks a free one)" if port else ""),
             ) from None

@@ -135,7 +135,9 @@ class MeshServer:
             if self.settings.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
             if self.settings.http_port is not None:
-                self.http_port = await self.rest.start(self.settings.host, self.settings.http_port)
+                self.http_port = await self.rest.start(
+                    self.settings.host, self.settings.http_port, reuse_port=self.settings.reuse_port
+                )
         except OSError:
             await self._close_ports(0)
             raise
