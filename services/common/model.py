@@ -119,7 +119,7 @@ class Model(Servable):
         try:
             await loop.run_in_executor(self.executor, self.load_sync)
         except Exception as exc:
-            raise LoadError(f"cannot load: {type(exc).__name__}: {exc}") from exc
+            raise LoadError(f"cannot load: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
         try:
             samples = self._warmup_samples()
         except WarmupError as exc:
@@ -128,7 +128,8 @@ class Model(Servable):
             try:
                 await loop.run_in_executor(self.executor, self.predict, inputs, ())
             except Exception as exc:
-                message = getattr(exc, "message", None) or str(exc)
+                # One line: runtimes' messages span several, and the reason is shown in tables.
+                message = " ".join((getattr(exc, "message", None) or str(exc)).split())
                 raise LoadError(
                     f"warm-up sample '{sample}' failed: {message} "
                     "(declare warm-up inputs in config.json, or \"warmup\": false)"
