@@ -101,7 +101,9 @@ def check_target(target: str) -> str:
     """A gRPC target as given, or CliError when it is a URL (the CLI speaks gRPC, not HTTP)."""
     if "://" in target:
         host = target.split("://", 1)[1].split("/", 1)[0]
-        raise CliError(f"'{target}' is a URL; give the node's gRPC address as HOST:PORT, e.g. {host or LOCAL_HOST}")
+        raise CliError(
+            f"'{target}' is a URL; give the node's gRPC address as HOST:PORT, e.g. {host or LOCAL_HOST}"
+        )
     return target
 
 
@@ -441,7 +443,10 @@ async def _models(args: argparse.Namespace) -> int:
                 found.add(entry.name)
                 print("  " + describe_signature(answer).replace("\n", "\n  "))
             else:
-                print(f"  {entry.name}  version {entry.version}: {entry.state}" + (f" ({entry.reason})" if entry.reason else ""))
+                print(
+                    f"  {entry.name}  version {entry.version}: {entry.state}"
+                    + (f" ({entry.reason})" if entry.reason else "")
+                )
         for name in args.model or ():
             if name not in answers and len(targets) == 1:  # asked for by name: say it is missing
                 print(f"  {name}: not served here")

@@ -529,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Prometheus /metrics on every node, at its gRPC port + {METRICS_OFFSET}",
     )
     parser.add_argument(
-        "--no-http", action="store_true", help=f"no KServe v2 REST (default: at each gRPC port + {HTTP_OFFSET})"
+        "--no-http",
+        action="store_true",
+        help=f"no KServe v2 REST (default: at each gRPC port + {HTTP_OFFSET})",
     )
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="(default: %(default)s)"

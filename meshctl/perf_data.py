@@ -22,7 +22,11 @@ def perf_analyzer_data(count: int, input_name: str = "image") -> dict[str, Any]:
     """`{"data": [{input: {"content": [64 pixels], "shape": [1, 8, 8]}}, ...]}`, one image per step."""
     images = load_holdout().images
     rows = [images[i % len(images)] for i in range(count)]
-    return {"data": [{input_name: {"content": row.reshape(-1).tolist(), "shape": [1, *row.shape]}} for row in rows]}
+    return {
+        "data": [
+            {input_name: {"content": row.reshape(-1).tolist(), "shape": [1, *row.shape]}} for row in rows
+        ]
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

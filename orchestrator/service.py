@@ -174,7 +174,9 @@ class Orchestrator:
     def graph_reason(self, graph: str) -> str:
         if self.current is None:
             return "the graph spec is not loaded yet"
-        down = sorted(key for key in self.current.hard_models.get(graph, ()) if not self.model_ready.get(key, False))
+        down = sorted(
+            key for key in self.current.hard_models.get(graph, ()) if not self.model_ready.get(key, False)
+        )
         return "not ready: " + ", ".join("/".join(k for k in key if k) for key in down) if down else ""
 
     def stages(self, spec: MeshSpec) -> dict[str, Stage]:

@@ -31,7 +31,7 @@ from typing import Any, TypeVar, overload
 import numpy as np
 
 from services.common.batching import BatchingModel
-from services.common.errors import InvalidInput, MeshError, NotFound, Unavailable
+from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.metrics import ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelConfig, ModelRepository
@@ -154,7 +154,9 @@ class DataPlane:
                 config.description,
                 config.warmup,
             )
-        return ModelDescription(servable.signature, config.platform, 0, 0, 0, config.description, config.warmup)
+        return ModelDescription(
+            servable.signature, config.platform, 0, 0, 0, config.description, config.warmup
+        )
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model version of the node, failed ones included (with their reason)."""
@@ -162,7 +164,9 @@ class DataPlane:
             IndexEntry(s.name, s.version, *self._state(s))
             for s in sorted(self.repository.all(), key=lambda s: (s.name, s.version))
         ]
-        entries += [IndexEntry(f.name, f.version, "UNAVAILABLE", f.reason) for f in self.repository.failures()]
+        entries += [
+            IndexEntry(f.name, f.version, "UNAVAILABLE", f.reason) for f in self.repository.failures()
+        ]
         entries.sort(key=lambda e: (e.name, e.version))
         return [e for e in entries if e.state == "READY"] if ready_only else entries
 

@@ -58,10 +58,14 @@ class OutputOptions:
 
 def _refuse(where: str, key: str, allowed: Sequence[str]) -> InvalidInput:
     why = _WHY_NOT.get(key, "not a parameter this server knows")
-    return InvalidInput(f"{where}: parameter '{key}' is not supported ({why}); supported: {', '.join(allowed)}")
+    return InvalidInput(
+        f"{where}: parameter '{key}' is not supported ({why}); supported: {', '.join(allowed)}"
+    )
 
 
-def request_deadline(params: Mapping[str, Param], deadline: float | None, *, rest: bool = False) -> float | None:
+def request_deadline(
+    params: Mapping[str, Param], deadline: float | None, *, rest: bool = False
+) -> float | None:
     """The request's deadline once its parameters are checked: the sooner of `deadline` and `timeout`."""
     allowed = (TIMEOUT, BINARY_OUTPUT) if rest else (TIMEOUT,)
     for key in params:
@@ -94,7 +98,9 @@ def output_options(name: str, params: Mapping[str, Param], *, rest: bool = False
     if CLASSIFICATION in params:
         count = _integer(f"output '{name}'", CLASSIFICATION, params[CLASSIFICATION])
         if count < 1:
-            raise InvalidInput(f"output '{name}': parameter '{CLASSIFICATION}' must be at least 1, got {count}")
+            raise InvalidInput(
+                f"output '{name}': parameter '{CLASSIFICATION}' must be at least 1, got {count}"
+            )
     binary = params.get(BINARY)
     if binary is not None and not isinstance(binary, bool):
         raise InvalidInput(f"output '{name}': parameter '{BINARY}' must be true or false")

@@ -132,7 +132,7 @@ class Model(Servable):
                 message = " ".join((getattr(exc, "message", None) or str(exc)).split())
                 raise LoadError(
                     f"warm-up sample '{sample}' failed: {message} "
-                    "(declare warm-up inputs in config.json, or \"warmup\": false)"
+                    '(declare warm-up inputs in config.json, or "warmup": false)'
                 ) from exc
         self._ready = True
 

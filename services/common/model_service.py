@@ -29,7 +29,12 @@ ServableFactory = Callable[[ModelVersionDir, ServerSettings, Executor], Servable
 def onnx_servable(entry: ModelVersionDir, settings: ServerSettings, executor: Executor) -> Servable:
     """An ONNX model version, batched adaptively when its config asks for it."""
     model = OnnxModel(
-        entry.name, entry.version, entry.path, executor, threads=settings.ort_threads, warmup=entry.config.warmup
+        entry.name,
+        entry.version,
+        entry.path,
+        executor,
+        threads=settings.ort_threads,
+        warmup=entry.config.warmup,
     )
     if entry.config.max_batch_size > 1:
         return BatchingModel(model, entry.config, max_concurrent_batches=settings.inference_workers)
@@ -60,7 +65,9 @@ def build_repository(
         try:
             servable = factory(entry, settings, executor)
         except (ValueError, TypeError, OSError) as exc:
-            log.error("model cannot be served; serving the others", extra={"model": entry.name, "reason": str(exc)})
+            log.error(
+                "model cannot be served; serving the others", extra={"model": entry.name, "reason": str(exc)}
+            )
             repository.fail(entry.name, entry.version, str(exc))
             continue
         repository.add(servable, entry.config)

@@ -87,7 +87,9 @@ def scan(model_dir: Path, filename: str = "model.onnx") -> Iterator[ModelVersion
     yield from entries
 
 
-def scan_repository(model_dir: Path, filename: str = "model.onnx") -> tuple[list[ModelVersionDir], list[LoadFailure]]:
+def scan_repository(
+    model_dir: Path, filename: str = "model.onnx"
+) -> tuple[list[ModelVersionDir], list[LoadFailure]]:
     """Like `scan`, but a model whose config.json is bad becomes a LoadFailure, not an error."""
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")

@@ -79,9 +79,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status == 404:
-            return web.json_response({"error": f"no such endpoint: {request.method} {request.path}"}, status=404)
+            return web.json_response(
+                {"error": f"no such endpoint: {request.method} {request.path}"}, status=404
+            )
         if exc.status == 405:
-            return web.json_response({"error": f"{request.method} is not allowed on {request.path}"}, status=405)
+            return web.json_response(
+                {"error": f"{request.method} is not allowed on {request.path}"}, status=405
+            )
         if exc.status == 413:
             return web.json_response({"error": f"request body too large: {exc.text}"}, status=413)
         raise
@@ -102,7 +106,9 @@ def _message(message: Any) -> web.Response:
 class RestServer:
     """The REST edge of one node: `start(host, port)` then `stop()`."""
 
-    def __init__(self, dataplane: DataPlane, service: str, *, max_body_bytes: int, grace: float = 10.0) -> None:
+    def __init__(
+        self, dataplane: DataPlane, service: str, *, max_body_bytes: int, grace: float = 10.0
+    ) -> None:
         """`grace`: seconds in-flight requests may take to finish at `stop()`."""
         self.dataplane = dataplane
         self.service = service
@@ -221,7 +227,7 @@ class RestServer:
         try:
             key, offset, size = str(body["key"]), int(body.get("offset", 0)), int(body["byte_size"])
         except (KeyError, TypeError, ValueError):
-            raise InvalidInput("register takes {\"key\": str, \"offset\": int, \"byte_size\": int}") from None
+            raise InvalidInput('register takes {"key": str, "offset": int, "byte_size": int}') from None
         self.dataplane.shared_memory.register(request.match_info["region"], key, offset, size)
         return web.json_response({})
 
@@ -302,7 +308,9 @@ class RestServer:
         name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise InvalidInput("every input needs a 'name' and a 'datatype'")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
             raise InvalidInput(f"input '{name}': 'shape' must be a list of integers")
         params = _mapping(spec.get("parameters", {}), f"input '{name}' parameters")
         region = extensions.input_region(name, params, rest=True)
@@ -317,7 +325,9 @@ class RestServer:
                 )
             return (name, codec.decode_raw(name, datatype, shape, bytes(binary[:size]))), size
         if "data" not in spec:
-            raise InvalidInput(f"input '{name}' has no 'data' (nor binary_data_size, nor a shared-memory region)")
+            raise InvalidInput(
+                f"input '{name}' has no 'data' (nor binary_data_size, nor a shared-memory region)"
+            )
         return (name, json_tensor(name, datatype, shape, spec["data"])), 0
 
     def _encode(
@@ -389,7 +399,9 @@ def json_tensor(name: str, datatype: str, shape: Sequence[int], data: Any) -> np
         except (OverflowError, ValueError) as exc:
             raise InvalidInput(f"input '{name}': a value does not fit {datatype}: {exc}") from None
     if values.size != count:
-        raise InvalidInput(f"input '{name}': 'data' holds {values.size} values but shape {list(shape)} needs {count}")
+        raise InvalidInput(
+            f"input '{name}': 'data' holds {values.size} values but shape {list(shape)} needs {count}"
+        )
     return values.reshape(shape)
 
 

@@ -340,7 +340,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
                 answers.put_nowait(
-                    pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=failed)
+                    pb.ModelStreamInferResponse(
+                        error_message=f"{code.name}: {message}", infer_response=failed
+                    )
                 )
             finally:
                 request_id_var.reset(token)

@@ -48,7 +48,9 @@ class SharedMemory:
         if name in self._regions:
             raise already_exists(f"shared-memory region '{name}' is already registered; unregister it first")
         if not _KEY.fullmatch(key) or key.strip("/") in (".", ".."):
-            raise InvalidInput(f"shared-memory region '{name}': key {key!r} is not a shared-memory object name")
+            raise InvalidInput(
+                f"shared-memory region '{name}': key {key!r} is not a shared-memory object name"
+            )
         if byte_size <= 0:
             raise InvalidInput(f"shared-memory region '{name}': byte_size must be positive, got {byte_size}")
         path = os.path.join(self.directory, key.lstrip("/"))

@@ -20,9 +20,9 @@ from services.common.types import TensorSpec
 BACKENDS = {"onnxruntime_onnx": "onnxruntime"}
 
 
-def data_type(datatype: str) -> int:
+def data_type(datatype: str) -> mc.DataType.ValueType:
     """The model_config DataType of an OIP datatype (BYTES is TYPE_STRING)."""
-    return int(mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
+    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
 
 
 def _dims(spec: TensorSpec, batched: bool) -> list[int]:
@@ -38,9 +38,13 @@ def model_config(description: ModelDescription) -> mc.ModelConfig:
         backend=BACKENDS.get(description.platform, ""),
         version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
         max_batch_size=description.max_batch_size,
-        input=[mc.ModelInput(name=t.name, data_type=data_type(t.datatype), dims=_dims(t, batched)) for t in sig.inputs],
+        input=[
+            mc.ModelInput(name=t.name, data_type=data_type(t.datatype), dims=_dims(t, batched))
+            for t in sig.inputs
+        ],
         output=[
-            mc.ModelOutput(name=t.name, data_type=data_type(t.datatype), dims=_dims(t, batched)) for t in sig.outputs
+            mc.ModelOutput(name=t.name, data_type=data_type(t.datatype), dims=_dims(t, batched))
+            for t in sig.outputs
         ],
     )
     if description.platform == "onnxruntime_onnx":
@@ -55,7 +59,7 @@ def model_config(description: ModelDescription) -> mc.ModelConfig:
         for tensor, given in sample.inputs.items():
             spec = sig.input(tensor)
             entry = warmup.inputs[tensor]
-            entry.data_type = data_type(spec.datatype) if spec is not None else 0
+            entry.data_type = data_type(spec.datatype) if spec is not None else mc.TYPE_INVALID
             entry.dims.extend(given.dims)
             if given.source == "random_data":
                 entry.random_data = True

@@ -162,7 +162,9 @@ def _tensor(sample: str, spec: TensorSpec, given: WarmupInput) -> np.ndarray:
             raise WarmupError(f"{where}: cannot read {given.path}: {exc.strerror}") from None
         need = math.prod(given.dims) * dtype.itemsize
         if len(raw) != need:
-            raise WarmupError(f"{where}: {given.path} holds {len(raw)} bytes, dims {list(given.dims)} need {need}")
+            raise WarmupError(
+                f"{where}: {given.path} holds {len(raw)} bytes, dims {list(given.dims)} need {need}"
+            )
         return np.frombuffer(raw, dtype=dtype).reshape(given.dims)
     return np.zeros(given.dims, dtype=dtype)
 

@@ -95,7 +95,14 @@ def mesh() -> Iterator[LocalMesh]:
 
 
 def run_triton(address: str, model: str, input_name: str, datatype: str, x: np.ndarray) -> dict[str, Any]:
-    argv = [address, model, input_name, datatype, json.dumps(list(x.shape)), json.dumps(x.reshape(-1).tolist())]
+    argv = [
+        address,
+        model,
+        input_name,
+        datatype,
+        json.dumps(list(x.shape)),
+        json.dumps(x.reshape(-1).tolist()),
+    ]
     run = subprocess.run(
         [sys.executable, "-c", TRITON, *argv], capture_output=True, text=True, timeout=120, cwd="/"
     )
@@ -114,7 +121,9 @@ def check_common(out: dict[str, Any], model: str, rows: int) -> None:
     before, after = (stats[0] for stats in out["stats"])
     assert after["name"] == model and after["version"] == "1"
     # infer, classification, 4 streamed, 1 through shared memory.
-    done = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"].get("count", 0))
+    done = int(after["inference_stats"]["success"]["count"]) - int(
+        before["inference_stats"]["success"].get("count", 0)
+    )
     assert done == 7
     assert out["load"][0] == "StatusCode.FAILED_PRECONDITION"
 
@@ -143,7 +152,9 @@ def test_tritonclient_extensions_on_the_orchestrator(mesh: LocalMesh) -> None:
     assert {m["name"] for m in out["index"]} >= {"digits-serial", "digits-parallel", "digits-cascade"}
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, Any]:
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -168,7 +179,9 @@ def test_rest_api_with_a_plain_http_client(mesh: LocalMesh) -> None:
     image = holdout.images[:2]
     request = {
         "id": "rest-1",
-        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 8, 8], "data": image.reshape(-1).tolist()}],
+        "inputs": [
+            {"name": "image", "datatype": "UINT8", "shape": [2, 8, 8], "data": image.reshape(-1).tolist()}
+        ],
         "outputs": [{"name": "label"}, {"name": "probabilities", "parameters": {"classification": 2}}],
     }
     before = metric_total(proc.metrics_port, "onnxmesh_requests_total", model="digits-serial", code="OK")
@@ -181,12 +194,20 @@ def test_rest_api_with_a_plain_http_client(mesh: LocalMesh) -> None:
     assert outputs["probabilities"]["datatype"] == "BYTES" and outputs["probabilities"]["shape"] == [2, 2]
     labels = outputs["label"]["data"]
     assert [int(c.split(":")[1]) for c in outputs["probabilities"]["data"][::2]] == labels
-    assert metric_total(proc.metrics_port, "onnxmesh_requests_total", model="digits-serial", code="OK") == before + 1
+    assert (
+        metric_total(proc.metrics_port, "onnxmesh_requests_total", model="digits-serial", code="OK")
+        == before + 1
+    )
     # The binary-data extension: raw bytes after the JSON header, an output asked back in binary.
     header = json.dumps(
         {
             "inputs": [
-                {"name": "image", "datatype": "UINT8", "shape": [2, 8, 8], "parameters": {"binary_data_size": 128}}
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": [2, 8, 8],
+                    "parameters": {"binary_data_size": 128},
+                }
             ],
             "outputs": [{"name": "label", "parameters": {"binary_data": True}}],
         }
@@ -218,7 +239,9 @@ def test_rest_api_with_a_plain_http_client(mesh: LocalMesh) -> None:
     assert status == 200 and {m["name"] for m in json.loads(body)} >= {"digits-serial"}
 
 
-def test_every_node_has_its_own_rest_and_metrics_port_and_metrics_answer_only_metrics(mesh: LocalMesh) -> None:
+def test_every_node_has_its_own_rest_and_metrics_port_and_metrics_answer_only_metrics(
+    mesh: LocalMesh,
+) -> None:
     procs = mesh.processes()
     ports = [p.port for p in procs] + [p.http_port for p in procs] + [p.metrics_port for p in procs]
     assert None not in ports and len(set(ports)) == len(ports)
@@ -232,7 +255,7 @@ def test_perf_analyzer_input_data_holds_real_digits() -> None:
     data = perf_analyzer_data(3)["data"]
     assert len(data) == 3
     pixels = np.asarray(data[0]["image"]["content"])
-    assert pixels.shape == (64,) and 0 <= pixels.min() and pixels.max() <= 16
+    assert pixels.shape == (64,) and pixels.min() >= 0 and pixels.max() <= 16
     assert data[0]["image"]["shape"] == [1, 8, 8]
 
 
@@ -240,7 +263,9 @@ def test_a_fixed_metrics_port_in_the_environment_is_not_given_to_every_node(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("ONNXMESH_METRICS_PORT", "1")  # a port no node could bind
-    with LocalMesh(ports=EPHEMERAL_PORTS, include_orchestrator=False, metrics=True, http=False, grace=2.0) as m:
+    with LocalMesh(
+        ports=EPHEMERAL_PORTS, include_orchestrator=False, metrics=True, http=False, grace=2.0
+    ) as m:
         ports = [p.metrics_port for p in m.processes()]
         assert None not in ports and len(set(ports)) == len(ports) and 1 not in ports
         assert all(p.http_port is None for p in m.processes())

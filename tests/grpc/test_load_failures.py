@@ -97,7 +97,10 @@ def test_declared_warmup_samples_load_the_model(model_dir: Path) -> None:
     samples = [
         {"name": "zeros", "inputs": {"x": {"dims": [2, 2], "zero_data": True}}},
         {"name": "from a file", "count": 2, "inputs": {"x": {"dims": [1, 8], "input_data_file": "x.bin"}}},
-        {"name": "values", "inputs": {"x": {"dims": [1, 4], "values": [1, 2, 3, 4], "data_type": "TYPE_FP32"}}},
+        {
+            "name": "values",
+            "inputs": {"x": {"dims": [1, 4], "values": [1, 2, 3, 4], "data_type": "TYPE_FP32"}},
+        },
     ]
     (model_dir / "fussy/config.json").write_text(json.dumps({"warmup": samples}))
     with ThreadPoolExecutor(2) as executor:
@@ -106,7 +109,10 @@ def test_declared_warmup_samples_load_the_model(model_dir: Path) -> None:
         try:
             running.start()
             with stub(running.address) as api:
-                index = {m.name: m.state for m in api.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models}
+                index = {
+                    m.name: m.state
+                    for m in api.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
+                }
                 assert index["fussy"] == "READY"
                 config = api.ModelConfig(pb.ModelConfigRequest(name="fussy"), timeout=10).config
                 assert [w.name for w in config.model_warmup] == ["zeros", "from a file", "values"]
@@ -133,7 +139,9 @@ def test_warmup_can_be_turned_off_and_bad_samples_are_reasons(
         try:
             running.start()
             with stub(running.address) as api:
-                index = {m.name: m for m in api.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models}
+                index = {
+                    m.name: m for m in api.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
+                }
         finally:
             running.stop()
     if reason is None:
@@ -145,7 +153,17 @@ def test_warmup_can_be_turned_off_and_bad_samples_are_reasons(
 def test_a_node_with_no_loadable_model_exits_with_every_reason(tmp_path: Path) -> None:
     fussy_model(tmp_path / "fussy/1/model.onnx")
     run = subprocess.run(
-        [sys.executable, "-m", "services.model_a", "--port", "0", "--model-dir", str(tmp_path), "--log-format", "text"],
+        [
+            sys.executable,
+            "-m",
+            "services.model_a",
+            "--port",
+            "0",
+            "--model-dir",
+            str(tmp_path),
+            "--log-format",
+            "text",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

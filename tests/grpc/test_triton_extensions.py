@@ -60,7 +60,9 @@ def test_model_config_is_derived_from_the_onnx_signature(api: pb_grpc.GRPCInfere
         "onnxruntime",
         0,
     )
-    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("features", mc.TYPE_FP32, [-1, 64])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
+        ("features", mc.TYPE_FP32, [-1, 64])
+    ]
     assert [(t.name, list(t.dims)) for t in config.output] == [("probabilities", [-1, 10])]
     assert "logistic regression" in config.parameters["description"].string_value
     code, message = error(api.ModelConfig, pb.ModelConfigRequest(name="nope"))
@@ -74,7 +76,9 @@ def test_statistics_count_what_was_answered(api: pb_grpc.GRPCInferenceServiceStu
 
     before = stats()
     for rows in (1, 3):
-        api.ModelInfer(OipClient.build_request("digits-head", {"embedding": features(rows)[:, :32].copy()}), timeout=10)
+        api.ModelInfer(
+            OipClient.build_request("digits-head", {"embedding": features(rows)[:, :32].copy()}), timeout=10
+        )
     with pytest.raises(grpc.RpcError):
         api.ModelInfer(OipClient.build_request("digits-head", {"embedding": features(1)}), timeout=10)
     after = stats()
@@ -162,12 +166,15 @@ def test_system_shared_memory_inputs_and_outputs(
     key, memory = shm_region
     x = features(2)
     memory[: x.nbytes] = x.tobytes()
-    api.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(name="r", key=key, byte_size=4096), timeout=10)
+    api.SystemSharedMemoryRegister(
+        pb.SystemSharedMemoryRegisterRequest(name="r", key=key, byte_size=4096), timeout=10
+    )
     try:
         status = api.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
         assert status.regions["r"].key == key and status.regions["r"].byte_size == 4096
         code, _ = error(
-            api.SystemSharedMemoryRegister, pb.SystemSharedMemoryRegisterRequest(name="r", key=key, byte_size=8)
+            api.SystemSharedMemoryRegister,
+            pb.SystemSharedMemoryRegisterRequest(name="r", key=key, byte_size=8),
         )
         assert code == grpc.StatusCode.ALREADY_EXISTS
         request = pb.ModelInferRequest(model_name="digits-logreg")
@@ -196,12 +203,15 @@ def test_system_shared_memory_inputs_and_outputs(
         api.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), timeout=10)
     assert not api.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10).regions
     code, message = error(
-        api.SystemSharedMemoryRegister, pb.SystemSharedMemoryRegisterRequest(name="x", key="/../etc", byte_size=8)
+        api.SystemSharedMemoryRegister,
+        pb.SystemSharedMemoryRegisterRequest(name="x", key="/../etc", byte_size=8),
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_stream_answers_every_request_and_goes_on_after_an_error(api: pb_grpc.GRPCInferenceServiceStub) -> None:
+def test_stream_answers_every_request_and_goes_on_after_an_error(
+    api: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     good = [OipClient.build_request("digits-logreg", {"features": features(1)}) for _ in range(5)]
     for i, request in enumerate(good):
         request.id = f"r{i}"
@@ -233,7 +243,9 @@ def test_server_metadata_lists_the_served_extensions(api: pb_grpc.GRPCInferenceS
 def test_reflection_v1_lists_the_services(server: ServerThread) -> None:
     with grpc.insecure_channel(server.address) as channel:
         reflection = refl_grpc.ServerReflectionStub(channel)
-        (answer,) = reflection.ServerReflectionInfo(iter([refl.ServerReflectionRequest(list_services="")]), timeout=10)
+        (answer,) = reflection.ServerReflectionInfo(
+            iter([refl.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for s in answer.list_services_response.service}
         assert {"inference.GRPCInferenceService", "grpc.reflection.v1.ServerReflection"} <= names
         ask = refl.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")
