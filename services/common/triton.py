@@ -20,9 +20,10 @@ from services.common.types import TensorSpec
 BACKENDS = {"onnxruntime_onnx": "onnxruntime"}
 
 
-def data_type(datatype: str) -> mc.DataType.ValueType:
+def data_type(datatype: str) -> mc.DataType:
     """The model_config DataType of an OIP datatype (BYTES is TYPE_STRING)."""
-    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+    value: mc.DataType = getattr(mc, "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+    return value
 
 
 def _dims(spec: TensorSpec, batched: bool) -> list[int]:
