@@ -2,12 +2,17 @@
 
     onnxmesh predict [digits-parallel] [--index N | --image FILE] [--count K] [--target HOST:PORT]
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
-    onnxmesh health  [--target HOST:PORT ...]
+    onnxmesh health  [--target HOST:PORT ...] [--service NAME]
+    (each also takes --base-port N: the local mesh's layout, as `make run ARGS=--base-port N`)
     onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
     onnxmesh batch|submit|result|jobs ... (batch and asynchronous serving: jobs.cli, jobs extra)
 
 Every call goes through the shared OipClient with short timeouts. When nothing answers, the
 CLI says so in one line and exits 1 (never a traceback): start the mesh with `make run`.
+Every address comes from one layout: `--target`, else $ONNXMESH_TARGET, else the local node
+serving the name at `--base-port` (default 8000). Calls `predict` chains to build a model's
+inputs (preprocess, model_a) go to $ONNXMESH_SERVICE_<NAME>_ADDRESS, else to the same layout
+as the target (its host, and the base its port implies for the service it names).
 `main()` returns the exit code; the console script passes it to sys.exit.
 """
 
@@ -27,10 +32,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from meshctl.launcher import probe_models
+from meshctl.launcher import BASE_PORT, ports_from_base, probe_models
 from services.common.client import OipClient
 from services.common.digits import IMAGE_SHAPE, PIXEL_MAX, load_holdout
 from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
+from services.common.index_client import repository_index
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,
     DEFAULT_PORTS,
@@ -53,8 +59,17 @@ JOB_COMMANDS = {
 }
 JOBS_EXTRA = "pip install 'onnxmesh[jobs]'"
 TARGET_ENV = "ONNXMESH_TARGET"
+LOCAL_HOST = "127.0.0.1"
+
+
+def local_endpoints(base: int | None = None, host: str = LOCAL_HOST) -> dict[str, str]:
+    """Each node's address in a local mesh laid out from `base` (the launcher's --base-port)."""
+    ports = ports_from_base(BASE_PORT if base is None else base)
+    return {service: f"{host}:{port}" for service, port in ports.items()}
+
+
 #: Each local endpoint `health` and `models` look at when no --target is given.
-LOCAL_ENDPOINTS = {service: f"127.0.0.1:{port}" for service, port in DEFAULT_PORTS.items()}
+LOCAL_ENDPOINTS = local_endpoints()
 #: Model name -> the service that serves it in the local mesh (graphs are the orchestrator's).
 MODEL_SERVICE = {model: service for service, models in SERVICE_MODELS.items() for model in models} | {
     graph: ORCHESTRATOR for graph in DEFAULT_GRAPH_NAMES
@@ -74,21 +89,42 @@ class CliError(Exception):
 # -- targets and errors ------------------------------------------------------------------------------
 
 
-def default_target(name: str) -> str:
+def default_target(name: str, base: int | None = None) -> str:
     """Where `predict NAME` goes without --target: $ONNXMESH_TARGET, else the local service serving NAME."""
     env = os.environ.get(TARGET_ENV)
     if env:
-        return env
-    return LOCAL_ENDPOINTS[MODEL_SERVICE.get(name, ORCHESTRATOR)]
+        return check_target(env)
+    return local_endpoints(base)[MODEL_SERVICE.get(name, ORCHESTRATOR)]
 
 
-def service_address(service: str) -> str:
-    """A service's address for chained calls: the orchestrator's env override, else the local default."""
-    return os.environ.get(address_variable(service)) or LOCAL_ENDPOINTS[service]
+def check_target(target: str) -> str:
+    """A gRPC target as given, or CliError when it is a URL (the CLI speaks gRPC, not HTTP)."""
+    if "://" in target:
+        host = target.split("://", 1)[1].split("/", 1)[0]
+        raise CliError(
+            f"'{target}' is a URL; give the node's gRPC address as HOST:PORT, e.g. {host or LOCAL_HOST}"
+        )
+    return target
+
+
+def layout_near(target: str, name: str, base: int | None) -> dict[str, str]:
+    """The local layout a call of `name` at `target` belongs to: --base-port if given, else the
+    base that target's port implies for the service serving `name` (its host kept)."""
+    host, _, port = target.rpartition(":")
+    if base is None and port.isdigit() and name in MODEL_SERVICE:
+        implied = int(port) - (DEFAULT_PORTS[MODEL_SERVICE[name]] - BASE_PORT)
+        base = implied if implied > 0 else None
+    return local_endpoints(base, host if base is not None and host else LOCAL_HOST)
+
+
+def service_address(service: str, layout: Mapping[str, str] | None = None) -> str:
+    """A service's address for chained calls: the orchestrator's env override, else the layout's."""
+    return os.environ.get(address_variable(service)) or (layout or LOCAL_ENDPOINTS)[service]
 
 
 #: What gRPC says when no connection could be made (as opposed to a server answering UNAVAILABLE).
 _CONNECT_FAILURES = ("failed to connect", "connection refused", "all backends failing", "errors resolving")
+_DNS_FAILURES = ("errors resolving", "dns resolution failed", "name resolution", "could not resolve")
 MESH_HINT = "is the mesh running? start it with 'make run'"
 
 
@@ -99,11 +135,19 @@ def unreachable(err: MeshError, *, connecting: bool = False) -> bool:
     return isinstance(err, Unavailable) and any(s in err.message.lower() for s in _CONNECT_FAILURES)
 
 
+def detail(err: MeshError) -> str:
+    """The error's message, never empty."""
+    return err.message.strip() or f"the server gave no detail for {err.code}"
+
+
 def explain(target: str, err: MeshError, *, connecting: bool = False) -> str:
-    """One line for a failed call; an unreachable target gets the 'is the mesh running?' hint."""
+    """One line for a failed call; an unreachable target gets a hint (a DNS problem, or the mesh down)."""
+    if any(s in err.message.lower() for s in _DNS_FAILURES):
+        host = target.rpartition(":")[0] or target
+        return f"cannot resolve '{host}' ({err.code}): check the host name in {target}"
     if unreachable(err, connecting=connecting):
         return f"cannot reach {target} ({err.code}): {MESH_HINT}"
-    return f"{target}: {err.code}: {err.message}"
+    return f"{target}: {err.code}: {detail(err)}"
 
 
 # -- images --------------------------------------------------------------------------------------------
@@ -154,6 +198,12 @@ def select_digits(args: argparse.Namespace) -> Digits:
             f"{args.data or 'the held-out digits'}: cannot read the held-out digits: {exc}"
         ) from None
     images, labels = holdout.images, holdout.labels
+    if args.index >= len(images):
+        raise CliError(
+            f"--index {args.index} is out of range: the held-out set has {len(images)} images (0..{len(images) - 1})"
+        )
+    if args.count > len(images):
+        raise CliError(f"--count {args.count} is more than the {len(images)} held-out images")
     rows = [(args.index + i) % len(images) for i in range(args.count)]  # wraps around the set
     return Digits(images[rows], labels[rows], [f"held-out #{row}" for row in rows])
 
@@ -206,8 +256,9 @@ class Inputs:
     the image goes through the producers in PRODUCERS first. One client per upstream address.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, layout: Mapping[str, str] | None = None) -> None:
         self.timeout = timeout
+        self.layout = layout
         self.chain: list[str] = []
         self._clients: dict[str, OipClient] = {}
 
@@ -226,7 +277,7 @@ class Inputs:
             raise CliError(f"predict can only send an image; it does not know how to make input '{name}'")
         model, model_input, service = PRODUCERS[name]
         upstream = await self._tensor(model_input, images, (*seen, name))
-        address = service_address(service)
+        address = service_address(service, self.layout)
         self.chain.append(f"{model} @ {address}")
         client = self._clients.setdefault(address, OipClient(address))
         try:
@@ -250,9 +301,9 @@ async def _predict_one(
 
 
 async def _predict(args: argparse.Namespace) -> int:
-    target = args.target or default_target(args.name)
+    target = check_target(args.target) if args.target else default_target(args.name, args.base_port)
     digits = select_digits(args)
-    inputs = Inputs(args.timeout)
+    inputs = Inputs(args.timeout, layout_near(target, args.name, args.base_port))
     async with OipClient(target) as client:
         try:
             sig = await client.metadata(args.name, args.version, timeout=args.connect_timeout)
@@ -351,19 +402,21 @@ async def _predict_many(
 
 
 def _targets(args: argparse.Namespace) -> dict[str, str]:
-    """label -> target: the --target flags, else $ONNXMESH_TARGET, else every local default endpoint."""
+    """label -> target: the --target flags, else $ONNXMESH_TARGET, else every endpoint of the local layout."""
     if args.target:
-        return {target: target for target in args.target}
+        return {target: check_target(target) for target in args.target}
     env = os.environ.get(TARGET_ENV)
-    return {env: env} if env else {f"{service} {addr}": addr for service, addr in LOCAL_ENDPOINTS.items()}
+    if env:
+        return {env: check_target(env)}
+    return {f"{service} {addr}": addr for service, addr in local_endpoints(args.base_port).items()}
 
 
 async def _models(args: argparse.Namespace) -> int:
-    """Each target's server name and the signatures of the names it answers ModelMetadata for.
+    """Each target's server name, what its RepositoryIndex lists (state and reason of each
+    model version) and the signatures of the models that serve.
 
     Exit 1 when a target cannot be reached, or when a name asked for with --model is served by none.
     """
-    names = args.model or list(MODEL_SERVICE)
     targets = _targets(args)
     unreachable_targets, found = 0, set[str]()
     for label, target in targets.items():
@@ -375,16 +428,30 @@ async def _models(args: argparse.Namespace) -> int:
                 unreachable_targets += 1
                 continue
         print(f"{label}: server {server} {version}")
-        answers = await probe_models(target, names, timeout=args.timeout)
-        for name, answer in answers.items():
-            if isinstance(answer, ModelSignature):
-                found.add(name)
+        try:
+            index = await repository_index(target, timeout=args.timeout)
+        except MeshError as err:
+            print(f"  RepositoryIndex failed: {explain(target, err)}")
+            continue
+        served = [e.name for e in index if args.model is None or e.name in args.model]
+        answers = await probe_models(target, dict.fromkeys(served), timeout=args.timeout)
+        for entry in index:
+            if args.model is not None and entry.name not in args.model:
+                continue
+            answer = answers.get(entry.name)
+            if entry.state == "READY" and isinstance(answer, ModelSignature):
+                found.add(entry.name)
                 print("  " + describe_signature(answer).replace("\n", "\n  "))
-            elif args.model and len(targets) == 1:  # asked for by name: say why it is missing
-                print(f"  {name}: not served ({answer.code}: {answer.message})")
-        if not args.model:
-            served = sum(isinstance(a, ModelSignature) for a in answers.values())
-            print(f"  ({served} of {len(names)} known names answered; OIP has no call that lists models)")
+            else:
+                print(
+                    f"  {entry.name}  version {entry.version}: {entry.state}"
+                    + (f" ({entry.reason})" if entry.reason else "")
+                )
+        for name in args.model or ():
+            if name not in answers and len(targets) == 1:  # asked for by name: say it is missing
+                print(f"  {name}: not served here")
+        if not index:
+            print("  (no models)")
     missing = [name for name in args.model or () if name not in found]
     if missing and len(targets) > 1:
         print(f"not served by any endpoint: {', '.join(missing)}")
@@ -402,7 +469,9 @@ async def _health(args: argparse.Namespace) -> int:
             except MeshError as err:
                 if unreachable(err, connecting=True):
                     return f"UNREACHABLE ({err.code})"
-                return f"{err.code}: {err.message}"
+                if isinstance(err, NotFound) and not err.message.strip():
+                    return f"NOT_FOUND: no health status for service '{args.service}' ({HEALTH_SERVICES})"
+                return f"{err.code}: {detail(err)}"
 
     statuses = await asyncio.gather(*(check(target) for target in targets.values()))
     for label, status in zip(targets, statuses, strict=True):
@@ -410,6 +479,9 @@ async def _health(args: argparse.Namespace) -> int:
     if any(status.startswith("UNREACHABLE") for status in statuses):
         print(f"onnxmesh: some endpoints cannot be reached: {MESH_HINT}", file=sys.stderr)
     return 0 if all(status == "SERVING" for status in statuses) else 1
+
+
+HEALTH_SERVICES = "every node has '' (the whole node) and 'inference.GRPCInferenceService'"
 
 
 # -- parser and main -----------------------------------------------------------------------------------
@@ -478,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_target(parser: argparse.ArgumentParser, help: str, *, repeat: bool = False) -> None:
     parser.add_argument("--target", action="append" if repeat else "store", help=help)
+    parser.add_argument(
+        "--base-port",
+        type=_positive,
+        default=None,
+        help=f"the local mesh's base port, as given to the launcher (default: {BASE_PORT})",
+    )
 
 
 def _add_timeouts(parser: argparse.ArgumentParser, *, call: float) -> None:

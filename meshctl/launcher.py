@@ -9,6 +9,11 @@ them all on Ctrl-C or SIGTERM. `LocalMesh` is the same thing as a class:
         address = mesh.address("model_a")          # "127.0.0.1:<port>"
         mesh.stop_service("model_b")               # e.g. a fault-tolerance test
 
+Every node gets its ports from one layout: gRPC on its port (base + 1, 11, 21, 31; replica i
+on port + i - 1), KServe v2 REST on that port + HTTP_OFFSET and, with `metrics=True`
+(`--metrics`), Prometheus on that port + METRICS_OFFSET: no two nodes share one, whatever
+ONNXMESH_* variables the launcher itself was given (it drops the per-node port variables).
+
 Each node is one `meshctl.process.ServiceProcess` (its life cycle is described there): it says
 where it listens once bound (so port 0 works), reports SERVING once its models are warm, and
 drains and exits 0 on SIGTERM. Processes stay
@@ -65,6 +70,11 @@ DEFAULT_GRAPHS = REPO / "orchestrator" / "graphs.yaml"
 
 #: The default ports are this plus a fixed offset per service (8001, 8011, ...): `--base-port`.
 BASE_PORT = 8000
+#: A node's REST and metrics ports: its gRPC port plus these (8001 -> 8101, 8201).
+HTTP_OFFSET = 100
+METRICS_OFFSET = 200
+#: Port variables that name one node's port: a launcher given one would hand it to every node.
+PER_NODE_VARIABLES = ("ONNXMESH_PORT", "ONNXMESH_HTTP_PORT", "ONNXMESH_METRICS_PORT")
 STARTUP_TIMEOUT = 60.0
 
 
@@ -107,6 +117,7 @@ class LocalMesh:
     0 = a free port); replica i listens on port + i - 1. `replicas` maps a service to its
     replica count. `model_dirs` and `extra_args` pass per-service `--model-dir` and flags.
     `echo` receives every log line as `[name] line` (None: only kept for error messages).
+    `http` serves KServe v2 REST on every node, `metrics` Prometheus (ports: the module docstring).
     Use as a context manager, or call `start()` and `stop()`.
     """
 
@@ -117,6 +128,8 @@ class LocalMesh:
         ports: Mapping[str, int] | None = None,
         replicas: Mapping[str, int] | None = None,
         include_orchestrator: bool = True,
+        http: bool = True,
+        metrics: bool = False,
         graphs: Path | None = None,
         model_dirs: Mapping[str, Path] | None = None,
         extra_args: Mapping[str, Sequence[str]] | None = None,
@@ -131,6 +144,8 @@ class LocalMesh:
     ) -> None:
         self.host = host
         self.include_orchestrator = include_orchestrator
+        self.http = http
+        self.metrics = metrics
         self.services = SERVICES if include_orchestrator else MODEL_SERVICES
         for label, mapping in (("ports", ports), ("replicas", replicas), ("model_dirs", model_dirs)):
             _check_names(label, mapping or {})
@@ -299,6 +314,8 @@ class LocalMesh:
         command = self._command(service, old.port)
         if model_dir is not None:
             command += ["--model-dir", str(model_dir)]  # the last flag wins
+        if self.metrics:
+            command += ["--metrics-port", "0"]  # metrics cannot share a port; REST and gRPC do
         fresh = ServiceProcess(
             service,
             replica,
@@ -341,6 +358,8 @@ class LocalMesh:
     def _command(self, service: str, port: int) -> list[str]:
         command = [self.python, "-m", MODULES[service], "--host", self.host, "--port", str(port)]
         command += ["--log-format", self.log_format, "--log-level", self.log_level]
+        command += ["--http-port", str(side_port(port, HTTP_OFFSET)) if self.http else "off"]
+        command += ["--metrics-port", str(side_port(port, METRICS_OFFSET)) if self.metrics else "off"]
         if self.grace is not None:
             command += ["--grace", str(self.grace)]
         if service in self.model_dirs:
@@ -351,6 +370,8 @@ class LocalMesh:
 
     def _child_env(self, service: str) -> dict[str, str]:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        for name in PER_NODE_VARIABLES:
+            env.pop(name, None)
         if service == ORCHESTRATOR:
             # The orchestrator reads addresses from its spec; point it at this mesh's replicas.
             for backend in MODEL_SERVICES:
@@ -366,6 +387,10 @@ class LocalMesh:
             port = base + replica - 1 if base else 0
         if port:
             self._check_port_free(f"{service}-{replica}", port)
+            if self.http:
+                self._check_port_free(f"{service}-{replica} (REST)", side_port(port, HTTP_OFFSET))
+            if self.metrics:
+                self._check_port_free(f"{service}-{replica} (metrics)", side_port(port, METRICS_OFFSET))
         proc = ServiceProcess(
             service,
             replica,
@@ -408,6 +433,15 @@ class LocalMesh:
 
     def _wait_serving(self, procs: Sequence[ServiceProcess]) -> None:
         wait_serving(procs, self.startup_timeout, self._closing)
+
+
+def side_port(port: int, offset: int) -> int:
+    """A node's REST or metrics port beside its gRPC `port` (0 = a free one, like the gRPC port)."""
+    if not port:
+        return 0
+    if port + offset > 65535:
+        raise ValueError(f"port {port} + {offset} is above 65535; pick a lower --base-port")
+    return port + offset
 
 
 def _check_names(label: str, mapping: Mapping[str, object]) -> None:
@@ -490,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--graphs", type=Path, default=None, help=f"graph spec (default: {DEFAULT_GRAPHS})")
     parser.add_argument("--no-orchestrator", action="store_true", help="start only the services")
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help=f"Prometheus /metrics on every node, at its gRPC port + {METRICS_OFFSET}",
+    )
+    parser.add_argument(
+        "--no-http",
+        action="store_true",
+        help=f"no KServe v2 REST (default: at each gRPC port + {HTTP_OFFSET})",
+    )
+    parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="(default: %(default)s)"
     )
     parser.add_argument("--log-level", default="INFO", help="(default: %(default)s)")
@@ -512,6 +556,8 @@ def mesh_from_args(args: argparse.Namespace, echo: TextIO | None) -> LocalMesh:
         ports={**ports_from_base(args.base_port), **dict(args.port)},
         replicas=replicas,
         include_orchestrator=not args.no_orchestrator,
+        http=not args.no_http,
+        metrics=args.metrics,
         graphs=args.graphs,
         model_dirs=dict(args.model_dir),
         log_format=args.log_format,
@@ -521,21 +567,38 @@ def mesh_from_args(args: argparse.Namespace, echo: TextIO | None) -> LocalMesh:
     )
 
 
-def ready_lines(mesh: LocalMesh, graphs: Sequence[str]) -> list[str]:
-    """What `make run` prints once everything is SERVING: endpoints, a ready line, and a hint."""
+def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = None) -> list[str]:
+    """What `make run` prints once everything is SERVING: endpoints, a ready line, and a hint.
+
+    `base_port`: the layout the mesh was started with, for the hint (None: the default).
+    """
     lines = ["onnxmesh endpoints:"]
     width = max(len(p.name) for p in mesh.processes())
-    lines += [f"  {p.name:<{width}}  {p.address:<21} pid {p.pid}" for p in mesh.processes()]
+    host = connect_host(mesh.host)
+    for p in mesh.processes():
+        extra = "".join(
+            f"  {label} {host}:{port}"
+            for label, port in (("rest", p.http_port), ("metrics", p.metrics_port))
+            if port is not None
+        )
+        lines.append(f"  {p.name:<{width}}  grpc {p.address:<21}{extra}  pid {p.pid}")
+    layout = "" if base_port in (None, BASE_PORT) else f" --base-port {base_port}"
     if mesh.include_orchestrator:
         address = mesh.address(ORCHESTRATOR)
+        metrics = [f"{host}:{p.metrics_port}" for p in mesh.processes() if p.metrics_port is not None]
         lines.append(
             f"onnxmesh ready: orchestrator {address} (graphs: {', '.join(graphs) or 'none answered'})"
+            + (f"; metrics: {', '.join(metrics)}" if metrics else "")
         )
         target = "" if address == f"127.0.0.1:{DEFAULT_PORTS[ORCHESTRATOR]}" else f" --target {address}"
         example = "digits-parallel" if "digits-parallel" in graphs or not graphs else graphs[0]
+        every = layout if layout or not target else ""
         lines.append(
-            f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{target}, onnxmesh health)"
+            f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{every}, onnxmesh health{every})"
         )
+        rest = mesh.process(ORCHESTRATOR).http_port
+        if rest is not None:
+            lines.append(f"     curl {host}:{rest}/v2/models/{example}   (KServe v2 REST)")
     else:
         services = ", ".join(f"{s} {mesh.target(s)}" for s in MODEL_SERVICES)
         lines.append(f"onnxmesh ready: {services} (no orchestrator)")
@@ -543,7 +606,7 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str]) -> list[str]:
         env = ""
         if mesh.address(PREPROCESS) != f"127.0.0.1:{DEFAULT_PORTS[PREPROCESS]}":
             env = f"{address_variable(PREPROCESS)}={mesh.address(PREPROCESS)} "
-        lines.append(f"try: {env}onnxmesh predict digits-mlp --target {mesh.address('model_a')}")
+        lines.append(f"try: {env}onnxmesh predict digits-mlp --target {mesh.address('model_a')}{layout}")
     lines.append("Ctrl-C stops the mesh.")
     return lines
 
@@ -574,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         mesh.start()
         graphs = mesh.served_graphs() if mesh.include_orchestrator else []
-        print("\n".join(ready_lines(mesh, graphs)), flush=True)
+        print("\n".join(ready_lines(mesh, graphs, args.base_port)), flush=True)
         _watch(mesh, stopping)
     except MeshStopped:
         pass

@@ -1,7 +1,8 @@
 """One node of a local mesh as a child process: started, watched, waited for, stopped.
 
 A node prints `<service> listening on HOST:PORT` once bound (so port 0 works: the bound port is
-read back from it), `<service> metrics on HOST:PORT` with --metrics-port, and `<service> ready on
+read back from it), `<service> metrics on HOST:PORT` with --metrics-port, `<service> http on
+HOST:PORT` with --http-port (KServe v2 REST), and `<service> ready on
 HOST:PORT` once its models are warm; it reports SERVING on grpc.health.v1 from then on, and drains
 and exits 0 on SIGTERM (services/common/server.py). `ServiceProcess` runs one such process and
 reads those lines; `wait_serving` waits until a group of them answers SERVING.
@@ -125,6 +126,8 @@ class ServiceProcess:
         self.port: int | None = None
         #: The Prometheus /metrics port, when the node was started with --metrics-port.
         self.metrics_port: int | None = None
+        #: The KServe v2 REST port, when the node was started with --http-port.
+        self.http_port: int | None = None
         self.ready_line_seen = False
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._echo = echo
@@ -180,12 +183,14 @@ class ServiceProcess:
         stream.close()
 
     def _announcement(self, line: str) -> None:
-        """Parse the `<service> listening|metrics|ready on HOST:PORT` lines a node prints on stdout."""
+        """Parse the `<service> listening|metrics|http|ready on HOST:PORT` lines a node prints on stdout."""
         words = line.split()
         if len(words) == 4 and words[1:3] == ["listening", "on"]:
             self.port = int(words[3].rsplit(":", 1)[1])
         elif len(words) == 4 and words[1:3] == ["metrics", "on"]:
             self.metrics_port = int(words[3].rsplit(":", 1)[1])
+        elif len(words) == 4 and words[1:3] == ["http", "on"]:
+            self.http_port = int(words[3].rsplit(":", 1)[1])
         elif len(words) == 4 and words[1:3] == ["ready", "on"]:
             self.ready_line_seen = True
 

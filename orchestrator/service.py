@@ -90,16 +90,23 @@ class Graph(Servable):
         engine: Engine,
         *,
         ready: Callable[[], bool] = lambda: True,
+        reason: Callable[[], str] = lambda: "",
     ) -> None:
         self.name = name
         self.version = "1"
         self.signature = signature
         self.engine = engine
         self._ready = ready
+        self._reason = reason
 
     @property
     def ready(self) -> bool:
         return self._ready()
+
+    @property
+    def reason(self) -> str:
+        """Which hard steps' models are not ready (RepositoryIndex shows it)."""
+        return self._reason()
 
     @property
     def loaded(self) -> bool:
@@ -164,6 +171,14 @@ class Orchestrator:
             return False
         return all(self.model_ready.get(key, False) for key in self.current.hard_models.get(graph, ()))
 
+    def graph_reason(self, graph: str) -> str:
+        if self.current is None:
+            return "the graph spec is not loaded yet"
+        down = sorted(
+            key for key in self.current.hard_models.get(graph, ()) if not self.model_ready.get(key, False)
+        )
+        return "not ready: " + ", ".join("/".join(k for k in key if k) for key in down) if down else ""
+
     def stages(self, spec: MeshSpec) -> dict[str, Stage]:
         """One stage per service, kept across reloads: one long-lived channel per address."""
         stages: dict[str, Stage] = {}
@@ -191,7 +206,13 @@ class Orchestrator:
             spec, stages, on_step=self._on_step, on_mirror=self._on_mirror, on_request=self._on_request
         )
         graphs = [
-            Graph(name, sig, engine, ready=functools.partial(self.graph_ready, name))
+            Graph(
+                name,
+                sig,
+                engine,
+                ready=functools.partial(self.graph_ready, name),
+                reason=functools.partial(self.graph_reason, name),
+            )
             for name, sig in graph_signatures.items()
         ]
         return Loaded(spec, digest, engine, graphs, {g: spec.hard_model_keys(g) for g in spec.graphs})

@@ -30,11 +30,15 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
+from services.common.batching import BatchingModel
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.metrics import ServerMetrics
 from services.common.model import Servable
-from services.common.repository import ModelRepository
+from services.common.repository import ModelConfig, ModelRepository
+from services.common.shared_memory import SharedMemory
+from services.common.statistics import Duration, ModelStats, Statistics
 from services.common.types import NUMPY_TO_DATATYPE, InferRequest, InferResult, ModelSignature, datatype_of
+from services.common.warmup import WarmupSample
 
 R = TypeVar("R")
 
@@ -56,6 +60,33 @@ class ModelMetadata:
     versions: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelDescription:
+    """What Triton's ModelConfig answers, from the signature and the model's config.json.
+
+    `max_batch_size` is 0 unless the node batches the model adaptively; then, as in Triton,
+    the first dimension of every tensor is the batch and is left out of the config's dims.
+    """
+
+    signature: ModelSignature
+    platform: str
+    max_batch_size: int
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0
+    description: str = ""
+    warmup: tuple[WarmupSample, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One row of RepositoryIndex: READY, LOADING or UNAVAILABLE, with the reason when known."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
 class DataPlane:
     """Lookup, readiness, validation, metrics and inference over one node's repository.
 
@@ -71,10 +102,14 @@ class DataPlane:
         *,
         server_name: str = "onnxmesh",
         server_version: str = "",
+        extensions: tuple[str, ...] = (),
     ) -> None:
         self.repository = repository
         self.metrics = metrics
-        self.server = ServerMetadata(server_name, server_version)
+        self.server = ServerMetadata(server_name, server_version, extensions)
+        self.statistics = Statistics()
+        #: Regions of the system shared-memory extension, registered by clients on this host.
+        self.shared_memory = SharedMemory()
         self.draining = False
 
     # -- health and metadata ---------------------------------------------------------------
@@ -87,7 +122,9 @@ class DataPlane:
         return self.repository.ready and not self.draining
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        """Whether one model version serves (NotFound if it is not here)."""
+        """Whether one model version serves (NotFound if it is not here; False if it failed to load)."""
+        if self.repository.failure(name, version) is not None:
+            return False
         return self.repository.get(name, version).ready and not self.draining
 
     def server_metadata(self) -> ServerMetadata:
@@ -100,6 +137,85 @@ class DataPlane:
             raise Unavailable(f"model '{servable.name}' is still loading")
         versions = (version,) if version else tuple(self.repository.versions(servable.name))
         return ModelMetadata(servable.signature, versions)
+
+    def model_description(self, name: str, version: str = "") -> ModelDescription:
+        """What ModelConfig answers for one model version (NotFound; Unavailable while it loads)."""
+        servable = self.repository.get(name, version)
+        if not servable.loaded:
+            raise Unavailable(f"model '{servable.name}' is still loading")
+        config = self.repository.config(servable.name) or ModelConfig(platform=servable.signature.platform)
+        if isinstance(servable, BatchingModel) and servable.batching:
+            return ModelDescription(
+                servable.signature,
+                config.platform,
+                servable.max_batch_size,
+                int(servable.max_queue_delay * 1e6),
+                servable.max_queue_size,
+                config.description,
+                config.warmup,
+            )
+        return ModelDescription(
+            servable.signature, config.platform, 0, 0, 0, config.description, config.warmup
+        )
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model version of the node, failed ones included (with their reason)."""
+        entries = [
+            IndexEntry(s.name, s.version, *self._state(s))
+            for s in sorted(self.repository.all(), key=lambda s: (s.name, s.version))
+        ]
+        entries += [
+            IndexEntry(f.name, f.version, "UNAVAILABLE", f.reason) for f in self.repository.failures()
+        ]
+        entries.sort(key=lambda e: (e.name, e.version))
+        return [e for e in entries if e.state == "READY"] if ready_only else entries
+
+    def _state(self, servable: Servable) -> tuple[str, str]:
+        if self.draining:
+            return "UNAVAILABLE", "the server is shutting down"
+        if servable.ready:
+            return "READY", ""
+        if not servable.loaded:
+            return "LOADING", servable.reason
+        return "UNAVAILABLE", servable.reason
+
+    def model_statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
+        """Cumulative statistics of every model version (or of one model, or one version)."""
+        if not name:
+            if version:
+                raise InvalidInput("ModelStatistics: a version needs a model name")
+            chosen = sorted(self.repository.all(), key=lambda s: (s.name, s.version))
+        elif version:
+            chosen = [self.repository.get(name, version)]
+        else:
+            versions = self.repository.versions(name)
+            if not versions:
+                self.repository.get(name)  # NotFound, or Unavailable naming why it failed to load
+            chosen = [self.repository.get(name, v) for v in versions]
+        return [self._stats_of(servable) for servable in chosen]
+
+    def _stats_of(self, servable: Servable) -> ModelStats:
+        kept = self.statistics.of(servable.name, servable.version)
+        stats = ModelStats(
+            kept.name,
+            kept.version,
+            kept.last_inference_ms,
+            kept.inference_count,
+            kept.execution_count,
+            Duration(kept.success.count, kept.success.ns),
+            Duration(kept.fail.count, kept.fail.ns),
+            Duration(kept.queue.count, kept.queue.ns),
+            Duration(kept.compute_input.count, kept.compute_input.ns),
+            Duration(kept.compute_infer.count, kept.compute_infer.ns),
+            Duration(kept.compute_output.count, kept.compute_output.ns),
+        )
+        # What only the servable knows: its waits for a worker, and batches for a batching model.
+        queued = min(int(servable.queue_seconds * 1e9), stats.compute_infer.ns)
+        stats.queue = Duration(stats.success.count, queued)
+        stats.compute_infer.ns -= queued
+        if isinstance(servable, BatchingModel) and servable.batching:
+            stats.execution_count = servable.batches_run
+        return stats
 
     # -- inference -------------------------------------------------------------------------
 
@@ -129,10 +245,17 @@ class DataPlane:
             if self.draining or not servable.loaded:
                 raise self._not_serving(servable)
             validate(model, servable.signature, request.inputs, request.outputs)
+            running = time.perf_counter()
             result = await servable.infer(request)
             result.model_name = result.model_name or model
             result.model_version = result.model_version or version
-            return result if encode is None else encode(result)
+            encoding = time.perf_counter()
+            answer = result if encode is None else encode(result)
+            done = time.perf_counter()
+            self.statistics.of(model, version).succeeded(
+                _rows(request), done - started, running - started, encoding - running, done - encoding
+            )
+            return answer
         except MeshError as err:
             code = err.code
             raise
@@ -144,7 +267,10 @@ class DataPlane:
             raise
         finally:
             metrics.inflight.dec()
-            metrics.observe_request(model, version, code, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            metrics.observe_request(model, version, code, seconds)
+            if code != "OK" and model != "unknown":
+                self.statistics.of(model, version).failed(seconds)
 
     def refused(self, model: str, version: str, error: BaseException) -> BaseException:
         """Count an inference call the transport could not turn into an InferRequest (e.g. its
@@ -161,12 +287,21 @@ class DataPlane:
             error = err
         code = error.code if isinstance(error, MeshError) else "INTERNAL"
         self.metrics.observe_request(label, label_version, code, 0.0)
+        if label != "unknown":
+            self.statistics.of(label, label_version).failed(0.0)
         return error
 
     def _not_serving(self, servable: Servable) -> Unavailable:
         if self.draining:
             return Unavailable(f"server is shutting down; retry on another replica of '{servable.name}'")
         return Unavailable(f"model '{servable.name}' version {servable.version} is still loading")
+
+
+def _rows(request: InferRequest) -> int:
+    """The batch size of a request, as Triton counts inferences: its first input's first dim."""
+    for array in request.inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 1
 
 
 def validate(

@@ -1,11 +1,16 @@
 """Prometheus metrics of one node, on a registry of its own (never the process-global one).
 
-The exposition itself is prometheus_client's; this module only names the series.
+The exposition itself is prometheus_client's; this module only names the series and serves
+them on `/metrics` alone (any other path is 404, so a probe aimed at the port by mistake fails).
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,8 +18,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
+
+METRICS_PATH = "/metrics"
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -59,6 +67,7 @@ class ServerMetrics:
             "onnxmesh_inflight_requests", "ModelInfer calls in progress.", registry=self.registry
         )
         self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._http: ThreadingWSGIServer | None = None
         self.ready = Gauge(
             "onnxmesh_ready", "1 when every model of this node is loaded and warm.", registry=self.registry
         )
@@ -73,6 +82,54 @@ class ServerMetrics:
         series[1].observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP on host:port (a daemon thread); returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Expose /metrics over HTTP on host:port (a daemon thread); returns the bound port.
+
+        Raises OSError naming the port and the node when it cannot bind.
+        """
+        app = _only_metrics(make_wsgi_app(self.registry))
+        server_class = _server_class(host)
+        try:
+            server = make_server(host, port, app, server_class, handler_class=_Quiet)
+        except OSError as exc:
+            raise OSError(
+                f"{self.service}: cannot serve metrics on {host}:{port}: {exc.strerror}"
+                + (" (another process has it; --metrics-port 0 picks a free one)" if port else ""),
+            ) from None
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        self._http = server
         return int(server.server_port)
+
+    def stop_http(self) -> None:
+        server, self._http = self._http, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+App = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+def _only_metrics(app: App) -> App:
+    def only(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found: metrics are on {METRICS_PATH}\n".encode()]
+        return app(environ, start_response)
+
+    return only
+
+
+def _server_class(host: str) -> type[ThreadingWSGIServer]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    return Server
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""

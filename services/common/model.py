@@ -11,6 +11,7 @@ data plane has already checked against its signature.
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -18,7 +19,12 @@ from concurrent.futures import Executor
 import numpy as np
 
 from services.common.errors import Unavailable
-from services.common.types import DATATYPE_TO_NUMPY, InferRequest, InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature
+from services.common.warmup import WarmupError, WarmupSample, default_inputs, sample_inputs
+
+
+class LoadError(Exception):
+    """A servable could not be loaded or warmed up; the message says why (RepositoryIndex shows it)."""
 
 
 class Servable(ABC):
@@ -37,8 +43,17 @@ class Servable(ABC):
         """Whether inference may be attempted; a graph is loaded but not ready while a step is down."""
         return self.ready
 
+    @property
+    def reason(self) -> str:
+        """Why the servable is not ready, when it knows ("" otherwise)."""
+        return ""
+
+    #: Total seconds requests waited for a free inference worker (ModelStatistics' queue time).
+    queue_seconds: float = 0.0
+
     async def load(self) -> None:
-        """Load and warm up; readiness turns true only after this returns."""
+        """Load and warm up; readiness turns true only after this returns. Raises LoadError
+        (or any exception) when the servable cannot serve."""
 
     async def close(self) -> None:
         """Release resources at shutdown."""
@@ -55,12 +70,19 @@ class Model(Servable):
     Subclasses implement `load_sync` (build the session, set `signature`) and `predict`.
     `predict` must be batch-native: the first dimension is the batch, and row i of every
     output belongs to row i of the inputs (batching relies on it).
+
+    `warmup` is what `load` runs before the model reports ready: None for the default sample
+    (`warmup_inputs`), () for none, or the samples of its config.json (services.common.warmup).
     """
 
-    def __init__(self, name: str, version: str, executor: Executor) -> None:
+    def __init__(
+        self, name: str, version: str, executor: Executor, *, warmup: Sequence[WarmupSample] | None = None
+    ) -> None:
         self.name = name
         self.version = version
         self.executor = executor
+        self.warmup = warmup
+        self.queue_seconds = 0.0
         self._ready = False
 
     @property
@@ -79,23 +101,59 @@ class Model(Servable):
     def predict(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]: ...
 
     def warmup_inputs(self) -> dict[str, np.ndarray]:
-        """One row of zeros per input (dynamic dims as 1); override for models that need real data."""
-        return {
-            spec.name: np.zeros(
-                [1 if d == -1 else d for d in spec.shape], dtype=DATATYPE_TO_NUMPY[spec.datatype]
-            )
-            for spec in self.signature.inputs
-        }
+        """The default warm-up sample: one row of zeros per input (dynamic dims as 1); override
+        for models that need real data, or declare samples in config.json."""
+        return default_inputs(self.signature)
+
+    def _warmup_samples(self) -> list[tuple[str, dict[str, np.ndarray]]]:
+        if self.warmup is None:
+            return [("default (zeros, dynamic dims 1)", self.warmup_inputs())]
+        return [
+            (sample.name, sample_inputs(sample, self.signature))
+            for sample in self.warmup
+            for _ in range(sample.count)
+        ]
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.load_sync)
-        await loop.run_in_executor(self.executor, self.predict, self.warmup_inputs(), ())
+        try:
+            await loop.run_in_executor(self.executor, self.load_sync)
+        except Exception as exc:
+            raise LoadError(f"cannot load: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+        try:
+            samples = self._warmup_samples()
+        except WarmupError as exc:
+            raise LoadError(str(exc)) from exc
+        for sample, inputs in samples:
+            try:
+                await loop.run_in_executor(self.executor, self.predict, inputs, ())
+            except Exception as exc:
+                # One line: runtimes' messages span several, and the reason is shown in tables.
+                message = " ".join((getattr(exc, "message", None) or str(exc)).split())
+                raise LoadError(
+                    f"warm-up sample '{sample}' failed: {message} "
+                    '(declare warm-up inputs in config.json, or "warmup": false)'
+                ) from exc
         self._ready = True
+
+    def _timed_predict(
+        self, started: list[float], inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        started.append(time.perf_counter())
+        return self.predict(inputs, outputs)
 
     async def infer(self, request: InferRequest) -> InferResult:
         if not self._ready:
             raise Unavailable(f"model '{self.name}' version {self.version} is not ready")
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self.executor, self.predict, request.inputs, request.outputs)
+        queued = time.perf_counter()
+        started: list[float] = []
+        try:
+            outputs = await loop.run_in_executor(
+                self.executor, self._timed_predict, started, request.inputs, request.outputs
+            )
+        finally:
+            # Added on the event loop, not in the worker threads, so no update is lost.
+            if started:
+                self.queue_seconds += started[0] - queued
         return InferResult(outputs=outputs, model_name=self.name, model_version=self.version)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from services.common.errors import InvalidInput
 from services.common.model import Model
 from services.common.types import ModelSignature, TensorSpec
+from services.common.warmup import WarmupSample
 
 #: onnxruntime's type strings -> OIP datatypes.
 ONNX_TO_DATATYPE: dict[str, str] = {
@@ -46,8 +47,17 @@ class OnnxModel(Model):
 
     platform = "onnxruntime_onnx"
 
-    def __init__(self, name: str, version: str, path: Path, executor: Executor, *, threads: int = 1) -> None:
-        super().__init__(name, version, executor)
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        path: Path,
+        executor: Executor,
+        *,
+        threads: int = 1,
+        warmup: Sequence[WarmupSample] | None = None,
+    ) -> None:
+        super().__init__(name, version, executor, warmup=warmup)
         self.path = path
         self.threads = threads
         self._session: ort.InferenceSession | None = None

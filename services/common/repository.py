@@ -2,11 +2,15 @@
 
     models/
       digits-mlp/
-        config.json          optional: {"platform", "description", "max_batch_size", ...}
+        config.json          optional: {"platform", "description", "max_batch_size", "warmup", ...}
+        warmup/              optional: files that warm-up samples read (services.common.warmup)
         1/model.onnx
         2/model.onnx         versions are positive integers; the highest is the default
 
-Requests name a model and optionally a version; an empty version means the latest.
+Requests name a model and optionally a version; an empty version means the latest that loaded.
+A model that fails to load (a bad config.json, a file onnxruntime rejects, a failed warm-up)
+is kept apart with its reason, as Triton does: it is reported UNAVAILABLE (RepositoryIndex,
+ModelReady false, requests get UNAVAILABLE naming the reason) while the others serve.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import NotFound
+from services.common.errors import NotFound, Unavailable
 from services.common.model import Servable
+from services.common.warmup import WarmupSample, parse_warmup
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +39,25 @@ class ModelConfig:
     max_batch_size: int = 0
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024
+    #: None: one row of zeros per input; (): no warm-up; else these samples (services.common.warmup).
+    warmup: tuple[WarmupSample, ...] | None = None
 
     @classmethod
     def load(cls, model_path: Path) -> ModelConfig:
         path = model_path / "config.json"
         if not path.exists():
             return cls()
-        data: dict[str, Any] = json.loads(path.read_text())
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(known)}")
+        data["warmup"] = parse_warmup(data.get("warmup"), model_path)
         return cls(**data)
 
 
@@ -56,16 +69,44 @@ class ModelVersionDir:
     config: ModelConfig
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """A model version that could not be served, and why (version "" = the whole model)."""
+
+    name: str
+    version: str
+    reason: str
+
+
 def scan(model_dir: Path, filename: str = "model.onnx") -> Iterator[ModelVersionDir]:
-    """Every `<model>/<version>/` under model_dir that holds `filename`, sorted by name, version."""
+    """Every `<model>/<version>/` under model_dir that holds `filename`, sorted by name, version;
+    a bad config.json raises."""
+    entries, failures = scan_repository(model_dir, filename)
+    if failures:
+        raise ValueError(failures[0].reason)
+    yield from entries
+
+
+def scan_repository(
+    model_dir: Path, filename: str = "model.onnx"
+) -> tuple[list[ModelVersionDir], list[LoadFailure]]:
+    """Like `scan`, but a model whose config.json is bad becomes a LoadFailure, not an error."""
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    entries: list[ModelVersionDir] = []
+    failures: list[LoadFailure] = []
     for model_path in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-        config = ModelConfig.load(model_path)
         versions = [p for p in model_path.iterdir() if p.is_dir() and p.name.isdigit()]
-        for version_path in sorted(versions, key=lambda p: int(p.name)):
-            if (version_path / filename).exists():
-                yield ModelVersionDir(model_path.name, version_path.name, version_path / filename, config)
+        found = [p for p in sorted(versions, key=lambda p: int(p.name)) if (p / filename).exists()]
+        if not found:
+            continue
+        try:
+            config = ModelConfig.load(model_path)
+        except (ValueError, TypeError, OSError) as exc:
+            failures += [LoadFailure(model_path.name, p.name, str(exc)) for p in found]
+            continue
+        entries += [ModelVersionDir(model_path.name, p.name, p / filename, config) for p in found]
+    return entries, failures
 
 
 class ModelRepository:
@@ -75,18 +116,54 @@ class ModelRepository:
         self._models: dict[str, dict[str, Servable]] = {}
         #: name -> its highest version: what most requests (version "") ask for, found in one lookup.
         self._latest: dict[str, Servable] = {}
+        #: name -> version -> why it could not be served.
+        self._failed: dict[str, dict[str, str]] = {}
+        self._configs: dict[str, ModelConfig] = {}
         for servable in servables:
             self.add(servable)
 
-    def add(self, servable: Servable) -> None:
+    def add(self, servable: Servable, config: ModelConfig | None = None) -> None:
         versions = self._models.setdefault(servable.name, {})
         versions[servable.version] = servable
         self._latest[servable.name] = versions[max(versions, key=_version_key)]
+        if config is not None:
+            self._configs[servable.name] = config
 
     def replace(self, servables: Iterable[Servable]) -> None:
         """Swap the whole set at once (the orchestrator's spec reload)."""
         fresh = ModelRepository(servables)
-        self._models, self._latest = fresh._models, fresh._latest
+        self._models, self._latest, self._failed = fresh._models, fresh._latest, fresh._failed
+
+    def fail(self, name: str, version: str, reason: str) -> None:
+        """Take a model version out of service for good, keeping why (RepositoryIndex shows it)."""
+        self._failed.setdefault(name, {})[version] = reason
+        versions = self._models.get(name, {})
+        versions.pop(version, None)
+        if versions:
+            self._latest[name] = versions[max(versions, key=_version_key)]
+        else:
+            self._models.pop(name, None)
+            self._latest.pop(name, None)
+
+    def failures(self) -> list[LoadFailure]:
+        return [
+            LoadFailure(name, version, reason)
+            for name, versions in sorted(self._failed.items())
+            for version, reason in sorted(versions.items(), key=lambda item: _version_key(item[0]))
+        ]
+
+    def failure(self, name: str, version: str = "") -> str | None:
+        """Why a model version (or, for "", a model with no version serving) failed; None if it did not."""
+        failed = self._failed.get(name)
+        if not failed or (not version and name in self._models):
+            return None
+        if not version:
+            return failed[max(failed, key=_version_key)]
+        return failed.get(version)
+
+    def config(self, name: str) -> ModelConfig | None:
+        """The config.json settings of a model, when it came from a model directory."""
+        return self._configs.get(name)
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -103,11 +180,14 @@ class ModelRepository:
             if latest is not None:
                 return latest
         versions = self._models.get(name)
+        servable = versions.get(version) if versions else None
+        if servable is None and (reason := self.failure(name, version)) is not None:
+            failed = version or max(self._failed[name], key=_version_key)
+            raise Unavailable(f"model '{name}' version {failed} failed to load: {reason}")
         if not versions:
             raise NotFound(
                 f"model '{name}' is not served here; available: {', '.join(self.names()) or 'none'}"
             )
-        servable = versions.get(version)
         if servable is None:
             raise NotFound(
                 f"model '{name}' has no version '{version}'; available: {', '.join(self.versions(name))}"

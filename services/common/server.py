@@ -3,9 +3,16 @@
 Life cycle of a node (what Kubernetes probes and the orchestrator rely on):
   1. bind and start; grpc.health.v1 answers NOT_SERVING (the health servicer would start
      as SERVING otherwise);
-  2. load and warm up every servable, then flip to SERVING and print a ready line;
+  2. load and warm up every servable, then flip to SERVING and print a ready line; a model
+     that fails to load or warm up is logged and reported UNAVAILABLE with its reason
+     (RepositoryIndex, ModelReady false) while the others serve; a node none of whose models
+     loaded exits with every reason;
   3. on SIGTERM/SIGINT: NOT_SERVING at once, new calls get UNAVAILABLE, in-flight calls
      finish within `grace` seconds, then the process exits.
+
+Beside OIP gRPC (with Triton's extensions) a node serves grpc.health.v1, reflection (v1 and
+v1alpha), KServe v2 REST on `--http-port` and Prometheus on `--metrics-port`, each on its own
+port; a port that cannot be bound stops the node with a message naming it.
 """
 
 from __future__ import annotations
@@ -19,14 +26,16 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.dataplane import DataPlane
 from services.common.metrics import ServerMetrics
+from services.common.model import LoadError
+from services.common.reflection import enable_reflection
 from services.common.repository import ModelRepository
-from services.common.servicer import InferenceServicer
+from services.common.rest import RestServer
+from services.common.servicer import EXTENSIONS, InferenceServicer
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -75,11 +84,19 @@ class MeshServer:
         self.repository = repository
         self.metrics = metrics or ServerMetrics(settings.service)
         self.dataplane = DataPlane(
-            repository, self.metrics, server_name=f"onnxmesh-{settings.service}", server_version=VERSION
+            repository,
+            self.metrics,
+            server_name=f"onnxmesh-{settings.service}",
+            server_version=VERSION,
+            extensions=EXTENSIONS,
         )
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self.rest = RestServer(
+            self.dataplane, settings.service, max_body_bytes=settings.max_message_bytes, grace=settings.grace
+        )
         self._add_services = add_services
         self._loader = loader
         self._closer = closer
@@ -102,20 +119,28 @@ class MeshServer:
         names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self._add_services is not None:
             names += self._add_services(server)
-        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        enable_reflection(names, server)
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, NOT_SERVING)
         try:
             self.port = server.add_insecure_port(self.settings.address)
         except RuntimeError as exc:
             raise OSError(
-                f"cannot listen on {self.settings.address}: is another process using the port? "
-                "(--port 0 picks a free one)"
+                f"{self.settings.service}: cannot listen on {self.settings.address}: is another process "
+                "using the port? (--port 0 picks a free one)"
             ) from exc
         await server.start()
         self._server = server
-        if self.settings.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
+        try:
+            if self.settings.metrics_port is not None:
+                self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
+            if self.settings.http_port is not None:
+                self.http_port = await self.rest.start(
+                    self.settings.host, self.settings.http_port, reuse_port=self.settings.reuse_port
+                )
+        except OSError:
+            await self._close_ports(0)
+            raise
         log.info("listening", extra={"address": f"{self.settings.host}:{self.port}"})
         return self.port
 
@@ -127,9 +152,27 @@ class MeshServer:
             await self._loader()
             await self.set_serving(True)
         else:
-            await asyncio.gather(*(servable.load() for servable in self.repository.all()))
+            servables = self.repository.all()
+            outcomes = await asyncio.gather(*(s.load() for s in servables), return_exceptions=True)
+            for servable, outcome in zip(servables, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    self._failed(servable.name, servable.version, outcome)
+            if not self.repository.all():
+                reasons = "; ".join(f"{f.name}/{f.version}: {f.reason}" for f in self.repository.failures())
+                raise LoadError(f"no model could be loaded: {reasons or 'the repository is empty'}")
             await self.set_serving(self.repository.ready)
         log.info("ready", extra={"models": [f"{s.name}/{s.version}" for s in self.repository.all()]})
+
+    def _failed(self, name: str, version: str, error: BaseException) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            raise error
+        reason = str(error) if isinstance(error, LoadError) else f"{type(error).__name__}: {error}"
+        log.error(
+            "model failed to load; serving the others",
+            extra={"model": name, "version": version, "reason": reason},
+            exc_info=None if isinstance(error, LoadError) else error,
+        )
+        self.repository.fail(name, version, reason)
 
     async def set_serving(self, serving: bool) -> None:
         if self.draining:
@@ -152,12 +195,18 @@ class MeshServer:
             return
         await self.begin_drain()
         log.info("draining", extra={"grace_s": self.settings.grace if grace is None else grace})
-        await self._server.stop(self.settings.grace if grace is None else grace)
+        await self._close_ports(self.settings.grace if grace is None else grace)
         await asyncio.gather(*(servable.close() for servable in self.repository.all()))
         if self._closer is not None:
             await self._closer()
+        self.dataplane.shared_memory.close()
         log.info("stopped")
         self._stopped.set()
+
+    async def _close_ports(self, grace: float) -> None:
+        if self._server is not None:
+            await asyncio.gather(self._server.stop(grace), self.rest.stop())
+        self.metrics.stop_http()
 
     async def run_until_signal(self, announce: Callable[[str], None] | None = None) -> None:
         """Start, load, and serve until SIGTERM or SIGINT; then drain and return."""
@@ -170,6 +219,8 @@ class MeshServer:
         say(f"{self.settings.service} listening on {self.settings.host}:{port}")
         if self.metrics_port is not None:
             say(f"{self.settings.service} metrics on {self.settings.host}:{self.metrics_port}")
+        if self.http_port is not None:
+            say(f"{self.settings.service} http on {self.settings.host}:{self.http_port}")
         load = asyncio.create_task(self.load())
         stop_wait = asyncio.create_task(stop_requested.wait())
         done, _ = await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

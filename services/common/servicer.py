@@ -5,14 +5,21 @@ Each RPC converts protobuf to plain values (the tensor codec for tensors), calls
 data plane's. Errors are mapped to status codes here and nowhere else (`status`): a MeshError
 keeps its code (and its message when public); anything else is logged in full and answered
 with INTERNAL and a fixed message, so internals never leak to clients.
+
+Triton's extensions of the service are served too: ModelConfig, ModelStatistics,
+RepositoryIndex, ModelStreamInfer, the classification and system shared-memory extensions
+(tensor parameters, `services.common.extensions`). What is not served answers with a code
+and a message saying so (`REFUSED`), never "Method not found".
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -20,15 +27,28 @@ import grpc
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common import codec
+from services.common import codec, extensions, triton
 from services.common.dataplane import DataPlane
-from services.common.errors import MeshError
+from services.common.errors import InvalidInput, MeshError, from_status
 from services.common.logs import request_id_var
 from services.common.types import InferRequest, InferResult
 
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+#: Requests of one ModelStreamInfer stream running at once; the stream waits beyond that.
+STREAM_IN_FLIGHT = 64
+#: Triton's RPCs this node answers with a refusal: (status name, message).
+REFUSED = {
+    "RepositoryModelLoad": (
+        "FAILED_PRECONDITION",
+        "model control is off: a node serves the models of its model directory from start-up; "
+        "to change them, roll out a new version (RepositoryIndex lists what is served)",
+    ),
+    "TraceSetting": ("UNIMPLEMENTED", "TraceSetting is not served by onnxmesh nodes"),
+    "LogSettings": ("UNIMPLEMENTED", "LogSettings is not served: start the node with --log-level"),
+}
+REFUSED["RepositoryModelUnload"] = REFUSED["RepositoryModelLoad"]
 _CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND"})
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -99,8 +119,87 @@ def infer_response(result: InferResult) -> pb.ModelInferResponse:
     return response
 
 
+def _param(value: pb.InferParameter) -> extensions.Param:
+    choice = value.WhichOneof("parameter_choice")
+    return "" if choice is None else getattr(value, choice)  # type: ignore[no-any-return]
+
+
+def _params(params: Mapping[str, pb.InferParameter]) -> dict[str, extensions.Param]:
+    return {key: _param(value) for key, value in params.items()}
+
+
+def uses_extensions(request: pb.ModelInferRequest) -> bool:
+    """True when any parameter is set: the request needs `extended_infer`, not the fast path."""
+    if request.parameters:
+        return True
+    return any(t.parameters for t in request.inputs) or any(o.parameters for o in request.outputs)
+
+
+def extended_request(
+    dataplane: DataPlane, request: pb.ModelInferRequest, request_id: str, deadline: float | None
+) -> tuple[InferRequest, dict[str, extensions.OutputOptions]]:
+    """An InferRequest from a ModelInferRequest with extension parameters (shared-memory
+    inputs, classification and shared-memory outputs, a timeout); the output options by name."""
+    deadline = extensions.request_deadline(_params(request.parameters), deadline)
+    regions = [extensions.input_region(t.name, _params(t.parameters)) for t in request.inputs]
+    raw = list(request.raw_input_contents)
+    inline = sum(region is None for region in regions)
+    if raw and len(raw) != inline:
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries but the request has {inline} inputs outside "
+            "shared memory; expected one raw entry per such input, in order"
+        )
+    inputs = {}
+    raw_index = 0
+    for tensor, region in zip(request.inputs, regions, strict=True):
+        if tensor.name in inputs:
+            raise InvalidInput(f"input '{tensor.name}' appears more than once")
+        shape = list(tensor.shape)
+        if region is not None:
+            data = dataplane.shared_memory.read(region.name, region.offset, region.byte_size, tensor.name)
+            inputs[tensor.name] = codec.decode_raw(tensor.name, tensor.datatype, shape, data)
+        elif raw:
+            inputs[tensor.name] = codec.decode_raw(tensor.name, tensor.datatype, shape, raw[raw_index])
+            raw_index += 1
+        else:
+            inputs[tensor.name] = codec.decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
+    options = {o.name: extensions.output_options(o.name, _params(o.parameters)) for o in request.outputs}
+    infer = InferRequest(
+        model=request.model_name,
+        inputs=inputs,
+        outputs=tuple(o.name for o in request.outputs),
+        version=request.model_version,
+        request_id=request_id,
+        deadline=deadline,
+    )
+    return infer, options
+
+
+def extended_response(
+    dataplane: DataPlane, options: Mapping[str, extensions.OutputOptions], result: InferResult
+) -> pb.ModelInferResponse:
+    """infer_response, with classification applied and shared-memory outputs written to their
+    region (their entry in raw_output_contents is empty, so positions still match)."""
+    for name, option in options.items():
+        if option.class_count:
+            result.outputs[name] = extensions.classify(name, result.outputs[name], option.class_count)
+    response = infer_response(result)
+    for index, tensor in enumerate(response.outputs):
+        region = options[tensor.name].region if tensor.name in options else None
+        if region is None:
+            continue
+        data = response.raw_output_contents[index]
+        dataplane.shared_memory.write(region.name, region.offset, region.byte_size, data, tensor.name)
+        response.raw_output_contents[index] = b""
+        tensor.parameters[extensions.SHM_REGION].string_param = region.name
+        tensor.parameters[extensions.SHM_SIZE].int64_param = len(data)
+        if region.offset:
+            tensor.parameters[extensions.SHM_OFFSET].int64_param = region.offset
+    return response
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """GRPCInferenceService over a node's DataPlane."""
+    """GRPCInferenceService over a node's DataPlane, Triton's extensions included."""
 
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
@@ -155,11 +254,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         token = request_id_var.set(request_id)
         try:
             remaining = context.time_remaining()
+            if uses_extensions(request):
+                deadline = None if remaining is None else time.monotonic() + remaining
+                response = await self.infer_extended(request, request_id, deadline)
+                response.id = request.id
+                return response
             try:
                 inputs = codec.decode_request_inputs(request)
             except Exception as exc:
                 raise self.dataplane.refused(request.model_name, request.model_version, exc) from None
-            response: pb.ModelInferResponse = await self.dataplane.infer(
+            response = await self.dataplane.infer(
                 InferRequest(
                     model=request.model_name,
                     inputs=inputs,
@@ -178,3 +282,189 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             request_id_var.reset(token)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
+
+    async def infer_extended(
+        self, request: pb.ModelInferRequest, request_id: str, deadline: float | None
+    ) -> pb.ModelInferResponse:
+        try:
+            infer, options = extended_request(self.dataplane, request, request_id, deadline)
+        except Exception as exc:
+            raise self.dataplane.refused(request.model_name, request.model_version, exc) from None
+        encode = functools.partial(extended_response, self.dataplane, options)
+        response: pb.ModelInferResponse = await self.dataplane.infer(infer, encode)
+        return response
+
+    async def infer_any(
+        self, request: pb.ModelInferRequest, request_id: str, deadline: float | None
+    ) -> pb.ModelInferResponse:
+        """One request of a stream, fast path or extended."""
+        if uses_extensions(request):
+            return await self.infer_extended(request, request_id, deadline)
+        try:
+            inputs = codec.decode_request_inputs(request)
+        except Exception as exc:
+            raise self.dataplane.refused(request.model_name, request.model_version, exc) from None
+        infer = InferRequest(
+            model=request.model_name,
+            inputs=inputs,
+            outputs=tuple(o.name for o in request.outputs),
+            version=request.model_version,
+            request_id=request_id,
+            deadline=deadline,
+        )
+        response: pb.ModelInferResponse = await self.dataplane.infer(infer, infer_response)
+        return response
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's stream: every request runs as it arrives (up to STREAM_IN_FLIGHT at once) and
+        is answered when done, with its id; a failed request is answered with `error_message`
+        ("CODE: message") and the stream goes on."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            request_id = request.id or f"{random.getrandbits(64):016x}"
+            token = request_id_var.set(request_id)
+            try:
+                response = await self.infer_any(request, request_id, deadline)
+                response.id = request.id
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as exc:
+                code, message = status("ModelStreamInfer", exc)
+                failed = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
+                answers.put_nowait(
+                    pb.ModelStreamInferResponse(
+                        error_message=f"{code.name}: {message}", infer_response=failed
+                    )
+                )
+            finally:
+                request_id_var.reset(token)
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # a broken request stream ends the call with its error
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    @rpc
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        description = self.dataplane.model_description(request.name, request.version)
+        return pb.ModelConfigResponse(config=triton.model_config(description))
+
+    @rpc
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        return triton.model_statistics(self.dataplane.model_statistics(request.name, request.version))
+
+    @rpc
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        if request.repository_name:
+            raise InvalidInput(
+                f"repository '{request.repository_name}' is not known: a node has one repository (leave it empty)"
+            )
+        return triton.repository_index(self.dataplane.repository_index(request.ready))
+
+    @rpc
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        raise from_status(*REFUSED["RepositoryModelLoad"])
+
+    @rpc
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        raise from_status(*REFUSED["RepositoryModelUnload"])
+
+    @rpc
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        return triton.shm_status(self.dataplane.shared_memory.status(request.name))
+
+    @rpc
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.dataplane.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.dataplane.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        if request.name:
+            raise from_status("NOT_FOUND", f"CUDA shared-memory region '{request.name}' is not registered")
+        return pb.CudaSharedMemoryStatusResponse()  # none can be: there is no CUDA device
+
+    @rpc
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise InvalidInput(
+            f"device_id {request.device_id}: CUDA shared memory is not served (onnxmesh nodes run on CPU); "
+            "use system shared memory (SystemSharedMemoryRegister)"
+        )
+
+    @rpc
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()  # nothing is ever registered
+
+    @rpc
+    async def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TraceSettingResponse:
+        raise from_status(*REFUSED["TraceSetting"])
+
+    @rpc
+    async def LogSettings(
+        self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LogSettingsResponse:
+        raise from_status(*REFUSED["LogSettings"])
+
+
+#: What ServerMetadata lists: Triton's names of the extensions every node serves.
+EXTENSIONS = (
+    "classification",
+    "model_configuration",
+    "statistics",
+    "system_shared_memory",
+    "binary_tensor_data",
+)

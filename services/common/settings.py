@@ -66,6 +66,9 @@ class ServerSettings:
     metrics_port: int | None = field(
         default=None, metadata=option("Prometheus /metrics port; unset = off", _optional_int)
     )
+    http_port: int | None = field(
+        default=None, metadata=option("KServe v2 REST port; 0 picks a free port; unset = off", _optional_int)
+    )
     model_dir: Path | None = field(
         default=None, metadata=option("model repository: <model>/<version>/model.onnx", Path)
     )

@@ -263,3 +263,53 @@ def test_step_and_version_parameters_are_read_per_name() -> None:
     assert steps == {"logreg": "timeout: 50 ms budget spent", "mlp": "ok"}
     assert [cli.step_outcome(v) for v in steps.values()] == ["timeout", "ok"]
     assert cli.response_details(parameters, "version.") == {"mlp": "1"}
+
+
+# -- one layout for every address, and messages that say what is wrong --------------------------------
+
+
+def test_chained_inputs_follow_the_targets_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONNXMESH_SERVICE_PREPROCESS_ADDRESS", raising=False)
+    layout = cli.layout_near("127.0.0.1:10021", "digits-mlp", None)
+    assert cli.service_address("preprocess", layout) == "127.0.0.1:10011"
+    assert cli.layout_near("10.1.2.3:9031", "digits-head", None)["model_a"] == "10.1.2.3:9021"
+    assert cli.layout_near("127.0.0.1:10021", "digits-mlp", 12000)["preprocess"] == "127.0.0.1:12011"
+    assert cli.layout_near("somewhere:443", "my-graph", None)["preprocess"] == "127.0.0.1:8011"
+    monkeypatch.setenv("ONNXMESH_SERVICE_PREPROCESS_ADDRESS", "10.0.0.9:7011")
+    assert cli.service_address("preprocess", layout) == "10.0.0.9:7011"
+
+
+def test_base_port_moves_every_default_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONNXMESH_TARGET", raising=False)
+    assert cli.default_target("digits-mlp", 10000) == "127.0.0.1:10021"
+    args = cli.build_parser().parse_args(["health", "--base-port", "10000"])
+    assert sorted(cli._targets(args).values()) == [
+        "127.0.0.1:10001",
+        "127.0.0.1:10011",
+        "127.0.0.1:10021",
+        "127.0.0.1:10031",
+    ]
+
+
+def test_an_index_outside_the_held_out_set_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["predict", "--index", "99999", "--target", "127.0.0.1:1"]) == 1
+    assert (
+        "--index 99999 is out of range: the held-out set has 360 images (0..359)" in capsys.readouterr().err
+    )
+
+
+def test_a_url_target_is_refused_with_the_address_to_use(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["health", "--target", "http://127.0.0.1:8001"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "'http://127.0.0.1:8001' is a URL; give the node's gRPC address as HOST:PORT, e.g. 127.0.0.1:8001"
+        in err
+    )
+
+
+def test_messages_are_never_empty_and_dns_failures_say_so() -> None:
+    assert cli.explain("x:1", NotFound("")) == "x:1: NOT_FOUND: the server gave no detail for NOT_FOUND"
+    dns = Unavailable("DNS resolution failed for nowhere.invalid:8001: C-ares status is not ARES_SUCCESS")
+    assert cli.explain("nowhere.invalid:8001", dns, connecting=True) == (
+        "cannot resolve 'nowhere.invalid' (UNAVAILABLE): check the host name in nowhere.invalid:8001"
+    )
