@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from proto.gen.jobs import jobs_pb2 as jpb
-from proto.gen.jobs import jobs_pb2_grpc as jpb_grpc
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
+from proto.gen.jobs import jobs_pb2 as jpb
+from proto.gen.jobs import jobs_pb2_grpc as jpb_grpc
 from services.common import codec
 from services.common.client import OipClient
 from services.common.errors import DeadlineExceeded, MeshError, from_status

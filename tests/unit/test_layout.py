@@ -23,6 +23,8 @@ KUBERNETES_CLIENT_USER = "meshctl/rollout/cluster.py"
 #: dataclasses and the error tree (docs/architecture.md).
 GRPC_EDGE = {
     "services/common/client.py",
+    "services/common/index_client.py",
+    "services/common/reflection.py",
     "services/common/servicer.py",
     "services/common/server.py",
     "jobs/client.py",
