@@ -9,10 +9,7 @@
 
 Every call goes through the shared OipClient with short timeouts. When nothing answers, the
 CLI says so in one line and exits 1 (never a traceback): start the mesh with `make run`.
-Every address comes from one layout: `--target`, else $ONNXMESH_TARGET, else the local node
-serving the name at `--base-port` (default 8000). Calls `predict` chains to build a model's
-inputs (preprocess, model_a) go to $ONNXMESH_SERVICE_<NAME>_ADDRESS, else to the same layout
-as the target (its host, and the base its port implies for the service it names).
+Where calls go (one layout for every address): meshctl/targets.py; predict: meshctl/predict.py.
 `main()` returns the exit code; the console script passes it to sys.exit.
 """
 
@@ -22,33 +19,28 @@ import argparse
 import asyncio
 import os
 import sys
-import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
-from meshctl.launcher import BASE_PORT, ports_from_base, probe_models
-from services.common.client import OipClient
-from services.common.digits import IMAGE_SHAPE, PIXEL_MAX, load_holdout
-from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
-from services.common.index_client import repository_index
-from services.common.topology import (
-    DEFAULT_GRAPH_NAMES,
-    DEFAULT_PORTS,
-    MODEL_A,
-    ORCHESTRATOR,
-    PREPROCESS,
-    SERVICE_MODELS,
-    address_variable,
+from meshctl.launcher import BASE_PORT, probe_models
+from meshctl.predict import DEFAULT_GRAPH, describe_signature, run_predict
+from meshctl.targets import (
+    MESH_HINT,
+    TARGET_ENV,
+    CliError,
+    check_target,
+    detail,
+    explain,
+    local_endpoints,
+    unreachable,
 )
-from services.common.types import InferResult, ModelSignature
+from services.common.client import OipClient
+from services.common.digits import PIXEL_MAX
+from services.common.errors import MeshError, NotFound
+from services.common.index_client import repository_index
+from services.common.settings import non_negative_int, positive_int
+from services.common.types import ModelSignature
 
-DEFAULT_GRAPH = "digits-parallel"
 ROLLOUT = "rollout"
 #: Batch and asynchronous serving (jobs.cli, with the jobs extra): handed over unparsed, like rollout.
 JOB_COMMANDS = {
@@ -58,346 +50,6 @@ JOB_COMMANDS = {
     "jobs": "recent asynchronous jobs; --cancel ID",
 }
 JOBS_EXTRA = "pip install 'onnxmesh[jobs]'"
-TARGET_ENV = "ONNXMESH_TARGET"
-LOCAL_HOST = "127.0.0.1"
-
-
-def local_endpoints(base: int | None = None, host: str = LOCAL_HOST) -> dict[str, str]:
-    """Each node's address in a local mesh laid out from `base` (the launcher's --base-port)."""
-    ports = ports_from_base(BASE_PORT if base is None else base)
-    return {service: f"{host}:{port}" for service, port in ports.items()}
-
-
-#: Each local endpoint `health` and `models` look at when no --target is given.
-LOCAL_ENDPOINTS = local_endpoints()
-#: Model name -> the service that serves it in the local mesh (graphs are the orchestrator's).
-MODEL_SERVICE = {model: service for service, models in SERVICE_MODELS.items() for model in models} | {
-    graph: ORCHESTRATOR for graph in DEFAULT_GRAPH_NAMES
-}
-#: How `predict` builds an input other than the image when it calls a model directly:
-#: input name -> (model that outputs it, that model's input, service serving it).
-PRODUCERS = {
-    "features": ("digits-preprocess", "image", PREPROCESS),
-    "embedding": ("digits-mlp", "features", MODEL_A),
-}
-
-
-class CliError(Exception):
-    """A problem to report in one line, with exit code 1."""
-
-
-# -- targets and errors ------------------------------------------------------------------------------
-
-
-def default_target(name: str, base: int | None = None) -> str:
-    """Where `predict NAME` goes without --target: $ONNXMESH_TARGET, else the local service serving NAME."""
-    env = os.environ.get(TARGET_ENV)
-    if env:
-        return check_target(env)
-    return local_endpoints(base)[MODEL_SERVICE.get(name, ORCHESTRATOR)]
-
-
-def check_target(target: str) -> str:
-    """A gRPC target as given, or CliError when it is a URL (the CLI speaks gRPC, not HTTP)."""
-    if "://" in target:
-        host = target.split("://", 1)[1].split("/", 1)[0]
-        raise CliError(
-            f"'{target}' is a URL; give the node's gRPC address as HOST:PORT, e.g. {host or LOCAL_HOST}"
-        )
-    return target
-
-
-def layout_near(target: str, name: str, base: int | None) -> dict[str, str]:
-    """The local layout a call of `name` at `target` belongs to: --base-port if given, else the
-    base that target's port implies for the service serving `name` (its host kept)."""
-    host, _, port = target.rpartition(":")
-    if base is None and port.isdigit() and name in MODEL_SERVICE:
-        implied = int(port) - (DEFAULT_PORTS[MODEL_SERVICE[name]] - BASE_PORT)
-        base = implied if implied > 0 else None
-    return local_endpoints(base, host if base is not None and host else LOCAL_HOST)
-
-
-def service_address(service: str, layout: Mapping[str, str] | None = None) -> str:
-    """A service's address for chained calls: the orchestrator's env override, else the layout's."""
-    return os.environ.get(address_variable(service)) or (layout or LOCAL_ENDPOINTS)[service]
-
-
-#: What gRPC says when no connection could be made (as opposed to a server answering UNAVAILABLE).
-_CONNECT_FAILURES = ("failed to connect", "connection refused", "all backends failing", "errors resolving")
-_DNS_FAILURES = ("errors resolving", "dns resolution failed", "name resolution", "could not resolve")
-MESH_HINT = "is the mesh running? start it with 'make run'"
-
-
-def unreachable(err: MeshError, *, connecting: bool = False) -> bool:
-    """True when the call never reached a server; a deadline counts only on a first (connect) call."""
-    if isinstance(err, DeadlineExceeded):
-        return connecting
-    return isinstance(err, Unavailable) and any(s in err.message.lower() for s in _CONNECT_FAILURES)
-
-
-def detail(err: MeshError) -> str:
-    """The error's message, never empty."""
-    return err.message.strip() or f"the server gave no detail for {err.code}"
-
-
-def explain(target: str, err: MeshError, *, connecting: bool = False) -> str:
-    """One line for a failed call; an unreachable target gets a hint (a DNS problem, or the mesh down)."""
-    if any(s in err.message.lower() for s in _DNS_FAILURES):
-        host = target.rpartition(":")[0] or target
-        return f"cannot resolve '{host}' ({err.code}): check the host name in {target}"
-    if unreachable(err, connecting=connecting):
-        return f"cannot reach {target} ({err.code}): {MESH_HINT}"
-    return f"{target}: {err.code}: {detail(err)}"
-
-
-# -- images --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Digits:
-    """Images to send, with their true labels when they come from the held-out set."""
-
-    images: NDArray[np.uint8]
-    labels: NDArray[np.int64] | None
-    description: list[str]
-
-
-def load_image(path: Path) -> NDArray[np.uint8]:
-    """One 8x8 image from a `.npy` file (8x8, 1x8x8 or 64 values) or a text/CSV file of 64 integers 0..16."""
-    try:
-        if path.suffix == ".npy":
-            values = np.load(path, allow_pickle=False)
-        else:
-            values = np.array(path.read_text().replace(",", " ").split(), dtype=np.float64)
-    except (OSError, ValueError) as exc:
-        raise CliError(f"{path}: cannot read an image: {exc}") from None
-    values = np.asarray(values)
-    if values.size != 64:
-        raise CliError(f"{path}: expected 64 pixel values (an 8x8 image), found {values.size}")
-    if (
-        values.dtype.kind not in "biuf"
-        or not np.all(np.isfinite(values))
-        or np.any(values != np.round(values))
-    ):
-        raise CliError(f"{path}: expected integer pixel values 0..{PIXEL_MAX}")
-    if values.min() < 0 or values.max() > PIXEL_MAX:
-        raise CliError(
-            f"{path}: pixel values must be 0..{PIXEL_MAX}, found {values.min():g}..{values.max():g}"
-        )
-    return values.reshape(IMAGE_SHAPE).astype(np.uint8)
-
-
-def select_digits(args: argparse.Namespace) -> Digits:
-    if args.image is not None:
-        image = load_image(args.image)
-        return Digits(image[None], None, [str(args.image)])
-    try:
-        holdout = load_holdout(args.data)
-    except (OSError, KeyError, ValueError) as exc:
-        raise CliError(
-            f"{args.data or 'the held-out digits'}: cannot read the held-out digits: {exc}"
-        ) from None
-    images, labels = holdout.images, holdout.labels
-    if args.index >= len(images):
-        raise CliError(
-            f"--index {args.index} is out of range: the held-out set has {len(images)} images (0..{len(images) - 1})"
-        )
-    if args.count > len(images):
-        raise CliError(f"--count {args.count} is more than the {len(images)} held-out images")
-    rows = [(args.index + i) % len(images) for i in range(args.count)]  # wraps around the set
-    return Digits(images[rows], labels[rows], [f"held-out #{row}" for row in rows])
-
-
-# -- output formatting ---------------------------------------------------------------------------------
-
-
-def format_probabilities(probabilities: NDArray[Any]) -> str:
-    """`0:.00 1:.00 ... 3:.97 ...` with the top class marked."""
-    top = int(np.argmax(probabilities))
-    cells = [f"{i}:{p:.2f}" + ("*" if i == top else "") for i, p in enumerate(probabilities.tolist())]
-    return " ".join(cells)
-
-
-def response_details(parameters: Mapping[str, object], prefix: str) -> dict[str, str]:
-    """`step.<name>` / `version.<name>` parameters of a graph's answer, keyed by name."""
-    return {k[len(prefix) :]: str(v) for k, v in sorted(parameters.items()) if k.startswith(prefix)}
-
-
-def step_outcome(status: str) -> str:
-    """`ok`, `error`, `timeout`, `skipped`: the first word of a `step.<name>` value."""
-    return status.split(":", 1)[0].strip()
-
-
-def predicted_labels(result: InferResult) -> NDArray[np.int64] | None:
-    if "label" in result.outputs:
-        return np.asarray(result.outputs["label"], np.int64).reshape(-1)
-    if "probabilities" in result.outputs:
-        return np.asarray(np.argmax(result.outputs["probabilities"], axis=1), np.int64)
-    return None
-
-
-def describe_signature(sig: ModelSignature) -> str:
-    def tensors(specs: Sequence[Any]) -> str:
-        return ", ".join(f"{t.name} {t.describe()}" for t in specs)
-
-    return (
-        f"{sig.name}  versions: {', '.join(sig.versions) or '-'}  platform: {sig.platform or '-'}\n"
-        f"    inputs:  {tensors(sig.inputs)}\n    outputs: {tensors(sig.outputs)}"
-    )
-
-
-# -- predict -------------------------------------------------------------------------------------------
-
-
-class Inputs:
-    """Builds a model's inputs from images: the image itself, or what an upstream model makes of it.
-
-    Calling a model directly (e.g. digits-mlp takes `features`) then works like the graphs do:
-    the image goes through the producers in PRODUCERS first. One client per upstream address.
-    """
-
-    def __init__(self, timeout: float, layout: Mapping[str, str] | None = None) -> None:
-        self.timeout = timeout
-        self.layout = layout
-        self.chain: list[str] = []
-        self._clients: dict[str, OipClient] = {}
-
-    async def close(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-
-    async def build(self, sig: ModelSignature, images: NDArray[np.uint8]) -> dict[str, NDArray[Any]]:
-        self.chain = []
-        return {spec.name: await self._tensor(spec.name, images, ()) for spec in sig.inputs}
-
-    async def _tensor(self, name: str, images: NDArray[np.uint8], seen: tuple[str, ...]) -> NDArray[Any]:
-        if name == "image":
-            return images
-        if name not in PRODUCERS or name in seen:
-            raise CliError(f"predict can only send an image; it does not know how to make input '{name}'")
-        model, model_input, service = PRODUCERS[name]
-        upstream = await self._tensor(model_input, images, (*seen, name))
-        address = service_address(service, self.layout)
-        self.chain.append(f"{model} @ {address}")
-        client = self._clients.setdefault(address, OipClient(address))
-        try:
-            result = await client.infer(model, {model_input: upstream}, [name], timeout=self.timeout)
-        except MeshError as err:
-            raise CliError(f"input '{name}' from {model}: {explain(address, err, connecting=True)}") from None
-        return result.outputs[name]
-
-
-async def _predict_one(
-    client: OipClient,
-    sig: ModelSignature,
-    inputs: Inputs,
-    images: NDArray[np.uint8],
-    args: argparse.Namespace,
-) -> tuple[InferResult, float]:
-    tensors = await inputs.build(sig, images)
-    started = time.perf_counter()
-    result = await client.infer(args.name, tensors, version=args.version, timeout=args.timeout)
-    return result, time.perf_counter() - started
-
-
-async def _predict(args: argparse.Namespace) -> int:
-    target = check_target(args.target) if args.target else default_target(args.name, args.base_port)
-    digits = select_digits(args)
-    inputs = Inputs(args.timeout, layout_near(target, args.name, args.base_port))
-    async with OipClient(target) as client:
-        try:
-            sig = await client.metadata(args.name, args.version, timeout=args.connect_timeout)
-        except NotFound as err:
-            raise CliError(f"{target} does not serve '{args.name}': {err.message}") from None
-        except MeshError as err:
-            raise CliError(explain(target, err, connecting=True)) from None
-        try:
-            if args.count == 1:
-                return await _predict_single(client, sig, inputs, digits, target, args)
-            return await _predict_many(client, sig, inputs, digits, target, args)
-        finally:
-            await inputs.close()
-
-
-async def _predict_single(
-    client: OipClient,
-    sig: ModelSignature,
-    inputs: Inputs,
-    digits: Digits,
-    target: str,
-    args: argparse.Namespace,
-) -> int:
-    try:
-        result, seconds = await _predict_one(client, sig, inputs, digits.images, args)
-    except MeshError as err:
-        raise CliError(explain(target, err)) from None
-    version = result.model_version or "-"
-    print(f"{result.model_name or args.name} (version {version}) @ {target}  {seconds * 1000:.1f} ms")
-    if inputs.chain:
-        print(f"  inputs made by: {' -> '.join(inputs.chain)}")
-    truth = f" (true label {int(digits.labels[0])})" if digits.labels is not None else ""
-    print(f"  image:         {digits.description[0]}{truth}")
-    labels = predicted_labels(result)
-    if labels is not None:
-        verdict = ""
-        if digits.labels is not None:
-            verdict = "  correct" if labels[0] == digits.labels[0] else "  WRONG"
-        print(f"  predicted:     {int(labels[0])}{verdict}")
-    if "probabilities" in result.outputs:
-        print(f"  probabilities: {format_probabilities(result.outputs['probabilities'][0])}")
-    for name, array in result.outputs.items():
-        if name not in ("label", "probabilities"):
-            head = " ".join(f"{v:.3g}" for v in np.asarray(array).reshape(-1)[:8].tolist())
-            print(f"  {name}: {array.dtype}{list(array.shape)} [{head} ...]")
-    _print_details(result.parameters)
-    return 0
-
-
-def _print_details(parameters: Mapping[str, object]) -> None:
-    steps = response_details(parameters, "step.")
-    versions = response_details(parameters, "version.")
-    if steps:
-        print("  steps:         " + "  ".join(f"{k}={v}" for k, v in steps.items()))
-    if versions:
-        print("  versions:      " + "  ".join(f"{k}={v}" for k, v in versions.items()))
-
-
-async def _predict_many(
-    client: OipClient,
-    sig: ModelSignature,
-    inputs: Inputs,
-    digits: Digits,
-    target: str,
-    args: argparse.Namespace,
-) -> int:
-    """One request per image, in order; accuracy, latency, errors and how each step fared."""
-    correct, latencies, errors = 0, [], Counter[str]()
-    steps: dict[str, Counter[str]] = {}
-    assert digits.labels is not None  # --count needs held-out digits (checked by the parser)
-    for i in range(len(digits.images)):
-        try:
-            result, seconds = await _predict_one(client, sig, inputs, digits.images[i : i + 1], args)
-        except MeshError as err:
-            errors[explain(target, err)] += 1
-            continue
-        latencies.append(seconds)
-        labels = predicted_labels(result)
-        correct += int(labels is not None and labels[0] == digits.labels[i])
-        for step, status in response_details(result.parameters, "step.").items():
-            steps.setdefault(step, Counter())[step_outcome(status)] += 1
-    answered = len(latencies)
-    print(f"{args.name} @ {target}: {len(digits.images)} requests ({digits.description[0]} onwards)")
-    if answered:
-        ms = np.asarray(latencies) * 1000
-        print(f"  accuracy: {correct}/{answered} = {correct / answered:.1%}")
-        print(f"  latency:  p50 {np.percentile(ms, 50):.1f} ms  p99 {np.percentile(ms, 99):.1f} ms")
-    for step, counts in sorted(steps.items()):
-        print(f"  step {step}: " + ", ".join(f"{outcome} {n}" for outcome, n in counts.most_common()))
-    for message, n in errors.most_common():
-        print(f"  failed {n}x: {message}")
-    return 1 if errors else 0
-
-
 # -- models and health ---------------------------------------------------------------------------------
 
 
@@ -487,20 +139,6 @@ HEALTH_SERVICES = "every node has '' (the whole node) and 'inference.GRPCInferen
 # -- parser and main -----------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `onnxmesh` parser. `rollout` takes its arguments unparsed: meshctl.rollout parses them."""
     parser = argparse.ArgumentParser(prog="onnxmesh", description="Call the onnxmesh inference mesh.")
@@ -511,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         "name", nargs="?", default=DEFAULT_GRAPH, help="graph or model (default: %(default)s)"
     )
     source = predict.add_mutually_exclusive_group()
-    source.add_argument("--index", type=_non_negative, default=0, help="held-out digit to send (default: 0)")
+    source.add_argument(
+        "--index", type=non_negative_int, default=0, help="held-out digit to send (default: 0)"
+    )
     source.add_argument(
         "--image", type=Path, help=f".npy (8x8) or text/CSV file of 64 integers 0..{PIXEL_MAX}"
     )
-    predict.add_argument("--count", type=_positive, default=1, help="send K consecutive held-out digits")
+    predict.add_argument("--count", type=positive_int, default=1, help="send K consecutive held-out digits")
     predict.add_argument("--version", default="", help="model version (default: the server's choice)")
     predict.add_argument(
         "--data",
@@ -552,7 +192,7 @@ def _add_target(parser: argparse.ArgumentParser, help: str, *, repeat: bool = Fa
     parser.add_argument("--target", action="append" if repeat else "store", help=help)
     parser.add_argument(
         "--base-port",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"the local mesh's base port, as given to the launcher (default: {BASE_PORT})",
     )
@@ -575,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "predict":
             if args.image is not None and args.count > 1:
                 raise CliError("--count sends held-out digits; it cannot be used with --image")
-            return asyncio.run(_predict(args))
+            return asyncio.run(run_predict(args))
         if args.command == "models":
             return asyncio.run(_models(args))
         if args.command == "health":

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshctl import cli
+from meshctl import cli, predict, targets
 from services.common.errors import DeadlineExceeded, NotFound, Unavailable
 
 REFUSED = "unavailable: connections to all backends failing; last error: Connection refused"
@@ -162,26 +162,26 @@ def test_rollout_without_the_kubernetes_client_says_how_to_get_it(
 
 
 def test_default_target_is_the_local_node_serving_the_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cli.TARGET_ENV, raising=False)
-    assert cli.default_target("digits-parallel") == "127.0.0.1:8001"
-    assert cli.default_target("digits-preprocess") == "127.0.0.1:8011"
-    assert cli.default_target("digits-mlp") == "127.0.0.1:8021"
-    assert cli.default_target("digits-head") == "127.0.0.1:8031"
-    assert cli.default_target("my-own-graph") == "127.0.0.1:8001"
-    monkeypatch.setenv(cli.TARGET_ENV, "10.0.0.5:8001")
-    assert cli.default_target("digits-mlp") == "10.0.0.5:8001"
+    monkeypatch.delenv(targets.TARGET_ENV, raising=False)
+    assert targets.default_target("digits-parallel") == "127.0.0.1:8001"
+    assert targets.default_target("digits-preprocess") == "127.0.0.1:8011"
+    assert targets.default_target("digits-mlp") == "127.0.0.1:8021"
+    assert targets.default_target("digits-head") == "127.0.0.1:8031"
+    assert targets.default_target("my-own-graph") == "127.0.0.1:8001"
+    monkeypatch.setenv(targets.TARGET_ENV, "10.0.0.5:8001")
+    assert targets.default_target("digits-mlp") == "10.0.0.5:8001"
 
 
 def test_explain_adds_the_hint_only_when_nothing_answered() -> None:
     hint = "is the mesh running? start it with 'make run'"
-    assert cli.explain("h:1", Unavailable(f"h:1 {REFUSED}")).endswith(hint)
-    assert cli.explain("h:1", DeadlineExceeded("h:1: deadline exceeded"), connecting=True).endswith(hint)
+    assert targets.explain("h:1", Unavailable(f"h:1 {REFUSED}")).endswith(hint)
+    assert targets.explain("h:1", DeadlineExceeded("h:1: deadline exceeded"), connecting=True).endswith(hint)
     # A server that answered (draining, loading, slow) is not "the mesh is not running".
-    assert cli.explain("h:1", Unavailable("server is shutting down")) == (
+    assert targets.explain("h:1", Unavailable("server is shutting down")) == (
         "h:1: UNAVAILABLE: server is shutting down"
     )
-    assert hint not in cli.explain("h:1", DeadlineExceeded("h:1: deadline exceeded"))
-    assert cli.explain("h:1", NotFound("no model 'x'")) == "h:1: NOT_FOUND: no model 'x'"
+    assert hint not in targets.explain("h:1", DeadlineExceeded("h:1: deadline exceeded"))
+    assert targets.explain("h:1", NotFound("no model 'x'")) == "h:1: NOT_FOUND: no model 'x'"
 
 
 # -- image files ---------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_explain_adds_the_hint_only_when_nothing_answered() -> None:
 def test_load_image_from_npy(tmp_path: Path, image: np.ndarray, shape: tuple[int, ...]) -> None:
     path = tmp_path / "digit.npy"
     np.save(path, image.reshape(shape).astype(np.int64))
-    loaded = cli.load_image(path)
+    loaded = predict.load_image(path)
     assert loaded.dtype == np.uint8 and loaded.shape == (8, 8)
     np.testing.assert_array_equal(loaded, image)
 
@@ -200,13 +200,13 @@ def test_load_image_from_npy(tmp_path: Path, image: np.ndarray, shape: tuple[int
 def test_load_image_from_text(tmp_path: Path, image: np.ndarray, separator: str) -> None:
     path = tmp_path / "digit.csv"
     path.write_text("\n".join(separator.join(str(v) for v in row) for row in image) + "\n")
-    np.testing.assert_array_equal(cli.load_image(path), image)
+    np.testing.assert_array_equal(predict.load_image(path), image)
 
 
 def test_load_image_accepts_one_line_and_whole_floats(tmp_path: Path, image: np.ndarray) -> None:
     path = tmp_path / "digit.txt"
     path.write_text(" ".join(f"{v}.0" for v in image.reshape(-1)))
-    np.testing.assert_array_equal(cli.load_image(path), image)
+    np.testing.assert_array_equal(predict.load_image(path), image)
 
 
 @pytest.mark.parametrize(
@@ -222,13 +222,13 @@ def test_load_image_accepts_one_line_and_whole_floats(tmp_path: Path, image: np.
 def test_load_image_rejects_bad_text(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "digit.txt"
     path.write_text(text)
-    with pytest.raises(cli.CliError, match=re.escape(message)):
-        cli.load_image(path)
+    with pytest.raises(targets.CliError, match=re.escape(message)):
+        predict.load_image(path)
 
 
 def test_load_image_reports_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(cli.CliError, match="cannot read an image"):
-        cli.load_image(tmp_path / "missing.npy")
+    with pytest.raises(targets.CliError, match="cannot read an image"):
+        predict.load_image(tmp_path / "missing.npy")
 
 
 def test_held_out_digits_are_selected_in_order_and_wrap(tmp_path: Path) -> None:
@@ -236,7 +236,7 @@ def test_held_out_digits_are_selected_in_order_and_wrap(tmp_path: Path) -> None:
     images = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
     np.savez(data, images=images, labels=np.array([4, 5, 6], dtype=np.int64))
     args = cli.build_parser().parse_args(["predict", "--index", "2", "--count", "2", "--data", str(data)])
-    digits = cli.select_digits(args)
+    digits = predict.select_digits(args)
     assert digits.labels is not None and digits.labels.tolist() == [6, 4]
     np.testing.assert_array_equal(digits.images, images[[2, 0]])
     assert digits.description == ["held-out #2", "held-out #0"]
@@ -247,7 +247,7 @@ def test_held_out_digits_are_selected_in_order_and_wrap(tmp_path: Path) -> None:
 
 def test_format_probabilities_marks_the_top_class() -> None:
     probabilities = np.array([0.01, 0.0, 0.0, 0.95, 0.04, 0, 0, 0, 0, 0], dtype=np.float32)
-    text = cli.format_probabilities(probabilities)
+    text = predict.format_probabilities(probabilities)
     assert text.startswith("0:0.01 1:0.00 2:0.00 3:0.95* 4:0.04")
     assert text.count("*") == 1
 
@@ -259,10 +259,10 @@ def test_step_and_version_parameters_are_read_per_name() -> None:
         "version.mlp": "1",
         "other": 3,
     }
-    steps = cli.response_details(parameters, "step.")
+    steps = predict.response_details(parameters, "step.")
     assert steps == {"logreg": "timeout: 50 ms budget spent", "mlp": "ok"}
-    assert [cli.step_outcome(v) for v in steps.values()] == ["timeout", "ok"]
-    assert cli.response_details(parameters, "version.") == {"mlp": "1"}
+    assert [predict.step_outcome(v) for v in steps.values()] == ["timeout", "ok"]
+    assert predict.response_details(parameters, "version.") == {"mlp": "1"}
 
 
 # -- one layout for every address, and messages that say what is wrong --------------------------------
@@ -270,18 +270,18 @@ def test_step_and_version_parameters_are_read_per_name() -> None:
 
 def test_chained_inputs_follow_the_targets_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ONNXMESH_SERVICE_PREPROCESS_ADDRESS", raising=False)
-    layout = cli.layout_near("127.0.0.1:10021", "digits-mlp", None)
-    assert cli.service_address("preprocess", layout) == "127.0.0.1:10011"
-    assert cli.layout_near("10.1.2.3:9031", "digits-head", None)["model_a"] == "10.1.2.3:9021"
-    assert cli.layout_near("127.0.0.1:10021", "digits-mlp", 12000)["preprocess"] == "127.0.0.1:12011"
-    assert cli.layout_near("somewhere:443", "my-graph", None)["preprocess"] == "127.0.0.1:8011"
+    layout = targets.layout_near("127.0.0.1:10021", "digits-mlp", None)
+    assert targets.service_address("preprocess", layout) == "127.0.0.1:10011"
+    assert targets.layout_near("10.1.2.3:9031", "digits-head", None)["model_a"] == "10.1.2.3:9021"
+    assert targets.layout_near("127.0.0.1:10021", "digits-mlp", 12000)["preprocess"] == "127.0.0.1:12011"
+    assert targets.layout_near("somewhere:443", "my-graph", None)["preprocess"] == "127.0.0.1:8011"
     monkeypatch.setenv("ONNXMESH_SERVICE_PREPROCESS_ADDRESS", "10.0.0.9:7011")
-    assert cli.service_address("preprocess", layout) == "10.0.0.9:7011"
+    assert targets.service_address("preprocess", layout) == "10.0.0.9:7011"
 
 
 def test_base_port_moves_every_default_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ONNXMESH_TARGET", raising=False)
-    assert cli.default_target("digits-mlp", 10000) == "127.0.0.1:10021"
+    assert targets.default_target("digits-mlp", 10000) == "127.0.0.1:10021"
     args = cli.build_parser().parse_args(["health", "--base-port", "10000"])
     assert sorted(cli._targets(args).values()) == [
         "127.0.0.1:10001",
@@ -308,8 +308,8 @@ def test_a_url_target_is_refused_with_the_address_to_use(capsys: pytest.CaptureF
 
 
 def test_messages_are_never_empty_and_dns_failures_say_so() -> None:
-    assert cli.explain("x:1", NotFound("")) == "x:1: NOT_FOUND: the server gave no detail for NOT_FOUND"
+    assert targets.explain("x:1", NotFound("")) == "x:1: NOT_FOUND: the server gave no detail for NOT_FOUND"
     dns = Unavailable("DNS resolution failed for nowhere.invalid:8001: C-ares status is not ARES_SUCCESS")
-    assert cli.explain("nowhere.invalid:8001", dns, connecting=True) == (
+    assert targets.explain("nowhere.invalid:8001", dns, connecting=True) == (
         "cannot resolve 'nowhere.invalid' (UNAVAILABLE): check the host name in nowhere.invalid:8001"
     )

@@ -1,0 +1,115 @@
+"""Where the CLI's calls go, and what it says when they fail.
+
+Every address comes from one layout: `--target`, else $ONNXMESH_TARGET, else the local node
+serving the name at `--base-port` (default 8000). Calls `predict` chains to build a model's
+inputs (preprocess, model_a) go to $ONNXMESH_SERVICE_<NAME>_ADDRESS, else to the same layout
+as the target (its host, and the base its port implies for the service it names).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from meshctl.launcher import BASE_PORT, ports_from_base
+from services.common.errors import DeadlineExceeded, MeshError, Unavailable
+from services.common.topology import (
+    DEFAULT_GRAPH_NAMES,
+    DEFAULT_PORTS,
+    MODEL_A,
+    ORCHESTRATOR,
+    PREPROCESS,
+    SERVICE_MODELS,
+    address_variable,
+)
+
+TARGET_ENV = "ONNXMESH_TARGET"
+LOCAL_HOST = "127.0.0.1"
+
+
+def local_endpoints(base: int | None = None, host: str = LOCAL_HOST) -> dict[str, str]:
+    """Each node's address in a local mesh laid out from `base` (the launcher's --base-port)."""
+    ports = ports_from_base(BASE_PORT if base is None else base)
+    return {service: f"{host}:{port}" for service, port in ports.items()}
+
+
+#: Each local endpoint `health` and `models` look at when no --target is given.
+LOCAL_ENDPOINTS = local_endpoints()
+#: Model name -> the service that serves it in the local mesh (graphs are the orchestrator's).
+MODEL_SERVICE = {model: service for service, models in SERVICE_MODELS.items() for model in models} | {
+    graph: ORCHESTRATOR for graph in DEFAULT_GRAPH_NAMES
+}
+#: How `predict` builds an input other than the image when it calls a model directly:
+#: input name -> (model that outputs it, that model's input, service serving it).
+PRODUCERS = {
+    "features": ("digits-preprocess", "image", PREPROCESS),
+    "embedding": ("digits-mlp", "features", MODEL_A),
+}
+
+
+class CliError(Exception):
+    """A problem to report in one line, with exit code 1."""
+
+
+# -- targets and errors ------------------------------------------------------------------------------
+
+
+def default_target(name: str, base: int | None = None) -> str:
+    """Where `predict NAME` goes without --target: $ONNXMESH_TARGET, else the local service serving NAME."""
+    env = os.environ.get(TARGET_ENV)
+    if env:
+        return check_target(env)
+    return local_endpoints(base)[MODEL_SERVICE.get(name, ORCHESTRATOR)]
+
+
+def check_target(target: str) -> str:
+    """A gRPC target as given, or CliError when it is a URL (the CLI speaks gRPC, not HTTP)."""
+    if "://" in target:
+        host = target.split("://", 1)[1].split("/", 1)[0]
+        raise CliError(
+            f"'{target}' is a URL; give the node's gRPC address as HOST:PORT, e.g. {host or LOCAL_HOST}"
+        )
+    return target
+
+
+def layout_near(target: str, name: str, base: int | None) -> dict[str, str]:
+    """The local layout a call of `name` at `target` belongs to: --base-port if given, else the
+    base that target's port implies for the service serving `name` (its host kept)."""
+    host, _, port = target.rpartition(":")
+    if base is None and port.isdigit() and name in MODEL_SERVICE:
+        implied = int(port) - (DEFAULT_PORTS[MODEL_SERVICE[name]] - BASE_PORT)
+        base = implied if implied > 0 else None
+    return local_endpoints(base, host if base is not None and host else LOCAL_HOST)
+
+
+def service_address(service: str, layout: Mapping[str, str] | None = None) -> str:
+    """A service's address for chained calls: the orchestrator's env override, else the layout's."""
+    return os.environ.get(address_variable(service)) or (layout or LOCAL_ENDPOINTS)[service]
+
+
+#: What gRPC says when no connection could be made (as opposed to a server answering UNAVAILABLE).
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "all backends failing", "errors resolving")
+_DNS_FAILURES = ("errors resolving", "dns resolution failed", "name resolution", "could not resolve")
+MESH_HINT = "is the mesh running? start it with 'make run'"
+
+
+def unreachable(err: MeshError, *, connecting: bool = False) -> bool:
+    """True when the call never reached a server; a deadline counts only on a first (connect) call."""
+    if isinstance(err, DeadlineExceeded):
+        return connecting
+    return isinstance(err, Unavailable) and any(s in err.message.lower() for s in _CONNECT_FAILURES)
+
+
+def detail(err: MeshError) -> str:
+    """The error's message, never empty."""
+    return err.message.strip() or f"the server gave no detail for {err.code}"
+
+
+def explain(target: str, err: MeshError, *, connecting: bool = False) -> str:
+    """One line for a failed call; an unreachable target gets a hint (a DNS problem, or the mesh down)."""
+    if any(s in err.message.lower() for s in _DNS_FAILURES):
+        host = target.rpartition(":")[0] or target
+        return f"cannot resolve '{host}' ({err.code}): check the host name in {target}"
+    if unreachable(err, connecting=connecting):
+        return f"cannot reach {target} ({err.code}): {MESH_HINT}"
+    return f"{target}: {err.code}: {detail(err)}"
