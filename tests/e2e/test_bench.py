@@ -77,7 +77,7 @@ def test_writes_every_report_file(run: tuple[Path, dict[str, Any], str]) -> None
     out, _, stdout = run
     assert (out / "report.md").stat().st_size > 0
     assert (out / "latency_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "ratios (mesh / all-in-one | mesh / floor)" in stdout
+    assert "ratios (mesh / minimal | mesh / all-in-one | mesh / floor)" in stdout
 
 
 def test_every_point_answered_correctly(run: tuple[Path, dict[str, Any], str]) -> None:
