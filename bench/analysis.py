@@ -217,7 +217,9 @@ def growth(rows: Sequence[Row], concurrency: int) -> dict[str, Any] | None:
             (
                 (int(r["model"].split("-")[1]), r)
                 for r in rows
-                if r["config"] == GROWTH and r["model"].startswith(f"{shape}-") and r["concurrency"] == concurrency
+                if r["config"] == GROWTH
+                and r["model"].startswith(f"{shape}-")
+                and r["concurrency"] == concurrency
             ),
             key=lambda item: item[0],
         )

@@ -67,7 +67,8 @@ def growth(data: Mapping[str, Any]) -> list[str]:
             "server CPU per extra step.",
             "",
             table(
-                ["graph", "c", "p50 ms", "p99 ms", "added p50 ms", "server CPU ms/req", "orch. CPU ms/req"], cells
+                ["graph", "c", "p50 ms", "p99 ms", "added p50 ms", "server CPU ms/req", "orch. CPU ms/req"],
+                cells,
             ),
             "",
         ]

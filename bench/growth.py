@@ -75,7 +75,10 @@ def spec(max_steps: int, digits_serial: dict[str, Any]) -> dict[str, Any]:
         graphs[chain(n)] = {"inputs": features, "steps": steps, "outputs": {"echo": f"s{n}.echo"}}
     for n in range(1, max_steps + 1):
         branches = [_step(k, "request.features") for k in range(1, n + 1)]
-        fan = {"name": "fan", "ensemble": {"aggregate": {"method": "mean", "tensor": "echo"}, "branches": branches}}
+        fan = {
+            "name": "fan",
+            "ensemble": {"aggregate": {"method": "mean", "tensor": "echo"}, "branches": branches},
+        }
         graphs[fanout(n)] = {"inputs": features, "steps": [fan], "outputs": {"echo": "fan.echo"}}
     graphs[CACHED_GRAPH] = {**digits_serial, "cache": dict(CACHE_OPTIONS)}
     services = {name: {"address": f"127.0.0.1:{port}"} for name, port in _ADDRESSES.items()}

@@ -13,11 +13,16 @@ no metrics, no batching, no coalescing. `bench.all_in_one` is the other baseline
 parts in one process, which costs what those parts cost; this one shows what they cost.
 
 It prints `minimal listening on HOST:PORT` and `minimal ready on HOST:PORT` like every node.
+
+`--aio` serves the very same handlers from a `grpc.aio` server instead (handlers are coroutines
+that run the models inline on the event loop, as the sync server runs them on its thread): the
+benchmark measures the two servers against each other with nothing else different.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import signal
 import sys
@@ -97,7 +102,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             ],
         )
 
-    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+    def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
         served = self.served.get(request.model_name)
         if served is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.model_name}'")
@@ -115,6 +122,45 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             response.outputs.add(name=name, datatype=DATATYPES[array.dtype], shape=array.shape)
             response.raw_output_contents.append(array.tobytes())
         return response
+
+
+class AsyncServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The same handlers for `grpc.aio`; only the server around them differs."""
+
+    def __init__(self, served: dict[str, tuple[str, Pipeline]]) -> None:
+        self.sync = Servicer(served)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        if request.name not in self.sync.served:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.name}'")
+        return self.sync.ModelMetadata(request, context)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        if request.model_name not in self.sync.served:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.model_name}'")
+        return self.sync.ModelInfer(request, context)
+
+
+async def serve_aio(host: str, port: int, dirs: dict[str, Path]) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(AsyncServicer(graphs(dirs)), server)
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"{SERVICE} listening on {host}:{bound}", flush=True)
+    await checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(f"{SERVICE} ready on {host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
 
 
 def serve(host: str, port: int, threads: int, dirs: dict[str, Path]) -> None:
@@ -139,9 +185,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=32, help="gRPC handler threads (default: 32)")
+    parser.add_argument("--aio", action="store_true", help="the same handlers on a grpc.aio server")
     args = parser.parse_args(argv)
     try:
-        serve(args.host, args.port, args.threads, dict(DEFAULT_DIRS))
+        if args.aio:
+            asyncio.run(serve_aio(args.host, args.port, dict(DEFAULT_DIRS)))
+        else:
+            serve(args.host, args.port, args.threads, dict(DEFAULT_DIRS))
     except (OSError, RuntimeError) as exc:
         sys.exit(f"{SERVICE}: {exc}")
 

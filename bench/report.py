@@ -24,7 +24,13 @@ LOADGEN_BUSY = 0.9
 OTHER_LOAD_LIMIT = 0.15
 MODE_ORDER = (FLOOR, ALL_IN_ONE, MINIMAL, MESH, MODEL_A)
 CONFIG_ORDER = (SMALL, GROWTH, LARGE, LARGE_BATCHING)
-COLORS = {FLOOR: "tab:green", ALL_IN_ONE: "tab:blue", MINIMAL: "tab:orange", MESH: "tab:red", MODEL_A: "tab:purple"}
+COLORS = {
+    FLOOR: "tab:green",
+    ALL_IN_ONE: "tab:blue",
+    MINIMAL: "tab:orange",
+    MESH: "tab:red",
+    MODEL_A: "tab:purple",
+}
 STYLES = {SMALL: "-", GROWTH: "-.", LARGE: "--", LARGE_BATCHING: ":"}
 
 

@@ -300,15 +300,20 @@ def all_in_one(config: str, dirs: Mapping[str, Path], log_level: str = "WARNING"
 
 
 @contextlib.contextmanager
-def minimal(config: str) -> Iterator[Target]:
-    """`python -m bench.minimal` (the hand-written all-in-one) on a free port, SERVING, stopped on exit."""
+def minimal(config: str, *, aio: bool = False) -> Iterator[Target]:
+    """`python -m bench.minimal` (the hand-written all-in-one) on a free port, SERVING, stopped on exit.
+
+    `aio`: the same handlers on a grpc.aio server (mode `minimal aio`), to weigh the two servers.
+    """
     command = [sys.executable, "-m", "bench.minimal", "--host", "127.0.0.1", "--port", "0"]
+    command += ["--aio"] if aio else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = ServiceProcess("minimal", 1, "127.0.0.1", 0, command, env, None)
     try:
         wait_serving([proc], STARTUP_TIMEOUT, threading.Event())
         commands = {"minimal": shlex.join(command)}
-        yield Target("minimal", config, proc.address, {"minimal": proc.pid}, commands=commands)
+        mode = "minimal aio" if aio else "minimal"
+        yield Target(mode, config, proc.address, {"minimal": proc.pid}, commands=commands)
     finally:
         proc.stop(10.0)
 

@@ -329,7 +329,9 @@ class CachedStage:
         key = request_key(request.model, request.version, request.outputs, request.inputs)
         entry = await self.cache.lookup(key)
         if entry is not None:
-            return InferResult(dict(entry.outputs), request.model, entry.answered[0][1], dict(entry.parameters))
+            return InferResult(
+                dict(entry.outputs), request.model, entry.answered[0][1], dict(entry.parameters)
+            )
         result = await self.inner.call(request)  # an error is raised past the cache, never kept
         if not failed_steps(result.parameters):
             await self.cache.keep(key, result.outputs, ((self.key, result.model_version),), result.parameters)
@@ -416,4 +418,3 @@ class GraphCache:
         """Store an answer where no soft step failed; `versions`: model step -> version that answered."""
         answered = tuple((self.steps[step], version) for step, version in versions.items() if version)
         await self.cache.keep(key, result.outputs, answered, result.parameters)
-

@@ -234,7 +234,9 @@ class AdaptiveLimit:
         if not self.adaptive:
             return
         self.floor = min(self.floor * self.FORGET, seconds)
-        self.recent = seconds if self.recent == 0.0 else self.recent + self.SMOOTHING * (seconds - self.recent)
+        self.recent = (
+            seconds if self.recent == 0.0 else self.recent + self.SMOOTHING * (seconds - self.recent)
+        )
         if self.recent > 0.0:
             target = self.value * min(1.0, self.floor / self.recent) + self.HEADROOM
             self.value = min(float(self.maximum), max(1.0, target))

@@ -624,10 +624,12 @@ class Engine:
         plan = self._plans.get(graph)
         if plan is None:
             raise NotFound(f"unknown graph {graph!r}; graphs: {', '.join(self._plans)}")
+        started = self._clock()
         key = None if plan.cache is None else plan.cache.key(inputs)
         if key is not None and (hit := await plan.cache.lookup(key)) is not None:  # type: ignore[union-attr]
+            if self._on_request is not None:
+                self._notify_request(graph, self._clock() - started)  # all of it is the engine's own
             return hit
-        started = self._clock()
         run = _Run(self._ctx, plan, started + plan.timeout if deadline is None else deadline, request_id)
         run.values[REQUEST] = inputs
         try:

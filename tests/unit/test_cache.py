@@ -109,7 +109,9 @@ def test_a_hit_is_bit_equal_and_makes_no_downstream_call(graph: str) -> None:
 
 def test_a_graph_hit_says_so_in_the_parameters_and_counts_in_metrics() -> None:
     seen: list[tuple[str, str]] = []
-    spec = parse_spec(HEADER + "  g:\n" + "\n".join("    " + line for line in GRAPH_CACHE.strip().splitlines()))
+    spec = parse_spec(
+        HEADER + "  g:\n" + "\n".join("    " + line for line in GRAPH_CACHE.strip().splitlines())
+    )
     stages = {"s": FakeStage({"m": double}), "t": FakeStage({})}
     caches = ResponseCaches(spec, stages, on_lookup=lambda name, result: seen.append((name, result)))
     e = Engine(spec, stages, caches=caches)
@@ -307,7 +309,9 @@ def test_bad_cache_options_say_what_was_expected(cache: str, message: str) -> No
 
 
 def test_cache_options_parse_per_graph_and_per_step() -> None:
-    spec = parse_spec(HEADER + "  g:\n" + "\n".join("    " + line for line in STEP_CACHE.strip().splitlines()))
+    spec = parse_spec(
+        HEADER + "  g:\n" + "\n".join("    " + line for line in STEP_CACHE.strip().splitlines())
+    )
     step = next(spec.graphs["g"].model_steps())
     assert spec.graphs["g"].cache is None and step.cache is not None and step.cache.ttl == 60.0
     with pytest.raises(SpecError, match="cache_store must be 'local' or a redis"):
