@@ -18,6 +18,7 @@ from orchestrator.spec import EnsembleStep, GraphSpec, MeshSpec, ModelStep, Sequ
 Row = Mapping[str, Any]
 
 FLOOR, ALL_IN_ONE, MINIMAL, MESH, MODEL_A = "floor", "all-in-one", "minimal", "mesh", "model_a direct"
+MINIMAL_AIO = "minimal aio"
 SMALL, GROWTH, LARGE, LARGE_BATCHING = "small", "growth", "large", "large+batching"
 #: The project's targets, against the minimal all-in-one (issue 10; DESIGN.md §5).
 EXTRA_CALLS = 3
@@ -198,6 +199,30 @@ def coalescing(rows: Sequence[Row]) -> list[dict[str, Any]]:
         for r in rows
         if r["mode"] == MESH and r.get("rows_per_call") is not None and r["config"] == SMALL
     ]
+
+
+def grpc_servers(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The sync grpcio server against grpc.aio, the same handlers (bench.minimal and --aio)."""
+    out = []
+    for aio in (r for r in rows if r["mode"] == MINIMAL_AIO):
+        sync = find(rows, MINIMAL, aio["config"], aio["model"], aio["concurrency"])
+        if sync is None:
+            continue
+        out.append(
+            {
+                "model": aio["model"],
+                "concurrency": aio["concurrency"],
+                "sync_p50_ms": sync["p50_ms"],
+                "aio_p50_ms": aio["p50_ms"],
+                "sync_rps": sync["rps"],
+                "aio_rps": aio["rps"],
+                "sync_cpu_per_request_us": sync["server_cpu_per_request_s"] * 1e6,
+                "aio_cpu_per_request_us": aio["server_cpu_per_request_s"] * 1e6,
+                "aio_vs_sync_cpu": _ratio(aio["server_cpu_per_request_s"], sync["server_cpu_per_request_s"]),
+                "aio_vs_sync_p50": _ratio(aio["p50_ms"], sync["p50_ms"]),
+            }
+        )
+    return out
 
 
 def _slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:

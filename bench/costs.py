@@ -31,6 +31,43 @@ def coalescing(data: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def grpc_servers(data: Mapping[str, Any]) -> list[str]:
+    rows = data.get("grpc_servers") or []
+    if not rows:
+        return []
+    cells = [
+        [
+            r["model"],
+            str(r["concurrency"]),
+            f"{_num(r['sync_p50_ms'], 3)} / {_num(r['aio_p50_ms'], 3)}",
+            f"{r['sync_rps']:.0f} / {r['aio_rps']:.0f}",
+            f"{r['sync_cpu_per_request_us']:.0f} / {r['aio_cpu_per_request_us']:.0f}",
+            _x(r["aio_vs_sync_cpu"]),
+        ]
+        for r in rows
+    ]
+    return [
+        "## gRPC servers: sync grpcio vs grpc.aio",
+        "",
+        "The minimal all-in-one's very handlers served by each (`bench.minimal` and `bench.minimal --aio`: models "
+        "inline on the handler's thread or on the event loop), so only the server differs. The mesh's nodes "
+        "run grpc.aio (`services/common/server.py`).",
+        "",
+        table(
+            [
+                "graph",
+                "c",
+                "p50 ms sync / aio",
+                "req/s sync / aio",
+                "server CPU us/req sync / aio",
+                "aio/sync CPU",
+            ],
+            cells,
+        ),
+        "",
+    ]
+
+
 def growth(data: Mapping[str, Any]) -> list[str]:
     grown = data.get("growth")
     if not grown:
@@ -121,6 +158,11 @@ def cache(data: Mapping[str, Any]) -> list[str]:
 def console(data: Mapping[str, Any]) -> list[str]:
     """One line per coalescing point, growth shape and cache point, for the terminal."""
     lines = [
+        f"  grpc.aio / sync server c={r['concurrency']}: {_x(r['aio_vs_sync_cpu'])} CPU per request, "
+        f"{_x(r['aio_vs_sync_p50'])} p50"
+        for r in data.get("grpc_servers") or []
+    ]
+    lines += [
         f"  rows per downstream call {r['model']} c={r['concurrency']}: {_num(r['rows_per_call'])}"
         for r in data.get("coalescing") or []
     ]

@@ -14,7 +14,18 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt
 
 from bench import costs
-from bench.analysis import ALL_IN_ONE, FLOOR, GROWTH, LARGE, LARGE_BATCHING, MESH, MINIMAL, MODEL_A, SMALL
+from bench.analysis import (
+    ALL_IN_ONE,
+    FLOOR,
+    GROWTH,
+    LARGE,
+    LARGE_BATCHING,
+    MESH,
+    MINIMAL,
+    MINIMAL_AIO,
+    MODEL_A,
+    SMALL,
+)
 from bench.tables import _ms, _num, _pct, _x, table
 
 JSON_NAME, MD_NAME, PNG_NAME = "report.json", "report.md", "latency_throughput.png"
@@ -22,7 +33,7 @@ JSON_NAME, MD_NAME, PNG_NAME = "report.json", "report.md", "latency_throughput.p
 LOADGEN_BUSY = 0.9
 #: A point where something else used more than this share of the machine was disturbed.
 OTHER_LOAD_LIMIT = 0.15
-MODE_ORDER = (FLOOR, ALL_IN_ONE, MINIMAL, MESH, MODEL_A)
+MODE_ORDER = (FLOOR, ALL_IN_ONE, MINIMAL, MINIMAL_AIO, MESH, MODEL_A)
 CONFIG_ORDER = (SMALL, GROWTH, LARGE, LARGE_BATCHING)
 COLORS = {
     FLOOR: "tab:green",
@@ -398,6 +409,7 @@ def markdown(data: Mapping[str, Any]) -> str:
         _points(data),
         _ratios(data),
         _hops(data),
+        costs.grpc_servers(data),
         costs.coalescing(data),
         costs.growth(data),
         costs.cache(data),

@@ -4,6 +4,8 @@
       floor        each graph x each concurrency, plus one digits-mlp predict at c=1
       all-in-one   each graph x each concurrency (the mesh's own parts in one process)
       minimal      each graph x each concurrency (the hand-written server: bench/minimal.py)
+      minimal aio  the first graph at the lowest and highest concurrency: the same handlers on
+                   grpc.aio instead of the sync server
       mesh         each graph x each concurrency, plus model_a direct at c=1 (one raw hop),
                    plus (--profile) a py-spy'd point of the orchestrator, reported apart
     growth (bench/growth.py; --growth-steps 0 leaves it out)
@@ -131,6 +133,10 @@ class Suite:
             for graph in o.graphs:
                 for c in o.concurrency:
                     self.point(target, graph, c)
+        # The same handlers on grpc.aio: which server costs less per call (the nodes run grpc.aio).
+        with minimal(SMALL, aio=True) as target:
+            for c in sorted({o.low, o.high}):
+                self.point(target, o.graphs[0], c)
         with local_mesh(SMALL, {}) as (mesh, target):
             for graph in o.graphs:
                 for c in o.concurrency:
@@ -221,6 +227,7 @@ class Suite:
             "hops": analysis.hop_costs(self.points, spec),
             "raw_hop": analysis.raw_hop(self.points),
             "coalescing": analysis.coalescing(self.points),
+            "grpc_servers": analysis.grpc_servers(self.points),
             "growth": analysis.growth(self.points, o.low),
             "cache": analysis.cache(self.points, o.low, o.high),
             "large_model": self.large,

@@ -148,7 +148,8 @@ class RedisStore:
             return None
         if value is None or ttl_ms < 0:
             return None
-        return decode_entry(bytes(value), self.clock() + ttl_ms / 1000.0)
+        data = value if isinstance(value, bytes) else str(value).encode("latin-1")
+        return decode_entry(data, self.clock() + ttl_ms / 1000.0)
 
     async def put(self, key: bytes, entry: Entry) -> None:
         if entry.nbytes > self.max_bytes:

@@ -28,11 +28,14 @@ pytestmark = pytest.mark.timeout(180)
 TINY = ["--quick", "--warmup", "0.2", "--duration", "0.3", "--concurrency", "1,2"]
 TINY += ["--graphs", "digits-serial", "--skip-large", "--growth-steps", "2"]
 TAG_VARIABLE = "ONNXMESH_BENCH_TEST_RUN"
-#: floor x2 + floor digits-mlp, all-in-one x2, minimal x2, mesh x2 + model_a direct; then the growth
+#: floor x2 + floor digits-mlp, all-in-one x2, minimal x2 (and x2 on grpc.aio), mesh x2 + model_a
+#: direct; then the growth
 #: mesh: chain-1, chain-2, fanout-1, fanout-2 at c=1 and the cached graph at both concurrencies.
 EXPECTED_POINTS = {
     ("minimal", "digits-serial", 1),
     ("minimal", "digits-serial", 2),
+    ("minimal aio", "digits-serial", 1),
+    ("minimal aio", "digits-serial", 2),
     ("mesh", "chain-1", 1),
     ("mesh", "chain-2", 1),
     ("mesh", "fanout-1", 1),
@@ -124,6 +127,7 @@ def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], s
         "hops",
         "raw_hop",
         "coalescing",
+        "grpc_servers",
         "growth",
         "cache",
         "batching",
@@ -149,6 +153,8 @@ def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], s
         (1, True),
         (2, True),
     ]
+    assert [r["concurrency"] for r in data["grpc_servers"]] == [1, 2]
+    assert all(r["aio_vs_sync_cpu"] > 0 for r in data["grpc_servers"])
     for shape in ("chain", "fanout"):
         part = data["growth"][shape]
         assert [r["n"] for r in part["rows"]] == [1, 2] and part["concurrency"] == 1
@@ -168,6 +174,7 @@ def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], s
         "## Main table",
         "## Ratios",
         "## What a hop costs",
+        "## gRPC servers: sync grpcio vs grpc.aio",
         "## Coalescing: rows per downstream call",
         "## How cost grows: serial steps and parallel branches",
         "## Response cache",
