@@ -1,4 +1,4 @@
-"""`python -m bench` (`make bench`): the mesh against an all-in-one server and the no-network floor.
+"""`python -m bench` (`make bench`): the mesh against two all-in-one servers and the no-network floor.
 
 Writes <out>/report.md, report.json and latency_throughput.png (and, with --profile, the
 orchestrator's py-spy flame graph and stacks). See bench/suite.py for what runs, in what order.
