@@ -1,4 +1,4 @@
-"""`python -m bench` (`make bench`): the mesh against an all-in-one server and the no-network floor.
+"""`python -m bench` (`make bench`): the mesh against two all-in-one servers and the no-network floor.
 
 Writes <out>/report.md, report.json and latency_throughput.png (and, with --profile, the
 orchestrator's py-spy flame graph and stacks). See bench/suite.py for what runs, in what order.
@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import report
+from bench import growth, report
 from bench.floor import GRAPHS as FLOOR_GRAPHS
 from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN
 from bench.runner import Timing
@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-large", action="store_true", help="leave out the large-model and batching rows"
     )
     parser.add_argument(
+        "--growth-steps",
+        type=int,
+        default=growth.DEFAULT_MAX_STEPS,
+        help="longest chain and widest fan-out of the cost-growth rows (0 = leave them out; default: "
+        f"{growth.DEFAULT_MAX_STEPS})",
+    )
+    parser.add_argument(
         "--large-hidden",
         type=_ints,
         default=DEFAULT_HIDDEN,
@@ -99,6 +106,8 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
     )
     if timing.duration <= 0 or timing.warmup < 0:
         raise ValueError("--duration must be > 0 and --warmup >= 0")
+    if args.growth_steps < 0:
+        raise ValueError("--growth-steps must be >= 0")
     return Options(
         timing=timing,
         concurrency=tuple(sorted(set(args.concurrency))),
@@ -109,6 +118,7 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         large_hidden=args.large_hidden,
         large_epochs=args.large_epochs,
         profile_seconds=args.profile_seconds,
+        growth_steps=args.growth_steps,
         command=shlex.join([sys.executable, "-m", "bench", *argv]),
     )
 

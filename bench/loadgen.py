@@ -11,7 +11,8 @@ wrong answer is not a result).
 
 What is sent follows the model's metadata: an `image` input gets the raw UINT8 [1,8,8] image; a
 `features` input (e.g. model_a's `digits-mlp`) gets the preprocessed FP32 [1,64] row. Only one
-output is asked for: `label` when the model has it, else `probabilities`.
+output is asked for: `label` when the model has it, else `probabilities`, else (an identity-like
+model, `bench.growth`'s echo graphs) its only output, which must answer the input back.
 
 It runs in a process of its own so that its CPU can be measured apart from the servers'; it
 shares the machine's cores with them, so the driver reports its CPU share too.
@@ -24,7 +25,7 @@ import asyncio
 import itertools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,8 @@ ERROR_PAUSE_S = 0.001
 
 def build_requests(
     model: str, signature: ModelSignature, holdout: Holdout, preprocess_dir: Path | None
-) -> tuple[list[pb.ModelInferRequest], str]:
-    """One prebuilt request per held-out image, and the output they ask for."""
+) -> tuple[list[pb.ModelInferRequest], str, np.ndarray]:
+    """One prebuilt request per held-out image, the output they ask for, and the rows they send."""
     names = [spec.name for spec in signature.inputs]
     if names == ["image"]:
         rows = holdout.images
@@ -62,17 +63,24 @@ def build_requests(
         rows = features_of(holdout.images, preprocess_dir)
     else:
         raise ValueError(f"model '{model}' takes {names}; the load generator sends 'image' or 'features'")
-    output = "label" if signature.output("label") is not None else "probabilities"
-    if signature.output(output) is None:
-        raise ValueError(f"model '{model}' answers neither 'label' nor 'probabilities'")
+    output = next((o for o in ("label", "probabilities") if signature.output(o) is not None), None)
+    if output is None and len(signature.outputs) == 1:
+        output = signature.outputs[0].name  # an echo: checked against the input
+    if output is None:
+        raise ValueError(f"model '{model}' answers neither 'label' nor 'probabilities' nor one echo output")
     requests = [
         OipClient.build_request(model, {names[0]: rows[i : i + 1]}, [output]) for i in range(len(rows))
     ]
-    return requests, output
+    return requests, output, rows
 
 
-def predicted_label(output: str, array: np.ndarray) -> int:
-    return int(array[0]) if output == "label" else int(np.argmax(array[0]))
+def answer_check(output: str, labels: Sequence[int], rows: np.ndarray) -> Callable[[int, np.ndarray], bool]:
+    """Whether the answer to request `index` is right: its label, or (an echo) its own input row."""
+    if output == "label":
+        return lambda index, array: int(array[0]) == labels[index]
+    if output == "probabilities":
+        return lambda index, array: int(np.argmax(array[0])) == labels[index]
+    return lambda index, array: bool(np.allclose(array, rows[index : index + 1], rtol=1e-6, atol=1e-6))
 
 
 class LoadGenerator:
@@ -82,7 +90,7 @@ class LoadGenerator:
         self,
         client: OipClient,
         requests: Sequence[pb.ModelInferRequest],
-        labels: Sequence[int],
+        check: Callable[[int, np.ndarray], bool],
         output: str,
         *,
         concurrency: int,
@@ -90,7 +98,7 @@ class LoadGenerator:
     ) -> None:
         self.client = client
         self.requests = requests
-        self.labels = labels
+        self.check = check
         self.output = output
         self.concurrency = concurrency
         self.timeout = timeout
@@ -100,7 +108,7 @@ class LoadGenerator:
 
     async def worker(self) -> None:
         # Locals: this loop is the load generator's whole CPU cost per request.
-        requests, labels, output, samples = self.requests, self.labels, self.output, self.samples
+        requests, check, output, samples = self.requests, self.check, self.output, self.samples
         infer, timeout, perf, count = (
             self.client.infer_request,
             self.timeout,
@@ -117,9 +125,7 @@ class LoadGenerator:
                 await asyncio.sleep(ERROR_PAUSE_S)
                 continue
             ended = perf()
-            samples.ok(
-                ended, ended - started, predicted_label(output, result.outputs[output]) == labels[index]
-            )
+            samples.ok(ended, ended - started, check(index, result.outputs[output]))
 
     async def run(self, warmup: float, duration: float, announce: bool) -> Window:
         """Run the workers through warm-up and the measured window; the window."""
@@ -147,10 +153,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     holdout = load_holdout(args.holdout)
     async with OipClient(args.target) as client:
         signature = await client.metadata(args.model, timeout=10.0)
-        requests, output = build_requests(args.model, signature, holdout, args.preprocess_dir)
-        labels = [int(v) for v in holdout.labels]
+        requests, output, rows = build_requests(args.model, signature, holdout, args.preprocess_dir)
+        check = answer_check(output, [int(v) for v in holdout.labels], rows)
         generator = LoadGenerator(
-            client, requests, labels, output, concurrency=args.concurrency, timeout=args.timeout
+            client, requests, check, output, concurrency=args.concurrency, timeout=args.timeout
         )
         window = await generator.run(args.warmup, args.duration, announce=args.json)
     return summarize(

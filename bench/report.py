@@ -13,17 +13,36 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 
 import matplotlib.pyplot as plt
 
-from bench.analysis import ALL_IN_ONE, FLOOR, LARGE, LARGE_BATCHING, MESH, MODEL_A, SMALL
+from bench import costs
+from bench.analysis import (
+    ALL_IN_ONE,
+    FLOOR,
+    GROWTH,
+    LARGE,
+    LARGE_BATCHING,
+    MESH,
+    MINIMAL,
+    MINIMAL_AIO,
+    MODEL_A,
+    SMALL,
+)
+from bench.tables import _ms, _num, _pct, _x, table
 
 JSON_NAME, MD_NAME, PNG_NAME = "report.json", "report.md", "latency_throughput.png"
 #: A load generator above this share of one core may be limiting the load it offers.
 LOADGEN_BUSY = 0.9
 #: A point where something else used more than this share of the machine was disturbed.
 OTHER_LOAD_LIMIT = 0.15
-MODE_ORDER = (FLOOR, ALL_IN_ONE, MESH, MODEL_A)
-CONFIG_ORDER = (SMALL, LARGE, LARGE_BATCHING)
-COLORS = {FLOOR: "tab:green", ALL_IN_ONE: "tab:blue", MESH: "tab:red", MODEL_A: "tab:purple"}
-STYLES = {SMALL: "-", LARGE: "--", LARGE_BATCHING: ":"}
+MODE_ORDER = (FLOOR, ALL_IN_ONE, MINIMAL, MINIMAL_AIO, MESH, MODEL_A)
+CONFIG_ORDER = (SMALL, GROWTH, LARGE, LARGE_BATCHING)
+COLORS = {
+    FLOOR: "tab:green",
+    ALL_IN_ONE: "tab:blue",
+    MINIMAL: "tab:orange",
+    MESH: "tab:red",
+    MODEL_A: "tab:purple",
+}
+STYLES = {SMALL: "-", GROWTH: "-.", LARGE: "--", LARGE_BATCHING: ":"}
 
 
 def write(data: Mapping[str, Any], out: Path) -> dict[str, Path]:
@@ -34,32 +53,6 @@ def write(data: Mapping[str, Any], out: Path) -> dict[str, Path]:
     paths["md"].write_text(markdown(data))
     plot(data["points"], paths["png"])
     return paths
-
-
-# -- formatting -----------------------------------------------------------------------------------
-
-
-def _num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _x(value: float | None) -> str:
-    # Three significant digits: mesh/floor ratios run from 0.00x to hundreds.
-    return "-" if value is None else f"{value:.3g}x"
-
-
-def _ms(seconds: float | None, digits: int = 3) -> str:
-    return "-" if seconds is None else f"{seconds * 1000.0:.{digits}f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _sorted(points: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -122,7 +115,7 @@ def _header(data: Mapping[str, Any]) -> list[str]:
     m = data["meta"]
     machine, versions, s = m["machine"], m["versions"], m["settings"]
     return [
-        "# onnxmesh benchmark: mesh vs all-in-one vs floor",
+        "# onnxmesh benchmark: mesh vs two all-in-one servers vs floor",
         "",
         f"- **Run**: {m['started']}, {m['elapsed_s']:.0f} s in total.",
         f"- **Command**: `{m['command']}` (what `make bench` runs; `make bench ARGS='...'` adds flags).",
@@ -141,8 +134,13 @@ def _header(data: Mapping[str, Any]) -> list[str]:
         "- **Modes**: *floor* = the graph's `predict` calls in one process, N threads, one request per call, no "
         "network, no batching; *all-in-one* = one gRPC server (`bench.all_in_one`) running the same `Engine`, "
         "spec and models in-process, its stages wrapped like the orchestrator's (coalescing of concurrent calls "
-        "of a step, same default), no model batching; *mesh* = preprocess, model_a, model_b and the "
-        "orchestrator as separate processes (`LocalMesh`), each with its defaults.",
+        "of a step, same default), no model batching; *minimal* = the all-in-one a user would write by hand "
+        "(`bench.minimal`: one synchronous grpcio server, 32 threads, onnxruntime sessions, the graph's steps "
+        "as plain function calls, the same OIP request and response, nothing else): the baseline of the "
+        "targets; *mesh* = preprocess, model_a, model_b and the orchestrator as separate processes "
+        "(`LocalMesh`), each with its defaults.",
+        "- **Shared machine**: other work may run beside the benchmark (see *other load* per point); absolute "
+        "figures move with it, ratios measured side by side in one run much less.",
         "",
     ]
 
@@ -178,8 +176,9 @@ def _points(data: Mapping[str, Any]) -> list[str]:
 
 def _ratios(data: Mapping[str, Any]) -> list[str]:
     rows = []
+    keys = ("p50", "p99", "throughput", "cpu_per_request")
     for r in data["ratios"]:
-        a, f = r["mesh_vs_all_in_one"] or {}, r["mesh_vs_floor"] or {}
+        m, a, f = r.get("mesh_vs_minimal") or {}, r["mesh_vs_all_in_one"] or {}, r["mesh_vs_floor"] or {}
         config = (
             r["config"]
             if r["baseline_config"] == r["config"]
@@ -190,12 +189,14 @@ def _ratios(data: Mapping[str, Any]) -> list[str]:
                 config,
                 r["model"],
                 str(r["concurrency"]),
-                *(_x(a.get(k)) for k in ("p50", "p99", "throughput", "cpu_per_request")),
-                *(_x(f.get(k)) for k in ("p50", "p99", "throughput", "cpu_per_request")),
+                *(_x(m.get(k)) for k in keys),
+                *(_x(a.get(k)) for k in keys),
+                *(_x(f.get(k)) for k in ("p50", "throughput")),
             ]
         )
-    headers = ["config", "graph", "c", "mesh/aio p50", "mesh/aio p99", "mesh/aio req/s", "mesh/aio CPU/req"]
-    headers += ["mesh/floor p50", "mesh/floor p99", "mesh/floor req/s", "mesh/floor CPU/req"]
+    headers = ["config", "graph", "c", "mesh/minimal p50", "mesh/minimal p99", "mesh/minimal req/s"]
+    headers += ["mesh/minimal CPU/req", "mesh/aio p50", "mesh/aio p99", "mesh/aio req/s", "mesh/aio CPU/req"]
+    headers += ["mesh/floor p50", "mesh/floor req/s"]
     return ["## Ratios (same run, same models, same inputs)", "", table(headers, rows), ""]
 
 
@@ -408,6 +409,10 @@ def markdown(data: Mapping[str, Any]) -> str:
         _points(data),
         _ratios(data),
         _hops(data),
+        costs.grpc_servers(data),
+        costs.coalescing(data),
+        costs.growth(data),
+        costs.cache(data),
         _large(data),
         _loadgen(data),
         _quality(data),
@@ -419,16 +424,17 @@ def markdown(data: Mapping[str, Any]) -> str:
 
 def console_summary(data: Mapping[str, Any]) -> list[str]:
     """The ratios and hop costs, for the terminal at the end of a run."""
-    lines = ["ratios (mesh / all-in-one | mesh / floor): p50, p99, throughput, CPU per request"]
+    lines = [
+        "ratios (mesh / minimal | mesh / all-in-one | mesh / floor): p50, p99, throughput, CPU per request"
+    ]
+    keys = ("p50", "p99", "throughput", "cpu_per_request")
     for r in data["ratios"]:
-        a, f = r["mesh_vs_all_in_one"] or {}, r["mesh_vs_floor"] or {}
-        keys = ("p50", "p99", "throughput", "cpu_per_request")
+        m, a, f = r.get("mesh_vs_minimal") or {}, r["mesh_vs_all_in_one"] or {}, r["mesh_vs_floor"] or {}
         lines.append(
             f"  {r['config']:<14} {r['model']:<16} c={r['concurrency']:<3} "
-            + " ".join(_x(a.get(k)) for k in keys)
-            + " | "
-            + " ".join(_x(f.get(k)) for k in keys)
+            + " | ".join(" ".join(_x(d.get(k)) for k in keys) for d in (m, a, f))
         )
+    lines += costs.console(data)
     for h in data["hops"]:
         lines.append(
             f"  hop cost {h['model']} c={h['concurrency']}: +{h['added_p50_ms']:.3f} ms p50 over all-in-one = "

@@ -5,7 +5,8 @@ all-in-one server, the mesh's orchestrator, or one service of the mesh directly.
 closed-loop run of `bench.loadgen` (or `bench.floor`) at one concurrency. When the driver prints
 its window markers, the runner snapshots /proc CPU of every server process of the target and of
 the driver, and scrapes the orchestrator's overhead histogram, so all of them cover the same
-window as the requests.
+window as the requests; and the rows per downstream call and the cache's hits and misses, from the
+same scrape.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from meshctl.process import REPO, ServiceProcess, wait_serving
 from services.common.topology import ORCHESTRATOR
 
 OVERHEAD_METRIC = "onnxmesh_orchestrator_overhead_seconds"
+ROWS_METRIC = "onnxmesh_coalesced_rows"
+CACHE_METRIC = "onnxmesh_cache_lookups"
+SCRAPED = (OVERHEAD_METRIC, ROWS_METRIC, CACHE_METRIC)
+#: One scrape: (sample name, sorted labels) -> value, for the families in SCRAPED.
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 #: The keys of the load driver's process and of this (runner) process in CPU snapshots.
 DRIVER = "driver"
 RUNNER = "runner"
@@ -82,22 +88,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def scrape_overhead(url: str) -> dict[str, tuple[float, float]]:
-    """graph -> (sum of seconds, count) of the orchestrator's own-time histogram."""
+def scrape(url: str) -> Scrape:
+    """The orchestrator's samples of the SCRAPED families (histogram sums and counts, counters)."""
     with urllib.request.urlopen(url, timeout=5.0) as response:
         text = response.read().decode()
-    out: dict[str, tuple[float, float]] = {}
+    out: Scrape = {}
     for family in text_string_to_metric_families(text):
-        if family.name != OVERHEAD_METRIC:
+        if family.name not in SCRAPED:
             continue
         for sample in family.samples:
-            graph = sample.labels.get("graph", "")
-            total, count = out.get(graph, (0.0, 0.0))
-            if sample.name.endswith("_sum"):
-                out[graph] = (sample.value, count)
-            elif sample.name.endswith("_count"):
-                out[graph] = (total, sample.value)
+            if sample.name.endswith(("_sum", "_count", "_total")):
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
+
+
+def scraped_delta(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
+    """What the samples called `name` whose labels include `labels` grew by over the window."""
+    wanted = set(labels.items())
+    return sum(
+        value - before.get(key, 0.0)
+        for key, value in after.items()
+        if key[0] == name and wanted <= set(key[1])
+    )
 
 
 def driver_command(target: Target, model: str, concurrency: int, timing: Timing) -> list[str]:
@@ -120,8 +132,8 @@ class _Window:
 
     cpu_before: procstat.CpuSnapshot | None = None
     cpu_after: procstat.CpuSnapshot | None = None
-    overhead_before: dict[str, tuple[float, float]] = field(default_factory=dict)
-    overhead_after: dict[str, tuple[float, float]] = field(default_factory=dict)
+    metrics_before: Scrape = field(default_factory=dict)
+    metrics_after: Scrape = field(default_factory=dict)
     result: dict[str, Any] | None = None
 
 
@@ -165,13 +177,13 @@ def _follow(proc: subprocess.Popen[str], target: Target, on_window: WindowHook |
             if kind == MEASURING:
                 seen.cpu_before = procstat.snapshot(pids)
                 if target.metrics_url:
-                    seen.overhead_before = scrape_overhead(target.metrics_url)
+                    seen.metrics_before = scrape(target.metrics_url)
                 if on_window is not None:
                     finish = on_window()
             elif kind == MEASURED:
                 seen.cpu_after = procstat.snapshot(pids)
                 if target.metrics_url:
-                    seen.overhead_after = scrape_overhead(target.metrics_url)
+                    seen.metrics_after = scrape(target.metrics_url)
             elif kind == RESULT:
                 seen.result = event
     finally:
@@ -224,15 +236,35 @@ def point_row(target: Target, model: str, concurrency: int, seen: _Window) -> di
         "other_load": other_load(cpu, server_cpu + (loadgen_cpu or 0.0) + cpu.seconds.get(RUNNER, 0.0)),
         "orchestrator_overhead_ms": None,
         "orchestrator_cpu_per_request_s": None,
+        "downstream_calls": None,
+        "rows_per_call": None,
+        "cache_hits": None,
+        "cache_misses": None,
     }
     if target.orchestrator is not None and target.orchestrator in target.servers:
         row["orchestrator_cpu_per_request_s"] = cpu.seconds.get(target.orchestrator, 0.0) / requests
     if target.metrics_url:
-        total0, count0 = seen.overhead_before.get(model, (0.0, 0.0))
-        total1, count1 = seen.overhead_after.get(model, (0.0, 0.0))
-        if count1 > count0:
-            row["orchestrator_overhead_ms"] = (total1 - total0) / (count1 - count0) * 1000.0
+        row.update(orchestrator_metrics(seen.metrics_before, seen.metrics_after, model))
     return row
+
+
+def orchestrator_metrics(before: Scrape, after: Scrape, graph: str) -> dict[str, Any]:
+    """Own time per request, downstream calls and rows per call, cache hits and misses, over a window."""
+    out: dict[str, Any] = {}
+    count = scraped_delta(before, after, f"{OVERHEAD_METRIC}_count", graph=graph)
+    if count > 0:
+        out["orchestrator_overhead_ms"] = (
+            scraped_delta(before, after, f"{OVERHEAD_METRIC}_sum", graph=graph) / count * 1000.0
+        )
+    calls = scraped_delta(before, after, f"{ROWS_METRIC}_count")
+    if calls > 0:
+        out["downstream_calls"] = int(calls)
+        out["rows_per_call"] = scraped_delta(before, after, f"{ROWS_METRIC}_sum") / calls
+    hits = scraped_delta(before, after, f"{CACHE_METRIC}_total", cache=graph, result="hit")
+    misses = scraped_delta(before, after, f"{CACHE_METRIC}_total", cache=graph, result="miss")
+    if hits or misses:
+        out["cache_hits"], out["cache_misses"] = int(hits), int(misses)
+    return out
 
 
 def other_load(cpu: procstat.CpuUsage, ours: float) -> float:
@@ -268,16 +300,37 @@ def all_in_one(config: str, dirs: Mapping[str, Path], log_level: str = "WARNING"
 
 
 @contextlib.contextmanager
+def minimal(config: str, *, aio: bool = False) -> Iterator[Target]:
+    """`python -m bench.minimal` (the hand-written all-in-one) on a free port, SERVING, stopped on exit.
+
+    `aio`: the same handlers on a grpc.aio server (mode `minimal aio`), to weigh the two servers.
+    """
+    command = [sys.executable, "-m", "bench.minimal", "--host", "127.0.0.1", "--port", "0"]
+    command += ["--aio"] if aio else []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = ServiceProcess("minimal", 1, "127.0.0.1", 0, command, env, None)
+    try:
+        wait_serving([proc], STARTUP_TIMEOUT, threading.Event())
+        commands = {"minimal": shlex.join(command)}
+        mode = "minimal aio" if aio else "minimal"
+        yield Target(mode, config, proc.address, {"minimal": proc.pid}, commands=commands)
+    finally:
+        proc.stop(10.0)
+
+
+@contextlib.contextmanager
 def local_mesh(
-    config: str, dirs: Mapping[str, Path], log_level: str = "WARNING"
+    config: str, dirs: Mapping[str, Path], log_level: str = "WARNING", graphs: Path | None = None
 ) -> Iterator[tuple[LocalMesh, Target]]:
     """The real services and orchestrator as separate processes on free ports, stopped on exit.
 
-    The orchestrator also serves /metrics on a free port, for its own-time histogram.
+    The orchestrator also serves /metrics on a free port, for its own-time histogram, and
+    `graphs` (default: orchestrator/graphs.yaml).
     """
     metrics_port = free_port()
     mesh = LocalMesh(
         ports=EPHEMERAL_PORTS,
+        graphs=graphs,
         model_dirs=dict(dirs),
         extra_args={ORCHESTRATOR: ["--metrics-port", str(metrics_port)]},
         log_level=log_level,

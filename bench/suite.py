@@ -2,9 +2,15 @@
 
     small models (the demo digits models)
       floor        each graph x each concurrency, plus one digits-mlp predict at c=1
-      all-in-one   each graph x each concurrency
+      all-in-one   each graph x each concurrency (the mesh's own parts in one process)
+      minimal      each graph x each concurrency (the hand-written server: bench/minimal.py)
+      minimal aio  the first graph at the lowest and highest concurrency: the same handlers on
+                   grpc.aio instead of the sync server
       mesh         each graph x each concurrency, plus model_a direct at c=1 (one raw hop),
                    plus (--profile) a py-spy'd point of the orchestrator, reported apart
+    growth (bench/growth.py; --growth-steps 0 leaves it out)
+      mesh         chain-1..N and fanout-1..N of identity models at the lowest concurrency;
+                   digits-serial-cached (a whole-graph response cache) at the lowest and highest
     large model (--skip-large leaves it out)
       floor, all-in-one, mesh      digits-serial at the lowest and the highest concurrency
       mesh, batching off / on      model_a direct and digits-serial at the highest concurrency
@@ -27,12 +33,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import analysis
-from bench.analysis import FLOOR, LARGE, LARGE_BATCHING, SMALL
+from bench import analysis, growth
+from bench.analysis import FLOOR, GROWTH, LARGE, LARGE_BATCHING, SMALL
 from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_large_model
 from bench.models import DEFAULT_DIRS
 from bench.profile import BackgroundProfile, summarize_file
-from bench.runner import Target, Timing, all_in_one, local_mesh, run_point, service_target
+from bench.runner import Target, Timing, all_in_one, local_mesh, minimal, run_point, service_target
 from meshctl.launcher import DEFAULT_GRAPHS
 from meshctl.process import REPO
 from orchestrator.spec import load_spec
@@ -66,6 +72,7 @@ class Options:
     large_hidden: tuple[int, ...] = DEFAULT_HIDDEN
     large_epochs: int = DEFAULT_EPOCHS
     profile_seconds: float = PROFILE_SECONDS
+    growth_steps: int = growth.DEFAULT_MAX_STEPS
     command: str = ""
 
     @property
@@ -103,6 +110,8 @@ class Suite:
             f"{self.options.timing.warmup:g}s warm-up + {self.options.timing.duration:g}s per point"
         )
         self.run_small()
+        if self.options.growth_steps > 0:
+            self.run_growth()
         if not self.options.skip_large:
             self.run_large()
         return self.data(time.perf_counter() - started)
@@ -120,6 +129,14 @@ class Suite:
             for graph in o.graphs:
                 for c in o.concurrency:
                     self.point(target, graph, c)
+        with minimal(SMALL) as target:
+            for graph in o.graphs:
+                for c in o.concurrency:
+                    self.point(target, graph, c)
+        # The same handlers on grpc.aio: which server costs less per call (the nodes run grpc.aio).
+        with minimal(SMALL, aio=True) as target:
+            for c in sorted({o.low, o.high}):
+                self.point(target, o.graphs[0], c)
         with local_mesh(SMALL, {}) as (mesh, target):
             for graph in o.graphs:
                 for c in o.concurrency:
@@ -153,6 +170,18 @@ class Suite:
             "thread_cpu_s": profiler.recording.threads,
             "point": row,
         }
+
+    def run_growth(self) -> None:
+        """Chains and fan-outs of identity models, and the cached graph, on a mesh of their own."""
+        o = self.options
+        with tempfile.TemporaryDirectory(prefix="onnxmesh-growth-") as tmp:
+            setup = growth.build(Path(tmp), DEFAULT_GRAPHS, o.growth_steps)
+            with local_mesh(GROWTH, setup.dirs, graphs=setup.graphs) as (_, target):
+                for graph in setup.names:
+                    self.point(target, graph, o.low)
+                # The highest concurrency first: it fills the cache (360 images) for the lone request.
+                for c in sorted({o.low, o.high}, reverse=True):
+                    self.point(target, growth.CACHED_GRAPH, c)
 
     def run_large(self) -> None:
         o = self.options
@@ -197,9 +226,21 @@ class Suite:
             "ratios": analysis.ratios(self.points),
             "hops": analysis.hop_costs(self.points, spec),
             "raw_hop": analysis.raw_hop(self.points),
+            "coalescing": analysis.coalescing(self.points),
+            "grpc_servers": analysis.grpc_servers(self.points),
+            "growth": analysis.growth(self.points, o.low),
+            "cache": analysis.cache(self.points, o.low, o.high),
             "large_model": self.large,
             "batching": batch,
-            "targets": analysis.targets(self.points, spec, o.low, o.high, batch),
+            "targets": analysis.targets(
+                self.points,
+                spec,
+                o.low,
+                o.high,
+                batch,
+                analysis.growth(self.points, o.low),
+                analysis.cache(self.points, o.low, o.high),
+            ),
             "profile": self.profile,
         }
 
@@ -211,9 +252,13 @@ def line(row: dict[str, Any]) -> str:
     share = "" if lg is None else f", loadgen {lg:.0%} of CPU"
     return (
         f"  {row['config']:<14} {row['mode']:<14} {row['model']:<16} c={row['concurrency']:<3} "
-        f"{row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.3f}  p99 {row['p99_ms']:7.3f} ms  "
+        f"{row['rps']:8.0f} req/s  p50 {_ms_text(row['p50_ms'])}  p99 {_ms_text(row['p99_ms'])} ms  "
         f"{cpu:.3f} ms CPU/req{share}  errors {row['errors']}  wrong {row['wrong']}"
     )
+
+
+def _ms_text(value: float | None) -> str:
+    return "      -" if value is None else f"{value:7.3f}"
 
 
 def _version(package: str) -> str:
@@ -270,6 +315,7 @@ def meta(options: Options, elapsed: float) -> dict[str, Any]:
             "concurrency": list(options.concurrency),
             "graphs": list(options.graphs),
             "skip_large": options.skip_large,
+            "growth_steps": options.growth_steps,
             "profile": options.profile,
             "batch_size_per_request": 1,
             "loopback": "127.0.0.1",

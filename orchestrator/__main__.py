@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "coalesce",
         int,
         DEFAULT_IN_FLIGHT,
-        "calls per step in flight before concurrent requests are stacked into one downstream call (0 = off)",
+        "the most calls per step in flight before concurrent requests are stacked into one downstream call; "
+        "under load the limit falls to 1 (0 = never stack)",
     )
     args = parser.parse_args(argv)
     settings = settings_from_args("orchestrator", args)

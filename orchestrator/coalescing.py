@@ -4,11 +4,13 @@ Every gRPC call costs a few hundred microseconds of CPU on each side, far more t
 models' compute. Under load, the orchestrator holds many requests at the same step at once;
 sending them as one call with their rows stacked divides that cost by the batch size.
 
-    step calls --> per (model, version, outputs, input layout): at most `max_in_flight` calls
+    step calls --> per (model, version, outputs, input layout): at most `AdaptiveLimit` calls
                    running; the rest wait and leave together, as one call, when one returns
 
-No timer: a call goes out at once while fewer than `max_in_flight` are running, so a lone
-request (concurrency 1) never waits. Stacking, splitting and re-running alone are
+No timer: a call goes out at once while fewer calls than the limit are running, so a lone
+request (concurrency 1) never waits. The limit adapts to load (`AdaptiveLimit`): up to
+`max_in_flight` while calls answer as fast as they do unloaded, down to one as their latency
+grows, so that under load every caller that arrives while a call runs leaves in the next one. Stacking, splitting and re-running alone are
 `services.common.stacking`'s, shared with the model services' adaptive batching: each caller
 gets exactly its rows back; when a coalesced call fails with anything but a shared failure
 (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED: `stacking.SHARED_FAILURES`),
@@ -24,6 +26,7 @@ import contextvars
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from orchestrator.stage import Stage
@@ -33,8 +36,10 @@ from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
 
-#: Calls of one step in flight before further ones wait to leave stacked (`--coalesce`).
-DEFAULT_IN_FLIGHT = 2
+#: The most calls of one step in flight before further ones wait to leave stacked (`--coalesce`).
+DEFAULT_IN_FLIGHT = 4
+#: on_call(model, rows): one downstream call left carrying `rows` rows (the rows-per-call metric).
+CallHook = Callable[[str, int], None]
 
 #: Calls may share a downstream call only if all of this matches: model, version, outputs asked
 #: for, and the layout of the inputs.
@@ -59,13 +64,23 @@ class _Lane:
 class CoalescingStage:
     """A Stage that stacks concurrent calls with the same key into one call of `inner`."""
 
-    def __init__(self, inner: Stage, *, max_in_flight: int = DEFAULT_IN_FLIGHT, max_rows: int = 64) -> None:
+    def __init__(
+        self,
+        inner: Stage,
+        *,
+        max_in_flight: int = DEFAULT_IN_FLIGHT,
+        max_rows: int = 64,
+        on_call: CallHook | None = None,
+        adaptive: bool = True,
+    ) -> None:
+        """`adaptive` False keeps the limit at `max_in_flight`; `on_call` sees every downstream call."""
         if max_in_flight < 1 or max_rows < 1:
             raise ValueError("max_in_flight and max_rows must be at least 1")
         self.inner = inner
         self.max_in_flight = max_in_flight
         self.max_rows = max_rows
         self._lanes: dict[CallKey, _Lane] = {}
+        self._limits = Limits(max_in_flight, adaptive=adaptive, on_call=on_call)
         #: Downstream calls made, and how many callers they answered, with rows or with an error
         #: (for tests and metrics).
         self.calls_sent = 0
@@ -82,13 +97,13 @@ class CoalescingStage:
         if key is None:
             return await self._send(request)
         lane = self._lanes.setdefault(key, _Lane())
-        if lane.running < self.max_in_flight and not lane.waiting:
+        if self._limits.allows(key, lane.running) and not lane.waiting:
             # The fast path (a lone request never waits): straight through, inline.
             lane.running += 1
             self.calls_sent += 1
             self.callers_served += 1
             try:
-                return await self.inner.call(request)
+                return await self._limits.timed(key, self.inner.call, request)
             finally:
                 self._finished(key, lane)
         call = _Call(request, stacking.rows(request), asyncio.get_running_loop().create_future())
@@ -115,7 +130,7 @@ class CoalescingStage:
     def _finished(self, key: CallKey, lane: _Lane) -> None:
         """A downstream call of `key` returned: send whoever waits, stacked, in its slot."""
         lane.running -= 1
-        while lane.waiting and lane.running < self.max_in_flight:
+        while lane.waiting and self._limits.allows(key, lane.running):
             batch: list[_Call] = []
             rows = 0
             while lane.waiting and (not batch or rows + lane.waiting[0].rows <= self.max_rows):
@@ -124,7 +139,7 @@ class CoalescingStage:
                 rows += call.rows
             lane.running += 1
             # A fresh context: the shared call belongs to no single request (its log context included).
-            task = asyncio.create_task(self._send_stacked(batch), context=contextvars.Context())
+            task = asyncio.create_task(self._send_stacked(key, batch), context=contextvars.Context())
             task.add_done_callback(functools.partial(self._stacked_done, key, lane))
         if not lane.running and not lane.waiting:
             self._lanes.pop(key, None)
@@ -134,27 +149,28 @@ class CoalescingStage:
             log.error("coalesced call of %s failed unexpectedly", key[0], exc_info=task.exception())
         self._finished(key, lane)
 
-    async def _send_stacked(self, batch: list[_Call]) -> None:
+    async def _send_stacked(self, key: CallKey, batch: list[_Call]) -> None:
         live = [call for call in batch if not call.future.done()]
         if not live:
             return
         answer = functools.partial(self._answer, live)
+        send = functools.partial(self._send_one, key)
         try:
             if len(live) == 1:
-                await stacking.run_alone([live[0].request], self._send_one, answer)
+                await stacking.run_alone([live[0].request], send, answer)
             else:
                 # A shared failure reaches every caller (the engine decides whether to retry);
                 # any other, and each caller is answered alone.
-                await stacking.run_stacked([call.request for call in live], self._send_one, answer)
+                await stacking.run_stacked([call.request for call in live], send, answer)
         except BaseException:
             for call in live:
                 _settle(call, MeshError("coalesced call cancelled"))
             raise
 
-    async def _send_one(self, request: InferRequest) -> InferResult:
+    async def _send_one(self, key: CallKey, request: InferRequest) -> InferResult:
         """One downstream call on behalf of waiting callers (stacked or alone); `_answer` counts them."""
         self.calls_sent += 1
-        return await self.inner.call(request)
+        return await self._limits.timed(key, self.inner.call, request)
 
     def _answer(self, calls: list[_Call], index: int, answer: InferResult | BaseException) -> None:
         self.callers_served += 1
@@ -176,3 +192,81 @@ def _key(request: InferRequest) -> CallKey | None:
     if stackable is None:
         return None
     return (request.model, request.version, request.outputs, stackable[0])
+
+
+# -- the in-flight limit of each lane, and the rows-per-call metric ----------------------------
+
+
+class AdaptiveLimit:
+    """How many calls of one lane may be in flight before further callers wait to leave stacked.
+
+    A call costs the same few hundred microseconds of CPU on each side whatever rows it carries,
+    so the fewer calls carry the load, the less CPU each request costs: under load the limit
+    should be one, and every caller that arrives while that call runs leaves in the next. At low
+    load stacking saves nothing worth a wait, and more calls may overlap. The signal is each
+    call's latency against the lane's unloaded latency (`floor`, a slowly forgetting minimum):
+
+        limit <- clamp(limit * floor / recent + HEADROOM, 1, maximum)
+
+    At the floor the limit grows by HEADROOM per call up to `maximum`; at twice the floor it
+    settles at one. `recent` is an exponential average of the last calls' latency.
+    """
+
+    HEADROOM = 0.5
+    #: Weight of the newest latency in `recent`.
+    SMOOTHING = 0.2
+    #: Per call, the floor forgets by this factor: a lane that became slower for good (a
+    #: bigger model version, a busier machine) gets a new floor within a few hundred calls.
+    FORGET = 1.0005
+
+    def __init__(self, maximum: int, *, adaptive: bool = True) -> None:
+        self.maximum = maximum
+        self.adaptive = adaptive
+        self.value = float(maximum)
+        self.floor = float("inf")
+        self.recent = 0.0
+
+    def allows(self, running: int) -> bool:
+        return running < self.value
+
+    def observe(self, seconds: float) -> None:
+        """A call of this lane answered after `seconds`."""
+        if not self.adaptive:
+            return
+        self.floor = min(self.floor * self.FORGET, seconds)
+        self.recent = (
+            seconds if self.recent == 0.0 else self.recent + self.SMOOTHING * (seconds - self.recent)
+        )
+        if self.recent > 0.0:
+            target = self.value * min(1.0, self.floor / self.recent) + self.HEADROOM
+            self.value = min(float(self.maximum), max(1.0, target))
+
+
+class Limits:
+    """Every lane's `AdaptiveLimit` (kept while a lane is idle), and the calls' timing and metric."""
+
+    def __init__(self, maximum: int, *, adaptive: bool = True, on_call: CallHook | None = None) -> None:
+        self.maximum = maximum
+        self.adaptive = adaptive
+        self.on_call = on_call
+        self._limits: dict[CallKey, AdaptiveLimit] = {}
+
+    def of(self, key: CallKey) -> AdaptiveLimit:
+        limit = self._limits.get(key)
+        if limit is None:
+            limit = self._limits[key] = AdaptiveLimit(self.maximum, adaptive=self.adaptive)
+        return limit
+
+    def allows(self, key: CallKey, running: int) -> bool:
+        return self.of(key).allows(running)
+
+    async def timed(
+        self, key: CallKey, call: Callable[[InferRequest], Awaitable[InferResult]], request: InferRequest
+    ) -> InferResult:
+        """Make one downstream call; its latency (when it answered) moves the lane's limit."""
+        if self.on_call is not None:
+            self.on_call(key[0], stacking.rows(request))
+        started = time.monotonic()
+        result = await call(request)
+        self.of(key).observe(time.monotonic() - started)
+        return result

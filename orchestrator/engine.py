@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.aggregators import AGGREGATORS
+from orchestrator.cache import GraphCache, ResponseCaches
 from orchestrator.spec import (
     REQUEST,
     EnsembleStep,
@@ -182,6 +183,8 @@ class _Run:
         self.shadows: set[asyncio.Task[None]] = set()
         #: (start, end) of every model step, for the orchestrator's own-time metric.
         self.spans: list[tuple[float, float]] = []
+        #: A soft step failed: the answer is partial (and never cached).
+        self.degraded = False
 
     def get(self, source: str, tensor: str) -> np.ndarray | None:
         outputs = self.values.get(source)
@@ -228,6 +231,7 @@ async def _run_node(node: _Node, run: _Run) -> None:
         run.failures[node.name] = err
         run.skip(node, f"step {node.name!r} failed", err)
         if node.soft:
+            run.degraded = True
             return
         raise
     if outputs is not None:
@@ -468,6 +472,7 @@ class _Plan:
     outputs: _Outputs
     model_steps: tuple[str, ...]
     shadow_steps: frozenset[str]
+    cache: GraphCache | None = None
 
     def parameters(self, run: _Run) -> dict[str, str | int | float | bool]:
         params: dict[str, str | int | float | bool] = {"graph": self.name}
@@ -484,9 +489,10 @@ class _Plan:
 class _Compiler:
     """Compiles one graph's steps into nodes; the one place the engine dispatches on step kinds."""
 
-    def __init__(self, graph: GraphSpec, stages: Mapping[str, Stage]) -> None:
+    def __init__(self, graph: GraphSpec, stages: Mapping[str, Stage], caches: ResponseCaches) -> None:
         self.graph = graph
         self.stages = stages
+        self.caches = caches
         self.storage = {s.name: storage_name(s) for s in graph.all_steps()}
         self.storage[REQUEST] = REQUEST
         self._by_kind: dict[str, Callable[[Any], _Node]] = {
@@ -519,11 +525,13 @@ class _Compiler:
             outputs=_Outputs(graph.outputs, self.storage),
             model_steps=tuple(s.name for s in graph.model_steps()),
             shadow_steps=shadows,
+            cache=self.caches.graph(graph),
         )
 
     def _model(self, step: ModelStep) -> _ModelNode:
         requested = self.graph.requested_outputs.get(step.name, ())
-        return _ModelNode(step, self.stages[step.service], requested, self.storage)
+        stage = self.caches.stage(self.graph.name, step, self.stages[step.service])
+        return _ModelNode(step, stage, requested, self.storage)
 
     def _sequence(self, step: SequenceStep) -> _Node:
         return _SequenceNode(step, self.nodes(step.steps))
@@ -567,7 +575,9 @@ class Engine:
         on_mirror: MirrorHook | None = None,
         on_step: StepHook | None = None,
         on_request: RequestHook | None = None,
+        caches: ResponseCaches | None = None,
     ) -> None:
+        """``caches``: the response caches the spec declares (default: local ones, no metrics)."""
         missing = sorted({s.service for g in spec.graphs.values() for s in g.model_steps()} - set(stages))
         if missing:
             raise ValueError(f"no Stage for service(s) {', '.join(missing)}")
@@ -579,7 +589,10 @@ class Engine:
         self._on_step = on_step
         self._on_request = on_request
         self._ctx = StepContext(clock, self._rng, self._call, self._spawn_shadow, self._notify_mirror)
-        self._plans = {name: _Compiler(graph, stages).plan() for name, graph in spec.graphs.items()}
+        self._caches = caches if caches is not None else ResponseCaches(spec, stages, clock=clock)
+        self._plans = {
+            name: _Compiler(graph, stages, self._caches).plan() for name, graph in spec.graphs.items()
+        }
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -612,6 +625,11 @@ class Engine:
         if plan is None:
             raise NotFound(f"unknown graph {graph!r}; graphs: {', '.join(self._plans)}")
         started = self._clock()
+        key = None if plan.cache is None else plan.cache.key(inputs)
+        if key is not None and (hit := await plan.cache.lookup(key)) is not None:  # type: ignore[union-attr]
+            if self._on_request is not None:
+                self._notify_request(graph, self._clock() - started)  # all of it is the engine's own
+            return hit
         run = _Run(self._ctx, plan, started + plan.timeout if deadline is None else deadline, request_id)
         run.values[REQUEST] = inputs
         try:
@@ -624,7 +642,10 @@ class Engine:
         finally:
             if self._on_request is not None:
                 self._notify_request(graph, self._clock() - started - busy_time(run.spans))
-        return InferResult(outputs, model_name=graph, parameters=plan.parameters(run))
+        result = InferResult(outputs, model_name=graph, parameters=plan.parameters(run))
+        if key is not None and not run.degraded:
+            await plan.cache.keep(key, result, run.versions)  # type: ignore[union-attr]
+        return result
 
     async def drain(self) -> None:
         """Wait for the shadows still running (each is bounded by its request's deadline)."""
@@ -634,6 +655,7 @@ class Engine:
     async def aclose(self) -> None:
         """Cancel the shadows still running and wait for them (at shutdown)."""
         await _cancel(set(self._background))
+        await self._caches.close()
 
     # Called by the compiled nodes.
 

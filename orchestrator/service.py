@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
+from orchestrator.cache import ResponseCaches
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
@@ -73,6 +74,19 @@ class OrchestratorMetrics:
         )
         self.reloads = Counter(
             "onnxmesh_spec_reloads", "Graph spec reload attempts by result.", ["result"], registry=registry
+        )
+        self.coalesced_rows = Histogram(
+            "onnxmesh_coalesced_rows",
+            "Rows per downstream call of a model (1 = not stacked with another request's).",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+            registry=registry,
+        )
+        self.cache_lookups = Counter(
+            "onnxmesh_cache_lookups",
+            "Response cache lookups by cache (graph, or graph/step) and result (hit, miss).",
+            ["cache", "result"],
+            registry=registry,
         )
 
 
@@ -159,6 +173,7 @@ class Orchestrator:
         self._stages: dict[tuple[str, str], Stage] = {}
         self._step_series: dict[tuple[str, ...], Any] = {}
         self._overhead_series: dict[str, Any] = {}
+        self._rows_series: dict[str, Any] = {}
         self.current: Loaded | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -189,7 +204,9 @@ class Orchestrator:
                     self.clients[address] = OipClient(address, health_checked=True)
                 stage = self.clients[address]
                 if self.coalesce_in_flight > 0:
-                    stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight)
+                    stage = CoalescingStage(
+                        stage, max_in_flight=self.coalesce_in_flight, on_call=self._on_coalesced
+                    )
                 self._stages[(service, address)] = stage
             stages[service] = stage
         return stages
@@ -202,8 +219,14 @@ class Orchestrator:
     def build(self, spec: MeshSpec, digest: str, signatures: Mapping[ModelKey, ModelSignature]) -> Loaded:
         graph_signatures = validate_against_signatures(spec, signatures)
         stages = self.stages(spec)
+        caches = ResponseCaches(spec, stages, on_lookup=self._on_cache_lookup, environ=self.environ)
         engine = Engine(
-            spec, stages, on_step=self._on_step, on_mirror=self._on_mirror, on_request=self._on_request
+            spec,
+            stages,
+            on_step=self._on_step,
+            on_mirror=self._on_mirror,
+            on_request=self._on_request,
+            caches=caches,
         )
         graphs = [
             Graph(
@@ -306,6 +329,15 @@ class Orchestrator:
         if series is None:
             series = self._overhead_series[graph] = self.metrics.overhead.labels(graph)
         series.observe(seconds)
+
+    def _on_coalesced(self, model: str, rows: int) -> None:
+        series = self._rows_series.get(model)
+        if series is None:
+            series = self._rows_series[model] = self.metrics.coalesced_rows.labels(model)
+        series.observe(rows)
+
+    def _on_cache_lookup(self, cache: str, result: str) -> None:
+        self.metrics.cache_lookups.labels(cache, result).inc()
 
     def _on_mirror(self, graph: str, step: str, agree: bool, max_abs_diff: float) -> None:
         self.metrics.mirror.labels(graph, step, str(agree).lower()).inc()

@@ -29,6 +29,7 @@ from orchestrator.spec.steps import (
     REQUEST,
     STEP_KINDS,
     Aggregate,
+    CacheSpec,
     Condition,
     Defaults,
     Dependency,
@@ -171,6 +172,37 @@ def _parse_output(text: Any, at: _At, usage: str) -> OutputExpr:
     return OutputExpr(alternatives, argmax is not None, text)
 
 
+_CACHE_KEYS = ("entries", "bytes", "ttl")
+_CACHE_STORE = re.compile(r"(local|rediss?://\S+)\Z")
+
+
+def _cache(value: Any, at: _At) -> CacheSpec | None:
+    """``cache: true`` (the defaults), ``false``, or ``{entries, bytes, ttl}``."""
+    if value is True:
+        return CacheSpec()
+    if value is False or value is None:
+        return None
+    body = _mapping(value, at, "cache", non_empty=False)
+    _check_keys(body, at, _CACHE_KEYS, (), "cache")
+    default = CacheSpec()
+    bounds = {}
+    for key in ("entries", "bytes"):
+        bound = body.get(key, getattr(default, key))
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
+            raise at.key(key).error(f"{key} must be a positive integer, got {bound!r}")
+        bounds[key] = bound
+    ttl = body.get("ttl", default.ttl)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise at.key("ttl").error(f"ttl must be a positive number of seconds, got {ttl!r}")
+    return CacheSpec(bounds["entries"], bounds["bytes"], float(ttl))
+
+
+def _cache_store(value: Any, at: _At) -> str:
+    if not isinstance(value, str) or not _CACHE_STORE.match(value):
+        raise at.error(f"cache_store must be 'local' or a redis://host:port/db URL, got {value!r}")
+    return value
+
+
 def _parse_condition(text: Any, at: _At) -> Condition:
     match = _CONDITION.match(text) if isinstance(text, str) else None
     if match is None or match[1] not in CONDITION_FUNCTIONS:
@@ -191,7 +223,10 @@ def _parse_mesh(raw: Any) -> MeshSpec:
         raise SpecError(
             f"the spec must be a mapping with keys services, defaults, graphs; got {_type_name(raw)}"
         )
-    _check_keys(raw, top, ("services", "defaults", "graphs"), ("services", "graphs"), "the spec")
+    _check_keys(
+        raw, top, ("services", "defaults", "graphs", "cache_store"), ("services", "graphs"), "the spec"
+    )
+    cache_store = _cache_store(raw.get("cache_store", "local"), top.key("cache_store"))
 
     services: dict[str, ServiceSpec] = {}
     for name, body in _mapping(raw["services"], top.key("services"), "services").items():
@@ -215,10 +250,10 @@ def _parse_mesh(raw: Any) -> MeshSpec:
         if not isinstance(name, str) or not _GRAPH_NAME.match(name):
             raise top.key("graphs").error(f"bad graph name {name!r}: use letters, digits, '_', '.' and '-'")
         graphs[name] = _GraphParser(name, services, defaults).parse(body)
-    return MeshSpec(MappingProxyType(services), defaults, MappingProxyType(graphs))
+    return MeshSpec(MappingProxyType(services), defaults, MappingProxyType(graphs), cache_store)
 
 
-_MODEL_KEYS = ("name", "service", "model", "version", "inputs", "outputs", "timeout", "retries")
+_MODEL_KEYS = ("name", "service", "model", "version", "inputs", "outputs", "timeout", "retries", "cache")
 
 
 class _GraphParser:
@@ -233,7 +268,7 @@ class _GraphParser:
     def parse(self, raw: Any) -> GraphSpec:
         at = _At(self.graph, "")
         body = _mapping(raw, at, "a graph", non_empty=False)
-        _check_keys(body, at, ("timeout", "inputs", "steps", "outputs"), (), "a graph")
+        _check_keys(body, at, ("timeout", "inputs", "steps", "outputs", "cache"), (), "a graph")
         if not body.get("steps"):
             raise at.error("the graph has no steps; expected a non-empty list under 'steps'")
         for key, what in (("inputs", "the graph inputs"), ("outputs", "the graph outputs")):
@@ -249,7 +284,13 @@ class _GraphParser:
             outputs[name] = _parse_output(text, out_at, f"graph output {name!r}")
         requested = check_scope(self.graph, inputs, steps, outputs)
         return GraphSpec(
-            self.graph, timeout, inputs, steps, MappingProxyType(outputs), MappingProxyType(requested)
+            self.graph,
+            timeout,
+            inputs,
+            steps,
+            MappingProxyType(outputs),
+            MappingProxyType(requested),
+            _cache(body.get("cache"), at.key("cache")),
         )
 
     def _inputs(self, raw: Any, at: _At) -> tuple[TensorSpec, ...]:
@@ -369,6 +410,7 @@ class _GraphParser:
             outputs,
             _timeout(raw.get("timeout", self.defaults.timeout), at.key("timeout")),
             _retries(raw.get("retries", self.defaults.retries), at.key("retries")),
+            _cache(raw.get("cache"), at.key("cache")),
         )
 
     # The composite kinds: the body under the kind's key, where it is, and the step's name, path

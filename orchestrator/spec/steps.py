@@ -92,6 +92,22 @@ class Condition:
         return bool(np.any(CONDITION_OPERATORS[self.op](per_row, self.value)))
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """A response cache on a graph or a model step (``cache:``): bounds and time to live.
+
+    Keys are the model (or graph), its version and the request's tensor bytes; see
+    orchestrator/cache.py for what is stored and when an entry is served.
+    """
+
+    #: The most answers kept; the least recently used goes first.
+    entries: int = 1024
+    #: The most bytes of output tensors kept.
+    bytes: int = 64 * 1024 * 1024
+    #: Seconds an answer is served after it was stored.
+    ttl: float = 60.0
+
+
 # ---------------------------------------------------------------------------------------------
 # The step kinds
 
@@ -140,6 +156,8 @@ class ModelStep(_StepKind):
     outputs: tuple[str, ...] | None  # explicit outputs to request; None = what is read later
     timeout: float
     retries: int
+    #: A response cache for this step's calls; None = every call goes downstream.
+    cache: CacheSpec | None = None
 
     @property
     def label(self) -> str:
@@ -344,6 +362,8 @@ class GraphSpec:
     outputs: Mapping[str, OutputExpr]
     #: model step name -> the outputs to request from it (computed once; () = all outputs)
     requested_outputs: Mapping[str, tuple[str, ...]]
+    #: A response cache for whole requests of this graph; None = every request runs the graph.
+    cache: CacheSpec | None = None
 
     def all_steps(self) -> Iterator[Step]:
         """Every step, nested ones included, in spec order."""
@@ -377,6 +397,9 @@ class MeshSpec:
     services: Mapping[str, ServiceSpec]
     defaults: Defaults
     graphs: Mapping[str, GraphSpec]
+    #: Where the response caches keep their entries: ``local`` (each replica its own) or a
+    #: ``redis://host:port/db`` URL (shared by every replica).
+    cache_store: str = "local"
 
     def model_keys(self) -> tuple[SignatureKey, ...]:
         """Every (service, model, version) some graph calls: the signatures to fetch."""

@@ -26,10 +26,22 @@ from tests.support import ROOT
 pytestmark = pytest.mark.timeout(180)
 
 TINY = ["--quick", "--warmup", "0.2", "--duration", "0.3", "--concurrency", "1,2"]
-TINY += ["--graphs", "digits-serial", "--skip-large"]
+TINY += ["--graphs", "digits-serial", "--skip-large", "--growth-steps", "2"]
 TAG_VARIABLE = "ONNXMESH_BENCH_TEST_RUN"
-#: floor x2 + floor digits-mlp, all-in-one x2, mesh x2 + model_a direct.
+#: floor x2 + floor digits-mlp, all-in-one x2, minimal x2 (and x2 on grpc.aio), mesh x2 + model_a
+#: direct; then the growth
+#: mesh: chain-1, chain-2, fanout-1, fanout-2 at c=1 and the cached graph at both concurrencies.
 EXPECTED_POINTS = {
+    ("minimal", "digits-serial", 1),
+    ("minimal", "digits-serial", 2),
+    ("minimal aio", "digits-serial", 1),
+    ("minimal aio", "digits-serial", 2),
+    ("mesh", "chain-1", 1),
+    ("mesh", "chain-2", 1),
+    ("mesh", "fanout-1", 1),
+    ("mesh", "fanout-2", 1),
+    ("mesh", "digits-serial-cached", 1),
+    ("mesh", "digits-serial-cached", 2),
     ("floor", "digits-serial", 1),
     ("floor", "digits-serial", 2),
     ("floor", "digits-mlp", 1),
@@ -77,7 +89,7 @@ def test_writes_every_report_file(run: tuple[Path, dict[str, Any], str]) -> None
     out, _, stdout = run
     assert (out / "report.md").stat().st_size > 0
     assert (out / "latency_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "ratios (mesh / all-in-one | mesh / floor)" in stdout
+    assert "ratios (mesh / minimal | mesh / all-in-one | mesh / floor)" in stdout
 
 
 def test_every_point_answered_correctly(run: tuple[Path, dict[str, Any], str]) -> None:
@@ -98,6 +110,11 @@ def test_every_point_answered_correctly(run: tuple[Path, dict[str, Any], str]) -
     mesh = [p for p in points if p["mode"] == "mesh"]
     assert set(mesh[0]["server_cpu_by_process_s"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
     assert all(p["orchestrator_overhead_ms"] > 0 and p["orchestrator_cpu_per_request_s"] > 0 for p in mesh)
+    # Every mesh point counted its downstream calls (the rows-per-call histogram), the cached graph
+    # its lookups.
+    assert all(p["rows_per_call"] >= 1.0 for p in mesh if p["model"] != "digits-serial-cached")
+    cached = [p for p in mesh if p["model"] == "digits-serial-cached"]
+    assert all(p["cache_hits"] + p["cache_misses"] > 0 for p in cached)
 
 
 def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], str]) -> None:
@@ -109,6 +126,10 @@ def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], s
         "ratios",
         "hops",
         "raw_hop",
+        "coalescing",
+        "grpc_servers",
+        "growth",
+        "cache",
         "batching",
         "targets",
         "profile",
@@ -116,31 +137,52 @@ def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], s
     assert data["meta"]["machine"]["cores"] >= 1 and data["meta"]["versions"]["grpcio"]
     assert data["meta"]["code"]["commit"]
     assert set(data["servers"]["small mesh"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
+    assert set(data["servers"]["growth mesh"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
     assert "bench.all_in_one" in data["servers"]["small all-in-one"]["all_in_one"]
+    assert "bench.minimal" in data["servers"]["small minimal"]["minimal"]
     assert len(data["ratios"]) == 2
     for ratio in data["ratios"]:
-        for against in ("mesh_vs_all_in_one", "mesh_vs_floor"):
+        for against in ("mesh_vs_minimal", "mesh_vs_all_in_one", "mesh_vs_floor"):
             assert all(v is not None and v > 0 for v in ratio[against].values()), ratio
     assert [(h["concurrency"], h["extra_calls"], h["sequential"]) for h in data["hops"]] == [
         (1, 3, 3),
         (2, 3, 3),
     ]
     assert data["raw_hop"]["hop_p50_ms"] is not None
+    assert [(r["concurrency"], r["downstream_calls"] > 0) for r in data["coalescing"]] == [
+        (1, True),
+        (2, True),
+    ]
+    assert [r["concurrency"] for r in data["grpc_servers"]] == [1, 2]
+    assert all(r["aio_vs_sync_cpu"] > 0 for r in data["grpc_servers"])
+    for shape in ("chain", "fanout"):
+        part = data["growth"][shape]
+        assert [r["n"] for r in part["rows"]] == [1, 2] and part["concurrency"] == 1
+        assert part["rows"][0]["added_p50_ms"] is None and part["rows"][1]["added_p50_ms"] is not None
+        assert part["p50_ms_per_step"] is not None and part["cpu_ms_per_step"] is not None
+        assert all(r["cpu_per_request_ms"] > 0 for r in part["rows"])
+    assert [r["concurrency"] for r in data["cache"]] == [1, 2]
+    for row in data["cache"]:
+        assert 0 <= row["hit_ratio"] <= 1 and row["minimal_p50_ms"] > 0 and row["uncached_p50_ms"] > 0
     targets = {t["id"]: t for t in data["targets"]}
-    assert sorted(targets) == [1, 2, 3, 4]
-    assert all(isinstance(targets[i]["met"], bool) and targets[i]["checks"] for i in (1, 2, 3))
-    assert targets[4]["met"] is None  # no large model in this run
+    assert sorted(targets) == [1, 2, 3, 4, 5, 6, 7]
+    assert all(isinstance(targets[i]["met"], bool) and targets[i]["checks"] for i in (1, 2, 3, 4, 5, 6))
+    assert targets[7]["met"] is None  # no large model in this run
     markdown = (out / "report.md").read_text()
     for heading in (
         "## Targets",
         "## Main table",
         "## Ratios",
         "## What a hop costs",
+        "## gRPC servers: sync grpcio vs grpc.aio",
+        "## Coalescing: rows per downstream call",
+        "## How cost grows: serial steps and parallel branches",
+        "## Response cache",
         "## The load generator",
         "## Run quality and what ran",
     ):
         assert heading in markdown
-    for mode in ("floor", "all-in-one", "mesh"):
+    for mode in ("floor", "all-in-one", "minimal", "mesh"):
         for c in (1, 2):
             assert f"| small | digits-serial | {mode} | {c} |" in markdown
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from orchestrator.coalescing import CoalescingStage
+from orchestrator.coalescing import AdaptiveLimit, CoalescingStage
 from services.common.errors import DeadlineExceeded, InvalidInput, Unavailable
 from services.common.types import InferRequest
 from tests.unit.fakes import FakeStage
@@ -141,3 +141,41 @@ def test_calls_with_different_layouts_never_share() -> None:
     asyncio.run(scenario())
     assert all(len({c.inputs["x"].shape[1]}) == 1 for c in fake.calls)
     assert len(fake.calls) == 3
+
+
+def test_the_limit_grows_to_its_maximum_at_the_unloaded_latency_and_falls_to_one_under_load() -> None:
+    limit = AdaptiveLimit(8)
+    for _ in range(50):
+        limit.observe(0.001)
+    assert limit.value == 8.0
+    for _ in range(50):
+        limit.observe(0.004)  # four times the unloaded latency: calls queue somewhere
+    assert limit.value == 1.0
+    assert limit.allows(0) and not limit.allows(1)  # a lone request still goes at once
+    for _ in range(50):
+        limit.observe(0.001)
+    assert limit.value == 8.0
+
+
+def test_a_fixed_limit_does_not_adapt() -> None:
+    limit = AdaptiveLimit(3, adaptive=False)
+    for seconds in (0.001, 0.1, 0.1, 0.1):
+        limit.observe(seconds)
+    assert limit.value == 3.0
+
+
+def test_under_load_every_caller_gets_exactly_its_rows_and_the_metric_sees_every_row() -> None:
+    fake = FakeStage({"m": double}, sleep={"m": 0.005})
+    sent: list[tuple[str, int]] = []
+    stage = CoalescingStage(fake, max_in_flight=4, on_call=lambda model, n: sent.append((model, n)))
+
+    async def many() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(*(call(stage, rows(float(i), n=1 + i % 4)) for i in range(60)))
+
+    answers = asyncio.run(many())
+    for i, out in enumerate(answers):
+        np.testing.assert_array_equal(out["y"], np.full((1 + i % 4, 3), 2.0 * i))
+    assert sum(n for _, n in sent) == sum(1 + i % 4 for i in range(60))
+    assert {model for model, _ in sent} == {"m"}
+    assert len(sent) == len(fake.calls) < 60 / 2  # stacked
+    assert max(n for _, n in sent) > 4

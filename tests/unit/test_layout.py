@@ -22,6 +22,7 @@ KUBERNETES_CLIENT_USER = "meshctl/rollout/cluster.py"
 #: The transport edge: the only modules that speak gRPC. Everything else sees numpy arrays, plain
 #: dataclasses and the error tree (docs/architecture.md).
 GRPC_EDGE = {
+    "bench/minimal.py",
     "services/common/client.py",
     "services/common/index_client.py",
     "services/common/reflection.py",
