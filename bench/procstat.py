@@ -121,4 +121,7 @@ def usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
     }
     span = after.machine.total - before.machine.total
     busy_s = after.machine.busy - before.machine.busy
-    return CpuUsage(seconds, busy_s / span if span > 0 else 0.0, busy_s, span)
+    # /proc/stat's counters tick per core and are read a moment apart: over a short span the busy
+    # share can come out a hair outside 0..1, which is no information; clamp it.
+    busy = min(1.0, max(0.0, busy_s / span)) if span > 0 else 0.0
+    return CpuUsage(seconds, busy, busy_s, span)
