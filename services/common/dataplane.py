@@ -30,6 +30,7 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
+from services.common import tracing
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.metrics import ServerMetrics
 from services.common.model import Servable
@@ -129,7 +130,10 @@ class DataPlane:
             if self.draining or not servable.loaded:
                 raise self._not_serving(servable)
             validate(model, servable.signature, request.inputs, request.outputs)
-            result = await servable.infer(request)
+            # Tracing off: this check is all it costs (no span is made).
+            result = await (
+                tracing.traced_infer(servable, request) if tracing.enabled else servable.infer(request)
+            )
             result.model_name = result.model_name or model
             result.model_version = result.model_version or version
             return result if encode is None else encode(result)

@@ -23,10 +23,10 @@ from grpc_reflection.v1alpha import reflection
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.common import batching, tracing, tracing_edge
 from services.common.dataplane import DataPlane
 from services.common.metrics import ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.servicer import InferenceServicer
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,11 @@ class MeshServer:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics or ServerMetrics(settings.service)
+        # Observability: spans when OTEL_* asks for them (trace ids then ride on the latency
+        # histograms as exemplars), and the batching queues' series.
+        if tracing.configure(settings.service, VERSION):
+            self.metrics.use_exemplars()
+        batching.instrument(repository.all(), self.metrics)
         self.dataplane = DataPlane(
             repository, self.metrics, server_name=f"onnxmesh-{settings.service}", server_version=VERSION
         )
@@ -97,7 +102,8 @@ class MeshServer:
             options=server_options(self.settings),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
+        servicer = tracing_edge.servicer_class()(self.dataplane)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self._add_services is not None:
