@@ -39,6 +39,7 @@ from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.client import OipClient
 from services.common.digits import load_holdout
 from tests.support import ROOT, stub
+from tests.unit.test_observability_assets import expressions, selectors
 
 TIMEOUT = 30.0
 NODES = ("orchestrator", "preprocess", "model_a", "model_b")
@@ -218,7 +219,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             with stub(mesh.address("orchestrator")) as oip:
                 for graph in STEPS:
                     headers, ids = caller_traceparent(caller, graph)
-                    oip.ModelInfer(OipClient.build_request(graph, {"image": image}), metadata=tuple(headers.items()))
+                    oip.ModelInfer(
+                        OipClient.build_request(graph, {"image": image}), metadata=tuple(headers.items())
+                    )
                     traces[graph] = ids
                 # A pixel out of range: valid for the graph, refused by the preprocess step.
                 headers, failed = caller_traceparent(caller, "bad")
@@ -376,7 +379,9 @@ def test_the_failure_is_logged_with_code_reason_graph_step_and_ids(run: Run) -> 
     orchestrator = run.mesh.process("orchestrator")
 
     def line(start: str) -> str | None:
-        return next((entry for entry in list(orchestrator.tail) if start in entry and trace_id in entry), None)
+        return next(
+            (entry for entry in list(orchestrator.tail) if start in entry and trace_id in entry), None
+        )
 
     step = until(lambda: line("step failed"), "the failed step's log line")
     assert "graph=digits-serial" in step and "step=pre" in step and "code=INVALID_ARGUMENT" in step
@@ -394,3 +399,19 @@ def test_the_exposition_passes_promtool(run: Run, tmp_path: Path) -> None:
             [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
         )
         assert checked.returncode == 0, (node, checked.stdout, checked.stderr)
+
+
+def test_the_dashboard_and_alerts_query_what_the_nodes_export(run: Run) -> None:
+    exported: dict[str, set[str]] = {}  # series name -> every label name seen on it
+    for text in run.after.values():
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                exported.setdefault(sample.name, set()).update(sample.labels)
+    # What Prometheus adds when it scrapes a pod (the PodMonitor's targets).
+    scraped = {"namespace", "pod", "container", "job", "instance"}
+    for where, expr in expressions():
+        for name, labels in selectors(expr):
+            assert name in exported, f"{where}: no node exports {name}"
+            assert labels <= exported[name] | scraped, (
+                f"{where}: {name} has no label {labels - exported[name]}"
+            )
