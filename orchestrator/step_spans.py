@@ -1,21 +1,19 @@
 """The span of each model step of a graph (tracing on only): `step <name>` around its call.
 
 The engine wraps its step call with `traced` once, when it is built with tracing on; off, the
-engine calls its steps directly and no span exists. A step's span covers all its attempts
-(retries included) and the wait for a coalesced call; the CLIENT span of each downstream call
-is its child.
+engine calls its steps directly and no span exists. A step's span is the client side of its
+downstream calls: it covers every attempt (retries and their backoff included) and the wait
+for a coalesced call, and each attempt's SERVER span on the service is its child.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from services.common import tracing
-from services.common.errors import MeshError
 
 #: The engine's step call: (compiled model step, the request's run, the step's inputs) -> outputs.
 StepCall = Callable[[Any, Any, Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
@@ -34,23 +32,18 @@ def traced(call: StepCall) -> StepCall:
             "onnxmesh.model": spec.model,
             "onnxmesh.rows": tracing.rows_of(inputs),
         }
-        with tracing.span(f"step {spec.name}", attributes) as span:
-            try:
-                outputs = await call(node, run, inputs)
-            except MeshError as err:
-                tracing.set_code(
-                    span, err.code, err.message if err.public else "internal error", server=False
-                )
-                raise
-            except asyncio.CancelledError:
-                tracing.set_code(span, "CANCELLED", "the request was cancelled", server=False)
-                raise
-            finally:
-                span.set_attribute("onnxmesh.status", run.status.get(spec.name, "cancelled"))
-                version = run.versions.get(spec.name) or spec.version
-                if version:
-                    span.set_attribute("onnxmesh.version", version)
-            tracing.set_code(span, "OK", server=False)
-            return outputs
+        span, token = tracing.start(f"step {spec.name}", attributes)
+        code, message = "OK", ""
+        try:
+            return await call(node, run, inputs)
+        except BaseException as exc:
+            code, message = tracing.outcome(exc)
+            raise
+        finally:
+            outcome = {"onnxmesh.status": run.status.get(spec.name, "cancelled")}
+            version = run.versions.get(spec.name) or spec.version
+            if version:
+                outcome["onnxmesh.version"] = version
+            tracing.finish(span, token, code, message, server=False, attributes=outcome)
 
     return step

@@ -27,8 +27,8 @@ Models whose inputs have a fixed first dimension are never batched: the wrapper 
 each request straight to the inner model (decided in `load()`, once the signature is known).
 
 Observed (`instrument`, on the node's registry): rows per `predict` call, each request's time
-in the queue, and the rows waiting; with tracing on, each request's span gets `queue` and
-`compute` children (its wait, and the batch that answered it).
+in the queue, and the rows waiting; with tracing on, each request's span gets its time in the
+queue and in compute, and the size of the batch that answered it.
 """
 
 from __future__ import annotations
@@ -237,8 +237,11 @@ class BatchingModel(Servable):
             self._unqueue(item)
             raise
         if tracing.enabled:
-            tracing.batch_spans(
-                item.arrived, item.started, item.finished, rows, item.batch_rows, item.batch_requests
+            tracing.batch_attributes(
+                item.started - item.arrived,
+                item.finished - item.started,
+                item.batch_rows,
+                item.batch_requests,
             )
         return result
 

@@ -130,10 +130,9 @@ class DataPlane:
             if self.draining or not servable.loaded:
                 raise self._not_serving(servable)
             validate(model, servable.signature, request.inputs, request.outputs)
-            # Tracing off: this check is all it costs (no span is made).
-            result = await (
-                tracing.traced_infer(servable, request) if tracing.enabled else servable.infer(request)
-            )
+            if tracing.enabled:  # off, this check is all tracing costs here
+                tracing.annotate(servable, request)
+            result = await servable.infer(request)
             result.model_name = result.model_name or model
             result.model_version = result.model_version or version
             return result if encode is None else encode(result)

@@ -3,14 +3,19 @@
 One request of `digits-serial`, as the spans of its trace (W3C `traceparent` between processes):
 
     caller's span (its traceparent is honoured: the trace continues)
-    └── orchestrator  SERVER   inference.GRPCInferenceService/ModelInfer   status code, rows
-        └──           graph digits-serial                                   the graph request
-            ├──       step pre                                              graph, step, service,
-            │   └──   CLIENT   inference.GRPCInferenceService/ModelInfer    model, version, status
-            │         └── preprocess  SERVER  .../ModelInfer
-            │             └──         model digits-preprocess              rows; batched models add
-            ├──       step mlp ...                                          queue and compute spans
-            └──       step head ...
+    └── orchestrator  SERVER  graph digits-serial       the graph request: code, rows, request id
+        ├──           step pre                          graph, step, service, model, version,
+        │   └── preprocess  SERVER  model digits-preprocess      status (as in the response), code
+        ├──           step mlp
+        │   └── model_a     SERVER  model digits-mlp    rows; batched: queue and compute seconds,
+        └──           step head                         the batch's rows and requests
+            └── model_b     SERVER  model digits-head
+
+A node's SERVER span is its request (named by the graph or model once the data plane found it,
+`inference.GRPCInferenceService/ModelInfer` until then); a step span is the client side of its
+downstream calls (each attempt's SERVER span is its child); a coalesced call gets a span of its
+own, linked to every caller's. Spans are few on purpose: each costs tens of microseconds in
+the Python SDK, and its export as much again.
 
 Only ModelInfer is traced: health, reflection and metadata calls never are (OpenTelemetry's
 stock grpc.aio server instrumentation, applied to every method, breaks the streaming
@@ -32,9 +37,7 @@ import asyncio
 import logging
 import os
 import sys
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from services.common.errors import MeshError
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
     from services.common.model import Servable
-    from services.common.types import InferRequest, InferResult
+    from services.common.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,8 @@ _tracer: Tracer | None = None
 INFER_SPAN = "inference.GRPCInferenceService/ModelInfer"
 _RPC = {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer"}
 EXPORTERS = ("otlp", "console")
-#: Server-side codes that are the server's fault (OpenTelemetry's gRPC conventions); the
-#: others (a bad input, an unknown model) leave a server span unset. Client spans: any non-OK.
+#: Codes that are the server's fault (OpenTelemetry's gRPC conventions): the others (a bad
+#: input, an unknown model) leave a server span's status unset. Other spans: any non-OK.
 _SERVER_ERRORS = frozenset(
     {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 )
@@ -130,6 +133,8 @@ def configure(service: str, version: str = "", environ: Mapping[str, str] = os.e
 def use_provider(provider: TracerProvider | None) -> None:
     """Trace with `provider` (tests: an in-memory exporter); None turns tracing off again."""
     global enabled, _tracer
+    if provider is not None:
+        _api.load()
     _tracer = None if provider is None else provider.get_tracer("onnxmesh")
     enabled = provider is not None
 
@@ -166,35 +171,27 @@ def tracer() -> Tracer:
 
 def extract(metadata: Iterable[tuple[str, str]] | None) -> Context:
     """The caller's context from gRPC metadata (`traceparent`, `tracestate`, baggage)."""
-    from opentelemetry import propagate
-
-    return propagate.extract({key: value for key, value in metadata or ()})
+    context: Context = _api.propagate.extract({key: value for key, value in metadata or ()})
+    return context
 
 
 def inject() -> list[tuple[str, str]]:
     """The current context as gRPC metadata for an outgoing call."""
-    from opentelemetry import propagate
-
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    _api.propagate.inject(carrier)
     return list(carrier.items())
 
 
 def current() -> Context:
     """The current context, to hand to work that runs elsewhere (a coalesced call)."""
-    from opentelemetry import context
-
-    return context.get_current()
+    context: Context = _api.context.get_current()
+    return context
 
 
 def trace_id() -> str | None:
     """The current span's trace id (32 hex digits), or None outside a sampled span."""
-    from opentelemetry import trace
-
-    context = trace.get_current_span().get_span_context()
-    return (
-        trace.format_trace_id(context.trace_id) if context.is_valid and context.trace_flags.sampled else None
-    )
+    context = _api.trace.get_current_span().get_span_context()
+    return f"{context.trace_id:032x}" if context.is_valid and context.trace_flags.sampled else None
 
 
 def exemplar() -> dict[str, str] | None:
@@ -213,125 +210,128 @@ def rows_of(inputs: Mapping[str, Any]) -> int:
 
 # -- spans ------------------------------------------------------------------------------------
 
-
-@contextmanager
-def span(name: str, attributes: Mapping[str, str | int | float | bool]) -> Iterator[Span]:
-    """An INTERNAL span, current inside the block; the block sets its outcome (`set_code`)."""
-    from opentelemetry import trace
-
-    started = tracer().start_span(name, attributes=attributes)
-    with trace.use_span(started, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-        yield started
+Attributes = Mapping[str, str | int | float | bool]
 
 
-def set_code(span: Span, code: str, message: str = "", *, server: bool) -> None:
-    """Record a call's gRPC status (name) on its span; errors get the ERROR status and the message."""
-    from opentelemetry.trace import Status, StatusCode
+def start(
+    name: str,
+    attributes: Attributes,
+    *,
+    parent: Context | None = None,
+    server: bool = False,
+    links: Sequence[Any] = (),
+) -> tuple[Span, object]:
+    """Start a span and make it current; hand both back to `finish` (a `with` costs more)."""
+    kind = _api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL
+    started = tracer().start_span(name, parent, kind, attributes, links or None)
+    return started, _api.context.attach(_api.trace.set_span_in_context(started))
 
-    span.set_attribute("onnxmesh.code", code)
-    if code == "OK":
-        return
-    if not server or code in _SERVER_ERRORS:
-        span.set_status(Status(StatusCode.ERROR, f"{code}: {message}"[:512]))
+
+def finish(
+    span: Span,
+    token: object,
+    code: str,
+    message: str = "",
+    *,
+    server: bool,
+    attributes: Attributes | None = None,
+) -> None:
+    """Record the outcome (a gRPC status name) and end the span started by `start`.
+
+    Errors get the ERROR status with the message; on a server span only the server's own
+    (OpenTelemetry's gRPC conventions: a caller's bad input is not the server's error).
+    """
+    _api.context.detach(token)
+    span.set_attributes({**attributes, "onnxmesh.code": code} if attributes else {"onnxmesh.code": code})
+    if code != "OK" and (not server or code in _SERVER_ERRORS):
+        span.set_status(_api.Status(_api.StatusCode.ERROR, f"{code}: {message}"[:512]))
+    span.end()
 
 
-@contextmanager
-def server_span(metadata: Iterable[tuple[str, str]] | None, model: str, version: str) -> Iterator[Span]:
+def server_start(metadata: Iterable[tuple[str, str]] | None, rows: int) -> tuple[Span, object]:
     """The SERVER span of one ModelInfer call, child of the caller's span when it sent one."""
-    from opentelemetry import trace
-    from opentelemetry.trace import SpanKind
-
-    attributes: dict[str, str] = {**_RPC, "onnxmesh.model": model}
-    if version:
-        attributes["onnxmesh.version"] = version
-    span = tracer().start_span(INFER_SPAN, extract(metadata), SpanKind.SERVER, attributes)
-    with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-        yield span
+    return start(INFER_SPAN, {**_RPC, "onnxmesh.rows": rows}, parent=extract(metadata), server=True)
 
 
-@contextmanager
-def client_span(target: str, model: str, version: str) -> Iterator[tuple[Span, list[tuple[str, str]]]]:
-    """The CLIENT span of one outgoing ModelInfer call, and the metadata that carries it."""
-    from opentelemetry import trace
-    from opentelemetry.trace import SpanKind
-
-    attributes: dict[str, str] = {**_RPC, "server.address": target, "onnxmesh.model": model}
-    if version:
-        attributes["onnxmesh.version"] = version
-    span = tracer().start_span(INFER_SPAN, kind=SpanKind.CLIENT, attributes=attributes)
-    with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-        yield span, inject()
-
-
-async def traced_infer(servable: Servable, request: InferRequest) -> InferResult:
-    """`servable.infer(request)` inside its span: `graph <name>` on the orchestrator (a servable
-    with `span_name = "graph"`), `model <name>` on a model node."""
+def annotate(servable: Servable, request: InferRequest) -> None:
+    """Name the current (server) span after the servable the data plane found: `graph <name>`
+    on the orchestrator (a servable with `span_name = "graph"`), `model <name>` elsewhere."""
+    span = _api.trace.get_current_span()
     kind = getattr(servable, "span_name", "model")
-    attributes: dict[str, str | int] = {
-        f"onnxmesh.{kind}": servable.name,
-        "onnxmesh.version": servable.version,
-        "onnxmesh.rows": rows_of(request.inputs),
-    }
+    span.update_name(f"{kind} {servable.name}")
+    attributes: dict[str, str] = {f"onnxmesh.{kind}": servable.name, "onnxmesh.version": servable.version}
     if request.request_id:
         attributes["onnxmesh.request_id"] = request.request_id
-    with span(f"{kind} {servable.name}", attributes) as current:
-        try:
-            result = await servable.infer(request)
-        except asyncio.CancelledError:
-            set_code(current, "CANCELLED", "the caller went away", server=True)
-            raise
-        except Exception as exc:
-            set_code(current, exc.code if isinstance(exc, MeshError) else "INTERNAL", str(exc), server=True)
-            raise
-        set_code(current, "OK", server=True)
-        return result
+    span.set_attributes(attributes)
 
 
-def batch_spans(
-    arrived: float, started: float, finished: float, rows: int, batch_rows: int, batch_requests: int
-) -> None:
-    """`queue` and `compute` children of the current span, for a request a batch answered.
-
-    Times are `time.monotonic()` seconds: `arrived` in the queue, its batch `started`, its
-    answer `finished`. The batch is shared, so its size goes on the compute span.
-    """
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
-    if not span.get_span_context().is_valid:
-        return
-    offset = time.time_ns() - time.monotonic_ns()
-
-    def ns(t: float) -> int:
-        return int(t * 1e9) + offset
-
-    span.set_attribute("onnxmesh.queue_seconds", max(0.0, started - arrived))
-    span.set_attribute("onnxmesh.batch.rows", batch_rows)
-    own = tracer()
-    own.start_span("queue", start_time=ns(arrived), attributes={"onnxmesh.rows": rows}).end(ns(started))
-    compute = own.start_span(
-        "compute",
-        start_time=ns(started),
-        attributes={"onnxmesh.batch.rows": batch_rows, "onnxmesh.batch.requests": batch_requests},
+def batch_attributes(queued: float, computed: float, batch_rows: int, batch_requests: int) -> None:
+    """A batched request's wait and its batch, on the current (server) span."""
+    _api.trace.get_current_span().set_attributes(
+        {
+            "onnxmesh.queue_seconds": queued,
+            "onnxmesh.compute_seconds": computed,
+            "onnxmesh.batch.rows": batch_rows,
+            "onnxmesh.batch.requests": batch_requests,
+        }
     )
-    compute.end(ns(finished))
 
 
 async def coalesced(work: Any, parents: Sequence[Context | None], model: str, rows: int) -> None:
     """Run `work` (a coalesced downstream call) in a span of its own: the child of the first
     caller's span, linked to every caller's, so each caller's trace leads to it."""
-    from opentelemetry import trace
-
     links = []
     for parent in parents:
-        context = trace.get_current_span(parent).get_span_context() if parent is not None else None
-        if context is not None and context.is_valid:
-            links.append(trace.Link(context))
-    span = tracer().start_span(
-        f"coalesced {model}",
-        context=next((p for p in parents if p is not None), None),
-        attributes={"onnxmesh.model": model, "onnxmesh.rows": rows, "onnxmesh.requests": len(parents)},
-        links=links,
-    )
-    with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+        if parent is not None:
+            context = _api.trace.get_current_span(parent).get_span_context()
+            if context.is_valid:
+                links.append(_api.trace.Link(context))
+    attributes: Attributes = {
+        "onnxmesh.model": model,
+        "onnxmesh.rows": rows,
+        "onnxmesh.requests": len(parents),
+    }
+    first = next((p for p in parents if p is not None), None)
+    span, token = start(f"coalesced {model}", attributes, parent=first, links=links)
+    code = "OK"
+    try:
         await work
+    except BaseException as exc:
+        code = exc.code if isinstance(exc, MeshError) else "CANCELLED" if _cancelled(exc) else "INTERNAL"
+        raise
+    finally:
+        finish(span, token, code, server=False)
+
+
+def outcome(exc: BaseException) -> tuple[str, str]:
+    """The status name and the reason a span records for an exception."""
+    if isinstance(exc, MeshError):
+        return exc.code, exc.message if exc.public else "internal error"
+    if _cancelled(exc):
+        return "CANCELLED", "the caller went away"
+    return "INTERNAL", type(exc).__name__
+
+
+def _cancelled(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError)
+
+
+class _Api:
+    """The OpenTelemetry modules, imported once tracing is on (never while it is off)."""
+
+    def load(self) -> None:
+        from opentelemetry import context, propagate, trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        self.context, self.propagate, self.trace = context, propagate, trace
+        self.SpanKind, self.Status, self.StatusCode = SpanKind, Status, StatusCode
+
+    context: Any
+    propagate: Any
+    trace: Any
+    SpanKind: Any
+    Status: Any
+    StatusCode: Any
+
+
+_api = _Api()

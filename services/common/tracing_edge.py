@@ -8,6 +8,7 @@ other methods (health, reflection, metadata, readiness) are inherited as they ar
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -29,60 +30,51 @@ class TracedInferenceServicer(InferenceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        with tracing.server_span(
-            context.invocation_metadata(), request.model_name, request.model_version
-        ) as span:
-            span.set_attribute("onnxmesh.rows", _rows(request))
-            try:
-                response: pb.ModelInferResponse = await super().ModelInfer(request, context)
-            except BaseException:
-                # Aborted: the servicer has set the status it answers with.
-                code = context.code()
-                name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-                span.set_attribute(
-                    "rpc.grpc.status_code", code.value[0] if isinstance(code, grpc.StatusCode) else 2
-                )
-                tracing.set_code(span, name, str(context.details() or ""), server=True)
-                raise
-            span.set_attribute("rpc.grpc.status_code", 0)
-            tracing.set_code(span, "OK", server=True)
-            return response
+        span, token = tracing.server_start(context.invocation_metadata(), _rows(request))
+        code, status, message = "OK", 0, ""
+        try:
+            response: pb.ModelInferResponse = await super().ModelInfer(request, context)
+        except asyncio.CancelledError:
+            code, status, message = "CANCELLED", 1, "the caller went away"
+            raise
+        except BaseException:
+            # Aborted: the servicer has set the status it answers with.
+            answered = context.code()
+            if isinstance(answered, grpc.StatusCode):
+                code, status = answered.name, answered.value[0]
+            else:
+                code, status = "UNKNOWN", 2
+            message = str(context.details() or "")
+            raise
+        finally:
+            tracing.finish(
+                span, token, code, message, server=True, attributes={"rpc.grpc.status_code": status}
+            )
+        return response
 
 
 class _TracedStub:
-    """The inference stub of one client, with a CLIENT span and the trace context on ModelInfer."""
+    """The inference stub of one client, whose ModelInfer calls carry the current trace context."""
 
-    def __init__(self, stub: Any, target: str) -> None:
+    def __init__(self, stub: Any) -> None:
         self._stub = stub
-        self._target = target
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stub, name)
 
-    async def ModelInfer(self, message: Any, *, timeout: float | None = None, metadata: Any = None) -> Any:
-        with tracing.client_span(self._target, message.model_name, message.model_version) as (span, headers):
-            span.set_attribute("onnxmesh.rows", _rows(message))
-            try:
-                response = await self._stub.ModelInfer(
-                    message, timeout=timeout, metadata=(*(metadata or ()), *headers)
-                )
-            except grpc.aio.AioRpcError as err:
-                span.set_attribute("rpc.grpc.status_code", err.code().value[0])
-                tracing.set_code(span, err.code().name, err.details() or "", server=False)
-                raise
-            span.set_attribute("rpc.grpc.status_code", 0)
-            tracing.set_code(span, "OK", server=False)
-            if response.model_version:
-                span.set_attribute("onnxmesh.version", response.model_version)
-            return response
+    def ModelInfer(self, message: Any, *, timeout: float | None = None, metadata: Any = None) -> Any:
+        return self._stub.ModelInfer(
+            message, timeout=timeout, metadata=(*(metadata or ()), *tracing.inject())
+        )
 
 
 class TracedOipClient(OipClient):
-    """An OipClient whose ModelInfer calls carry the current trace (W3C `traceparent`)."""
+    """An OipClient whose ModelInfer calls carry the current trace (W3C `traceparent`): the
+    server's span becomes a child of the caller's (an orchestrator step's)."""
 
     def __init__(self, target: str, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self._stub = _TracedStub(self._stub, target)
+        self._stub = _TracedStub(self._stub)
 
 
 def servicer_class() -> type[InferenceServicer]:
