@@ -421,3 +421,15 @@ def test_the_dashboard_and_alerts_query_what_the_nodes_export(run: Run) -> None:
             assert labels <= exported[name] | scraped, (
                 f"{where}: {name} has no label {labels - exported[name]}"
             )
+
+
+def test_health_and_reflection_are_never_traced(run: Run) -> None:
+    # The orchestrator watches every service's health (grpc.health.v1 Watch) and the launcher
+    # checked each node's: the mesh got ready with tracing on, and none of it made a span.
+    for node in NODES:
+        assert run.mesh.process(node).ready_line_seen
+    with run.receiver.lock:
+        names = {span.name for span in run.receiver.spans}
+    assert names and all(name.startswith(("graph ", "step ", "model ", "coalesced ")) for name in names), (
+        names
+    )
