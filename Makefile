@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 GEN    := proto/gen/inference/grpc_predict_v2_pb2.py
 PROTOS := $(wildcard proto/inference/*.proto proto/jobs/*.proto)
 
-.PHONY: setup proto test lint run bench rehearse models clean
+.PHONY: setup proto promtool test lint run bench rehearse models clean
 
 setup: $(STAMP) $(GEN)
 
@@ -28,7 +28,20 @@ $(GEN): $(STAMP) $(PROTOS)
 		$(patsubst proto/%,proto/gen/%,$(PROTOS))
 	touch proto/gen/__init__.py proto/gen/inference/__init__.py proto/gen/jobs/__init__.py
 
-test: setup
+# promtool from Debian's prometheus package, unpacked into the venv (nothing installed system-wide,
+# no daemon started): the tests check the alerting rules and every node's exposition with it.
+PROMTOOL := $(BIN)/promtool
+
+promtool: $(PROMTOOL)
+
+$(PROMTOOL): | $(STAMP)
+	@tmp=$$(mktemp -d) && ( cd $$tmp \
+		&& { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
+		&& dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$@ ) \
+		|| echo "promtool unavailable (apt-get download prometheus failed): its checks are skipped"; \
+		rm -rf $$tmp
+
+test: setup promtool
 	$(BIN)/python -m pytest
 
 lint: setup

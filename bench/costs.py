@@ -16,7 +16,7 @@ def coalescing(data: Mapping[str, Any]) -> list[str]:
     return [
         "## Coalescing: rows per downstream call",
         "",
-        "From the orchestrator's `onnxmesh_coalesced_rows` histogram over each point's window: every call the "
+        "From the orchestrator's `onnxmesh_downstream_call_rows` histogram over each point's window: every call the "
         "orchestrator made to a service, and the rows it carried (one image per request, so 1.0 = nothing "
         "stacked). Each step's in-flight limit adapts to load (`orchestrator/coalescing.py`, `AdaptiveLimit`).",
         "",

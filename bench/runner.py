@@ -35,7 +35,7 @@ from meshctl.process import REPO, ServiceProcess, wait_serving
 from services.common.topology import ORCHESTRATOR
 
 OVERHEAD_METRIC = "onnxmesh_orchestrator_overhead_seconds"
-ROWS_METRIC = "onnxmesh_coalesced_rows"
+ROWS_METRIC = "onnxmesh_downstream_call_rows"
 CACHE_METRIC = "onnxmesh_cache_lookups"
 SCRAPED = (OVERHEAD_METRIC, ROWS_METRIC, CACHE_METRIC)
 #: One scrape: (sample name, sorted labels) -> value, for the families in SCRAPED.

@@ -28,9 +28,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.stage import Stage
-from services.common import stacking
+from services.common import stacking, tracing
 from services.common.errors import DeadlineExceeded, MeshError
 from services.common.types import InferRequest, InferResult, ModelSignature
 
@@ -51,6 +52,8 @@ class _Call:
     request: InferRequest
     rows: int
     future: asyncio.Future[InferResult]
+    #: The caller's trace context (tracing on), so the call that carries its rows links to it.
+    trace: Any = None
 
 
 @dataclass(slots=True)
@@ -77,6 +80,7 @@ class CoalescingStage:
         if max_in_flight < 1 or max_rows < 1:
             raise ValueError("max_in_flight and max_rows must be at least 1")
         self.inner = inner
+        self.on_call = on_call
         self.max_in_flight = max_in_flight
         self.max_rows = max_rows
         self._lanes: dict[CallKey, _Lane] = {}
@@ -106,7 +110,12 @@ class CoalescingStage:
                 return await self._limits.timed(key, self.inner.call, request)
             finally:
                 self._finished(key, lane)
-        call = _Call(request, stacking.rows(request), asyncio.get_running_loop().create_future())
+        call = _Call(
+            request,
+            stacking.rows(request),
+            asyncio.get_running_loop().create_future(),
+            tracing.current() if tracing.enabled else None,
+        )
         lane.waiting.append(call)
         left = None if request.deadline is None else request.deadline - time.monotonic()
         try:
@@ -125,6 +134,8 @@ class CoalescingStage:
     async def _send(self, request: InferRequest) -> InferResult:
         self.calls_sent += 1
         self.callers_served += 1
+        if self.on_call is not None:  # calls that cannot stack skip the limits: count them here
+            self.on_call(request.model, _rows(request))
         return await self.inner.call(request)
 
     def _finished(self, key: CallKey, lane: _Lane) -> None:
@@ -138,8 +149,12 @@ class CoalescingStage:
                 batch.append(call)
                 rows += call.rows
             lane.running += 1
-            # A fresh context: the shared call belongs to no single request (its log context included).
-            task = asyncio.create_task(self._send_stacked(key, batch), context=contextvars.Context())
+            # A fresh context: the shared call belongs to no single request (its log context included);
+            # traced, it gets a span of its own linked to each caller's.
+            work = self._send_stacked(key, batch)
+            if tracing.enabled:
+                work = tracing.coalesced(work, [c.trace for c in batch], key[0], rows)
+            task = asyncio.create_task(work, context=contextvars.Context())
             task.add_done_callback(functools.partial(self._stacked_done, key, lane))
         if not lane.running and not lane.waiting:
             self._lanes.pop(key, None)
@@ -184,6 +199,13 @@ def _settle(call: _Call, answer: InferResult | BaseException) -> None:
         call.future.set_exception(answer)
     else:
         call.future.set_result(answer)
+
+
+def _rows(request: InferRequest) -> int:
+    """The rows of a call that cannot be stacked (0 when it has no batch dimension)."""
+    for array in request.inputs.values():
+        return int(array.shape[0]) if array.ndim else 0
+    return 0
 
 
 def _key(request: InferRequest) -> CallKey | None:

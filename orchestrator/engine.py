@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator import step_spans
 from orchestrator.aggregators import AGGREGATORS
 from orchestrator.cache import GraphCache, ResponseCaches
 from orchestrator.spec import (
@@ -51,6 +52,7 @@ from orchestrator.spec import (
     storage_name,
 )
 from orchestrator.stage import Stage
+from services.common import tracing
 from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
 from services.common.types import InferRequest, InferResult
 
@@ -588,7 +590,9 @@ class Engine:
         self._on_mirror = on_mirror
         self._on_step = on_step
         self._on_request = on_request
-        self._ctx = StepContext(clock, self._rng, self._call, self._spawn_shadow, self._notify_mirror)
+        # With tracing on, each step call runs in a span of its own; off, nothing wraps it.
+        call = step_spans.traced(self._call) if tracing.enabled else self._call
+        self._ctx = StepContext(clock, self._rng, call, self._spawn_shadow, self._notify_mirror)
         self._caches = caches if caches is not None else ResponseCaches(spec, stages, clock=clock)
         self._plans = {
             name: _Compiler(graph, stages, self._caches).plan() for name, graph in spec.graphs.items()
@@ -676,6 +680,10 @@ class Engine:
                 raise _Failed(error, f"error: INTERNAL answered without {', '.join(missing)}")
         except _Failed as failed:
             run.status[step.name] = failed.status
+            code = failed.error.code
+            level = logging.INFO if code in ("INVALID_ARGUMENT", "NOT_FOUND") else logging.WARNING
+            extra = {"graph": run.graph, "step": step.name, "code": code, "error": failed.error.message}
+            logger.log(level, "step failed", extra=extra)
             kind = "timeout" if failed.status.startswith("timeout") else "error"
             self._notify_step(run, step, step.version, kind, self._clock() - started)
             raise failed.error from failed.__cause__

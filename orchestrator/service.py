@@ -26,9 +26,10 @@ from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stage import Stage
+from services.common import tracing, tracing_edge
 from services.common.client import OipClient
 from services.common.errors import MeshError
-from services.common.metrics import LATENCY_BUCKETS, ServerMetrics
+from services.common.metrics import LATENCY_BUCKETS, ROW_BUCKETS, ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelRepository
 from services.common.topology import address_variable
@@ -75,11 +76,11 @@ class OrchestratorMetrics:
         self.reloads = Counter(
             "onnxmesh_spec_reloads", "Graph spec reload attempts by result.", ["result"], registry=registry
         )
-        self.coalesced_rows = Histogram(
-            "onnxmesh_coalesced_rows",
-            "Rows per downstream call of a model (1 = not stacked with another request's).",
-            ["model"],
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+        self.downstream_rows = Histogram(
+            "onnxmesh_downstream_call_rows",
+            "Rows per call to a service (coalesced calls carry several requests' rows), by service and model.",
+            ["service", "model"],
+            buckets=ROW_BUCKETS,
             registry=registry,
         )
         self.cache_lookups = Counter(
@@ -96,6 +97,9 @@ class Graph(Servable):
     In-flight requests finish on the engine they started with, whatever a reload does meanwhile.
     `ready` tells whether every hard step is ready.
     """
+
+    #: Its request's span is `graph <name>` (a model's is `model <name>`).
+    span_name = "graph"
 
     def __init__(
         self,
@@ -173,7 +177,7 @@ class Orchestrator:
         self._stages: dict[tuple[str, str], Stage] = {}
         self._step_series: dict[tuple[str, ...], Any] = {}
         self._overhead_series: dict[str, Any] = {}
-        self._rows_series: dict[str, Any] = {}
+        self._downstream_series: dict[tuple[str, str], Any] = {}
         self.current: Loaded | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -201,12 +205,11 @@ class Orchestrator:
             stage = self._stages.get((service, address))
             if stage is None:
                 if address not in self.clients:
-                    self.clients[address] = OipClient(address, health_checked=True)
+                    self.clients[address] = tracing_edge.client_class()(address, health_checked=True)
                 stage = self.clients[address]
                 if self.coalesce_in_flight > 0:
-                    stage = CoalescingStage(
-                        stage, max_in_flight=self.coalesce_in_flight, on_call=self._on_coalesced
-                    )
+                    on_call = functools.partial(self._on_downstream_call, service)
+                    stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight, on_call=on_call)
                 self._stages[(service, address)] = stage
             stages[service] = stage
         return stages
@@ -322,19 +325,21 @@ class Orchestrator:
         child = self._step_series.get(key)
         if child is None:  # labels() costs a lock and a lookup: once per series, not per call
             child = self._step_series[key] = self.metrics.steps.labels(*key)
-        child.observe(seconds)
+        child.observe(seconds, tracing.exemplar() if tracing.enabled else None)
+
+    def _on_downstream_call(self, service: str, model: str, rows: int) -> None:
+        series = self._downstream_series.get((service, model))
+        if series is None:
+            series = self._downstream_series[(service, model)] = self.metrics.downstream_rows.labels(
+                service, model
+            )
+        series.observe(rows)
 
     def _on_request(self, graph: str, seconds: float) -> None:
         series = self._overhead_series.get(graph)
         if series is None:
             series = self._overhead_series[graph] = self.metrics.overhead.labels(graph)
         series.observe(seconds)
-
-    def _on_coalesced(self, model: str, rows: int) -> None:
-        series = self._rows_series.get(model)
-        if series is None:
-            series = self._rows_series[model] = self.metrics.coalesced_rows.labels(model)
-        series.observe(rows)
 
     def _on_cache_lookup(self, cache: str, result: str) -> None:
         self.metrics.cache_lookups.labels(cache, result).inc()

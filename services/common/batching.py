@@ -25,6 +25,10 @@ What each caller sees:
 
 Models whose inputs have a fixed first dimension are never batched: the wrapper then passes
 each request straight to the inner model (decided in `load()`, once the signature is known).
+
+Observed (`instrument`, on the node's registry): rows per `predict` call, each request's time
+in the queue, and the rows waiting; with tracing on, each request's span gets its time in the
+queue and in compute, and the size of the batch that answered it.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from services.common import stacking
+from services.common import stacking, tracing
 from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
+from services.common.metrics import ServerMetrics
 from services.common.model import Model, Servable
 from services.common.repository import ModelConfig
 from services.common.types import InferRequest, InferResult, ModelSignature
@@ -61,6 +68,11 @@ class _Waiting:
     #: Still counted in the queue's row total; whoever clears it (the batcher taking it,
     #: or the caller leaving) subtracts its rows, so they are subtracted exactly once.
     queued: bool = True
+    #: When its batch started and it was answered (monotonic), and that batch's size.
+    started: float = 0.0
+    finished: float = 0.0
+    batch_rows: int = 0
+    batch_requests: int = 0
 
 
 @dataclass(slots=True)
@@ -104,6 +116,16 @@ class BatchingModel(Servable):
         self._slots: asyncio.Semaphore | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        # The node's series of this model (`instrument`): rows per predict, time in the queue.
+        self._rows_series: Any = None
+        self._queue_series: Any = None
+
+    def instrument(self, metrics: ServerMetrics) -> None:
+        """Report this model's batches and queue on `metrics` (the node's registry)."""
+        series = metrics.batching
+        self._rows_series = series.rows.labels(self.name, self.version)
+        self._queue_series = series.queue_time.labels(self.name, self.version)
+        series.queue_rows.labels(self.name, self.version).set_function(lambda: self._queued_rows)
 
     # -- delegated to the inner model ---------------------------------------------------
 
@@ -208,12 +230,20 @@ class BatchingModel(Servable):
         assert self._arrived is not None
         self._arrived.set()
         try:
-            return await item.future
+            result = await item.future
         except asyncio.CancelledError:
             # The caller is gone: free its place now; the batcher skips the cancelled future.
             item.future.cancel()
             self._unqueue(item)
             raise
+        if tracing.enabled:
+            tracing.batch_attributes(
+                item.started - item.arrived,
+                item.finished - item.started,
+                item.batch_rows,
+                item.batch_requests,
+            )
+        return result
 
     # -- the batcher ----------------------------------------------------------------------
 
@@ -336,6 +366,11 @@ class BatchingModel(Servable):
                     self._fail(item, self._expired())
                     continue
                 live.append(item)
+            batch_rows = sum(item.rows for item in live)
+            for item in live:
+                item.started, item.batch_rows, item.batch_requests = now, batch_rows, len(live)
+                if self._queue_series is not None:
+                    self._queue_series.observe(now - item.arrived)
             if len(live) == 1:
                 await self._run_alone(live[0])
             elif live:
@@ -380,7 +415,10 @@ class BatchingModel(Servable):
             self.inner.executor, self.inner.predict, request.inputs, request.outputs
         )
         self.batches_run += 1
-        self.rows_run += stacking.rows(request)
+        rows = stacking.rows(request)
+        self.rows_run += rows
+        if self._rows_series is not None:
+            self._rows_series.observe(rows)
         return InferResult(outputs, model_name=self.name, model_version=self.version)
 
     def _answer(self, items: list[_Waiting], index: int, answer: InferResult | BaseException) -> None:
@@ -389,6 +427,7 @@ class BatchingModel(Servable):
             return
         if isinstance(answer, InferResult):
             self.requests_run += 1
+            item.finished = time.monotonic()
             item.future.set_result(answer)
         else:
             item.future.set_exception(answer)
@@ -416,3 +455,10 @@ class _Full:
 
 
 _FULL = _Full()
+
+
+def instrument(servables: Iterable[Servable], metrics: ServerMetrics) -> None:
+    """Report the batches and queues of every batching servable among `servables` on `metrics`."""
+    for servable in servables:
+        if isinstance(servable, BatchingModel):
+            servable.instrument(metrics)

@@ -30,6 +30,7 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
+from services.common import tracing
 from services.common.batching import BatchingModel
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.metrics import ServerMetrics
@@ -246,6 +247,8 @@ class DataPlane:
                 raise self._not_serving(servable)
             validate(model, servable.signature, request.inputs, request.outputs)
             running = time.perf_counter()
+            if tracing.enabled:  # off, this check is all tracing costs here
+                tracing.annotate(servable, request)
             result = await servable.infer(request)
             result.model_name = result.model_name or model
             result.model_version = result.model_version or version

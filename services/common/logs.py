@@ -42,13 +42,25 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: the message, then its fields as key=value (a failure's code and
+    reason, the graph, the step, the trace id), then the request id; a traceback follows."""
+
     def __init__(self, service: str) -> None:
         super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        fields = [f"{k}={_text_value(v)}" for k, v in vars(record).items() if k not in _RESERVED]
+        if fields:
+            text = f"{text} {' '.join(fields)}"
         request_id = request_id_var.get()
         return f"{text} [request_id={request_id}]" if request_id else text
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    # Quoted when it would not read back as one word.
+    return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
 
 
 def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:

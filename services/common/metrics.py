@@ -1,7 +1,9 @@
 """Prometheus metrics of one node, on a registry of its own (never the process-global one).
 
-The exposition itself is prometheus_client's; this module only names the series and serves
-them on `/metrics` alone (any other path is 404, so a probe aimed at the port by mistake fails).
+The exposition itself is prometheus_client's (OpenMetrics too, for a scraper that asks for it:
+with tracing on, latency observations carry the trace id as an exemplar); this module only names
+the series and serves them on `/metrics` alone (any other path is 404, so a probe aimed at the
+port by mistake fails). docs/observability.md lists them all, with the dashboard built on them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from services.common import tracing
+
 METRICS_PATH = "/metrics"
 
 LATENCY_BUCKETS = (
@@ -40,6 +44,13 @@ LATENCY_BUCKETS = (
     2.5,
     5.0,
 )
+
+#: Rows per model call or downstream call: powers of two up to well past any max_batch_size.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Time in a batching queue: from a fraction of max_queue_delay_ms to a queue that backs up.
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 1.0)
+
+ObserveRequest = Callable[[str, str, str, float], None]
 
 
 class ServerMetrics:
@@ -71,15 +82,30 @@ class ServerMetrics:
         self.ready = Gauge(
             "onnxmesh_ready", "1 when every model of this node is loaded and warm.", registry=self.registry
         )
+        self.batching = BatchingMetrics(self.registry)
+        #: Count one ModelInfer call: model, version, status code, seconds.
+        self.observe_request: ObserveRequest = self._observe_request
 
-    def observe_request(self, model: str, version: str, code: str, seconds: float) -> None:
-        """Count one ModelInfer call (label children are looked up once per series)."""
+    def use_exemplars(self) -> None:
+        """From now on each latency observation carries the current trace id (tracing is on)."""
+        self.observe_request = self._observe_request_with_exemplar
+
+    def _series_of(self, model: str, version: str, code: str) -> tuple[Any, Any]:
         key = (model, version, code)
         series = self._series.get(key)
-        if series is None:
+        if series is None:  # label children are looked up once per series
             series = self._series[key] = (self.requests.labels(*key), self.latency.labels(model))
+        return series
+
+    def _observe_request(self, model: str, version: str, code: str, seconds: float) -> None:
+        series = self._series.get((model, version, code)) or self._series_of(model, version, code)
         series[0].inc()
         series[1].observe(seconds)
+
+    def _observe_request_with_exemplar(self, model: str, version: str, code: str, seconds: float) -> None:
+        series = self._series_of(model, version, code)
+        series[0].inc()
+        series[1].observe(seconds, tracing.exemplar())
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on host:port (a daemon thread); returns the bound port.
@@ -133,3 +159,33 @@ def _server_class(host: str) -> type[ThreadingWSGIServer]:
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged."""
+
+
+class BatchingMetrics:
+    """The adaptive batching queues of a node (`services.common.batching`), by model and version.
+
+    Registered on every node, so the series exist (empty) where nothing batches.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "version"]
+        self.rows = Histogram(
+            "onnxmesh_batch_rows",
+            "Rows per call of a batched model's predict (the batch size).",
+            labels,
+            buckets=ROW_BUCKETS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "onnxmesh_batch_queue_duration_seconds",
+            "Time a request waited in the batching queue until its batch started.",
+            labels,
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.queue_rows = Gauge(
+            "onnxmesh_batch_queue_rows",
+            "Rows waiting in the batching queue (the queue depth).",
+            labels,
+            registry=registry,
+        )

@@ -29,13 +29,14 @@ from grpc_health.v1._async import HealthServicer
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.common import batching, tracing, tracing_edge
 from services.common.dataplane import DataPlane
 from services.common.metrics import ServerMetrics
 from services.common.model import LoadError
 from services.common.reflection import enable_reflection
 from services.common.repository import ModelRepository
 from services.common.rest import RestServer
-from services.common.servicer import EXTENSIONS, InferenceServicer
+from services.common.servicer import EXTENSIONS
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,11 @@ class MeshServer:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics or ServerMetrics(settings.service)
+        # Observability: spans when OTEL_* asks for them (trace ids then ride on the latency
+        # histograms as exemplars), and the batching queues' series.
+        if tracing.configure(settings.service, VERSION):
+            self.metrics.use_exemplars()
+        batching.instrument(repository.all(), self.metrics)
         self.dataplane = DataPlane(
             repository,
             self.metrics,
@@ -114,7 +120,8 @@ class MeshServer:
             options=server_options(self.settings),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
+        servicer = tracing_edge.servicer_class()(self.dataplane)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self._add_services is not None:

@@ -65,18 +65,19 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return f"{random.getrandbits(64):016x}"
 
 
-def status(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a failed RPC answers with; logs the failure."""
+def status(method: str, exc: BaseException, **context: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed RPC answers with; logs the failure with its code,
+    its reason and `context` (e.g. the model or graph called)."""
     if isinstance(exc, MeshError):
         code = grpc.StatusCode[exc.code]
         if not exc.public:
-            log.error("internal error in %s: %s", method, exc.message)
+            log.error("internal error in %s: %s", method, exc.message, extra={"code": code.name, **context})
             return code, INTERNAL_MESSAGE
         # Client mistakes are routine (INFO); a peer down or a deadline is worth a look.
         level = logging.INFO if exc.code in _CLIENT_CODES else logging.WARNING
-        log.log(level, "%s failed", method, extra={"code": code.name, "error": exc.message})
+        log.log(level, "%s failed", method, extra={"code": code.name, "error": exc.message, **context})
         return code, exc.message
-    log.error("unexpected error in %s", method, exc_info=exc)
+    log.error("unexpected error in %s", method, exc_info=exc, extra={"code": "INTERNAL", **context})
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
@@ -277,7 +278,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             response.id = request.id
             return response
         except Exception as exc:
-            code, message = status("ModelInfer", exc)
+            code, message = status("ModelInfer", exc, model=request.model_name[:128])
         finally:
             request_id_var.reset(token)
         await context.abort(code, message)

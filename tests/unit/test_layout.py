@@ -28,6 +28,7 @@ GRPC_EDGE = {
     "services/common/reflection.py",
     "services/common/servicer.py",
     "services/common/server.py",
+    "services/common/tracing_edge.py",
     "jobs/client.py",
     "jobs/node.py",
     "jobs/service.py",

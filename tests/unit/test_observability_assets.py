@@ -1,0 +1,204 @@
+"""The Grafana dashboard, the alerting rules and their Kubernetes component, checked as data.
+
+Every PromQL expression is parsed with a real PromQL parser and may only select series the
+nodes register (their registries are built here exactly as a node builds them); the rules pass
+`promtool check rules`; the component renders with `kubectl kustomize` on top of the base and
+its PodMonitor selects the nodes' pods by their metrics port. The end-to-end test of tracing
+checks the same expressions against what four real processes expose, labels included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import pytest
+import yaml
+
+from orchestrator.service import OrchestratorMetrics
+from services.common.metrics import ServerMetrics
+from tests.support import ROOT
+
+COMPONENT = ROOT / "k8s/components/observability"
+DASHBOARD = COMPONENT / "dashboard.json"
+RULES = COMPONENT / "prometheusrule.yaml"
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+#: Grafana's variables, replaced by what they stand for before an expression is parsed.
+VARIABLES = {"$__rate_interval": "5m", "$graph": "digits-serial|digits-parallel"}
+
+
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+def rule_groups() -> list[dict[str, Any]]:
+    return list(yaml.safe_load(RULES.read_text())["spec"]["groups"])
+
+
+def expressions() -> Iterator[tuple[str, str]]:
+    """(where, PromQL) of every query of the dashboard and every rule."""
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", ()):
+            yield f"panel {panel['title']!r} {target['refId']}", target["expr"]
+    for group in rule_groups():
+        for rule in group["rules"]:
+            yield f"rule {rule.get('alert') or rule.get('record')}", rule["expr"]
+
+
+def selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names it filters or groups on) of each series an expression selects."""
+    for variable, meaning in VARIABLES.items():
+        expr = expr.replace(variable, meaning)
+    assert "$" not in expr, f"an unknown Grafana variable in {expr}"
+    found: list[tuple[str, set[str]]] = []
+    grouping: set[str] = set()
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            labels = {m.name for m in node.matchers.matchers}
+            found.append((node.name, labels))
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            grouping.update(node.modifier.labels)
+        return True
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    # Grouping labels are checked against every series of the expression.
+    return [(name, labels | grouping) for name, labels in found]
+
+
+def registered_series() -> set[str]:
+    """Every series name an orchestrator's registry (which holds every node's series) can expose."""
+    base = ServerMetrics("orchestrator")
+    OrchestratorMetrics(base)
+    names = set()
+    for family in base.registry.collect():
+        for suffix in SUFFIXES.get(family.type, ("",)):
+            names.add(family.name + suffix)
+        names.update(sample.name for sample in family.samples)  # process_* and friends
+    return names
+
+
+def test_the_dashboard_is_a_grafana_dashboard() -> None:
+    board = dashboard()
+    assert board["uid"] == "onnxmesh" and board["schemaVersion"] >= 36
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = {panel["title"] for panel in board["panels"]}
+    for wanted in (
+        "Request rate by graph",
+        "Errors by code",
+        "Latency p50 / p99 by graph",
+        "Step latency p50 / p99",
+        "Orchestrator's own time p50 / p99",
+        "Batch size (rows per predict)",
+        "Batching queue depth",
+        "CPU per node",
+        "Memory per node",
+    ):
+        assert wanted in titles
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["description"] and panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert variables == {"datasource", "graph"}
+
+
+def test_every_expression_parses_and_selects_registered_series() -> None:
+    known = registered_series()
+    checked = 0
+    for where, expr in expressions():
+        for name, _ in selectors(expr):
+            assert name in known, f"{where} selects {name}, which no node exports"
+            checked += 1
+    assert checked >= 25
+
+
+def test_a_wrong_metric_name_would_be_caught() -> None:
+    assert selectors('sum by (model) (rate(onnxmesh_request_total{code="OK"}[$__rate_interval]))') == [
+        ("onnxmesh_request_total", {"code", "model"})
+    ]
+    assert "onnxmesh_request_total" not in registered_series()
+    with pytest.raises(ValueError, match="parenthesis"):
+        promql_parser.parse("sum by (model (rate(onnxmesh_requests_total[5m]))")
+
+
+def test_the_alerts_say_what_and_how_bad() -> None:
+    alerts = [rule for group in rule_groups() for rule in group["rules"]]
+    assert {a["alert"] for a in alerts} >= {
+        "OnnxmeshHighErrorRatio",
+        "OnnxmeshHighLatencyP99",
+        "OnnxmeshNodeNotReady",
+    }
+    for alert in alerts:
+        assert re.fullmatch(r"\d+m", alert["for"]), alert["alert"]
+        assert alert["labels"]["severity"] in ("warning", "critical")
+        assert alert["annotations"]["summary"] and alert["annotations"]["description"]
+
+
+def promtool() -> str:
+    found = shutil.which("promtool") or str(ROOT / ".venv/bin/promtool")
+    if not Path(found).exists():
+        pytest.skip("promtool is not installed (make promtool)")
+    return found
+
+
+def test_the_rules_pass_promtool(tmp_path: Path) -> None:
+    rules = tmp_path / "onnxmesh.rules.yml"
+    rules.write_text(yaml.safe_dump(yaml.safe_load(RULES.read_text())["spec"]))
+    checked = subprocess.run(
+        [promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 4 rules found" in checked.stdout
+
+
+def test_the_component_renders_on_the_base(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH: cannot render the kustomizations (kubectl kustomize)")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base = os.path.relpath(ROOT / "k8s/base", overlay)
+    component = os.path.relpath(COMPONENT, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [base],
+                "components": [component],
+            }
+        )
+    )
+    done = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    objects = [o for o in yaml.safe_load_all(done.stdout) if o]
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    (board,) = [c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "onnxmesh-dashboard"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert board["metadata"]["namespace"] == "onnxmesh"
+    assert json.loads(board["data"]["onnxmesh.json"]) == dashboard()
+    (monitor,) = by_kind["PodMonitor"]
+    (rule,) = by_kind["PrometheusRule"]
+    assert rule["metadata"]["namespace"] == monitor["metadata"]["namespace"] == "onnxmesh"
+    # The PodMonitor selects every node's pods, and each of them names the port it scrapes.
+    (selected,) = monitor["spec"]["selector"]["matchExpressions"]
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    deployments = [d for d in by_kind["Deployment"] if d["metadata"]["name"] in selected["values"]]
+    assert {d["metadata"]["name"] for d in deployments} == set(selected["values"])
+    for deployment in deployments:
+        template = deployment["spec"]["template"]
+        assert template["metadata"]["labels"]["app.kubernetes.io/name"] in selected["values"]
+        ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", ())}
+        assert port in ports, deployment["metadata"]["name"]
