@@ -21,8 +21,10 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
+from orchestrator.budget import RetryBudget
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
+from orchestrator.replicas import ReplicaSet
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stage import Stage
 from services.common.client import OipClient
@@ -69,6 +71,12 @@ class OrchestratorMetrics:
             "onnxmesh_mirror_comparisons",
             "Shadow answers compared with the primary's, by graph, step and agreement.",
             ["graph", "step", "agree"],
+            registry=registry,
+        )
+        self.replica_events = Counter(
+            "onnxmesh_replica_events",
+            "Hedged and failed-over calls, ejections and restorations, by service and replica.",
+            ["service", "replica", "event"],
             registry=registry,
         )
         self.reloads = Counter(
@@ -128,7 +136,7 @@ class Loaded:
 
 
 class Orchestrator:
-    """Owns the spec, the long-lived clients (one per address), the engine and readiness."""
+    """Owns the spec, the long-lived clients (one per replica), the engine and readiness."""
 
     def __init__(
         self,
@@ -148,7 +156,10 @@ class Orchestrator:
         self.reload_interval = reload_interval
         self.environ = environ
         self.coalesce_in_flight = coalesce_in_flight
-        self.clients: dict[str, OipClient] = {}
+        #: One replica set per address (one client per replica), shared by the services there.
+        self.replica_sets: dict[str, ReplicaSet] = {}
+        #: Pays for every retry, fail-over and hedge of this orchestrator, across spec reloads.
+        self.budget = RetryBudget()
         self._stages: dict[tuple[str, str], Stage] = {}
         self._step_series: dict[tuple[str, ...], Any] = {}
         self._overhead_series: dict[str, Any] = {}
@@ -165,14 +176,21 @@ class Orchestrator:
         return all(self.model_ready.get(key, False) for key in self.current.hard_models.get(graph, ()))
 
     def stages(self, spec: MeshSpec) -> dict[str, Stage]:
-        """One stage per service, kept across reloads: one long-lived channel per address."""
+        """One stage per service, kept across reloads: a replica set per address (a long-lived,
+        health-checked channel per replica), under coalescing."""
         stages: dict[str, Stage] = {}
         for service, address in service_addresses(spec, self.environ).items():
             stage = self._stages.get((service, address))
             if stage is None:
-                if address not in self.clients:
-                    self.clients[address] = OipClient(address, health_checked=True)
-                stage = self.clients[address]
+                if address not in self.replica_sets:
+                    self.replica_sets[address] = ReplicaSet(
+                        address,
+                        functools.partial(OipClient, health_checked=True),
+                        service=service,
+                        budget=self.budget,
+                        on_event=self._on_replica_event,
+                    )
+                stage = self.replica_sets[address]
                 if self.coalesce_in_flight > 0:
                     stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight)
                 self._stages[(service, address)] = stage
@@ -188,7 +206,12 @@ class Orchestrator:
         graph_signatures = validate_against_signatures(spec, signatures)
         stages = self.stages(spec)
         engine = Engine(
-            spec, stages, on_step=self._on_step, on_mirror=self._on_mirror, on_request=self._on_request
+            spec,
+            stages,
+            retry_budget=self.budget,
+            on_step=self._on_step,
+            on_mirror=self._on_mirror,
+            on_request=self._on_request,
         )
         graphs = [
             Graph(name, sig, engine, ready=functools.partial(self.graph_ready, name))
@@ -269,7 +292,7 @@ class Orchestrator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(client.close() for client in self.clients.values()))
+        await asyncio.gather(*(replicas.close() for replicas in self.replica_sets.values()))
 
     def _on_step(
         self, graph: str, step: str, service: str, model: str, version: str, status: str, seconds: float
@@ -285,6 +308,9 @@ class Orchestrator:
         if series is None:
             series = self._overhead_series[graph] = self.metrics.overhead.labels(graph)
         series.observe(seconds)
+
+    def _on_replica_event(self, service: str, replica: str, event: str) -> None:
+        self.metrics.replica_events.labels(service, replica, event).inc()
 
     def _on_mirror(self, graph: str, step: str, agree: bool, max_abs_diff: float) -> None:
         self.metrics.mirror.labels(graph, step, str(agree).lower()).inc()

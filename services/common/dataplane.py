@@ -31,12 +31,16 @@ from typing import Any, TypeVar, overload
 import numpy as np
 
 from services.common.errors import InvalidInput, MeshError, Unavailable
+from services.common.limits import ConcurrencyLimiter
 from services.common.metrics import ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelRepository
 from services.common.types import NUMPY_TO_DATATYPE, InferRequest, InferResult, ModelSignature, datatype_of
 
 R = TypeVar("R")
+
+#: A cancelled call this close to its deadline was cancelled by the deadline (clocks differ slightly).
+_DEADLINE_SLACK = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,8 @@ class DataPlane:
         self.metrics = metrics
         self.server = ServerMetadata(server_name, server_version)
         self.draining = False
+        #: Load shedding (`--max-inflight`): None admits every call.
+        self.limiter: ConcurrencyLimiter | None = None
 
     # -- health and metadata ---------------------------------------------------------------
 
@@ -123,7 +129,13 @@ class DataPlane:
         model, version, code = "unknown", "", "OK"
         metrics = self.metrics
         metrics.inflight.inc()
+        limiter = self.limiter
+        admitted = False
         try:
+            if limiter is not None:
+                if not limiter.try_acquire():
+                    raise limiter.refusal(request.model)
+                admitted = True
             servable = self.repository.get(request.model, request.version)
             model, version = servable.name, servable.version
             if self.draining or not servable.loaded:
@@ -137,14 +149,19 @@ class DataPlane:
             code = err.code
             raise
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            # gRPC cancels the handler both when the client goes away and when its deadline passes.
+            expired = request.deadline is not None and time.monotonic() >= request.deadline - _DEADLINE_SLACK
+            code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             raise
         except Exception:
             code = "INTERNAL"
             raise
         finally:
             metrics.inflight.dec()
-            metrics.observe_request(model, version, code, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            if admitted:
+                limiter.release(elapsed, code == "OK")  # type: ignore[union-attr]
+            metrics.observe_request(model, version, code, elapsed)
 
     def refused(self, model: str, version: str, error: BaseException) -> BaseException:
         """Count an inference call the transport could not turn into an InferRequest (e.g. its

@@ -42,13 +42,24 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record; the fields the JSON format would add (a failed call's code and
+    error, for instance) follow the message as key=value."""
+
     def __init__(self, service: str) -> None:
         super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        extra = [(k, v) for k, v in vars(record).items() if k not in _RESERVED]
+        if extra:
+            text += "".join(f" {k}={_text_value(v)}" for k, v in extra)
         request_id = request_id_var.get()
         return f"{text} [request_id={request_id}]" if request_id else text
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
 
 
 def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:

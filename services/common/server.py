@@ -24,9 +24,10 @@ from grpc_reflection.v1alpha import reflection
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.dataplane import DataPlane
+from services.common.limits import limiter_from_setting
 from services.common.metrics import ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.servicer import InferenceServicer
+from services.common.servicer import DecodingGuard, InferenceServicer
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class MeshServer:
         self.dataplane = DataPlane(
             repository, self.metrics, server_name=f"onnxmesh-{settings.service}", server_version=VERSION
         )
+        self.dataplane.limiter = limiter_from_setting(settings.max_inflight, settings.service)
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -97,7 +99,9 @@ class MeshServer:
             options=server_options(self.settings),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.dataplane), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane), DecodingGuard(server)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self._add_services is not None:

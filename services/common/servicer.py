@@ -22,7 +22,7 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import codec
 from services.common.dataplane import DataPlane
-from services.common.errors import MeshError
+from services.common.errors import MAX_MESSAGE, InvalidInput, MeshError, bounded
 from services.common.logs import request_id_var
 from services.common.types import InferRequest, InferResult
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 _CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND"})
 REQUEST_ID_HEADER = "x-request-id"
+#: Request ids longer than this are cut in the logs (they come from clients).
+_MAX_ID = 128
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -46,18 +48,73 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 def status(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a failed RPC answers with; logs the failure."""
+    """The status code and message a failed RPC answers with; logs the failure. Messages are
+    bounded (`errors.bounded`): they may echo client input of any size."""
     if isinstance(exc, MeshError):
         code = grpc.StatusCode[exc.code]
+        message = bounded(exc.message, MAX_MESSAGE)
         if not exc.public:
-            log.error("internal error in %s: %s", method, exc.message)
+            log.error("internal error in %s: %s", method, message)
             return code, INTERNAL_MESSAGE
         # Client mistakes are routine (INFO); a peer down or a deadline is worth a look.
         level = logging.INFO if exc.code in _CLIENT_CODES else logging.WARNING
-        log.log(level, "%s failed", method, extra={"code": code.name, "error": exc.message})
-        return code, exc.message
+        log.log(level, "%s failed", method, extra={"code": code.name, "error": message})
+        return code, message
     log.error("unexpected error in %s", method, exc_info=exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+# -- bodies that are not protobuf -------------------------------------------------------------
+
+
+class Undecodable:
+    """What a guarded request deserializer answers for bytes that are not its message: the
+    handler then refuses it with INVALID_ARGUMENT, instead of gRPC answering UNKNOWN with the
+    decoder's exception and logging a traceback for every such request."""
+
+    __slots__ = ("message", "size")
+
+    def __init__(self, message: str, size: int) -> None:
+        self.message = message
+        self.size = size
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(f"the request body ({self.size} bytes) is not a valid {self.message} message")
+
+
+def _guard(deserializer: Callable[[bytes], Any] | None, message: str) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:
+            return Undecodable(message, len(raw))
+
+    return decode
+
+
+class DecodingGuard:
+    """Stands in for the gRPC server while generated code registers a service
+    (`add_..._to_server(servicer, DecodingGuard(server))`): every method's request deserializer
+    is wrapped by `_guard`; the handlers reach the server with both registrations."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come again, guarded, through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        guarded = {
+            name: handler._replace(
+                request_deserializer=_guard(handler.request_deserializer, name + "Request")
+            )
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        self._server.add_registered_method_handlers(service, guarded)
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -65,8 +122,10 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        token = request_id_var.set(getattr(request, "id", "") or _request_id(context))
+        token = request_id_var.set(bounded(getattr(request, "id", "") or _request_id(context), _MAX_ID))
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await method(self, request, context)
         except Exception as exc:
             code, message = status(method.__name__, exc)
@@ -151,7 +210,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        request_id = request.id or _request_id(context)
+        if isinstance(request, Undecodable):
+            code, message = status("ModelInfer", request.error())
+            await context.abort(code, message)
+        request_id = bounded(request.id or _request_id(context), _MAX_ID)
         token = request_id_var.set(request_id)
         try:
             remaining = context.time_remaining()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from orchestrator.aggregators import AGGREGATORS
-from orchestrator.engine import DEADLINE_MARGIN, SHADOW_STATUS, Engine, RetryBudget, compare_outputs
+from orchestrator.engine import SHADOW_STATUS, Engine, RetryBudget, compare_outputs, deadline_margin
 from orchestrator.spec import load_spec, parse_spec
 from orchestrator.stage import Stage
 from services.common.errors import (
@@ -426,7 +426,8 @@ def test_each_step_gets_the_smaller_of_its_timeout_and_what_remains() -> None:
     result = go(engine_for(CHAIN, {"s": stage}, clock=clock), deadline=start + 10.0)
     assert result.outputs["x"] is X
     timeouts = [c.timeout for c in stage.calls]
-    assert timeouts == pytest.approx([4.0, 4.0, 4.0 - DEADLINE_MARGIN, 1.0 - DEADLINE_MARGIN])
+    margin = deadline_margin(10.0)
+    assert timeouts == pytest.approx([4.0, 4.0, 4.0 - margin, 1.0 - margin])
     for call in stage.calls:
         assert call.at is not None
         assert call.timeout <= 4.0
@@ -437,7 +438,7 @@ def test_the_graph_timeout_is_the_budget_when_the_client_sends_no_deadline() -> 
     clock = FakeClock()
     stage = FakeStage({"m": echo}, clock=clock)
     go(engine_for("timeout: 1.5\n" + CHAIN, {"s": stage}, clock=clock))
-    assert stage.calls[0].timeout == pytest.approx(1.5 - DEADLINE_MARGIN)
+    assert stage.calls[0].timeout == pytest.approx(1.5 - deadline_margin(1.5))
 
 
 def test_a_step_with_no_time_left_is_not_called_and_named() -> None:
