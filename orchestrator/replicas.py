@@ -11,8 +11,9 @@ replica, and decides per call:
     attempt on A ----------- answered within the hedge delay? --> done (A's latency recorded)
       |   UNAVAILABLE at once (A down or draining): fail over to B, paid from the budget
       |   no answer within the hedge delay (a high percentile of recent latencies):
-      v   A gets a stall mark; a hedge goes to B, paid from the budget
-    the first good answer wins; the other call is cancelled
+      v   a hedge goes to B, paid from the budget
+    the first good answer wins; the other call is cancelled. B answering first gives A a stall
+    mark (a service slow on every replica marks none)
 
     outcomes --> a replica with `consecutive` stalls, timeouts or UNAVAILABLE in a row is ejected
                  for `base_ejection` x 2^(ejections - 1) (at most `max_ejection`), then let back in
@@ -236,6 +237,7 @@ class ReplicaSet:
     ) -> InferResult:
         """Wait for the first good answer; hedge once on a stall, fail over once on UNAVAILABLE."""
         extra_made = False
+        stalled: _State | None = None
         errors: list[MeshError] = []
         pending = set(attempts)
         wait: float | None = self._hedge_window(request)
@@ -243,15 +245,18 @@ class ReplicaSet:
             done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             if not done:  # the first attempt stalled
                 wait = None
-                (stalled,) = attempts.values()
-                self._failed(stalled, "stalled")
-                if self._extra(attempts, request, replicas, "hedged"):
-                    pending = set(attempts) - {t for t in attempts if t.done()}
                 extra_made = True
+                if self._extra(attempts, request, replicas, "hedged"):
+                    (stalled,) = (r for t, r in attempts.items() if t in pending)
+                    pending = {t for t in attempts if not t.done()}
                 continue
             for task in done:
                 error = task.exception()
                 if error is None:
+                    if stalled is not None and attempts[task] is not stalled:
+                        # Another replica answered first: the stall was the replica's, not the
+                        # service's (a service slow everywhere ejects nobody).
+                        self._failed(stalled, "a stall another replica answered first")
                     return task.result()
                 if not isinstance(error, MeshError):
                     raise error
@@ -362,8 +367,9 @@ class ReplicaSet:
         """Power of two choices by calls in flight, among the best class of replicas available."""
         now = self._clock()
         others = [r for r in replicas if r not in exclude] or replicas
-        good = [r for r in others if r.ejected_until <= now and r.client.reachable]
-        pool = good or [r for r in others if r.ejected_until <= now] or others
+        reachable = [r for r in others if r.client.reachable]
+        # An ejected replica that is reachable beats one that is known to be down.
+        pool = [r for r in reachable if r.ejected_until <= now] or reachable or others
         if len(pool) == 1:
             return pool[0]
         a, b = self._rng.sample(pool, 2)
@@ -371,7 +377,7 @@ class ReplicaSet:
 
     def _by_preference(self, replicas: list[_State]) -> list[_State]:
         now = self._clock()
-        return sorted(replicas, key=lambda r: (r.ejected_until > now, not r.client.reachable))
+        return sorted(replicas, key=lambda r: (not r.client.reachable, r.ejected_until > now))
 
     async def _current(self) -> list[_State]:
         """The replicas to pick from; resolves the DNS name first if it never was."""
