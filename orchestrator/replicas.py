@@ -9,7 +9,8 @@ replica, and decides per call:
       |      fewer calls in flight (a stalled replica holds its calls, so it loses every draw)
       v
     attempt on A ----------- answered within the hedge delay? --> done (A's latency recorded)
-      |   UNAVAILABLE at once (A down or draining): fail over to B, paid from the budget
+      |   UNAVAILABLE or RESOURCE_EXHAUSTED (A down, draining or shedding): fail over to B,
+      |   paid from the budget
       |   no answer within the hedge delay (a high percentile of recent latencies):
       v   a hedge goes to B, paid from the budget
     the first good answer wins; the other call is cancelled. B answering first gives A a stall
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchestrator.budget import RetryBudget
-from services.common.errors import DeadlineExceeded, MeshError, Unavailable
+from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
 from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class ReplicaSet:
                 if not isinstance(error, MeshError):
                     raise error
                 errors.append(error)
-                if isinstance(error, Unavailable) and not extra_made:
+                if isinstance(error, (Unavailable, ResourceExhausted)) and not extra_made:
                     extra_made = True
                     if self._extra(attempts, request, replicas, "failover"):
                         wait = None

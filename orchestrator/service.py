@@ -28,7 +28,7 @@ from orchestrator.replicas import ReplicaSet
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stage import Stage
 from services.common.client import OipClient
-from services.common.errors import MeshError
+from services.common.errors import MeshError, Unavailable
 from services.common.metrics import LATENCY_BUCKETS, ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelRepository
@@ -124,6 +124,23 @@ class Graph(Servable):
         return result
 
 
+class Pending(Servable):
+    """A graph of the spec before the services have answered: known, but still loading, so that a
+    client calling a starting orchestrator gets UNAVAILABLE (retry) rather than NOT_FOUND."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.version = "1"
+        self.signature = ModelSignature(name, ("1",), "onnxmesh-graph", (), ())
+
+    @property
+    def ready(self) -> bool:
+        return False
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        raise Unavailable(f"graph '{self.name}' is still loading")
+
+
 @dataclass
 class Loaded:
     """One consistent generation of the spec: its engine and graph servables."""
@@ -169,6 +186,7 @@ class Orchestrator:
         text = spec_path.read_text()
         self.pending_spec = parse_spec(text)  # a bad spec fails here, before anything starts
         self.pending_digest = hashlib.sha256(text.encode()).hexdigest()
+        repository.replace(Pending(name) for name in self.pending_spec.graphs)
 
     def graph_ready(self, graph: str) -> bool:
         if self.current is None:

@@ -61,7 +61,7 @@ class AdaptiveLimit:
         initial: int = 64,
         min_limit: int = 32,
         max_limit: int = 1024,
-        tolerance: float = 2.0,
+        tolerance: float = 4.0,
         smoothing: float = 0.2,
         window: float = 10.0,
         clock: Callable[[], float] = time.monotonic,

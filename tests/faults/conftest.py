@@ -41,4 +41,3 @@ def mesh(logs: io.StringIO) -> Iterator[LocalMesh]:
 def labels(mesh: LocalMesh) -> dict[str, list[int]]:
     target = mesh.address("orchestrator")
     return {g: reference_labels(target, g, IMAGES) for g in ("digits-serial", "digits-parallel")}
-

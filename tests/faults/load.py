@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -63,8 +64,8 @@ class Load:
 
     `expected` maps an image index to the label the calm mesh answers (None: not checked);
     `watch` names a response parameter to keep for answers; `refused_pause` is how long a client
-    waits after a RESOURCE_EXHAUSTED (a client backing off, as gRPC retry policies do), at random
-    up to that many seconds.
+    waits after a RESOURCE_EXHAUSTED at most (at random), doubled for each refusal in a row up
+    to 1 s: a client backing off as gRPC retry policies do.
     """
 
     def __init__(
@@ -142,7 +143,9 @@ class Load:
             ok = [1000 * (o.end - o.start) for o in outcomes if o.code == "OK"]
             failed = Counter(o.code for o in outcomes if o.code != "OK")
             wrong = sum(o.wrong for o in outcomes)
-            out.append(Phase(phase, len(outcomes), dict(failed), percentile(ok, 50), percentile(ok, 99), wrong))
+            out.append(
+                Phase(phase, len(outcomes), dict(failed), percentile(ok, 50), percentile(ok, 99), wrong)
+            )
         return out
 
     def report(self, title: str) -> list[Phase]:
@@ -164,31 +167,35 @@ class Load:
     async def _main(self) -> None:
         clients = [OipClient(self.target) for _ in range(self.channels)]
         try:
-            workers = [
-                asyncio.create_task(self._worker(clients[i % len(clients)], i)) for i in range(self.concurrency)
-            ]
-            while not self._stop.is_set():
-                await asyncio.sleep(0.02)
-            await asyncio.gather(*workers)
+            # Each worker stops by itself once `stop()` is called.
+            await asyncio.gather(
+                *(self._worker(clients[i % len(clients)], i) for i in range(self.concurrency))
+            )
         finally:
             await asyncio.gather(*(c.close() for c in clients))
 
     async def _worker(self, client: OipClient, seed: int) -> None:
         rng = random.Random(seed)
         index = seed
+        refusals = 0  # in a row
         while not self._stop.is_set():
             index = (index + 1) % len(self.images)
             start = time.monotonic()
             try:
-                result = await client.infer(self.graph, {"image": self.images[index : index + 1]}, timeout=self.timeout)
+                result = await client.infer(
+                    self.graph, {"image": self.images[index : index + 1]}, timeout=self.timeout
+                )
             except MeshError as err:
                 self._record(Outcome(start, time.monotonic(), err.code, err.message))
                 if err.code == "RESOURCE_EXHAUSTED" and self.refused_pause:
-                    await asyncio.sleep(rng.uniform(0.0, self.refused_pause))
+                    # Back off as a gRPC retry policy does: exponential, jittered, capped.
+                    await asyncio.sleep(rng.uniform(0.0, min(1.0, self.refused_pause * 2**refusals)))
+                    refusals += 1
                 elif err.code == "UNAVAILABLE":
                     await asyncio.sleep(0.01)  # a node down: don't spin a core
                 continue
             end = time.monotonic()
+            refusals = 0
             label = int(result.outputs["label"][0])
             wrong = self.expected is not None and label != self.expected[index]
             detail = str(result.parameters.get(self.watch, "")) if self.watch else ""
@@ -213,11 +220,35 @@ def reference_labels(target: str, graph: str, images: np.ndarray) -> list[int]:
 
 def process_figures(pid: int) -> dict[str, float]:
     """RSS (MiB), threads and open fds of a process, from /proc."""
-    status = dict(
-        line.split(":", 1) for line in open(f"/proc/{pid}/status", encoding="utf-8").read().splitlines() if ":" in line
-    )
+    lines = Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines()
+    status = dict(line.split(":", 1) for line in lines if ":" in line)
     return {
         "rss_mib": int(status["VmRSS"].split()[0]) / 1024,
         "threads": int(status["Threads"]),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }
+
+
+def main() -> None:
+    """`python -m tests.faults.load TARGET GRAPH CONCURRENCY COUNT [REFUSED_PAUSE]`: run a load
+    in a process of its own until COUNT calls completed; print one JSON line of outcome counts
+    by code and latencies in ms by code (the overload scenario spreads its clients this way, so
+    that no client's own event loop is the bottleneck)."""
+    import json
+    import sys
+
+    from services.common import digits
+
+    target, graph, concurrency, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    pause = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    images = digits.load_holdout().images[:64]
+    with Load(target, graph, images, concurrency=concurrency, refused_pause=pause, channels=8) as load:
+        load.wait_for(count, timeout=120.0)
+    by_code: dict[str, list[float]] = {}
+    for o in load.outcomes:
+        by_code.setdefault(o.code, []).append(round(1000 * (o.end - o.start), 2))
+    print(json.dumps(by_code))
+
+
+if __name__ == "__main__":
+    main()

@@ -102,4 +102,3 @@ def test_a_drained_replica_costs_no_request(mesh: LocalMesh, labels: dict[str, l
     phases = running.report("model_a-2 drained (SIGTERM) under load, then started again")
     assert codes == [0]
     assert_clean(phases)
-
