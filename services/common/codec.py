@@ -58,7 +58,9 @@ def check_header(name: str, datatype: str, shape: Sequence[int]) -> np.dtype:
         raise InvalidInput(f"tensor '{name}': shape {list(shape)} has a negative dimension")
     # numpy refuses even an empty array whose other dimensions multiply past its index range.
     if math.prod(d for d in shape if d) > MAX_ELEMENTS:
-        raise InvalidInput(f"tensor '{name}': shape {list(shape)[:8]} is too large (over {MAX_ELEMENTS} elements)")
+        raise InvalidInput(
+            f"tensor '{name}': shape {list(shape)[:8]} is too large (over {MAX_ELEMENTS} elements)"
+        )
     return dtype
 
 

@@ -132,12 +132,12 @@ class DataPlane:
         limiter = self.limiter
         admitted = False
         try:
-            if limiter is not None:
-                if not limiter.try_acquire():
-                    raise limiter.refusal(request.model)
-                admitted = True
             servable = self.repository.get(request.model, request.version)
             model, version = servable.name, servable.version
+            if limiter is not None:
+                if not limiter.try_acquire():
+                    raise limiter.refusal(model)
+                admitted = True
             if self.draining or not servable.loaded:
                 raise self._not_serving(servable)
             validate(model, servable.signature, request.inputs, request.outputs)

@@ -33,7 +33,9 @@ BIG = st.integers(min_value=-(2**70), max_value=2**70)
 @st.composite
 def tensors(draw: st.DrawFn) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes | None]:
     """One input tensor declared anyhow, with raw bytes or typed contents of any kind."""
-    tensor = pb.ModelInferRequest.InferInputTensor(name=draw(NAMES), datatype=draw(DATATYPES), shape=draw(SHAPES))
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name=draw(NAMES), datatype=draw(DATATYPES), shape=draw(SHAPES)
+    )
     if draw(st.booleans()):
         return tensor, draw(st.binary(max_size=64))
     contents = tensor.contents
