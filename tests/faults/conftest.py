@@ -11,7 +11,7 @@ import pytest
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common import digits
-from tests.faults.load import reference_labels
+from tests.faults.load import FIGURES, reference_labels
 
 #: The images every scenario sends, and the label the calm mesh answers for each.
 IMAGES = digits.load_holdout().images[:64]
@@ -41,3 +41,11 @@ def mesh(logs: io.StringIO) -> Iterator[LocalMesh]:
 def labels(mesh: LocalMesh) -> dict[str, list[int]]:
     target = mesh.address("orchestrator")
     return {g: reference_labels(target, g, IMAGES) for g in ("digits-serial", "digits-parallel")}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures of every scenario that ran (sent, failed by code, p50/p99 per phase)."""
+    if FIGURES:
+        terminalreporter.section("fault suite figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -55,6 +55,16 @@ class Phase:
         )
 
 
+#: Every figure line the scenarios printed, repeated in pytest's terminal summary (conftest.py),
+#: so that `make test` shows them even though it captures the tests' output.
+FIGURES: list[str] = []
+
+
+def say(line: str) -> None:
+    print(line)
+    FIGURES.append(line)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -150,9 +160,9 @@ class Load:
 
     def report(self, title: str) -> list[Phase]:
         phases = self.figures()
-        print(f"\n[faults] {title}: {self.graph}, c={self.concurrency}, client deadline {self.timeout:g}s")
+        say(f"[faults] {title}: {self.graph}, c={self.concurrency}, client deadline {self.timeout:g}s")
         for phase in phases:
-            print(f"[faults]   {phase.line()}")
+            say(f"[faults]   {phase.line()}")
         return phases
 
     # -- the clients -----------------------------------------------------------------------------

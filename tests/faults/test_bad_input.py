@@ -20,6 +20,7 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.client import OipClient
 from services.common.errors import MAX_MESSAGE
 from tests.faults.conftest import IMAGES
+from tests.faults.load import say
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,7 +28,7 @@ SERVICE = "/inference.GRPCInferenceService/"
 HUGE = "n" * 16_000
 #: What each node serves: (replica, model, input, datatype, one valid row).
 FEATURES = np.zeros((1, 64), np.float32)
-NODES = {
+NODES: dict[str, tuple[str, str, str, np.ndarray]] = {
     "preprocess": ("digits-preprocess", "image", "UINT8", IMAGES[:1]),
     "model_a": ("digits-mlp", "features", "FP32", FEATURES),
     "model_b": ("digits-logreg", "features", "FP32", FEATURES),
@@ -202,9 +203,9 @@ def test_every_rpc_answers_every_mistake_with_its_code(mesh: LocalMesh, node: st
         for case in CASES:
             code, details = send(channel, case.method, case.build(model, name, datatype, array))
             rows_out.append((case, code, details))
-    print(f"\n[faults] bad-input matrix on {node} ({model}):")
+    say(f"[faults] bad-input matrix on {node} ({model}):")
     for case, code, details in rows_out:
-        print(f"[faults]   {case.method:<14} {case.name:<16} {code:<18} {details[:90]}")
+        say(f"[faults]   {case.method:<14} {case.name:<16} {code:<18} {details[:90]}")
     wrong = [(c.method, c.name, code, d[:200]) for c, code, d in rows_out if code != c.code(datatype)]
     assert wrong == []
     for _, _, details in rows_out:

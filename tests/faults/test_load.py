@@ -21,7 +21,7 @@ import pytest
 
 from meshctl.launcher import LocalMesh
 from tests.faults.conftest import IMAGES
-from tests.faults.load import Load, process_figures
+from tests.faults.load import Load, process_figures, say
 from tests.support import ROOT
 
 pytestmark = pytest.mark.timeout(180)
@@ -69,7 +69,7 @@ def test_overload_is_refused_fast_and_the_accepted_are_answered(
     for code, values in probe_latencies(probe).items():
         by_code.setdefault(code, []).extend(values)
     ok, refused = by_code.get("OK", []), by_code.get("RESOURCE_EXHAUSTED", [])
-    print(
+    say(
         f"[faults]   all 256: sent {sum(map(len, by_code.values()))}, "
         f"failed {dict((c, len(v)) for c, v in by_code.items() if c != 'OK')}; unloaded p99 {calm_p99:.1f} ms; "
         f"accepted p50 {np.percentile(ok, 50):.1f} / p99 {np.percentile(ok, 99):.1f} ms "
@@ -104,7 +104,7 @@ def test_soak(mesh: LocalMesh, labels: dict[str, list[int]]) -> None:
         soak.wait_for(4000, timeout=90.0)
     after = process_figures(pid)
     (phase,) = soak.report("soak")
-    print(f"[faults]   orchestrator {before} -> {after}")
+    say(f"[faults]   orchestrator {before} -> {after}")
     assert phase.sent >= 4000 and phase.failed == {} and phase.wrong == 0
 
 
@@ -137,7 +137,7 @@ def test_an_orchestrator_killed_under_load_is_restarted_and_answers_again(
         ),
         default=float("nan"),
     )
-    print(
+    say(
         f"[faults]   restarted SERVING {restarted_at - killed_at:.2f}s after the kill; "
         f"first answer {answering - killed_at:.2f}s after it"
     )
