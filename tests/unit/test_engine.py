@@ -486,6 +486,27 @@ outputs: {x: fast.x}
     assert result.parameters["step.fast"] == "ok"
 
 
+def test_a_hung_soft_branch_is_cut_with_the_margin_left_for_the_answer() -> None:
+    stages = digits_stages()
+    stages["model_b"].hang("digits-logreg")
+    deadline = 0.3
+    started = time.monotonic()
+    result = run(
+        default_engine(stages).run("digits-parallel", {"image": IMAGES}, deadline=started + deadline)
+    )
+    answered = time.monotonic() - started
+    assert result.parameters["step.logreg"] == "timeout: exceeded the deadline"
+    (call,) = stages["model_b"].calls_to("digits-logreg")
+    assert call.cancelled and call.timeout <= deadline - deadline_margin(deadline) + 0.01
+    assert answered < deadline  # the answer left before the client's deadline
+
+
+def test_the_margin_scales_with_the_budget_within_bounds() -> None:
+    assert deadline_margin(0.01) == 0.005
+    assert deadline_margin(1.0) == pytest.approx(0.1)
+    assert deadline_margin(60.0) == 0.25
+
+
 # ---------------------------------------------------------------------------------------------
 # Retries
 
