@@ -29,7 +29,9 @@ from services.common.types import InferRequest, InferResult
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
-_CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND"})
+#: Routine outcomes, logged at INFO: client mistakes, and load shed on purpose (counted by the
+#: requests metric; a WARNING per refused call would add work exactly when there is too much).
+_ROUTINE_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"})
 REQUEST_ID_HEADER = "x-request-id"
 #: Request ids longer than this are cut in the logs (they come from clients).
 _MAX_ID = 128
@@ -56,8 +58,8 @@ def status(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if not exc.public:
             log.error("internal error in %s: %s", method, message)
             return code, INTERNAL_MESSAGE
-        # Client mistakes are routine (INFO); a peer down or a deadline is worth a look.
-        level = logging.INFO if exc.code in _CLIENT_CODES else logging.WARNING
+        # Client mistakes and shed load are routine (INFO); a peer down or a deadline is worth a look.
+        level = logging.INFO if exc.code in _ROUTINE_CODES else logging.WARNING
         log.log(level, "%s failed", method, extra={"code": code.name, "error": message})
         return code, message
     log.error("unexpected error in %s", method, exc_info=exc)
