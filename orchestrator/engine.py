@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 #: before the client's deadline: a share of the request's whole budget, within bounds. A loaded
 #: 2-core machine needs tens of milliseconds to notice a timeout and send the answer; a fixed
 #: 5 ms let the client's own deadline fire first.
-MARGIN_SHARE = 0.1
+MARGIN_SHARE = 0.15
 MARGIN_MIN = 0.005
 MARGIN_MAX = 0.25
 #: Backoff before retry n (n = 1, 2, ...) is uniform in [0, min(RETRY_CAP, RETRY_BASE * 2**(n-1))].

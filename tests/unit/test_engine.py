@@ -503,7 +503,7 @@ def test_a_hung_soft_branch_is_cut_with_the_margin_left_for_the_answer() -> None
 
 def test_the_margin_scales_with_the_budget_within_bounds() -> None:
     assert deadline_margin(0.01) == 0.005
-    assert deadline_margin(1.0) == pytest.approx(0.1)
+    assert deadline_margin(1.0) == pytest.approx(0.15)
     assert deadline_margin(60.0) == 0.25
 
 
