@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 GEN    := proto/gen/inference/grpc_predict_v2_pb2.py
 PROTOS := $(wildcard proto/inference/*.proto proto/jobs/*.proto)
 
-.PHONY: setup proto promtool test lint run bench rehearse models clean
+.PHONY: setup proto promtool test faults lint run bench rehearse models clean
 
 setup: $(STAMP) $(GEN)
 
@@ -43,6 +43,11 @@ $(PROMTOOL): | $(STAMP)
 
 test: setup promtool
 	$(BIN)/python -m pytest
+
+# The fault suite alone (`make test` runs it too): replicas killed, drained and frozen under
+# load, hung branches, overload, restarts, a soak, the bad-input matrix, fuzzing.
+faults: setup
+	$(BIN)/python -m pytest tests/faults -s
 
 lint: setup
 	$(BIN)/ruff check .

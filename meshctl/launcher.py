@@ -48,6 +48,7 @@ from meshctl.process import (
     run_async,
     wait_serving,
 )
+from meshctl.supervise import Restarter
 from orchestrator.spec import SpecError, load_spec
 from services.common.client import OipClient
 from services.common.errors import MeshError
@@ -141,6 +142,7 @@ class LocalMesh:
         startup_timeout: float = STARTUP_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
         python: str = sys.executable,
+        restart: bool = False,
     ) -> None:
         self.host = host
         self.include_orchestrator = include_orchestrator
@@ -173,6 +175,10 @@ class LocalMesh:
         #: Exit code of each node `stop()` stopped (also when `start()` failed and stopped them).
         self.exit_codes: dict[str, int] = {}
         self._closing = threading.Event()
+        # Restart on exit (meshctl/supervise.py): nodes stopped on purpose are left alone.
+        self.restart = restart
+        self.restarter: Restarter | None = None
+        self._stopped_on_purpose: set[int] = set()
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -191,6 +197,8 @@ class LocalMesh:
         except BaseException:
             self.stop()
             raise
+        if self.restart:
+            self.restarter = Restarter(self, say=self._say).start()
         return self
 
     def stop(self, timeout: float | None = None) -> dict[str, int]:
@@ -200,6 +208,8 @@ class LocalMesh:
         """
         self._closing.set()
         atexit.unregister(self.stop)
+        if self.restarter is not None:
+            self.restarter.stop()
         bound = self.stop_timeout if timeout is None else timeout
         codes: dict[str, int] = {}
         live = [p for p in self.spawned if p.running]
@@ -261,6 +271,7 @@ class LocalMesh:
         """Gracefully stop one replica (or all replicas) of a service; their exit codes."""
         procs = self._select(service, replica)
         for proc in procs:
+            self._stopped_on_purpose.add(proc.pid)
             proc.signal(signal.SIGTERM)
         bound = self.stop_timeout if timeout is None else timeout
         return [proc.wait(bound) for proc in procs]
@@ -344,6 +355,23 @@ class LocalMesh:
         target = self.target(ORCHESTRATOR)
         answers = run_async(lambda: probe_models(target, names, timeout=timeout))
         return [name for name, answer in answers.items() if isinstance(answer, ModelSignature)]
+
+    # -- restart on exit (meshctl/supervise.py) ---------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """True once the mesh is stopping (or asked to)."""
+        return self._closing.is_set()
+
+    def stopped_on_purpose(self, proc: ServiceProcess) -> bool:
+        """Whether the mesh itself stopped `proc` (so it is not to be restarted)."""
+        return proc.pid in self._stopped_on_purpose
+
+    def _say(self, line: str) -> None:
+        if self._echo_stream is not None:
+            self._echo("launcher", line)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -534,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"no KServe v2 REST (default: at each gRPC port + {HTTP_OFFSET})",
     )
     parser.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="leave a node that exits on its own stopped (by default it is restarted, with back-off)",
+    )
+    parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="(default: %(default)s)"
     )
     parser.add_argument("--log-level", default="INFO", help="(default: %(default)s)")
@@ -564,6 +597,7 @@ def mesh_from_args(args: argparse.Namespace, echo: TextIO | None) -> LocalMesh:
         log_level=args.log_level,
         echo=echo,
         startup_timeout=args.startup_timeout,
+        restart=not args.no_restart,
     )
 
 

@@ -8,7 +8,10 @@ outputs to request from each model, where each reference reads from) is compiled
 Semantics, in short (docs/graphs.md is the user reference):
 
 - A request has one deadline (the client's, else now + the graph's timeout). Each model step gets
-  ``min(step timeout, time left - DEADLINE_MARGIN)``; with nothing left it is not called.
+  ``min(step timeout, time left - margin)``, the margin scaling with the request's budget
+  (``deadline_margin``), so the answer leaves before the client gives up; with nothing left a
+  step is not called. Soft steps are cut the same way: a hung soft branch never costs the
+  request its deadline.
 - Only UNAVAILABLE is retried: up to the step's ``retries`` extra attempts, exponential backoff with
   full jitter, never past the deadline, and only while the shared ``RetryBudget`` has tokens.
 - A hard step's failure fails the request with the stage's own error class and code, prefixed with
@@ -35,6 +38,7 @@ import numpy as np
 
 from orchestrator import step_spans
 from orchestrator.aggregators import AGGREGATORS
+from orchestrator.budget import RetryBudget
 from orchestrator.cache import GraphCache, ResponseCaches
 from orchestrator.spec import (
     REQUEST,
@@ -58,8 +62,13 @@ from services.common.types import InferRequest, InferResult
 
 logger = logging.getLogger(__name__)
 
-#: Seconds kept back from each step's budget for the orchestrator to assemble and send the answer.
-DEADLINE_MARGIN = 0.005
+#: Kept back from every step's budget so that the answer (or the error naming the step) leaves
+#: before the client's deadline: a share of the request's whole budget, within bounds. A loaded
+#: 2-core machine needs tens of milliseconds to notice a timeout and send the answer; a fixed
+#: 5 ms let the client's own deadline fire first.
+MARGIN_SHARE = 0.15
+MARGIN_MIN = 0.005
+MARGIN_MAX = 0.25
 #: Backoff before retry n (n = 1, 2, ...) is uniform in [0, min(RETRY_CAP, RETRY_BASE * 2**(n-1))].
 RETRY_BASE = 0.025
 RETRY_CAP = 0.5
@@ -78,49 +87,9 @@ RequestHook = Callable[[str, float], None]
 SHADOW_STATUS = "shadow: not awaited"
 
 
-class RetryBudget:
-    """A token bucket that bounds retries across all requests, so an outage is no retry storm.
-
-    Every first attempt deposits ``ratio`` tokens and a retry costs one, so retries stay near
-    ``ratio`` of the traffic; ``min_per_second`` tokens also trickle in per second so that a quiet
-    orchestrator can still retry. The balance never exceeds ``capacity``. Starts with one second's
-    reserve.
-    """
-
-    def __init__(
-        self,
-        *,
-        ratio: float = 0.1,
-        min_per_second: float = 10.0,
-        capacity: float = 100.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._ratio = ratio
-        self._rate = min_per_second
-        self._capacity = capacity
-        self._clock = clock
-        self._tokens = min(capacity, min_per_second)
-        self._last = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-
-    def deposit(self) -> None:
-        """Account for one first attempt (on every request's path: refills inline)."""
-        now = self._clock()
-        tokens = self._tokens + (now - self._last) * self._rate + self._ratio
-        self._tokens = min(self._capacity, tokens)
-        self._last = now
-
-    def try_spend(self) -> bool:
-        """Take the token for one retry; False (no retry) when the budget is empty."""
-        self._refill()
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+def deadline_margin(budget: float) -> float:
+    """Seconds kept back from each step of a request whose whole budget is ``budget`` seconds."""
+    return min(MARGIN_MAX, max(MARGIN_MIN, MARGIN_SHARE * budget))
 
 
 def compare_outputs(primary: np.ndarray, shadow: np.ndarray) -> tuple[bool, float]:
@@ -177,6 +146,8 @@ class _Run:
         self.ctx = ctx
         self.graph = plan.name
         self.deadline = deadline
+        #: Kept back from every step's budget for answering (see ``deadline_margin``).
+        self.margin = deadline_margin(deadline - ctx.clock())
         self.request_id = request_id
         self.values: dict[str, Mapping[str, np.ndarray]] = {}
         self.failures: dict[str, MeshError] = {}  # step -> why it has no outputs
@@ -702,7 +673,7 @@ class Engine:
         self._budget.deposit()
         attempt = 1
         while True:
-            left = run.deadline - self._clock() - DEADLINE_MARGIN
+            left = run.deadline - self._clock() - run.margin
             timeout = min(step.timeout, left)
             if timeout <= 0:
                 reason = "exceeded the deadline before it could be called"
@@ -740,7 +711,7 @@ class Engine:
                     raise failed from err
                 # Full jitter spreads the retries of concurrent requests apart.
                 delay = self._rng.uniform(0.0, min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1)))
-                no_time = self._clock() + delay + DEADLINE_MARGIN >= run.deadline
+                no_time = self._clock() + delay + run.margin >= run.deadline
                 if no_time or not self._budget.try_spend():
                     raise failed from err
             await asyncio.sleep(delay)

@@ -21,14 +21,15 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
+from orchestrator.budget import RetryBudget
 from orchestrator.cache import ResponseCaches
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.engine import Engine
+from orchestrator.replicas import ReplicaSet
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stage import Stage
 from services.common import tracing, tracing_edge
-from services.common.client import OipClient
-from services.common.errors import MeshError
+from services.common.errors import MeshError, Unavailable
 from services.common.metrics import LATENCY_BUCKETS, ROW_BUCKETS, ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelRepository
@@ -71,6 +72,12 @@ class OrchestratorMetrics:
             "onnxmesh_mirror_comparisons",
             "Shadow answers compared with the primary's, by graph, step and agreement.",
             ["graph", "step", "agree"],
+            registry=registry,
+        )
+        self.replica_events = Counter(
+            "onnxmesh_replica_events",
+            "Hedged and failed-over calls, ejections and restorations, by service and replica.",
+            ["service", "replica", "event"],
             registry=registry,
         )
         self.reloads = Counter(
@@ -141,6 +148,23 @@ class Graph(Servable):
         return result
 
 
+class Pending(Servable):
+    """A graph of the spec before the services have answered: known, but still loading, so that a
+    client calling a starting orchestrator gets UNAVAILABLE (retry) rather than NOT_FOUND."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.version = "1"
+        self.signature = ModelSignature(name, ("1",), "onnxmesh-graph", (), ())
+
+    @property
+    def ready(self) -> bool:
+        return False
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        raise Unavailable(f"graph '{self.name}' is still loading")
+
+
 @dataclass
 class Loaded:
     """One consistent generation of the spec: its engine and graph servables."""
@@ -153,7 +177,7 @@ class Loaded:
 
 
 class Orchestrator:
-    """Owns the spec, the long-lived clients (one per address), the engine and readiness."""
+    """Owns the spec, the long-lived clients (one per replica), the engine and readiness."""
 
     def __init__(
         self,
@@ -173,7 +197,10 @@ class Orchestrator:
         self.reload_interval = reload_interval
         self.environ = environ
         self.coalesce_in_flight = coalesce_in_flight
-        self.clients: dict[str, OipClient] = {}
+        #: One replica set per address (one client per replica), shared by the services there.
+        self.replica_sets: dict[str, ReplicaSet] = {}
+        #: Pays for every retry, fail-over and hedge of this orchestrator, across spec reloads.
+        self.budget = RetryBudget()
         self._stages: dict[tuple[str, str], Stage] = {}
         self._step_series: dict[tuple[str, ...], Any] = {}
         self._overhead_series: dict[str, Any] = {}
@@ -184,6 +211,7 @@ class Orchestrator:
         text = spec_path.read_text()
         self.pending_spec = parse_spec(text)  # a bad spec fails here, before anything starts
         self.pending_digest = hashlib.sha256(text.encode()).hexdigest()
+        repository.replace(Pending(name) for name in self.pending_spec.graphs)
 
     def graph_ready(self, graph: str) -> bool:
         if self.current is None:
@@ -199,14 +227,21 @@ class Orchestrator:
         return "not ready: " + ", ".join("/".join(k for k in key if k) for key in down) if down else ""
 
     def stages(self, spec: MeshSpec) -> dict[str, Stage]:
-        """One stage per service, kept across reloads: one long-lived channel per address."""
+        """One stage per service, kept across reloads: a replica set per address (a long-lived,
+        health-checked channel per replica), under coalescing."""
         stages: dict[str, Stage] = {}
         for service, address in service_addresses(spec, self.environ).items():
             stage = self._stages.get((service, address))
             if stage is None:
-                if address not in self.clients:
-                    self.clients[address] = tracing_edge.client_class()(address, health_checked=True)
-                stage = self.clients[address]
+                if address not in self.replica_sets:
+                    self.replica_sets[address] = ReplicaSet(
+                        address,
+                        functools.partial(tracing_edge.client_class(), health_checked=True),
+                        service=service,
+                        budget=self.budget,
+                        on_event=self._on_replica_event,
+                    )
+                stage = self.replica_sets[address]
                 if self.coalesce_in_flight > 0:
                     on_call = functools.partial(self._on_downstream_call, service)
                     stage = CoalescingStage(stage, max_in_flight=self.coalesce_in_flight, on_call=on_call)
@@ -226,6 +261,7 @@ class Orchestrator:
         engine = Engine(
             spec,
             stages,
+            retry_budget=self.budget,
             on_step=self._on_step,
             on_mirror=self._on_mirror,
             on_request=self._on_request,
@@ -316,7 +352,7 @@ class Orchestrator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(client.close() for client in self.clients.values()))
+        await asyncio.gather(*(replicas.close() for replicas in self.replica_sets.values()))
 
     def _on_step(
         self, graph: str, step: str, service: str, model: str, version: str, status: str, seconds: float
@@ -343,6 +379,9 @@ class Orchestrator:
 
     def _on_cache_lookup(self, cache: str, result: str) -> None:
         self.metrics.cache_lookups.labels(cache, result).inc()
+
+    def _on_replica_event(self, service: str, replica: str, event: str) -> None:
+        self.metrics.replica_events.labels(service, replica, event).inc()
 
     def _on_mirror(self, graph: str, step: str, agree: bool, max_abs_diff: float) -> None:
         self.metrics.mirror.labels(graph, step, str(agree).lower()).inc()

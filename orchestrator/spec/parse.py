@@ -305,7 +305,7 @@ class _GraphParser:
             if any(s.name == name for s in specs):
                 raise item_at.error(f"duplicate graph input {name!r}")
             datatype = body["datatype"]
-            if datatype not in DATATYPE_TO_NUMPY:
+            if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
                 raise item_at.key("datatype").error(
                     f"unknown datatype {datatype!r}; expected one of: {', '.join(DATATYPE_TO_NUMPY)}"
                 )

@@ -72,6 +72,12 @@ class OipClient:
     async def close(self) -> None:
         await self.channel.close()
 
+    @property
+    def reachable(self) -> bool:
+        """False while the channel is in TRANSIENT_FAILURE: refused, or (health-checked) every
+        replica behind it reports NOT_SERVING. Asks an idle channel to connect."""
+        return self.channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
     async def __aenter__(self) -> OipClient:
         return self
 

@@ -39,6 +39,10 @@ CONTENTS_FIELD: dict[str, str] = {
 _LEN = struct.Struct("<I")
 
 
+#: The most elements a tensor's shape may describe (far above any message gRPC accepts).
+MAX_ELEMENTS = 2**40
+
+
 def element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
@@ -52,6 +56,11 @@ def check_header(name: str, datatype: str, shape: Sequence[int]) -> np.dtype:
         )
     if min(shape, default=0) < 0:
         raise InvalidInput(f"tensor '{name}': shape {list(shape)} has a negative dimension")
+    # numpy refuses even an empty array whose other dimensions multiply past its index range.
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidInput(
+            f"tensor '{name}': shape {list(shape)[:8]} is too large (over {MAX_ELEMENTS} elements)"
+        )
     return dtype
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from services.common import tracing
 from services.common.batching import BatchingModel
 from services.common.errors import InvalidInput, MeshError, Unavailable
+from services.common.limits import ConcurrencyLimiter
 from services.common.metrics import ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelConfig, ModelRepository
@@ -42,6 +43,9 @@ from services.common.types import NUMPY_TO_DATATYPE, InferRequest, InferResult, 
 from services.common.warmup import WarmupSample
 
 R = TypeVar("R")
+
+#: A cancelled call this close to its deadline was cancelled by the deadline (clocks differ slightly).
+_DEADLINE_SLACK = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,8 @@ class DataPlane:
         #: Regions of the system shared-memory extension, registered by clients on this host.
         self.shared_memory = SharedMemory()
         self.draining = False
+        #: Load shedding (`--max-inflight`): None admits every call.
+        self.limiter: ConcurrencyLimiter | None = None
 
     # -- health and metadata ---------------------------------------------------------------
 
@@ -240,9 +246,15 @@ class DataPlane:
         model, version, code = "unknown", "", "OK"
         metrics = self.metrics
         metrics.inflight.inc()
+        limiter = self.limiter
+        admitted = False
         try:
             servable = self.repository.get(request.model, request.version)
             model, version = servable.name, servable.version
+            if limiter is not None:
+                if not limiter.try_acquire():
+                    raise limiter.refusal(model)
+                admitted = True
             if self.draining or not servable.loaded:
                 raise self._not_serving(servable)
             validate(model, servable.signature, request.inputs, request.outputs)
@@ -263,7 +275,9 @@ class DataPlane:
             code = err.code
             raise
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            # gRPC cancels the handler both when the client goes away and when its deadline passes.
+            expired = request.deadline is not None and time.monotonic() >= request.deadline - _DEADLINE_SLACK
+            code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             raise
         except Exception:
             code = "INTERNAL"
@@ -271,6 +285,8 @@ class DataPlane:
         finally:
             metrics.inflight.dec()
             seconds = time.perf_counter() - started
+            if admitted:
+                limiter.release(seconds, code == "OK")  # type: ignore[union-attr]
             metrics.observe_request(model, version, code, seconds)
             if code != "OK" and model != "unknown":
                 self.statistics.of(model, version).failed(seconds)

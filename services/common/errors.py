@@ -16,6 +16,19 @@ place. Any other exception becomes INTERNAL with a fixed message and is logged i
 
 from __future__ import annotations
 
+#: The most characters of client input (a name, an id) that an error message or log line repeats.
+MAX_ECHO = 200
+#: The longest status message a node sends: gRPC refuses trailers above its metadata limit.
+MAX_MESSAGE = 2048
+
+
+def bounded(text: str, limit: int = MAX_ECHO) -> str:
+    """`text` cut to `limit` characters, saying how long it was: client input echoed in messages
+    and logs stays small whatever the client sent."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text)} characters)"
+
 
 class MeshError(Exception):
     """Base of every error onnxmesh raises on purpose."""

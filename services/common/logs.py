@@ -60,7 +60,7 @@ class TextFormatter(logging.Formatter):
 def _text_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     # Quoted when it would not read back as one word.
-    return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
 
 
 def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:

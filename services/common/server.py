@@ -31,12 +31,13 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import batching, tracing, tracing_edge
 from services.common.dataplane import DataPlane
+from services.common.limits import limiter_from_setting
 from services.common.metrics import ServerMetrics
 from services.common.model import LoadError
 from services.common.reflection import enable_reflection
 from services.common.repository import ModelRepository
 from services.common.rest import RestServer
-from services.common.servicer import EXTENSIONS
+from services.common.servicer import EXTENSIONS, DecodingGuard
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class MeshServer:
             server_version=VERSION,
             extensions=EXTENSIONS,
         )
+        self.dataplane.limiter = limiter_from_setting(settings.max_inflight, settings.service)
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -121,7 +123,8 @@ class MeshServer:
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         servicer = tracing_edge.servicer_class()(self.dataplane)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN.
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         if self._add_services is not None:

@@ -29,7 +29,7 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import codec, extensions, triton
 from services.common.dataplane import DataPlane
-from services.common.errors import InvalidInput, MeshError, from_status
+from services.common.errors import MAX_MESSAGE, InvalidInput, MeshError, bounded, from_status
 from services.common.logs import request_id_var
 from services.common.types import InferRequest, InferResult
 
@@ -49,8 +49,12 @@ REFUSED = {
     "LogSettings": ("UNIMPLEMENTED", "LogSettings is not served: start the node with --log-level"),
 }
 REFUSED["RepositoryModelUnload"] = REFUSED["RepositoryModelLoad"]
-_CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND"})
+#: Routine outcomes, logged at INFO: client mistakes, and load shed on purpose (counted by the
+#: requests metric; a WARNING per refused call would add work exactly when there is too much).
+_ROUTINE_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"})
 REQUEST_ID_HEADER = "x-request-id"
+#: Request ids longer than this are cut in the logs (they come from clients).
+_MAX_ID = 128
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -67,18 +71,73 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 
 def status(method: str, exc: BaseException, **context: str) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed RPC answers with; logs the failure with its code,
-    its reason and `context` (e.g. the model or graph called)."""
+    its reason and `context` (e.g. the model or graph called). Messages are bounded
+    (`errors.bounded`): they may echo client input of any size."""
     if isinstance(exc, MeshError):
         code = grpc.StatusCode[exc.code]
+        message = bounded(exc.message, MAX_MESSAGE)
         if not exc.public:
-            log.error("internal error in %s: %s", method, exc.message, extra={"code": code.name, **context})
+            log.error("internal error in %s: %s", method, message, extra={"code": code.name, **context})
             return code, INTERNAL_MESSAGE
-        # Client mistakes are routine (INFO); a peer down or a deadline is worth a look.
-        level = logging.INFO if exc.code in _CLIENT_CODES else logging.WARNING
-        log.log(level, "%s failed", method, extra={"code": code.name, "error": exc.message, **context})
-        return code, exc.message
+        # Client mistakes and shed load are routine (INFO); a peer down or a deadline is worth a look.
+        level = logging.INFO if exc.code in _ROUTINE_CODES else logging.WARNING
+        log.log(level, "%s failed", method, extra={"code": code.name, "error": message, **context})
+        return code, message
     log.error("unexpected error in %s", method, exc_info=exc, extra={"code": "INTERNAL", **context})
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+# -- bodies that are not protobuf -------------------------------------------------------------
+
+
+class Undecodable:
+    """What a guarded request deserializer answers for bytes that are not its message: the
+    handler then refuses it with INVALID_ARGUMENT, instead of gRPC answering UNKNOWN with the
+    decoder's exception and logging a traceback for every such request."""
+
+    __slots__ = ("message", "size")
+
+    def __init__(self, message: str, size: int) -> None:
+        self.message = message
+        self.size = size
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(f"the request body ({self.size} bytes) is not a valid {self.message} message")
+
+
+def _guard(deserializer: Callable[[bytes], Any] | None, message: str) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:
+            return Undecodable(message, len(raw))
+
+    return decode
+
+
+class DecodingGuard:
+    """Stands in for the gRPC server while generated code registers a service
+    (`add_..._to_server(servicer, DecodingGuard(server))`): every method's request deserializer
+    is wrapped by `_guard`; the handlers reach the server with both registrations."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come again, guarded, through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        guarded = {
+            name: handler._replace(
+                request_deserializer=_guard(handler.request_deserializer, name + "Request")
+            )
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        self._server.add_registered_method_handlers(service, guarded)
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -86,8 +145,10 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        token = request_id_var.set(getattr(request, "id", "") or _request_id(context))
+        token = request_id_var.set(bounded(getattr(request, "id", "") or _request_id(context), _MAX_ID))
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await method(self, request, context)
         except Exception as exc:
             code, message = status(method.__name__, exc)
@@ -251,7 +312,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        request_id = request.id or _request_id(context)
+        if isinstance(request, Undecodable):
+            code, message = status("ModelInfer", request.error())
+            await context.abort(code, message)
+        request_id = bounded(request.id or _request_id(context), _MAX_ID)
         token = request_id_var.set(request_id)
         try:
             remaining = context.time_remaining()

@@ -82,6 +82,12 @@ class ServerSettings:
     max_concurrent_rpcs: int | None = field(
         default=None, metadata=option("above this, RESOURCE_EXHAUSTED (load shed)", _optional_int)
     )
+    max_inflight: str = field(
+        default="adaptive",
+        metadata=option(
+            "inference calls run at once before RESOURCE_EXHAUSTED: adaptive (a gradient limit), a number, or off"
+        ),
+    )
     max_connection_age: float = field(
         default=300.0,
         metadata=option("seconds before clients are asked to reconnect (re-resolve DNS)", float),

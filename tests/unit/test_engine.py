@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from orchestrator.aggregators import AGGREGATORS
-from orchestrator.engine import DEADLINE_MARGIN, SHADOW_STATUS, Engine, RetryBudget, compare_outputs
+from orchestrator.engine import SHADOW_STATUS, Engine, RetryBudget, compare_outputs, deadline_margin
 from orchestrator.spec import load_spec, parse_spec
 from orchestrator.stage import Stage
 from services.common.errors import (
@@ -426,7 +426,8 @@ def test_each_step_gets_the_smaller_of_its_timeout_and_what_remains() -> None:
     result = go(engine_for(CHAIN, {"s": stage}, clock=clock), deadline=start + 10.0)
     assert result.outputs["x"] is X
     timeouts = [c.timeout for c in stage.calls]
-    assert timeouts == pytest.approx([4.0, 4.0, 4.0 - DEADLINE_MARGIN, 1.0 - DEADLINE_MARGIN])
+    margin = deadline_margin(10.0)
+    assert timeouts == pytest.approx([4.0, 4.0, 4.0 - margin, 1.0 - margin])
     for call in stage.calls:
         assert call.at is not None
         assert call.timeout <= 4.0
@@ -437,7 +438,7 @@ def test_the_graph_timeout_is_the_budget_when_the_client_sends_no_deadline() -> 
     clock = FakeClock()
     stage = FakeStage({"m": echo}, clock=clock)
     go(engine_for("timeout: 1.5\n" + CHAIN, {"s": stage}, clock=clock))
-    assert stage.calls[0].timeout == pytest.approx(1.5 - DEADLINE_MARGIN)
+    assert stage.calls[0].timeout == pytest.approx(1.5 - deadline_margin(1.5))
 
 
 def test_a_step_with_no_time_left_is_not_called_and_named() -> None:
@@ -483,6 +484,27 @@ outputs: {x: fast.x}
     result = go(engine_for(graph, stages))
     assert result.parameters["step.slow"] == "timeout: exceeded its timeout of 0.05s"
     assert result.parameters["step.fast"] == "ok"
+
+
+def test_a_hung_soft_branch_is_cut_with_the_margin_left_for_the_answer() -> None:
+    stages = digits_stages()
+    stages["model_b"].hang("digits-logreg")
+    deadline = 0.3
+    started = time.monotonic()
+    result = run(
+        default_engine(stages).run("digits-parallel", {"image": IMAGES}, deadline=started + deadline)
+    )
+    answered = time.monotonic() - started
+    assert result.parameters["step.logreg"] == "timeout: exceeded the deadline"
+    (call,) = stages["model_b"].calls_to("digits-logreg")
+    assert call.cancelled and call.timeout <= deadline - deadline_margin(deadline) + 0.01
+    assert answered < deadline  # the answer left before the client's deadline
+
+
+def test_the_margin_scales_with_the_budget_within_bounds() -> None:
+    assert deadline_margin(0.01) == 0.005
+    assert deadline_margin(1.0) == pytest.approx(0.15)
+    assert deadline_margin(60.0) == 0.25
 
 
 # ---------------------------------------------------------------------------------------------
