@@ -78,7 +78,9 @@ def mmdebstrap_command(packages: tuple[str, ...], tarball: Path, apt_sources: li
 
 def recipe(packages: tuple[str, ...], apt_sources: list[str]) -> str:
     """What a base image is made of, as a short digest: a changed recipe means a new image."""
-    text = json.dumps({"suite": SUITE, "packages": packages, "sources": apt_sources, "excluded": EXCLUDED_PATHS})
+    text = json.dumps(
+        {"suite": SUITE, "packages": packages, "sources": apt_sources, "excluded": EXCLUDED_PATHS}
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

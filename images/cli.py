@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     parser.add_argument(
-        "--save", type=Path, default=None, metavar="DIR", help="also write DIR/<name>.tar for kind or minikube"
+        "--save",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write DIR/<name>.tar for kind or minikube",
     )
     return parser
 

@@ -75,7 +75,9 @@ class Manifests:
         return found
 
     def config_map_data(self) -> dict[str, dict[str, str]]:
-        return {o["metadata"]["name"]: dict(o.get("data") or {}) for o in self.objects if o["kind"] == "ConfigMap"}
+        return {
+            o["metadata"]["name"]: dict(o.get("data") or {}) for o in self.objects if o["kind"] == "ConfigMap"
+        }
 
 
 @pytest.fixture(scope="session")

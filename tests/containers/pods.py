@@ -109,7 +109,9 @@ class ContainerSpec:
             deployment=deployment["metadata"]["name"],
             image=container["image"],
             env={e["name"]: str(e["value"]) for e in container.get("env") or [] if "value" in e},
-            ports={p.get("name", str(p["containerPort"])): int(p["containerPort"]) for p in container["ports"]},
+            ports={
+                p.get("name", str(p["containerPort"])): int(p["containerPort"]) for p in container["ports"]
+            },
             probes=probes,
             startup_budget=float(startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)),
             user=int(security.get("runAsUser", pod_security.get("runAsUser"))),
@@ -123,7 +125,9 @@ class ContainerSpec:
             config_maps=config_maps,
             grace_period=float(pod.get("terminationGracePeriodSeconds", 30)),
             pre_stop_sleep=float(
-                (((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
+                (((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get(
+                    "seconds", 0
+                )
             ),
             command=list(container.get("command") or []),
         )

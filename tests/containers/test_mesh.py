@@ -120,8 +120,14 @@ def start_node(
     spec = ContainerSpec.from_deployment(manifests.get("Deployment", kubernetes_name(service)))
     metrics_port = free_port()
     # Host networking: each container gets its own ports on 127.0.0.1 (a pod has its own IP).
-    env = {"ONNXMESH_HOST": "127.0.0.1", "ONNXMESH_PORT": str(port), "ONNXMESH_METRICS_PORT": str(metrics_port)} | env
-    container = Container(engine, spec, name, image=image, env=env, config_map_data=manifests.config_map_data())
+    env = {
+        "ONNXMESH_HOST": "127.0.0.1",
+        "ONNXMESH_PORT": str(port),
+        "ONNXMESH_METRICS_PORT": str(metrics_port),
+    } | env
+    container = Container(
+        engine, spec, name, image=image, env=env, config_map_data=manifests.config_map_data()
+    )
     return container, metrics_port
 
 
@@ -156,7 +162,7 @@ def mesh(engine: Engine, images: dict[str, BuiltImage], manifests: Manifests) ->
 
 def test_every_node_is_serving_to_a_probe_like_the_kubelets(mesh: Mesh) -> None:
     lines = []
-    for service, node in mesh.nodes.items():
+    for node in mesh.nodes.values():
         spec = node.container.spec
         # The probes' service name is what the kubelet asks for.
         assert {probe_service for _, probe_service in spec.probes.values()} == {""}
@@ -165,7 +171,9 @@ def test_every_node_is_serving_to_a_probe_like_the_kubelets(mesh: Mesh) -> None:
             f"  {spec.deployment:<13} SERVING after {node.startup_seconds:4.1f} s, "
             f"memory {node.container.stats()} (limit {spec.memory_limit})"
         )
-    FIGURES.append("nodes (read-only root, UID 10001, no capabilities, the dev overlay's env):\n" + "\n".join(lines))
+    FIGURES.append(
+        "nodes (read-only root, UID 10001, no capabilities, the dev overlay's env):\n" + "\n".join(lines)
+    )
 
 
 def test_the_three_graphs_answer_a_stock_client_with_their_accuracy(mesh: Mesh) -> None:
@@ -225,7 +233,13 @@ def test_model_a_is_replaced_by_version_2_with_traffic_flowing_and_no_request_fa
         traffic.wait_for(200)
         # maxSurge 1, maxUnavailable 0: the new container is ready before the old one goes.
         new, metrics_port = start_node(
-            engine, mesh.manifests, MODEL_A, port=port, env={}, name=container_name("model-a-v2"), image=V2_IMAGE
+            engine,
+            mesh.manifests,
+            MODEL_A,
+            port=port,
+            env={},
+            name=container_name("model-a-v2"),
+            image=V2_IMAGE,
         )
         mesh.stack.enter_context(new)
         new.wait_serving(f"127.0.0.1:{port}")
