@@ -6,18 +6,23 @@ import copy
 import difflib
 import io
 import json
+import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
+import yaml
 
 from meshctl.rollout.cli import build_parser, run_rollout
-from meshctl.rollout.cluster import Obj
+from meshctl.rollout.cluster import KubernetesClusterApi, Obj
 from meshctl.rollout.deployments import NAME_LABEL, image_tag, rollout_state
 from meshctl.rollout.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    ClusterApiError,
     ConflictError,
     NotFoundError,
     RolloutError,
@@ -28,6 +33,7 @@ from meshctl.rollout.weights import parse_weights, set_splitter_weights, splitte
 from orchestrator.spec import parse_spec
 
 NS = "onnxmesh"
+REPO = Path(__file__).resolve().parents[2]
 
 # The brief's example graph, with comments and flow mappings, as an operator would keep it.
 SPEC = """\
@@ -874,3 +880,225 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as caught:
         build_parser().parse_args(argv)
     assert caught.value.code == EXIT_USAGE
+
+
+# --------------------------------------------------------------------------------------------
+# A short API outage during the wait
+
+
+def outage(reads: range, status: int | None = None) -> Controller:
+    """A controller under which the reads numbered in `reads` (after the patch) fail, then all is done."""
+
+    def control(cluster: FakeCluster, name: str, count: int) -> None:
+        if cluster.patches and count in reads:
+            raise ClusterApiError(f"read deployment {name}: cannot reach the Kubernetes API", status)
+        ready_after(1)(cluster, name, count)
+
+    return control
+
+
+def test_the_wait_rides_out_a_short_api_outage_with_back_off(cluster: FakeCluster, clock: FakeClock) -> None:
+    cluster.controller = outage(range(1, 5))  # four reads fail: the API server restarts
+
+    result = run(cluster, "set-image", "model-a", "onnxmesh/model-a:0.2.0", "--timeout", "120", clock=clock)
+
+    assert result.code == EXIT_OK, result.err
+    assert clock.sleeps == [1.0, 2.0, 4.0, 8.0]
+    assert "does not answer" in result.out and "answers again (after 15s)" in result.out
+    assert result.out.strip().endswith("rollout complete")
+
+
+def test_an_outage_longer_than_the_timeout_fails_saying_the_rollout_goes_on(
+    cluster: FakeCluster, clock: FakeClock
+) -> None:
+    cluster.controller = outage(range(1, 1000), status=503)
+
+    result = run(cluster, "set-image", "model-a", "onnxmesh/model-a:0.2.0", "--timeout", "30", clock=clock)
+
+    assert result.code == EXIT_FAILURE
+    assert sum(clock.sleeps) == pytest.approx(30.0)
+    assert "not complete after 30s" in result.err and "has not answered for the last 30s" in result.err
+    assert "kubectl -n onnxmesh rollout status deployment/model-a" in result.err
+
+
+def test_an_api_refusal_during_the_wait_is_not_retried(cluster: FakeCluster, clock: FakeClock) -> None:
+    cluster.controller = outage(range(1, 1000), status=403)
+
+    result = run(cluster, "set-image", "model-a", "onnxmesh/model-a:0.2.0", clock=clock)
+
+    assert result.code == EXIT_FAILURE
+    assert clock.sleeps == []
+
+
+# --------------------------------------------------------------------------------------------
+# Hints that name what exists
+
+
+def test_set_image_of_an_unknown_deployment_names_the_ones_there_and_the_likely_one(
+    cluster: FakeCluster,
+) -> None:
+    result = run(cluster, "set-image", "model_a", "onnxmesh/model-a:0.2.0")
+
+    assert result.code == EXIT_USAGE
+    assert "no deployment 'model_a' in namespace onnxmesh; did you mean 'model-a'?" in result.err
+    assert "(Deployments: model-a, model-a-canary, model-b, orchestrator, preprocess)" in result.err
+    assert cluster.patches == []
+
+
+def test_canary_on_a_spec_without_splitters_says_which_overlay_has_them(cluster: FakeCluster) -> None:
+    # The spec the dev and production overlays deploy.
+    cluster.config_maps["onnxmesh-graphs"]["data"]["graphs.yaml"] = (
+        REPO / "k8s/base/graphs.yaml"
+    ).read_text()
+
+    result = run(cluster, "canary", "digits-serial", "mlp", "--weights", "stable=90,canary=10")
+
+    assert result.code == EXIT_USAGE
+    assert "step 'mlp' of graph 'digits-serial' is not a splitter" in result.err
+    assert "kubectl apply -k k8s/overlays/dev-canary" in result.err
+    assert cluster.replaced == []
+
+
+def test_canary_with_a_typo_lists_the_steps_and_the_splitters_not_the_inputs(cluster: FakeCluster) -> None:
+    result = run(cluster, "canary", "digits-parallel", "mpl", "--weights", "stable=1")
+
+    assert result.code == EXIT_USAGE
+    steps = result.err.split("its steps: ", 1)[1].split(")", 1)[0].split(", ")
+    assert steps == ["head", "head-next", "mlp", "mlp-canary", "mlp-stable", "pre", "shadowed"]
+    assert "splitter steps in the spec: digits-parallel/mlp" in result.err
+
+
+# --------------------------------------------------------------------------------------------
+# The real client: field manager, kubeconfig, an unreachable API
+
+
+def client_over_fake(cluster: FakeCluster) -> Any:
+    """The kubernetes client's own API classes, answered by a FakeCluster instead of a server.
+
+    Every request the real client builds (method, URL with its query, body) is recorded and
+    served from the fake, so what goes over the wire is what a test checks. ``down`` makes the
+    next requests fail as an unreachable server does. (Imported here: the client is slow to load.)
+    """
+    from kubernetes.client import ApiClient, Configuration
+    from kubernetes.client.rest import RESTResponse
+
+    class ClientOverFake(ApiClient):  # type: ignore[misc]
+        """An ApiClient whose transport is the fake cluster; `requests` records (method, URL)."""
+
+        def __init__(self, cluster: FakeCluster) -> None:
+            super().__init__(Configuration(host="https://kubernetes.test"))
+            self.cluster = cluster
+            self.requests: list[tuple[str, str]] = []
+            self.down = 0
+
+        def call_api(
+            self, method: str, url: str, header_params: Any = None, body: Any = None, *_: Any, **__: Any
+        ) -> Any:
+            self.requests.append((method, url))
+            if self.down:
+                self.down -= 1
+                raise urllib3.exceptions.MaxRetryError(None, url, "connection refused")  # type: ignore[arg-type]
+            parts = urllib.parse.urlsplit(url)
+            path, query = parts.path.strip("/").split("/"), urllib.parse.parse_qs(parts.query)
+            kind, name = (
+                (path[-1], None) if path[-1] in ("deployments", "pods", "events") else (path[-2], path[-1])
+            )
+            try:
+                data = self._serve(method, kind, name, query, body)
+            except NotFoundError as exc:
+                return RESTResponse(
+                    urllib3.HTTPResponse(json.dumps({"message": str(exc)}).encode(), status=404)
+                )
+            return RESTResponse(urllib3.HTTPResponse(json.dumps(data).encode(), status=200))
+
+        def _serve(
+            self, method: str, kind: str, name: str | None, query: dict[str, list[str]], body: Any
+        ) -> Any:
+            selector = (query.get("labelSelector") or [""])[0]
+            if name is None:
+                listed = {
+                    "deployments": lambda: self.cluster.list_deployments(selector),
+                    "pods": lambda: self.cluster.list_pods(selector),
+                    "events": lambda: self.cluster.list_events(query["fieldSelector"][0].split("=", 1)[1]),
+                }[kind]()
+                return {"items": listed}
+            calls: dict[tuple[str, str], Callable[[], Obj]] = {
+                ("GET", "deployments"): lambda: self.cluster.read_deployment(name),
+                ("PATCH", "deployments"): lambda: self.cluster.patch_deployment(name, body),
+                ("GET", "configmaps"): lambda: self.cluster.read_config_map(name),
+                ("PUT", "configmaps"): lambda: self.cluster.replace_config_map(name, body),
+            }
+            return calls[(method, kind)]()
+
+    return ClientOverFake(cluster)
+
+
+def test_every_write_is_made_as_field_manager_onnxmesh(cluster: FakeCluster, clock: FakeClock) -> None:
+    cluster.controller = ready_after(2)
+    wire = client_over_fake(cluster)
+    api = KubernetesClusterApi(NS, api_client=wire)
+    out, err = io.StringIO(), io.StringIO()
+
+    for argv in (
+        ["set-image", "model-a", "onnxmesh/model-a:0.2.0"],
+        ["canary", "digits-parallel", "mlp", "--weights", "stable=50,canary=50"],
+    ):
+        code = run_rollout(build_parser().parse_args(argv), api=api, clock=clock, out=out, err=err)
+        assert code == EXIT_OK, err.getvalue()
+
+    writes = [(method, url) for method, url in wire.requests if method not in ("GET", "HEAD")]
+    assert [method for method, _ in writes] == ["PATCH", "PUT"]
+    for _, url in writes:
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["fieldManager"] == ["onnxmesh"]
+    assert weights_in(cluster.graphs_text()) == {"mlp-stable": 50, "mlp-canary": 50}
+
+
+def test_an_unreachable_api_through_the_real_client_is_ridden_out(
+    cluster: FakeCluster, clock: FakeClock
+) -> None:
+    cluster.controller = ready_after(1)
+    wire = client_over_fake(cluster)
+    api = KubernetesClusterApi(NS, api_client=wire)
+    # The patch goes through; then the server is away for three reads.
+    original = cluster.patch_deployment
+
+    def patch_then_go_away(name: str, patch: Obj) -> Obj:
+        wire.down = 3
+        return original(name, patch)
+
+    cluster.patch_deployment = patch_then_go_away  # type: ignore[method-assign]
+    out, err = io.StringIO(), io.StringIO()
+    args = build_parser().parse_args(["set-image", "model-b", "onnxmesh/model-b:0.2.0", "--timeout", "120"])
+
+    assert run_rollout(args, api=api, clock=clock, out=out, err=err) == EXIT_OK, err.getvalue()
+    assert "cannot reach the Kubernetes API" in out.getvalue()
+    assert clock.sleeps[:3] == [1.0, 2.0, 4.0]
+
+
+def test_kubeconfig_flag_names_the_file_that_is_read(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["status", "--kubeconfig", str(tmp_path / "nope.yaml")])
+    assert args.kubeconfig == str(tmp_path / "nope.yaml")
+    err = io.StringIO()
+
+    assert run_rollout(args, err=err, out=io.StringIO()) == EXIT_FAILURE
+    assert f"cannot load kubeconfig {tmp_path / 'nope.yaml'}" in err.getvalue()
+
+    kubeconfig = tmp_path / "config.yaml"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "mine", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "mine",
+            }
+        )
+    )
+    # Loads (nothing is called yet), and a context the file lacks is named in the error.
+    KubernetesClusterApi(NS, None, str(kubeconfig))
+    args = build_parser().parse_args(["status", "--kubeconfig", str(kubeconfig), "--context", "theirs"])
+    err = io.StringIO()
+    assert run_rollout(args, err=err, out=io.StringIO()) == EXIT_FAILURE
+    assert f"cannot load kubeconfig {kubeconfig}" in err.getvalue() and "theirs" in err.getvalue()
