@@ -37,8 +37,8 @@ class ImageSpec:
     service: str
     repository: str
 
-    def ref(self, tag: str) -> str:
-        return f"{self.repository}:{tag}"
+    def ref(self, tag: str, registry: str = "") -> str:
+        return f"{registry.rstrip('/')}/{self.repository}:{tag}" if registry else f"{self.repository}:{tag}"
 
 
 #: Every image `make images` builds, nodes first (k8s/base), then jobs (k8s/components/jobs).
@@ -184,6 +184,7 @@ def build_images(
     engine: Engine,
     *,
     tag: str,
+    registry: str = "",
     services: Sequence[str] = (),
     base: str = "auto",
     python_image: str = REGISTRY_BASE,
@@ -204,7 +205,7 @@ def build_images(
     base_ids = [engine.image_id(image) or image for image in base_images]
     built = []
     for spec in specs:
-        ref = engine.qualified(spec.ref(tag))
+        ref = engine.qualified(spec.ref(tag, registry))
         build_args = {**base_args, "SERVICE": spec.service, "UV_VERSION": uv_version()}
         digest = source_digest(build_args, base_ids)
         labels = engine.image_labels(ref)

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tag", default=project_version(), help="image tag (default: %(default)s)")
     parser.add_argument(
+        "--registry",
+        default="",
+        help="registry to name the images for, e.g. registry.example.com (default: none)",
+    )
+    parser.add_argument(
         "--engine",
         choices=("auto", "docker", "podman"),
         default="auto",
@@ -88,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         built = build_images(
             engine,
             tag=args.tag,
+            registry=args.registry,
             services=args.images,
             base=args.base,
             python_image=args.python_image,
