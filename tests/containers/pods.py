@@ -10,7 +10,6 @@ each container its own ports and the orchestrator 127.0.0.1 addresses instead of
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
@@ -179,12 +178,12 @@ class Container:
             args += ["--volume", f"{self._config_map_dir((config_map_data or {})[config_map])}:{path}:ro"]
         for key, value in {**spec.env, **(env or {})}.items():
             args += ["--env", f"{key}={value}"]
+        # A pod's `command` replaces the image's ENTRYPOINT (its first word; the rest follow the image).
         if spec.command:
-            # A pod's `command` replaces the image's ENTRYPOINT.
-            args += ["--entrypoint", json.dumps(spec.command)]
+            args += ["--entrypoint", spec.command[0]]
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            engine.run_command(*args, image or spec.image),
+            engine.run_command(*args, image or spec.image, *spec.command[1:]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -167,6 +167,8 @@ def test_every_node_is_serving_to_a_probe_like_the_kubelets(mesh: Mesh) -> None:
         # The probes' service name is what the kubelet asks for.
         assert {probe_service for _, probe_service in spec.probes.values()} == {""}
         assert node.container.running
+        # onnxruntime's telemetry is off in the image: no warning about a read-only $HOME.
+        assert "telemetry" not in node.container.log(), node.container.log()[-2000:]
         lines.append(
             f"  {spec.deployment:<13} SERVING after {node.startup_seconds:4.1f} s, "
             f"memory {node.container.stats()} (limit {spec.memory_limit})"
@@ -229,7 +231,10 @@ def test_model_a_is_replaced_by_version_2_with_traffic_flowing_and_no_request_fa
     old = mesh.nodes[MODEL_A]
     spec = old.container.spec
     port = mesh.spare_model_a_port()
-    with Traffic(mesh.address(ORCHESTRATOR), "digits-serial", steps=["mlp"], concurrency=4) as traffic:
+    traffic = Traffic(
+        mesh.address(ORCHESTRATOR), "digits-serial", steps=["mlp"], concurrency=4, max_seconds=300
+    )
+    with traffic:
         traffic.wait_for(200)
         # maxSurge 1, maxUnavailable 0: the new container is ready before the old one goes.
         new, metrics_port = start_node(
@@ -250,6 +255,7 @@ def test_model_a_is_replaced_by_version_2_with_traffic_flowing_and_no_request_fa
         while "2" not in {version for _, version in report_versions(traffic)} and time.monotonic() < deadline:
             time.sleep(0.1)
         picked_up = time.monotonic() - picked_up
+        assert "2" in {v for _, v in report_versions(traffic)}, "the orchestrator never called version 2"
         # The kubelet's preStop sleep only waits for the endpoints to drop the pod; there are
         # none here, so SIGTERM comes at once and must be done within what the grace period leaves.
         drain_budget = spec.grace_period - spec.pre_stop_sleep
