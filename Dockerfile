@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # One Dockerfile for every image of the mesh; SERVICE picks which one. `make images` builds
 # them all (images/build.py: docker with BuildKit, else podman/buildah); by hand:
 #
@@ -15,7 +13,8 @@
 #
 #   docker build --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt ...
 #
-# Plain Dockerfile syntax only (no heredocs): BuildKit and Debian 12's buildah 1.28 both build it.
+# Plain Dockerfile syntax only (no heredocs): BuildKit (Docker 23+, its built-in frontend: no
+# `# syntax=` line, which would pull one from a registry) and Debian 12's buildah 1.28 both build it.
 # Model-in-image: a model service's image carries only its own model directory, so a new
 # model version is a new image tag of that one service (see docs/kubernetes.md).
 
