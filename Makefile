@@ -1,32 +1,46 @@
-# One entry point. Every target sets itself up on a fresh machine: the venv, the
-# pinned dependencies and the generated gRPC stubs.
+# One entry point. Every target sets itself up on a fresh machine: the venv, the locked
+# dependencies and the generated gRPC stubs.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+UV     := $(BIN)/uv
 STAMP  := $(VENV)/.installed-stamp
 GEN    := proto/gen/inference/grpc_predict_v2_pb2.py
-PROTOS := $(wildcard proto/inference/*.proto proto/jobs/*.proto)
+PROTOS := $(wildcard proto/*/*.proto)
+# The uv release that makes and installs uv.lock: the one the dev extra pins.
+UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
+# Never download a Python: use the one the venv was made with.
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup proto promtool test faults lint run bench rehearse models clean
+.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean
 
 setup: $(STAMP) $(GEN)
 
-$(STAMP): pyproject.toml
+# Installs exactly what uv.lock pins, direct and indirect (uv sync is exact: anything else in
+# the venv goes). When pyproject.toml changed since the lock was made, it re-locks first:
+# `uv lock` keeps every pin that still fits and only resolves what is new.
+$(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	test -x $(UV) || $(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+	@$(UV) lock --check --quiet 2>/dev/null || { \
+		echo "uv.lock does not match pyproject.toml: re-locking (make lock). Commit the new uv.lock."; \
+		$(UV) lock; }
+	$(UV) sync --locked --extra dev --python $(BIN)/python --quiet
 	touch $@
+
+# Re-resolve after editing the dependencies in pyproject.toml; commit uv.lock with them.
+# To move one locked package on: $(UV) lock --upgrade-package NAME.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) || $(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) lock
 
 # Stubs are generated under proto/gen/ (importable as proto.gen.*), apart from
 # hand-written code, never edited and never committed.
 proto: $(GEN)
 
-$(GEN): $(STAMP) $(PROTOS)
-	rm -rf proto/gen && mkdir -p proto/gen/inference proto/gen/jobs
-	$(BIN)/python -m grpc_tools.protoc -Iproto/gen=proto \
-		--python_out=. --pyi_out=. --grpc_python_out=. \
-		$(patsubst proto/%,proto/gen/%,$(PROTOS))
-	touch proto/gen/__init__.py proto/gen/inference/__init__.py proto/gen/jobs/__init__.py
+$(GEN): $(STAMP) $(PROTOS) scripts/gen_proto.py
+	$(BIN)/python scripts/gen_proto.py
 
 # promtool from Debian's prometheus package, unpacked into the venv (nothing installed system-wide,
 # no daemon started): the tests check the alerting rules and every node's exposition with it.
@@ -66,6 +80,12 @@ rehearse: setup
 
 models: setup
 	$(BIN)/python scripts/train_digits.py
+
+# The five images, tagged as k8s/ names them (docker when its daemon answers, else podman;
+# offline, the base images are built from Debian packages first). Needs only python3.
+# `make images ARGS="--help"` lists the options (tag, engine, CA bundle, base images).
+images:
+	$(PYTHON) -m images $(ARGS)
 
 clean:
 	rm -rf $(VENV) proto/gen .mypy_cache .ruff_cache .pytest_cache

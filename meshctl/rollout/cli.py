@@ -32,6 +32,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "-n", "--namespace", default=DEFAULT_NAMESPACE, help="namespace of the mesh (default: %(default)s)"
     )
+    where.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)"
+    )
     where.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
     where.add_argument(
         "--configmap", default=DEFAULT_CONFIGMAP, help="graph spec ConfigMap (default: %(default)s)"
@@ -106,7 +109,9 @@ def run_rollout(
     err = err if err is not None else sys.stderr
     settings = RolloutSettings(args.configmap, args.graphs_key, args.orchestrator)
     try:
-        cluster = api if api is not None else KubernetesClusterApi(args.namespace, args.context)
+        cluster = (
+            api if api is not None else KubernetesClusterApi(args.namespace, args.context, args.kubeconfig)
+        )
         command = args.rollout_command
         if command == "status":
             return cmd_status(cluster, settings, args.output, out)

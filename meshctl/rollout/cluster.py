@@ -85,36 +85,39 @@ class SystemClock:
         time.sleep(seconds)
 
 
+#: The field manager of every write, so server-side apply names these commands in a conflict
+#: (the client's default would be "OpenAPI-Generator").
+FIELD_MANAGER = "onnxmesh"
+
+
 class KubernetesClusterApi:
     """``ClusterApi`` over the official kubernetes client.
 
-    Uses the kubeconfig's current context (or ``context``), and the in-cluster service account
-    when there is no kubeconfig. Responses are read as raw JSON rather than client models, so
-    callers see exactly what the API sent, in the same shape as ``kubectl -o json``.
+    Uses ``kubeconfig`` (default: ``$KUBECONFIG``, else ``~/.kube/config``) with its current
+    context (or ``context``), and the in-cluster service account when there is no kubeconfig.
+    ``api_client`` replaces all of that (tests point one at a local HTTP server). Responses are
+    read as raw JSON rather than client models, so callers see exactly what the API sent, in
+    the same shape as ``kubectl -o json``. Every write is made as field manager ``onnxmesh``.
     """
 
-    def __init__(self, namespace: str, context: str | None = None) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        context: str | None = None,
+        kubeconfig: str | None = None,
+        *,
+        api_client: Any = None,
+    ) -> None:
         # Imported here: the kubernetes package is an optional extra, and only a real cluster needs it.
         try:
-            from kubernetes import client, config
+            from kubernetes import client
         except ImportError as exc:
             raise MissingExtra(
                 f"the rollout commands need the Kubernetes client, which is not installed ({exc}): {K8S_EXTRA}"
             ) from None
 
-        # The kubernetes package ships py.typed but leaves its config loaders unannotated.
-        try:
-            api_client = config.new_client_from_config(context=context)  # type: ignore[no-untyped-call]
-        except (config.ConfigException, OSError) as exc:
-            if context is not None:
-                raise ClusterApiError(f"cannot load kubeconfig context {context!r}: {exc}") from exc
-            # No kubeconfig: inside a pod, use its service account.
-            try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except config.ConfigException:
-                raise ClusterApiError(f"cannot load a kubeconfig: {exc}") from exc
-            api_client = client.ApiClient()
         self.namespace = namespace
+        api_client = api_client if api_client is not None else _load_api_client(context, kubeconfig)
         self._apps = client.AppsV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
 
@@ -160,6 +163,7 @@ class KubernetesClusterApi:
             name,
             self.namespace,
             patch,
+            field_manager=FIELD_MANAGER,
             _content_type="application/strategic-merge-patch+json",
         )
 
@@ -190,8 +194,29 @@ class KubernetesClusterApi:
             name,
             self.namespace,
             body,
+            field_manager=FIELD_MANAGER,
             _content_type="application/json",
         )
+
+
+def _load_api_client(context: str | None, kubeconfig: str | None) -> Any:
+    """An API client for the kubeconfig (and context), else the pod's service account."""
+    from kubernetes import client, config
+
+    # The kubernetes package ships py.typed but leaves its config loaders unannotated.
+    try:
+        return config.new_client_from_config(config_file=kubeconfig, context=context)  # type: ignore[no-untyped-call]
+    except (config.ConfigException, OSError) as exc:
+        if kubeconfig is not None:
+            raise ClusterApiError(f"cannot load kubeconfig {kubeconfig}: {exc}") from exc
+        if context is not None:
+            raise ClusterApiError(f"cannot load kubeconfig context {context!r}: {exc}") from exc
+        # No kubeconfig: inside a pod, use its service account.
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            raise ClusterApiError(f"cannot load a kubeconfig: {exc}") from exc
+        return client.ApiClient()
 
 
 def _api_error_message(body: object) -> str | None:

@@ -8,6 +8,7 @@ prints what it did to ``out`` and returns the exit code; failures are raised as 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -55,6 +56,7 @@ from meshctl.rollout.weights import (
     splitter_branches,
 )
 from orchestrator.spec import MeshSpec
+from services.common.topology import kubernetes_name
 
 # --------------------------------------------------------------------------------------------
 # canary, promote, abort: the weights of one splitter in the ConfigMap
@@ -227,7 +229,7 @@ def cmd_set_image(
     try:
         deployment = api.read_deployment(component)
     except NotFoundError:
-        raise UsageError(f"no deployment {component!r} in namespace {api.namespace}") from None
+        raise UsageError(_no_such_deployment(api, component)) from None
     target = main_container(deployment, container)
     previous = str(target.get("image", ""))
     if previous and image_repository(previous) != image_repository(image):
@@ -265,6 +267,21 @@ def cmd_set_image(
         raise RolloutError(f"{exc}\n{_undo_hint(api, settings, component, previous)}") from None
     print(f"deployment {api.namespace}/{component}: rollout complete", file=out)
     return EXIT_OK
+
+
+def _no_such_deployment(api: ClusterApi, component: str) -> str:
+    """Say which Deployments there are, and which one was probably meant (model_a -> model-a)."""
+    message = f"no deployment {component!r} in namespace {api.namespace}"
+    try:
+        names = sorted(str(d["metadata"]["name"]) for d in api.list_deployments(PART_OF_SELECTOR))
+    except ClusterApiError:
+        return message
+    if not names:
+        return f"{message}, and no onnxmesh Deployment at all: is the mesh deployed there (-n NAMESPACE)?"
+    guess = kubernetes_name(component) if kubernetes_name(component) in names else None
+    guess = guess or next(iter(difflib.get_close_matches(component, names, n=1)), None)
+    hint = f"; did you mean {guess!r}?" if guess else ""
+    return f"{message}{hint} (Deployments: {', '.join(names)})"
 
 
 def _undo_hint(api: ClusterApi, settings: RolloutSettings, component: str, previous: str) -> str:

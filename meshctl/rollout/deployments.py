@@ -21,6 +21,9 @@ VERSION_LABEL = "app.kubernetes.io/version"
 MODEL_VERSION_LABEL = "onnxmesh.io/model-version"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
 DEFAULT_POLL_INTERVAL = 2.0
+#: Seconds between reads while the API cannot be reached (an API server restarting, a blip of
+#: the network): doubling, then every 8 s, until the wait's own timeout.
+OUTAGE_BACKOFF = (1.0, 2.0, 4.0, 8.0)
 
 # Label values: at most 63 characters, alphanumerics with - _ . inside (what a tag must fit).
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
@@ -179,13 +182,39 @@ def wait_for_rollout(
 ) -> Obj:
     """Poll Deployment ``name`` until its rollout is done; returns it.
 
-    Raises RolloutError when the rollout fails (paused, progress deadline exceeded) or is not
-    done within ``timeout`` seconds; the message names the pods that are not ready and why.
+    An API that cannot be reached, or answers 429 or 5xx, is asked again with back-off
+    (``OUTAGE_BACKOFF``) for as long as the timeout allows: the rollout goes on in the cluster
+    meanwhile. Raises RolloutError when the rollout fails (paused, progress deadline exceeded)
+    or is not done within ``timeout`` seconds; the message names the pods that are not ready
+    and why.
     """
     deadline = clock.monotonic() + timeout
     last = ""
+    outage: _Outage | None = None
     while True:
-        deployment = api.read_deployment(name)
+        try:
+            deployment = api.read_deployment(name)
+        except ClusterApiError as exc:
+            if not exc.transient:
+                raise
+            outage = outage or _Outage(clock.monotonic())
+            now = clock.monotonic()
+            if now >= deadline:
+                raise RolloutError(
+                    f"deployment {api.namespace}/{name}: not complete after {timeout:g}s, and the "
+                    f"Kubernetes API has not answered for the last {now - outage.since:.0f}s ({exc}). "
+                    "The rollout goes on in the cluster: see `onnxmesh rollout status` or "
+                    f"`kubectl -n {api.namespace} rollout status deployment/{name}`"
+                ) from exc
+            delay = min(OUTAGE_BACKOFF[min(outage.failures, len(OUTAGE_BACKOFF) - 1)], deadline - now)
+            outage.failures += 1
+            if on_progress is not None:
+                on_progress(f"the Kubernetes API does not answer ({exc}); asking again in {delay:g}s")
+            clock.sleep(delay)
+            continue
+        if outage is not None and on_progress is not None:
+            on_progress(f"the Kubernetes API answers again (after {clock.monotonic() - outage.since:.0f}s)")
+        outage = None
         state = rollout_state(deployment, generation)
         if state.done:
             return deployment
@@ -199,6 +228,14 @@ def wait_for_rollout(
                 f"deployment {api.namespace}/{name}: {headline}" + _pod_report(api, deployment)
             )
         clock.sleep(min(poll_interval, deadline - now))
+
+
+@dataclass
+class _Outage:
+    """Since when the API has not answered, and how many reads failed."""
+
+    since: float
+    failures: int = 0
 
 
 def _pod_report(api: ClusterApi, deployment: Obj) -> str:

@@ -39,11 +39,16 @@ class MissingExtra(RolloutError):
 
 
 class ClusterApiError(Exception):
-    """The Kubernetes API answered with an error or could not be reached."""
+    """The Kubernetes API answered with an error or could not be reached (``status`` None)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Worth asking again: the API was unreachable, overloaded (429) or failing (5xx)."""
+        return self.status is None or self.status == 429 or self.status >= 500
 
 
 class NotFoundError(ClusterApiError):

@@ -58,8 +58,16 @@ class _SplitterNodes:
     weight_nodes: list[yaml.ScalarNode | None] = field(default_factory=list)
 
 
-def _graph_node(text: str, graph: str) -> yaml.MappingNode:
-    """The mapping node of ``graph`` in the spec text; RolloutError if the text is no spec."""
+#: What to do when the deployed spec has no splitter at all: the overlays without the canary.
+NO_SPLITTER_HINT = (
+    "the deployed graph spec has no splitter step, which a canary needs: the dev and production "
+    "overlays have none. Apply one with the canary component (kubectl apply -k k8s/overlays/dev-canary), "
+    "or add k8s/components/canary to your overlay (docs/kubernetes.md, section 6)"
+)
+
+
+def _graphs_node(text: str) -> yaml.MappingNode:
+    """The `graphs:` mapping node of the spec text; RolloutError if the text is no spec."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -67,6 +75,39 @@ def _graph_node(text: str, graph: str) -> yaml.MappingNode:
     graphs = _node_get(root, "graphs") if root is not None else None
     if not isinstance(graphs, yaml.MappingNode):
         raise RolloutError("the graph spec has no `graphs:` mapping")
+    return graphs
+
+
+def _step_nodes(graph_node: yaml.MappingNode, graph: str) -> list[tuple[tuple[Any, ...], yaml.MappingNode]]:
+    """Every step of a graph, nested ones (branches, switch arms) included, with its path.
+
+    Only under `steps:`: the graph's inputs and outputs have names too, but are no steps.
+    """
+    steps = _node_get(graph_node, "steps")
+    if steps is None:
+        return []
+    return [
+        (path, node)
+        for path, node in _walk_nodes(steps, ("graphs", graph, "steps"))
+        if _scalar(_node_get(node, "name")) is not None
+    ]
+
+
+def splitter_names(text: str) -> list[str]:
+    """``graph/step`` of every splitter step in the spec text."""
+    graphs = _graphs_node(text)
+    return [
+        f"{key.value}/{_scalar(_node_get(node, 'name'))}"
+        for key, graph_node in graphs.value
+        if isinstance(key, yaml.ScalarNode) and isinstance(graph_node, yaml.MappingNode)
+        for _, node in _step_nodes(graph_node, str(key.value))
+        if _node_get(node, "splitter") is not None
+    ]
+
+
+def _graph_node(text: str, graph: str) -> yaml.MappingNode:
+    """The mapping node of ``graph`` in the spec text; RolloutError if the text is no spec."""
+    graphs = _graphs_node(text)
     node = _node_get(graphs, graph)
     if node is None:
         names = sorted(str(key.value) for key, _ in graphs.value if isinstance(key, yaml.ScalarNode))
@@ -78,15 +119,16 @@ def _graph_node(text: str, graph: str) -> yaml.MappingNode:
 
 def _find_splitter(text: str, graph: str, step: str) -> _SplitterNodes:
     graph_node = _graph_node(text, graph)
-    named = [
-        (p, n) for p, n in _walk_nodes(graph_node, ("graphs", graph)) if _scalar(_node_get(n, "name")) == step
-    ]
+    steps = _step_nodes(graph_node, graph)
+    named = [(p, n) for p, n in steps if _scalar(_node_get(n, "name")) == step]
     matches = [(p, n) for p, n in named if _node_get(n, "splitter") is not None]
     if not matches:
+        known = splitter_names(text)
+        where = f"splitter steps in the spec: {', '.join(known)}" if known else NO_SPLITTER_HINT
         if named:
-            raise UsageError(f"step {step!r} of graph {graph!r} is not a splitter (no `splitter:`)")
-        steps = sorted({name for _, n in _walk_nodes(graph_node) if (name := _scalar(_node_get(n, "name")))})
-        raise UsageError(f"graph {graph!r} has no step {step!r} (names in it: {', '.join(steps)})")
+            raise UsageError(f"step {step!r} of graph {graph!r} is not a splitter (no `splitter:`); {where}")
+        names = sorted({str(_scalar(_node_get(n, "name"))) for _, n in steps})
+        raise UsageError(f"graph {graph!r} has no step {step!r} (its steps: {', '.join(names)}); {where}")
     if len(matches) > 1:
         raise UsageError(f"graph {graph!r} has {len(matches)} splitter steps named {step!r}")
     path, step_node = matches[0]
