@@ -38,6 +38,7 @@ from bench import procstat
 #: (area, substring of a frame) in match order: the first that matches the leaf names the area.
 AREAS: tuple[tuple[str, str], ...] = (
     ("ours: engine (orchestrator/engine.py)", "orchestrator/engine.py"),
+    ("ours: compiled steps (orchestrator/nodes.py)", "orchestrator/nodes.py"),
     ("ours: graph servable (orchestrator/service.py)", "orchestrator/service.py"),
     ("ours: aggregators", "orchestrator/aggregators.py"),
     ("ours: coalescing (orchestrator/coalescing.py)", "orchestrator/coalescing.py"),
