@@ -18,8 +18,8 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.jobs import jobs_pb2 as jpb
 from proto.gen.jobs import jobs_pb2_grpc as jpb_grpc
 from services.common import codec
-from services.common.client import OipClient
-from services.common.errors import DeadlineExceeded, MeshError, from_status
+from services.common.client import OipClient, error_of
+from services.common.errors import MeshError
 from services.common.settings import MIB
 
 DEFAULT_TARGET = "127.0.0.1:8041"
@@ -103,12 +103,7 @@ class JobsClient:
         await self.close()
 
     def _error(self, err: grpc.aio.AioRpcError) -> MeshError:
-        code, details = err.code().name, err.details() or ""
-        if code == "DEADLINE_EXCEEDED" and not details.strip():
-            return DeadlineExceeded(f"{self.target}: deadline exceeded")
-        if code == "UNAVAILABLE":
-            return from_status(code, f"{self.target} unavailable: {details}")
-        return from_status(code, details)
+        return error_of(err, self.target)
 
     async def submit(
         self,

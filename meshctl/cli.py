@@ -37,7 +37,6 @@ from meshctl.targets import (
 from services.common.client import OipClient
 from services.common.digits import PIXEL_MAX
 from services.common.errors import MeshError, NotFound
-from services.common.index_client import repository_index
 from services.common.settings import non_negative_int, positive_int
 from services.common.types import ModelSignature
 
@@ -81,7 +80,8 @@ async def _models(args: argparse.Namespace) -> int:
                 continue
         print(f"{label}: server {server} {version}")
         try:
-            index = await repository_index(target, timeout=args.timeout)
+            async with OipClient(target) as client:
+                index = await client.repository_index(timeout=args.timeout)
         except MeshError as err:
             print(f"  RepositoryIndex failed: {explain(target, err)}")
             continue

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import codec
+from services.common.dataplane import IndexEntry
 from services.common.errors import DeadlineExceeded, MeshError, from_status
 from services.common.servicer import REQUEST_ID_HEADER
 from services.common.settings import MIB
@@ -192,11 +193,25 @@ class OipClient:
             raise self.error(err) from err
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
+    async def repository_index(self, *, timeout: float | None = 5.0) -> list[IndexEntry]:
+        """Every model version the node has, ready or not, with its state and reason."""
+        try:
+            response = await self._stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise self.error(err) from err
+        return [IndexEntry(m.name, m.version, m.state, m.reason) for m in response.models]
+
     def error(self, err: grpc.aio.AioRpcError) -> MeshError:
         """The MeshError for a failed call, keeping the status code and the server's message."""
-        code, details = err.code().name, err.details() or ""
-        if code == "DEADLINE_EXCEEDED" and not details.strip():
-            return DeadlineExceeded(f"{self.target}: deadline exceeded")
-        if code == "UNAVAILABLE":
-            return from_status(code, f"{self.target} unavailable: {details}")
-        return from_status(code, details)
+        return error_of(err, self.target)
+
+
+def error_of(err: grpc.aio.AioRpcError, target: str) -> MeshError:
+    """The MeshError for a failed call to `target` (any of the mesh's gRPC services), keeping the
+    status code and the server's message; a bare deadline or an unreachable peer names the target."""
+    code, details = err.code().name, err.details() or ""
+    if code == "DEADLINE_EXCEEDED" and not details.strip():
+        return DeadlineExceeded(f"{target}: deadline exceeded")
+    if code == "UNAVAILABLE":
+        return from_status(code, f"{target} unavailable: {details}")
+    return from_status(code, details)

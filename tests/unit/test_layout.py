@@ -23,7 +23,6 @@ KUBERNETES_CLIENT_USER = "meshctl/rollout/cluster.py"
 GRPC_EDGE = {
     "bench/minimal.py",
     "services/common/client.py",
-    "services/common/index_client.py",
     "services/common/reflection.py",
     "services/common/servicer.py",
     "services/common/server.py",
