@@ -101,15 +101,21 @@ class CoalescingStage:
         if key is None:
             return await self._send(request)
         lane = self._lanes.setdefault(key, _Lane())
-        if self._limits.allows(key, lane.running) and not lane.waiting:
-            # The fast path (a lone request never waits): straight through, inline.
+        limit = self._limits.of(key)
+        if limit.allows(lane.running) and not lane.waiting:
+            # The fast path (a lone request never waits): straight through, timed inline.
             lane.running += 1
             self.calls_sent += 1
             self.callers_served += 1
+            if self.on_call is not None:
+                self.on_call(request.model, stacking.rows(request))
+            started = time.monotonic()
             try:
-                return await self._limits.timed(key, self.inner.call, request)
+                result = await self.inner.call(request)
             finally:
                 self._finished(key, lane)
+            limit.observe(time.monotonic() - started)
+            return result
         call = _Call(
             request,
             stacking.rows(request),

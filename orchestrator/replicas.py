@@ -195,7 +195,8 @@ class ReplicaSet:
     # -- the Stage protocol -----------------------------------------------------------------------
 
     async def call(self, request: InferRequest) -> InferResult:
-        replicas = await self._current()
+        # A static address list needs no resolving: skip the coroutine on the hot path.
+        replicas = self._replicas if self._dns_name is None and self._replicas else await self._current()
         first = self._pick(replicas, ())
         if len(replicas) < 2:
             return await self._attempt(first, request)
@@ -366,6 +367,8 @@ class ReplicaSet:
 
     def _pick(self, replicas: list[_State], exclude: Sequence[_State]) -> _State:
         """Power of two choices by calls in flight, among the best class of replicas available."""
+        if len(replicas) == 1:  # one replica (one pod, or a Service's virtual IP): nothing to choose
+            return replicas[0]
         now = self._clock()
         others = [r for r in replicas if r not in exclude] or replicas
         reachable = [r for r in others if r.client.reachable]

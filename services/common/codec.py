@@ -57,7 +57,9 @@ def check_header(name: str, datatype: str, shape: Sequence[int]) -> np.dtype:
     if min(shape, default=0) < 0:
         raise InvalidInput(f"tensor '{name}': shape {list(shape)} has a negative dimension")
     # numpy refuses even an empty array whose other dimensions multiply past its index range.
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+    # (The generator runs only for empty tensors: a plain product is the common case.)
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS or (count == 0 and math.prod(d for d in shape if d) > MAX_ELEMENTS):
         raise InvalidInput(
             f"tensor '{name}': shape {list(shape)[:8]} is too large (over {MAX_ELEMENTS} elements)"
         )

@@ -170,7 +170,8 @@ class Model(Servable):
     async def infer(self, request: InferRequest) -> InferResult:
         if not self._ready:
             raise Unavailable(f"model '{self.name}' version {self.version} is not ready")
-        rows = max((len(a) for a in request.inputs.values() if a.ndim), default=1)
+        first = next(iter(request.inputs.values()), None)  # batch-native: every input has the rows
+        rows = len(first) if first is not None and first.ndim else 1
         if self.row_seconds * rows < INLINE_BELOW_S:
             started_inline = time.perf_counter()
             outputs = self.predict(request.inputs, request.outputs)
