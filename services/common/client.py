@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -22,7 +23,7 @@ from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import codec
 from services.common.dataplane import IndexEntry
 from services.common.errors import DeadlineExceeded, MeshError, from_status
-from services.common.security import ClientSecurity
+from services.common.security import ClientSecurity, environ_security
 from services.common.servicer import REQUEST_ID_HEADER
 from services.common.settings import MIB
 from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
@@ -70,10 +71,12 @@ class OipClient:
     ) -> None:
         """`health_checked`: only send calls to replicas whose health reports SERVING (for the
         orchestrator's long-lived channels; tools that check health themselves leave it off).
-        `security`: TLS files and a bearer token (default: plaintext, no token); when the files
-        change, the next call opens a new channel and the old one finishes its calls."""
+        `security`: TLS files and a bearer token; by default those of ONNXMESH_TLS_CERT/KEY/CA,
+        ONNXMESH_TLS_SERVER_NAME and ONNXMESH_TOKEN_FILE (unset: plaintext, no token), so every
+        tool reaches a secured mesh the same way. When the files change, the next call opens a
+        new channel and the old one finishes its calls."""
         self.target = target
-        self._security = security.copy() if security is not None else ClientSecurity()
+        self._security = (security or environ_security(os.environ)).copy()
         self._options = channel_options(max_message_bytes, health_checked=health_checked)
         self._auth = self._security.metadata
         self._retired: set[asyncio.Task[None]] = set()

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,7 +263,7 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(deny, de, ser)
 
 
-def environ_security(environ: os._Environ[str] | dict[str, str]) -> ClientSecurity:
+def environ_security(environ: Mapping[str, str]) -> ClientSecurity:
     """A tool's client security from ONNXMESH_TLS_CERT/KEY/CA, ONNXMESH_TLS_SERVER_NAME and
     ONNXMESH_TOKEN_FILE (the same variables the nodes read), read when the tool starts."""
 
