@@ -1,4 +1,4 @@
-"""`python -m bench.tls` (`make bench ARGS=...` runs the full suite): what mTLS costs, side by side.
+"""`python -m bench.tls`: what mTLS costs, a plaintext and an mTLS mesh side by side.
 
 Two local meshes run at once, one plaintext and one on mTLS with a token (`make run ARGS=--tls`);
 the load generator (`bench.loadgen`, its own process) measures digits-serial through each in
