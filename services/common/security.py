@@ -132,34 +132,43 @@ class ClientSecurity:
     tls: TlsFiles | None = None
     token: str | None = None
     server_name: str | None = None
+    #: TLS without a client certificate: only the CA to verify the server with (when `tls` is None).
+    ca: Path | None = None
     _stamp: tuple[tuple[int, int], ...] = field(default=(), repr=False)
     _checked_at: float = field(default=0.0, repr=False)
 
     def __repr__(self) -> str:  # never the token
-        return f"ClientSecurity(tls={self.tls!r}, token={'set' if self.token else None})"
+        return f"ClientSecurity(tls={self.tls!r}, ca={self.ca!r}, token={'set' if self.token else None})"
+
+    @property
+    def _paths(self) -> tuple[Path, ...]:
+        return self.tls.paths if self.tls is not None else ((self.ca,) if self.ca is not None else ())
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """Credentials from the files as they are now; None for plaintext."""
-        if self.tls is None:
+        if not self._paths:
             return None
-        self._stamp = self.tls.stamp()
+        self._stamp = _stamp(self._paths)
         self._checked_at = time.monotonic()
+        if self.tls is None:
+            assert self.ca is not None
+            return grpc.ssl_channel_credentials(root_certificates=_read(self.ca, "TLS CA bundle"))
         chain, key, ca = self.tls.load()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
 
     def changed(self) -> bool:
         """True when the files changed since the credentials were last built (checked at most
         once per CHECK_INTERVAL_S, so it costs nothing per call)."""
-        if self.tls is None:
+        if not self._paths:
             return False
         now = time.monotonic()
         if now - self._checked_at < CHECK_INTERVAL_S:
             return False
         self._checked_at = now
-        return self.tls.stamp() != self._stamp
+        return _stamp(self._paths) != self._stamp
 
     def options(self) -> list[tuple[str, object]]:
-        if self.tls is not None and self.server_name:
+        if self._paths and self.server_name:
             return [("grpc.ssl_target_name_override", self.server_name)]
         return []
 
@@ -169,7 +178,7 @@ class ClientSecurity:
 
     def copy(self) -> ClientSecurity:
         """The same settings with a change watch of its own (one per channel)."""
-        return ClientSecurity(self.tls, self.token, self.server_name)
+        return ClientSecurity(self.tls, self.token, self.server_name, self.ca)
 
 
 def read_tokens(path: Path) -> tuple[bytes, ...]:
@@ -265,13 +274,17 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 def environ_security(environ: Mapping[str, str]) -> ClientSecurity:
     """A tool's client security from ONNXMESH_TLS_CERT/KEY/CA, ONNXMESH_TLS_SERVER_NAME and
-    ONNXMESH_TOKEN_FILE (the same variables the nodes read), read when the tool starts."""
+    ONNXMESH_TOKEN_FILE (the same variables the nodes read), read when the tool starts; the CA
+    alone means TLS without a client certificate."""
 
     def path(name: str) -> Path | None:
         value = environ.get(name)
         return Path(value) if value else None
 
-    tls = TlsFiles.of(path("ONNXMESH_TLS_CERT"), path("ONNXMESH_TLS_KEY"), path("ONNXMESH_TLS_CA"))
+    cert, key, ca = path("ONNXMESH_TLS_CERT"), path("ONNXMESH_TLS_KEY"), path("ONNXMESH_TLS_CA")
+    # A CA alone is TLS without a client certificate (a caller of an orchestrator that wants tokens).
+    tls = TlsFiles.of(cert, key, ca) if cert or key else None
     token_file = path("ONNXMESH_TOKEN_FILE")
     token = read_token(token_file) if token_file is not None else None
-    return ClientSecurity(tls, token, environ.get("ONNXMESH_TLS_SERVER_NAME") or None)
+    server_name = environ.get("ONNXMESH_TLS_SERVER_NAME") or None
+    return ClientSecurity(tls, token, server_name, ca if tls is None else None)

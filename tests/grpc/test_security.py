@@ -169,6 +169,19 @@ def test_the_client_verifies_the_server(
         # The name checked is the one asked for: a certificate for other names is refused.
         assert _refused(good.address, ClientSecurity(mine, server_name="db.example")).code == "UNAVAILABLE"
         assert _infer(good.address, ClientSecurity(mine, server_name="model-a")) == [0.0]
+        # The CA alone: a server that wants no client certificate answers it.
+        lenient = _server(
+            executor,
+            tls_cert=pki["node"].cert,
+            tls_key=pki["node"].key,
+            tls_ca=pki["ca"].cert,
+            tls_require_client_cert=False,
+        )
+        try:
+            assert _infer(lenient.address, ClientSecurity(ca=pki["ca"].cert)) == [0.0]
+            assert _refused(good.address, ClientSecurity(ca=pki["ca"].cert)).code == "UNAVAILABLE"
+        finally:
+            lenient.stop()
     finally:
         for server in (expired, foreign, good):
             server.stop()

@@ -48,6 +48,9 @@ def test_client_security_from_the_environment_never_shows_the_token(tmp_path: Pa
     assert environ_security({}).tls is None and environ_security({}).metadata == ()
     with pytest.raises(SecurityError, match="go together"):
         environ_security({"ONNXMESH_TLS_CERT": "c.pem"})
+    # The CA alone: TLS that verifies the server, no client certificate (orchestrator callers).
+    trusting = environ_security({"ONNXMESH_TLS_CA": str(tmp_path / "ca.pem")})
+    assert trusting.tls is None and trusting.ca == tmp_path / "ca.pem"
 
 
 def test_the_tls_cost_is_the_median_difference_spread_over_the_hops() -> None:
