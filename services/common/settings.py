@@ -126,7 +126,8 @@ class ServerSettings:
     tls_require_client_cert: bool = field(
         default=True,
         metadata=option(
-            "with --tls-ca, refuse callers without a client certificate (0: verify if sent)", _flag
+            "with --tls-ca, refuse callers without a client certificate (0: ask none; callers show tokens)",
+            _flag,
         ),
     )
     health_port: int | None = field(
