@@ -12,7 +12,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean
+.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean certs
 
 setup: $(STAMP) $(GEN)
 
@@ -67,6 +67,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# A local CA, one node certificate (server and client) and a bearer token in certs/ (ignored by
+# git: private keys are never committed), for `make run ARGS=--tls` and manual mTLS checks.
+certs: setup
+	$(BIN)/python -m meshctl.certs certs
 
 run: setup
 	$(BIN)/python -m meshctl.launcher $(ARGS)

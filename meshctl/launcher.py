@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from meshctl.certs import make_local
 from meshctl.process import (
     POLL_S,
     REPO,
@@ -52,6 +53,7 @@ from meshctl.supervise import Restarter
 from orchestrator.spec import SpecError, load_spec
 from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.security import ClientSecurity, TlsFiles, read_token
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,
     DEFAULT_PORTS,
@@ -75,7 +77,9 @@ BASE_PORT = 8000
 HTTP_OFFSET = 100
 METRICS_OFFSET = 200
 #: Port variables that name one node's port: a launcher given one would hand it to every node.
-PER_NODE_VARIABLES = ("ONNXMESH_PORT", "ONNXMESH_HTTP_PORT", "ONNXMESH_METRICS_PORT")
+PER_NODE_VARIABLES = ("ONNXMESH_PORT", "ONNXMESH_HTTP_PORT", "ONNXMESH_METRICS_PORT", "ONNXMESH_HEALTH_PORT")
+#: Where `--tls` keeps the local CA, node certificate and token (`make certs`; ignored by git).
+CERTS_DIR = REPO / "certs"
 STARTUP_TIMEOUT = 60.0
 
 
@@ -87,10 +91,10 @@ def ports_from_base(base: int) -> dict[str, int]:
 
 
 async def probe_models(
-    target: str, names: Iterable[str], *, timeout: float = 2.0
+    target: str, names: Iterable[str], *, timeout: float = 2.0, security: ClientSecurity | None = None
 ) -> dict[str, ModelSignature | MeshError]:
     """ModelMetadata of each name at `target`: the signature, or the error it answered with."""
-    async with OipClient(target) as client:
+    async with OipClient(target, security=security) as client:
 
         async def one(name: str) -> ModelSignature | MeshError:
             try:
@@ -119,6 +123,9 @@ class LocalMesh:
     replica count. `model_dirs` and `extra_args` pass per-service `--model-dir` and flags.
     `echo` receives every log line as `[name] line` (None: only kept for error messages).
     `http` serves KServe v2 REST on every node, `metrics` Prometheus (ports: the module docstring).
+    `tls`: a directory made by `meshctl.certs` (ca.pem, node.pem, node-key.pem, tokens): every
+    node then serves mTLS only, with grpc.health.v1 on a plaintext health port, no REST, and
+    the orchestrator requires a bearer token; `client_security` is how to call it.
     Use as a context manager, or call `start()` and `stop()`.
     """
 
@@ -143,8 +150,21 @@ class LocalMesh:
         stop_timeout: float = STOP_TIMEOUT,
         python: str = sys.executable,
         restart: bool = False,
+        tls: Path | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
+        self.client_security = ClientSecurity()
+        self._tls_env: dict[str, str] = {}
+        if tls is not None:
+            http = False  # REST is plaintext with no tokens: the node refuses it beside TLS
+            files = TlsFiles(tls / "node.pem", tls / "node-key.pem", tls / "ca.pem")
+            self.client_security = ClientSecurity(files, read_token(tls / "tokens"))
+            self._tls_env = {
+                "ONNXMESH_TLS_CERT": str(files.cert),
+                "ONNXMESH_TLS_KEY": str(files.key),
+                "ONNXMESH_TLS_CA": str(tls / "ca.pem"),
+            }
         self.include_orchestrator = include_orchestrator
         self.http = http
         self.metrics = metrics
@@ -353,7 +373,9 @@ class LocalMesh:
         """The graphs the orchestrator answers ModelMetadata for (known names and the spec's)."""
         names = dict.fromkeys([*DEFAULT_GRAPH_NAMES, *spec_graph_names(self.graphs or DEFAULT_GRAPHS)])
         target = self.target(ORCHESTRATOR)
-        answers = run_async(lambda: probe_models(target, names, timeout=timeout))
+        answers = run_async(
+            lambda: probe_models(target, names, timeout=timeout, security=self.client_security)
+        )
         return [name for name, answer in answers.items() if isinstance(answer, ModelSignature)]
 
     # -- restart on exit (meshctl/supervise.py) ---------------------------------------------------
@@ -388,6 +410,8 @@ class LocalMesh:
         command += ["--log-format", self.log_format, "--log-level", self.log_level]
         command += ["--http-port", str(side_port(port, HTTP_OFFSET)) if self.http else "off"]
         command += ["--metrics-port", str(side_port(port, METRICS_OFFSET)) if self.metrics else "off"]
+        if self.tls is not None:
+            command += ["--health-port", "0"]
         if self.grace is not None:
             command += ["--grace", str(self.grace)]
         if service in self.model_dirs:
@@ -400,6 +424,9 @@ class LocalMesh:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         for name in PER_NODE_VARIABLES:
             env.pop(name, None)
+        env.update(self._tls_env)
+        if service == ORCHESTRATOR and self.tls is not None:
+            env["ONNXMESH_TOKEN_FILE"] = str(self.tls / "tokens")
         if service == ORCHESTRATOR:
             # The orchestrator reads addresses from its spec; point it at this mesh's replicas.
             for backend in MODEL_SERVICES:
@@ -460,7 +487,7 @@ class LocalMesh:
             stream.flush()
 
     def _wait_serving(self, procs: Sequence[ServiceProcess]) -> None:
-        wait_serving(procs, self.startup_timeout, self._closing)
+        wait_serving(procs, self.startup_timeout, self._closing, self.client_security)
 
 
 def side_port(port: int, offset: int) -> int:
@@ -562,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"no KServe v2 REST (default: at each gRPC port + {HTTP_OFFSET})",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help=f"mTLS between every node and a bearer token at the orchestrator, from {CERTS_DIR.name}/ "
+        "(made by `make certs` if missing); health on plaintext ports, no REST",
+    )
+    parser.add_argument(
         "--no-restart",
         action="store_true",
         help="leave a node that exits on its own stopped (by default it is restarted, with back-off)",
@@ -598,7 +631,15 @@ def mesh_from_args(args: argparse.Namespace, echo: TextIO | None) -> LocalMesh:
         echo=echo,
         startup_timeout=args.startup_timeout,
         restart=not args.no_restart,
+        tls=local_certs() if args.tls else None,
     )
+
+
+def local_certs(directory: Path = CERTS_DIR) -> Path:
+    """`directory` with a local CA, node certificate and token; made now if missing."""
+    if not all((directory / name).exists() for name in ("ca.pem", "node.pem", "node-key.pem", "tokens")):
+        make_local(directory)
+    return directory
 
 
 def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = None) -> list[str]:
@@ -641,6 +682,12 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
         if mesh.address(PREPROCESS) != f"127.0.0.1:{DEFAULT_PORTS[PREPROCESS]}":
             env = f"{address_variable(PREPROCESS)}={mesh.address(PREPROCESS)} "
         lines.append(f"try: {env}onnxmesh predict digits-mlp --target {mesh.address('model_a')}{layout}")
+    if mesh.tls is not None:
+        d = mesh.tls
+        lines.append(
+            f"mTLS on, token required: export ONNXMESH_TLS_CERT={d}/node.pem ONNXMESH_TLS_KEY={d}/node-key.pem "
+            f"ONNXMESH_TLS_CA={d}/ca.pem ONNXMESH_TOKEN_FILE={d}/tokens   (for onnxmesh and bench)"
+        )
     lines.append("Ctrl-C stops the mesh.")
     return lines
 

@@ -24,6 +24,7 @@ from typing import Any, TextIO, TypeVar
 
 from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.security import ClientSecurity
 
 #: Where the nodes run from (the checkout, or site-packages when installed).
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +129,7 @@ class ServiceProcess:
         self.metrics_port: int | None = None
         #: The KServe v2 REST port, when the node was started with --http-port.
         self.http_port: int | None = None
+        self.health_port: int | None = None
         self.ready_line_seen = False
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._echo = echo
@@ -183,7 +185,7 @@ class ServiceProcess:
         stream.close()
 
     def _announcement(self, line: str) -> None:
-        """Parse the `<service> listening|metrics|http|ready on HOST:PORT` lines a node prints on stdout."""
+        """Parse the `<service> listening|metrics|http|health|ready on HOST:PORT` lines a node prints on stdout."""
         words = line.split()
         if len(words) == 4 and words[1:3] == ["listening", "on"]:
             self.port = int(words[3].rsplit(":", 1)[1])
@@ -191,6 +193,8 @@ class ServiceProcess:
             self.metrics_port = int(words[3].rsplit(":", 1)[1])
         elif len(words) == 4 and words[1:3] == ["http", "on"]:
             self.http_port = int(words[3].rsplit(":", 1)[1])
+        elif len(words) == 4 and words[1:3] == ["health", "on"]:
+            self.health_port = int(words[3].rsplit(":", 1)[1])
         elif len(words) == 4 and words[1:3] == ["ready", "on"]:
             self.ready_line_seen = True
 
@@ -225,7 +229,12 @@ class ServiceProcess:
         return f"<ServiceProcess {self.name} pid={self.pid} port={self.port} {state}>"
 
 
-def wait_serving(procs: Sequence[ServiceProcess], timeout: float, stopping: threading.Event) -> None:
+def wait_serving(
+    procs: Sequence[ServiceProcess],
+    timeout: float,
+    stopping: threading.Event,
+    security: ClientSecurity | None = None,
+) -> None:
     """Wait until every node of ``procs`` is SERVING, all at once, within ``timeout`` seconds.
 
     Raises MeshStartupError naming the first node that died or ran out of time, and MeshStopped
@@ -235,7 +244,7 @@ def wait_serving(procs: Sequence[ServiceProcess], timeout: float, stopping: thre
     async def all_serving() -> None:
         async with asyncio.TaskGroup() as group:
             for proc in procs:
-                group.create_task(until_serving(proc, timeout, stopping))
+                group.create_task(until_serving(proc, timeout, stopping, security))
 
     try:
         run_async(all_serving)
@@ -244,7 +253,9 @@ def wait_serving(procs: Sequence[ServiceProcess], timeout: float, stopping: thre
         raise _first_leaf(group) from None
 
 
-async def until_serving(proc: ServiceProcess, timeout: float, stopping: threading.Event) -> None:
+async def until_serving(
+    proc: ServiceProcess, timeout: float, stopping: threading.Event, security: ClientSecurity | None = None
+) -> None:
     """Poll one node's health until SERVING; raise if it dies, the mesh stops, or time runs out."""
     deadline = time.monotonic() + timeout
     client: OipClient | None = None
@@ -268,7 +279,7 @@ async def until_serving(proc: ServiceProcess, timeout: float, stopping: threadin
             # Only connect once the node said it is bound: a refused first attempt would put the
             # channel into reconnect backoff and slow every later check.
             if proc.port is not None:
-                client = client or OipClient(proc.address)
+                client = client or OipClient(proc.address, security=security)
                 try:
                     status = await client.health(timeout=min(_HEALTH_CALL_S, remaining))
                 except MeshError as err:

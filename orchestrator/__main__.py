@@ -14,6 +14,7 @@ from orchestrator.spec import SpecError
 from services.common.logs import configure_logging
 from services.common.metrics import ServerMetrics
 from services.common.repository import ModelRepository
+from services.common.security import ClientSecurity, SecurityError, TlsFiles
 from services.common.server import MeshServer
 from services.common.settings import add_option, server_parser, settings_from_args
 from services.common.topology import DEFAULT_PORTS, ORCHESTRATOR
@@ -51,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             metrics,
             reload_interval=args.reload_interval,
             coalesce_in_flight=args.coalesce,
+            client_security=ClientSecurity(TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)),
         )
+    except SecurityError as exc:
+        sys.exit(f"orchestrator: {exc}")
     except (SpecError, OSError) as exc:
         log.error("invalid graph spec: %s", exc)
         sys.exit(f"orchestrator: invalid graph spec {args.graphs}: {exc}")

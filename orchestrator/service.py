@@ -33,6 +33,7 @@ from services.common.errors import MeshError, Unavailable
 from services.common.metrics import LATENCY_BUCKETS, ROW_BUCKETS, ServerMetrics
 from services.common.model import Servable
 from services.common.repository import ModelRepository
+from services.common.security import ClientSecurity
 from services.common.topology import address_variable
 from services.common.types import InferRequest, InferResult, ModelSignature
 
@@ -188,9 +189,12 @@ class Orchestrator:
         reload_interval: float = 2.0,
         coalesce_in_flight: int = DEFAULT_IN_FLIGHT,
         environ: Mapping[str, str] = os.environ,
+        client_security: ClientSecurity | None = None,
     ) -> None:
         """`coalesce_in_flight`: downstream calls per step that may run at once before further
-        calls of that step wait and leave stacked as one (0 = never stack)."""
+        calls of that step wait and leave stacked as one (0 = never stack). `client_security`:
+        the TLS files the orchestrator presents to the services (mTLS), None = plaintext."""
+        self.client_security = client_security
         self.spec_path = spec_path
         self.repository = repository
         self.metrics = OrchestratorMetrics(metrics)
@@ -236,7 +240,9 @@ class Orchestrator:
                 if address not in self.replica_sets:
                     self.replica_sets[address] = ReplicaSet(
                         address,
-                        functools.partial(tracing_edge.client_class(), health_checked=True),
+                        functools.partial(
+                            tracing_edge.client_class(), health_checked=True, security=self.client_security
+                        ),
                         service=service,
                         budget=self.budget,
                         on_event=self._on_replica_event,

@@ -8,7 +8,9 @@ status code, so callers never see grpc exceptions.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -21,6 +23,7 @@ from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import codec
 from services.common.dataplane import IndexEntry
 from services.common.errors import DeadlineExceeded, MeshError, from_status
+from services.common.security import ClientSecurity, environ_security
 from services.common.servicer import REQUEST_ID_HEADER
 from services.common.settings import MIB
 from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
@@ -59,19 +62,49 @@ class OipClient:
     """Async client for one OIP endpoint (possibly many replicas behind one target)."""
 
     def __init__(
-        self, target: str, *, max_message_bytes: int = 64 * MIB, health_checked: bool = False
+        self,
+        target: str,
+        *,
+        max_message_bytes: int = 64 * MIB,
+        health_checked: bool = False,
+        security: ClientSecurity | None = None,
     ) -> None:
         """`health_checked`: only send calls to replicas whose health reports SERVING (for the
-        orchestrator's long-lived channels; tools that check health themselves leave it off)."""
+        orchestrator's long-lived channels; tools that check health themselves leave it off).
+        `security`: TLS files and a bearer token; by default those of ONNXMESH_TLS_CERT/KEY/CA,
+        ONNXMESH_TLS_SERVER_NAME and ONNXMESH_TOKEN_FILE (unset: plaintext, no token), so every
+        tool reaches a secured mesh the same way. When the files change, the next call opens a
+        new channel and the old one finishes its calls."""
         self.target = target
-        self.channel = grpc.aio.insecure_channel(
-            target, options=channel_options(max_message_bytes, health_checked=health_checked)
-        )
+        self._security = (security or environ_security(os.environ)).copy()
+        self._options = channel_options(max_message_bytes, health_checked=health_checked)
+        self._auth = self._security.metadata
+        self._retired: set[asyncio.Task[None]] = set()
+        self._open()
+
+    def _open(self) -> None:
+        credentials = self._security.channel_credentials()
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        else:
+            options = self._options + self._security.options()
+            self.channel = grpc.aio.secure_channel(self.target, credentials, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
+    def _refresh(self) -> None:
+        """New credentials when the TLS files changed (rotation); the old channel drains."""
+        if self._security.changed():
+            old = self.channel
+            self._open()
+            task = asyncio.get_running_loop().create_task(old.close(grace=30.0))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+
     async def close(self) -> None:
         await self.channel.close()
+        for task in list(self._retired):
+            task.cancel()
 
     @property
     def reachable(self) -> bool:
@@ -133,7 +166,8 @@ class OipClient:
         self, message: pb.ModelInferRequest, *, timeout: float | None = None
     ) -> InferResult:
         """One RPC of a ready-made message (the load generator prebuilds them)."""
-        metadata = ((REQUEST_ID_HEADER, message.id),) if message.id else None
+        self._refresh()
+        metadata = ((REQUEST_ID_HEADER, message.id), *self._auth) if message.id else self._auth
         try:
             response = await self._stub.ModelInfer(message, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as err:
@@ -148,7 +182,7 @@ class OipClient:
     async def metadata(self, model: str, version: str = "", *, timeout: float | None = 5.0) -> ModelSignature:
         try:
             response = await self._stub.ModelMetadata(
-                pb.ModelMetadataRequest(name=model, version=version), timeout=timeout
+                pb.ModelMetadataRequest(name=model, version=version), timeout=timeout, metadata=self._auth
             )
         except grpc.aio.AioRpcError as err:
             raise self.error(err) from err
@@ -170,7 +204,7 @@ class OipClient:
     async def model_ready(self, model: str, version: str = "", *, timeout: float | None = 5.0) -> bool:
         try:
             response = await self._stub.ModelReady(
-                pb.ModelReadyRequest(name=model, version=version), timeout=timeout
+                pb.ModelReadyRequest(name=model, version=version), timeout=timeout, metadata=self._auth
             )
         except grpc.aio.AioRpcError as err:
             raise self.error(err) from err
@@ -178,7 +212,9 @@ class OipClient:
 
     async def server_metadata(self, *, timeout: float | None = 5.0) -> tuple[str, str]:
         try:
-            response = await self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=timeout)
+            response = await self._stub.ServerMetadata(
+                pb.ServerMetadataRequest(), timeout=timeout, metadata=self._auth
+            )
         except grpc.aio.AioRpcError as err:
             raise self.error(err) from err
         return response.name, response.version
@@ -196,7 +232,9 @@ class OipClient:
     async def repository_index(self, *, timeout: float | None = 5.0) -> list[IndexEntry]:
         """Every model version the node has, ready or not, with its state and reason."""
         try:
-            response = await self._stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+            response = await self._stub.RepositoryIndex(
+                pb.RepositoryIndexRequest(), timeout=timeout, metadata=self._auth
+            )
         except grpc.aio.AioRpcError as err:
             raise self.error(err) from err
         return [IndexEntry(m.name, m.version, m.state, m.reason) for m in response.models]

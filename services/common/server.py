@@ -37,6 +37,7 @@ from services.common.model import LoadError
 from services.common.reflection import enable_reflection
 from services.common.repository import ModelRepository
 from services.common.rest import RestServer
+from services.common.security import SecurityError, TlsFiles, TokenInterceptor, server_credentials
 from services.common.servicer import EXTENSIONS, DecodingGuard
 from services.common.settings import ServerSettings
 
@@ -100,6 +101,7 @@ class MeshServer:
         self.dataplane.limiter = limiter_from_setting(settings.max_inflight, settings.service)
         self.health = HealthServicer()
         self.port = 0
+        self.health_port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
         self.rest = RestServer(
@@ -109,6 +111,7 @@ class MeshServer:
         self._loader = loader
         self._closer = closer
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -118,9 +121,16 @@ class MeshServer:
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); returns the bound port."""
+        tls = TlsFiles.of(self.settings.tls_cert, self.settings.tls_key, self.settings.tls_ca)
+        secured = tls is not None or self.settings.token_file is not None
+        if secured and self.settings.http_port is not None:
+            # REST would be a way around TLS and tokens.
+            raise SecurityError("--http-port serves plaintext without tokens: turn it off with TLS or tokens")
+        interceptors = [TokenInterceptor(self.settings.token_file)] if self.settings.token_file else []
         server = grpc.aio.server(
             options=server_options(self.settings),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
+            interceptors=interceptors,
         )
         servicer = tracing_edge.servicer_class()(self.dataplane)
         # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN.
@@ -132,16 +142,17 @@ class MeshServer:
         enable_reflection(names, server)
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, NOT_SERVING)
-        try:
-            self.port = server.add_insecure_port(self.settings.address)
-        except RuntimeError as exc:
-            raise OSError(
-                f"{self.settings.service}: cannot listen on {self.settings.address}: is another process "
-                "using the port? (--port 0 picks a free one)"
-            ) from exc
+        self.port = self._bind(server, self.settings.port, tls, "--port")
         await server.start()
         self._server = server
         try:
+            if self.settings.health_port is not None:
+                self._health_server = grpc.aio.server(options=server_options(self.settings))
+                health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+                self.health_port = self._bind(
+                    self._health_server, self.settings.health_port, None, "--health-port"
+                )
+                await self._health_server.start()
             if self.settings.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
             if self.settings.http_port is not None:
@@ -153,6 +164,19 @@ class MeshServer:
             raise
         log.info("listening", extra={"address": f"{self.settings.host}:{self.port}"})
         return self.port
+
+    def _bind(self, server: grpc.aio.Server, port: int, tls: TlsFiles | None, flag: str) -> int:
+        address = f"{self.settings.host}:{port}"
+        try:
+            if tls is None:
+                return int(server.add_insecure_port(address))
+            credentials = server_credentials(tls, require_client_cert=self.settings.tls_require_client_cert)
+            return int(server.add_secure_port(address, credentials))
+        except RuntimeError as exc:
+            raise OSError(
+                f"{self.settings.service}: cannot listen on {address}: is another process "
+                f"using the port? ({flag} 0 picks a free one)"
+            ) from exc
 
     async def load(self) -> None:
         """Load and warm up every servable, then report SERVING."""
@@ -216,6 +240,8 @@ class MeshServer:
     async def _close_ports(self, grace: float) -> None:
         if self._server is not None:
             await asyncio.gather(self._server.stop(grace), self.rest.stop())
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         self.metrics.stop_http()
 
     async def run_until_signal(self, announce: Callable[[str], None] | None = None) -> None:
@@ -227,6 +253,8 @@ class MeshServer:
             loop.add_signal_handler(sig, stop_requested.set)
         port = await self.start()
         say(f"{self.settings.service} listening on {self.settings.host}:{port}")
+        if self.health_port is not None:
+            say(f"{self.settings.service} health on {self.settings.host}:{self.health_port}")
         if self.metrics_port is not None:
             say(f"{self.settings.service} metrics on {self.settings.host}:{self.metrics_port}")
         if self.http_port is not None:

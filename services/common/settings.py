@@ -53,6 +53,10 @@ def _optional_int(text: str) -> int | None:
     return None if text in ("", "none", "off") else int(text)
 
 
+def _optional_path(text: str) -> Path | None:
+    return None if text in ("", "none", "off") else Path(text)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """How one node listens and behaves; the same for every service and the orchestrator.
@@ -102,6 +106,44 @@ class ServerSettings:
     )
     log_level: str = field(default="INFO", metadata=option("DEBUG, INFO, WARNING or ERROR", str.upper))
     log_format: str = field(default="json", metadata=option("json (one object per line) or text"))
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=option(
+            "PEM certificate chain: serve gRPC over TLS (re-read when it changes)", _optional_path
+        ),
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=option("PEM private key of --tls-cert", _optional_path)
+    )
+    tls_ca: Path | None = field(
+        default=None,
+        metadata=option(
+            "PEM CA bundle: verify peers against it (mTLS: client certificates required, and the "
+            "certificates of the services this node calls)",
+            _optional_path,
+        ),
+    )
+    tls_require_client_cert: bool = field(
+        default=True,
+        metadata=option(
+            "with --tls-ca, refuse callers without a client certificate (0: ask none; callers show tokens)",
+            _flag,
+        ),
+    )
+    health_port: int | None = field(
+        default=None,
+        metadata=option(
+            "plaintext port serving grpc.health.v1 only (Kubernetes probes when TLS is on); 0 picks one; unset = off",
+            _optional_int,
+        ),
+    )
+    token_file: Path | None = field(
+        default=None,
+        metadata=option(
+            "bearer tokens accepted, one per line: every RPC but health needs one (re-read when it changes)",
+            _optional_path,
+        ),
+    )
     reuse_port: bool = field(
         default=False,
         metadata=option("share the port with a newer process (SO_REUSEPORT) for hand-overs", _flag),

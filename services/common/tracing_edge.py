@@ -72,8 +72,8 @@ class TracedOipClient(OipClient):
     """An OipClient whose ModelInfer calls carry the current trace (W3C `traceparent`): the
     server's span becomes a child of the caller's (an orchestrator step's)."""
 
-    def __init__(self, target: str, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
+    def _open(self) -> None:  # also after a certificate rotation opens a new channel
+        super()._open()
         self._stub = _TracedStub(self._stub)
 
 

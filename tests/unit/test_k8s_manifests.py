@@ -254,12 +254,15 @@ def test_probes_are_native_grpc_health_checks_on_numeric_ports(rendered: Render)
         container = main_container(dep)
         port = grpc_port(dep)
         assert port == GRPC_PORTS[app_name(dep)], dep["metadata"]["name"]
+        # With TLS on (components/mtls), probes go to the plaintext health port.
+        health = env_of(container).get("ONNXMESH_HEALTH_PORT")
+        probed = int(health) if health else port
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container.get(kind)
             assert probe is not None, f"{dep['metadata']['name']}: no {kind}"
             assert set(probe) & {"httpGet", "tcpSocket", "exec"} == set()
             # Kubernetes gRPC probes need a number, and "" asks for the whole server's health.
-            assert probe["grpc"] == {"port": port, "service": ""}, f"{dep['metadata']['name']} {kind}"
+            assert probe["grpc"] == {"port": probed, "service": ""}, f"{dep['metadata']['name']} {kind}"
             assert isinstance(probe["grpc"]["port"], int)
         startup = container["startupProbe"]
         # Model load and warm-up must not be cut short by the liveness probe.
@@ -669,3 +672,88 @@ def test_setting_one_image_changes_one_deployment_only(tmp_path: Path) -> None:
     assert differ == [("Deployment", "model-a")]
     after = next(o for o in changed if o["kind"] == "Deployment" and o["metadata"]["name"] == "model-a")
     assert main_container(after)["image"] == "onnxmesh/model-a:v2"
+
+
+# --------------------------------------------------------------------------------------------
+# mTLS (components/mtls, on in production; components/mtls-cert-manager)
+
+TLS_VARIABLES = ("ONNXMESH_TLS_CERT", "ONNXMESH_TLS_KEY", "ONNXMESH_TLS_CA")
+
+
+def secret_mount(dep: Obj, path: str) -> tuple[Obj, str]:
+    """The read-only directory mount holding `path`, and the Secret it comes from."""
+    container = main_container(dep)
+    name = dep["metadata"]["name"]
+    mounts = [
+        m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert len(mounts) == 1, f"{name}: {path} is not under one mount"
+    mount = mounts[0]
+    assert mount.get("readOnly") is True and "subPath" not in mount, f"{name}: {mount}"
+    volume = next(v for v in pod_spec(dep)["volumes"] if v["name"] == mount["name"])
+    assert "secret" in volume, f"{name}: {path} is not from a Secret"
+    return mount, str(volume["secret"]["secretName"])
+
+
+def check_mtls(render: Render) -> dict[str, str]:
+    """Every node on mTLS from a read-only Secret, health on its own port; node -> Secret."""
+    secrets: dict[str, str] = {}
+    for dep in render.deployments:
+        container, name = main_container(dep), app_name(dep)
+        env = env_of(container)
+        paths = [env[v] for v in TLS_VARIABLES]
+        secret_names = {secret_mount(dep, p)[1] for p in paths}
+        assert secret_names == {f"onnxmesh-{name}-tls"}, f"{name}: {secret_names}"
+        secrets[name] = secret_names.pop()
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert int(env["ONNXMESH_HEALTH_PORT"]) == ports["health"] != ports["grpc"], name
+        assert env.get("ONNXMESH_HTTP_PORT", "off") == "off", f"{name}: REST would bypass TLS"
+        if is_orchestrator(dep):
+            assert secret_mount(dep, env["ONNXMESH_TOKEN_FILE"])[1] == "onnxmesh-tokens"
+            assert env["ONNXMESH_TLS_REQUIRE_CLIENT_CERT"] == "0"  # its clients carry tokens
+        else:
+            # Only a caller with a certificate of the CA (the orchestrator) gets in.
+            assert env.get("ONNXMESH_TLS_REQUIRE_CLIENT_CERT", "1") == "1", name
+    return secrets
+
+
+def test_production_runs_mtls_with_a_token_and_keeps_the_network_policies() -> None:
+    production = render("overlays/production")
+    check_mtls(production)
+    policies = {p["metadata"]["name"] for p in production.of_kind("NetworkPolicy")}
+    assert policies == {p["metadata"]["name"] for p in render("base").of_kind("NetworkPolicy")}
+
+
+def test_cert_manager_issues_the_certificates_the_nodes_mount(tmp_path: Path) -> None:
+    # An overlay of production plus cert-manager, in a copy of k8s/ (kustomize wants relative paths).
+    shutil.copytree(K8S, tmp_path / "k8s")
+    overlay = tmp_path / "k8s" / "overlays" / "cert-manager"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["../production"],
+                "components": ["../../components/mtls-cert-manager"],
+            }
+        )
+    )
+    rendered = Render("production+cert-manager", kustomize(overlay))
+    mounted = check_mtls(rendered)
+    certificates = {c["spec"]["secretName"]: c for c in rendered.of_kind("Certificate")}
+    orchestrator = next(d for d in rendered.deployments if is_orchestrator(d))
+    addresses = env_of(main_container(orchestrator))
+    for name, secret in mounted.items():
+        spec = certificates[secret]["spec"]
+        assert spec["issuerRef"]["name"] == "onnxmesh-ca" and set(spec["usages"]) == {
+            "server auth",
+            "client auth",
+        }
+        assert spec["renewBefore"] and spec["privateKey"]["rotationPolicy"] == "Always"
+        if not is_orchestrator(next(d for d in rendered.deployments if app_name(d) == name)):
+            # The orchestrator checks the name it dials against the certificate.
+            target = next(v for k, v in addresses.items() if k.endswith("_ADDRESS") and f"//{name}." in v)
+            host = target.removeprefix("dns:///").rsplit(":", 1)[0]
+            assert host in spec["dnsNames"], f"{name}: {host} not in {spec['dnsNames']}"
+    assert certificates["onnxmesh-ca"]["spec"]["isCA"] is True

@@ -24,6 +24,7 @@ GRPC_EDGE = {
     "bench/minimal.py",
     "services/common/client.py",
     "services/common/reflection.py",
+    "services/common/security.py",
     "services/common/servicer.py",
     "services/common/server.py",
     "services/common/tracing_edge.py",
