@@ -74,7 +74,7 @@ certs: setup
 	$(BIN)/python -m meshctl.certs certs
 
 run: setup
-	$(BIN)/python -m meshctl.launcher $(ARGS)
+	$(BIN)/python -m meshctl.run $(ARGS)
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

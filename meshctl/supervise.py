@@ -7,7 +7,7 @@ Deployment's controller restarts a crashed pod.
            until SERVING -> say so
 
 Nodes the mesh stops itself (`stop_service`, `restart_service`, `hand_over`, `stop`) are left
-alone. `LocalMesh(restart=True)` runs one; `python -m meshctl.launcher` does unless `--no-restart`.
+alone. `LocalMesh(restart=True)` runs one; `python -m meshctl.run` does unless `--no-restart`.
 """
 
 from __future__ import annotations

@@ -206,9 +206,9 @@ def test_replica_ports_and_targets_are_planned() -> None:
 
 
 def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
-    """`python -m meshctl.launcher` as `make run` runs it: ready line, then SIGTERM, exit 0, no orphans."""
+    """`python -m meshctl.run` as `make run` runs it: ready line, then SIGTERM, exit 0, no orphans."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshctl.launcher", "--no-orchestrator", "--base-port", "0"],
+        [sys.executable, "-m", "meshctl.run", "--no-orchestrator", "--base-port", "0"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
