@@ -525,7 +525,12 @@ def test_model_services_accept_grpc_only_from_the_orchestrator(rendered: Render)
         assert allowed, f"{name}: no NetworkPolicy lets the orchestrator reach port {port}"
 
 
-def test_orchestrator_accepts_clients_from_the_whole_cluster(rendered: Render) -> None:
+#: Who may call the orchestrator with mTLS on: its own namespace and labelled namespaces.
+ALLOWED_CLIENTS = [{"podSelector": {}}, {"namespaceSelector": {"matchLabels": {"onnxmesh.io/client": "true"}}}]
+
+
+def test_orchestrator_accepts_the_clients_it_should(rendered: Render) -> None:
+    """The whole cluster without mTLS (dev); with it (production), only allowed namespaces."""
     orchestrator = next(d for d in rendered.deployments if is_orchestrator(d))
     rules = [
         rule
@@ -533,7 +538,11 @@ def test_orchestrator_accepts_clients_from_the_whole_cluster(rendered: Render) -
         for rule in policy["spec"].get("ingress", [])
         if rule_covers_port(rule, DEFAULT_PORTS[ORCHESTRATOR], main_container(orchestrator))
     ]
-    assert any({"namespaceSelector": {}} in (r.get("from") or []) for r in rules)
+    peers = [peer for r in rules for peer in (r.get("from") or [])]
+    if "ONNXMESH_TOKEN_FILE" in env_of(main_container(orchestrator)):
+        assert peers == ALLOWED_CLIENTS
+    else:
+        assert {"namespaceSelector": {}} in peers
 
 
 def test_metrics_are_open_to_the_monitoring_namespace(rendered: Render) -> None:
