@@ -526,7 +526,10 @@ def test_model_services_accept_grpc_only_from_the_orchestrator(rendered: Render)
 
 
 #: Who may call the orchestrator with mTLS on: its own namespace and labelled namespaces.
-ALLOWED_CLIENTS = [{"podSelector": {}}, {"namespaceSelector": {"matchLabels": {"onnxmesh.io/client": "true"}}}]
+ALLOWED_CLIENTS = [
+    {"podSelector": {}},
+    {"namespaceSelector": {"matchLabels": {"onnxmesh.io/client": "true"}}},
+]
 
 
 def test_orchestrator_accepts_the_clients_it_should(rendered: Render) -> None:
