@@ -79,13 +79,24 @@ def test_the_data_plane_refuses_above_the_limit_at_once_and_counts_it() -> None:
     assert dataplane.limiter.in_flight == 0
 
 
+class Hung(Double):
+    """A model still running: it answers only by being cancelled."""
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        self.calls.append(request)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
 def test_cancelled_and_deadline_exceeded_calls_are_counted_apart() -> None:
-    model = Slow()
+    model = Hung()
     dataplane = loaded(model)
 
     async def cancel(deadline: float | None) -> None:
+        entered = len(model.calls)
         task = asyncio.ensure_future(dataplane.infer(InferRequest("double", {"x": X}, deadline=deadline)))
-        await asyncio.sleep(0.01)
+        while len(model.calls) == entered:  # until the call is inside the model
+            await asyncio.sleep(0)
         if deadline is not None:
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
         task.cancel()  # what gRPC does when the client leaves, or when its deadline passes
