@@ -82,8 +82,13 @@ def test_the_data_plane_refuses_above_the_limit_at_once_and_counts_it() -> None:
 class Hung(Double):
     """A model still running: it answers only by being cancelled."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = asyncio.Event()
+
     async def infer(self, request: InferRequest) -> InferResult:
         self.calls.append(request)
+        self.inside.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
@@ -93,10 +98,9 @@ def test_cancelled_and_deadline_exceeded_calls_are_counted_apart() -> None:
     dataplane = loaded(model)
 
     async def cancel(deadline: float | None) -> None:
-        entered = len(model.calls)
+        model.inside.clear()
         task = asyncio.ensure_future(dataplane.infer(InferRequest("double", {"x": X}, deadline=deadline)))
-        while len(model.calls) == entered:  # until the call is inside the model
-            await asyncio.sleep(0)
+        await model.inside.wait()  # the call is inside the model
         if deadline is not None:
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
         task.cancel()  # what gRPC does when the client leaves, or when its deadline passes
