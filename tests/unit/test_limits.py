@@ -98,7 +98,7 @@ def test_cancelled_and_deadline_exceeded_calls_are_counted_apart() -> None:
     dataplane = loaded(model)
 
     async def cancel(deadline: float | None) -> None:
-        model.inside.clear()
+        model.inside = asyncio.Event()  # one per run: each asyncio.run has its own loop
         task = asyncio.ensure_future(dataplane.infer(InferRequest("double", {"x": X}, deadline=deadline)))
         await model.inside.wait()  # the call is inside the model
         if deadline is not None:
