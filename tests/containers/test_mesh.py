@@ -253,7 +253,7 @@ def test_model_a_is_replaced_by_version_2_with_traffic_flowing_and_no_request_fa
         picked_up = time.monotonic()
         deadline = picked_up + 150
         while "2" not in {version for _, version in report_versions(traffic)} and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.1)  # the poll interval of the wait on the answers above
         picked_up = time.monotonic() - picked_up
         assert "2" in {v for _, v in report_versions(traffic)}, "the orchestrator never called version 2"
         # The kubelet's preStop sleep only waits for the endpoints to drop the pod; there are

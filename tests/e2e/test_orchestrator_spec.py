@@ -108,7 +108,7 @@ def wait_until(predicate: object, timeout: float = 15.0) -> bool:
                 return True
         except NotFound:
             pass
-        time.sleep(0.1)
+        time.sleep(0.1)  # the poll interval of wait_until
     return False
 
 

@@ -120,7 +120,7 @@ def until(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> 
         found = condition()
         if found:
             return found
-        time.sleep(0.05)
+        time.sleep(0.05)  # the poll interval of until()
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 

@@ -54,7 +54,7 @@ async def until(condition: Callable[[], bool]) -> None:
     """Poll until `condition` holds; `run`'s timeout bounds the wait."""
     # Polling, not an Event: the state watched is the server's and the executor threads'.
     while not condition():  # noqa: ASYNC110
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # the poll interval of until()
 
 
 @contextlib.asynccontextmanager

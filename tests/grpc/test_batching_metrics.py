@@ -50,7 +50,7 @@ class GatedDouble(Model):
 
 async def until(condition: Callable[[], bool]) -> None:
     while not condition():  # noqa: ASYNC110 - the state is the executor threads'
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # the poll interval of until()
 
 
 def test_batch_size_queue_time_and_depth_follow_the_traffic() -> None:

@@ -271,7 +271,7 @@ def test_certificates_rotated_under_load_fail_no_request(
                 serial = await asyncio.to_thread(_served_serial, server.server.port, ca.cert, pki["spare"])
                 if serial == new_serial:
                     break
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the poll interval: until the new certificate is served
             assert serial == new_serial != old_serial
             # Then as many calls again on the new certificates (a failure shows below).
             goal, _ = done + 100, reached.clear()

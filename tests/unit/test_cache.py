@@ -168,7 +168,7 @@ def test_the_version_poll_retires_old_answers_with_no_new_answer_seen() -> None:
         clock.advance(5.0)  # past the poll interval: this lookup starts a metadata poll
         await ask(e)
         await asyncio.sleep(0)  # the poll runs
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # (a second turn: the poll answers)
         return await ask(e)
 
     answer = run(scenario())

@@ -116,7 +116,7 @@ def test_cancelled_waiter_is_dropped_from_the_next_call() -> None:
         await fake.wait_for_calls(1)
         gone = asyncio.create_task(call(stage, rows(7.0)))
         stays = asyncio.create_task(call(stage, rows(2.0)))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: both callers reach the queue
         gone.cancel()
         await first
         out = await stays

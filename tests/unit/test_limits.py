@@ -59,7 +59,7 @@ def test_the_setting_picks_the_limiter() -> None:
 
 class Slow(Double):
     async def infer(self, request: InferRequest) -> InferResult:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a slow model: the latency it injects, not a wait
         return await super().infer(request)
 
 

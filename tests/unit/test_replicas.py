@@ -154,7 +154,7 @@ def test_hedges_are_paid_from_the_budget_and_stop_when_it_is_empty() -> None:
     slow = fakes["ipv4:10.0.0.1:1"]
 
     async def late() -> None:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a slow replica: injected latency, not a wait
 
     slow.behave = late
     calls(replicas, 10)
@@ -166,7 +166,7 @@ def test_a_service_slow_on_every_replica_ejects_none() -> None:
     replicas, fakes = replica_set()
 
     async def late() -> None:
-        await asyncio.sleep(0.03)
+        await asyncio.sleep(0.03)  # a slow replica: injected latency, not a wait
 
     for fake in fakes.values():
         fake.behave = late

@@ -204,7 +204,7 @@ def test_cancellation_propagates_and_leaves_the_unanswered_to_the_caller() -> No
                 [request(block(1, 1)), request(block(2, 1))], hang, lambda i, _: answers.append(i)
             )
         )
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: the batch is in flight
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
