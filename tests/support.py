@@ -7,6 +7,9 @@ The server gets its own event loop so plain (sync) tests can call it with blocki
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import threading
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -102,3 +107,28 @@ def metric_total(port: int, sample: str, **labels: str) -> float:
         for s in family.samples
         if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
+    """The objects `kubectl kustomize DIRECTORY` renders (skips where kubectl is absent)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH: cannot render the kustomizations (kubectl kustomize)")
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def kustomize_overlay(
+    root: Path, overlay: str, components: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], ...]:
+    """Render k8s/overlays/OVERLAY plus k8s/components/C..., from a kustomization written in `root`."""
+    up = os.path.relpath(ROOT / "k8s", root)  # kustomize refuses absolute paths
+    listed = ", ".join(f"{up}/components/{c}" for c in components)
+    (root / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{up}/overlays/{overlay}]\ncomponents: [{listed}]\n"
+    )
+    return kustomize(root)

@@ -10,7 +10,6 @@ measure (sizes, build time, rollout counts) are printed at the end of the run.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from images.build import BuiltImage, build_images
 from images.cli import default_ca_bundle
 from images.engine import Engine, EngineUnavailable, find_engine
+from tests.support import kustomize_overlay
 
 Obj = dict[str, Any]
 REPO = Path(__file__).resolve().parents[2]
@@ -82,20 +81,8 @@ class Manifests:
 
 @pytest.fixture(scope="session")
 def manifests(tmp_path_factory: pytest.TempPathFactory) -> Manifests:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not on PATH: cannot render the manifests the containers run from")
     root = tmp_path_factory.mktemp("containers-overlay")
-    up = os.path.relpath(REPO / "k8s", root)  # kustomize refuses absolute paths
-    (root / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{up}/overlays/dev]\ncomponents: [{up}/components/jobs]\n"
-    )
-    done = subprocess.run(
-        [kubectl, "kustomize", str(root)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return Manifests(tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc))
+    return Manifests(kustomize_overlay(root, "dev", ("jobs",)))
 
 
 def manifest_tag(manifests: Manifests) -> str:

@@ -4,15 +4,13 @@ properties batch and async serving depend on. Nothing is applied."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
+
+from tests.support import kustomize_overlay
 
 Obj = dict[str, Any]
 REPO = Path(__file__).resolve().parents[2]
@@ -22,20 +20,7 @@ BASE_APPS = {"orchestrator", "preprocess", "model-a", "model-b"}
 
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory: pytest.TempPathFactory) -> list[Obj]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not on PATH: cannot render the kustomizations (kubectl kustomize)")
-    root = tmp_path_factory.mktemp("jobs-overlay")
-    up = os.path.relpath(REPO / "k8s", root)  # kustomize refuses absolute paths
-    (root / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{up}/overlays/dev]\ncomponents: [{up}/components/jobs]\n"
-    )
-    proc = subprocess.run(
-        [kubectl, "kustomize", str(root)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    return list(kustomize_overlay(tmp_path_factory.mktemp("jobs-overlay"), "dev", ("jobs",)))
 
 
 def get(objects: list[Obj], kind: str, name: str) -> Obj:

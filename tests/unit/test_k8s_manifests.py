@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,6 +31,7 @@ from services.common.topology import (
     address_variable,
     kubernetes_name,
 )
+from tests.support import kustomize
 
 Obj = dict[str, Any]
 
@@ -79,17 +79,6 @@ class Render:
 
 
 _renders: dict[str, Render] = {}
-
-
-def kustomize(directory: Path) -> tuple[Obj, ...]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not on PATH: cannot render the kustomizations (kubectl kustomize)")
-    proc = subprocess.run(
-        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
 
 def render(target: str) -> Render:
