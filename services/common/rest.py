@@ -14,8 +14,8 @@
 Errors answer `{"error": message}` with the HTTP status of the error's code (INVALID_ARGUMENT
 400, NOT_FOUND 404, UNAVAILABLE 503, ...): the same message gRPC sends. Inference runs through
 `DataPlane.infer`, so REST requests are validated, counted in the metrics and statistics,
-and refused while draining exactly as gRPC ones are. The server is aiohttp, on the node's
-event loop beside grpc.aio.
+and refused once the node refuses calls (after its drain delay) exactly as gRPC ones are. The
+server is aiohttp, on the node's event loop beside grpc.aio.
 
 Binary data (Triton's extension): the body is the JSON header followed by raw tensor bytes;
 the header `Inference-Header-Content-Length` gives the JSON's length; an input's bytes are

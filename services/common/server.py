@@ -7,8 +7,10 @@ Life cycle of a node (what Kubernetes probes and the orchestrator rely on):
      that fails to load or warm up is logged and reported UNAVAILABLE with its reason
      (RepositoryIndex, ModelReady false) while the others serve; a node none of whose models
      loaded exits with every reason;
-  3. on SIGTERM/SIGINT: NOT_SERVING at once, new calls get UNAVAILABLE, in-flight calls
-     finish within `grace` seconds, then the process exits.
+  3. on SIGTERM/SIGINT: NOT_SERVING at once (health, ServerReady, ModelReady) while every call
+     is still answered for `drain_delay` seconds, so balancers and clients move away without
+     losing one; then new calls get UNAVAILABLE, in-flight calls finish within `grace`
+     seconds, and the process exits.
 
 Beside OIP gRPC (with Triton's extensions) a node serves grpc.health.v1, reflection (v1 and
 v1alpha), KServe v2 REST on `--http-port` and Prometheus on `--metrics-port`, each on its own
@@ -116,7 +118,7 @@ class MeshServer:
 
     @property
     def draining(self) -> bool:
-        """True once `begin_drain` ran: NOT_SERVING, and new inference calls get UNAVAILABLE."""
+        """True once `begin_drain` ran: NOT_SERVING, though calls are still answered until `stop`."""
         return self.dataplane.draining
 
     async def start(self) -> int:
@@ -217,17 +219,19 @@ class MeshServer:
         self.metrics.ready.set(1 if serving else 0)
 
     async def begin_drain(self) -> None:
-        """Report NOT_SERVING (health and ServerReady) so balancers and probes move away."""
+        """Report NOT_SERVING (health and ServerReady) so balancers and probes move away; calls
+        are still answered."""
         if not self.draining:
             self.dataplane.draining = True
             self.metrics.ready.set(0)
             await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING now, finish in-flight calls within `grace`, then stop."""
+        """NOT_SERVING (if not yet), refuse new calls, finish in-flight ones within `grace`, stop."""
         if self._server is None or self._stopped.is_set():
             return
         await self.begin_drain()
+        self.dataplane.refusing = True
         log.info("draining", extra={"grace_s": self.settings.grace if grace is None else grace})
         await self._close_ports(self.settings.grace if grace is None else grace)
         await asyncio.gather(*(servable.close() for servable in self.repository.all()))
@@ -272,7 +276,7 @@ class MeshServer:
             load.cancel()
         say(f"{self.settings.service} draining")
         await self.begin_drain()
-        # Keep answering while clients watching health move away, then close the port.
+        # Keep answering while balancers and clients watching health move away; then refuse.
         await asyncio.sleep(self.settings.drain_delay)
         await self.stop()
 
