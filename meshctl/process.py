@@ -6,15 +6,22 @@ HOST:PORT` with --http-port (KServe v2 REST), and `<service> ready on
 HOST:PORT` once its models are warm; it reports SERVING on grpc.health.v1 from then on, and drains
 and exits 0 on SIGTERM (services/common/server.py). `ServiceProcess` runs one such process and
 reads those lines; `wait_serving` waits until a group of them answers SERVING.
+
+Each node runs in a process group of its own, so a terminal's Ctrl-C reaches only the launcher,
+which then stops the nodes in order (the orchestrator first); and it gets SIGTERM (a drain) if
+the launcher dies, even by SIGKILL, so no node outlives it (Linux: PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -34,6 +41,25 @@ POLL_S = 0.05
 _HEALTH_CALL_S = 1.0
 
 T = TypeVar("T")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_of(launcher: int) -> Callable[[], None] | None:
+    """What a node runs between fork and exec: SIGTERM when the launcher dies (Linux only)."""
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def setup() -> None:
+        # The signal comes when the forking *thread* ends: nodes are started from threads that
+        # live as long as the mesh (the main one, and the restarter until the mesh has stopped).
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != launcher:  # it died before prctl took effect
+            os._exit(1)
+
+    return setup
 
 
 class MeshStopped(RuntimeError):
@@ -144,6 +170,8 @@ class ServiceProcess:
             encoding="utf-8",
             errors="replace",
             bufsize=1,
+            process_group=0,
+            preexec_fn=_child_of(os.getpid()),
         )
         self._readers = [
             threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),

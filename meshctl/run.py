@@ -11,7 +11,7 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -248,9 +248,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopping.set()
         print("onnxmesh: stopping", flush=True)
         mesh.stop()
-        codes = ", ".join(f"{name} exit {code}" for name, code in mesh.exit_codes.items())
-        print(f"onnxmesh: stopped ({codes or 'nothing was running'})", flush=True)
+        print(stopped_line(mesh.exit_codes), flush=True)
+    if code == 0 and any(mesh.exit_codes.values()):
+        code = 1
     return code
+
+
+def stopped_line(codes: Mapping[str, int]) -> str:
+    """The last line: whether every node drained and exited 0, else which did not and how."""
+    if not codes:
+        return "onnxmesh: stopped (nothing was running)"
+    unclean = {name: code for name, code in codes.items() if code != 0}
+    if not unclean:
+        return f"onnxmesh: stopped cleanly ({', '.join(codes)}: drained, exit 0)"
+    return "onnxmesh: stopped, not cleanly: " + ", ".join(
+        f"{name} {exit_reason(code)}" for name, code in unclean.items()
+    )
+
+
+def exit_reason(code: int) -> str:
+    """`exit 3`, or `killed by SIGKILL` for a negative code (Popen's way to say a signal)."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def _watch(mesh: LocalMesh, stopping: threading.Event) -> None:

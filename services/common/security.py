@@ -248,7 +248,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = details.method or ""
         if handler is None or method.startswith(HEALTH_PREFIX) or self.allowed(details.invocation_metadata):
             return handler
-        log.warning("unauthenticated call refused", extra={"method": method[:200]})
+        log.warning("unauthenticated call refused", extra={"code": "UNAUTHENTICATED", "method": method[:200]})
         return _refusal(handler)
 
 
