@@ -31,9 +31,11 @@ from jobs.client import TARGET_ENV as JOBS_TARGET_ENV
 from jobs.client import JobInfo, JobsClient
 from jobs.datasets import DatasetError
 from jobs.store import DB_ENV, STATUSES, Store, default_url, redact
+from meshctl.targets import REFUSED_HINT, explain
 from services.common.client import OipClient
 from services.common.digits import load_holdout
-from services.common.errors import MeshError, NotFound, Unavailable
+from services.common.errors import MeshError, NotFound
+from services.common.security import SecurityError
 from services.common.settings import non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,10 +60,14 @@ def _jobs_target(args: argparse.Namespace) -> str:
     return str(args.jobs_target or os.environ.get(JOBS_TARGET_ENV) or DEFAULT_JOBS_TARGET)
 
 
-def _explain(target: str, err: MeshError) -> str:
-    if isinstance(err, Unavailable):
-        return f"cannot reach {target} ({err.code}): {err.message}"
-    return f"{target}: {err.code}: {err.message}"
+#: What to do when the jobs service does not answer.
+JOBS_HINT = (
+    "is the jobs service running? start it with '.venv/bin/python -m jobs.service' (docs/serving-modes.md)"
+)
+
+
+def _explain(target: str, err: MeshError, hint: str = JOBS_HINT) -> str:
+    return explain(target, err, connecting=True, hint=hint)
 
 
 # -- batch ---------------------------------------------------------------------------------------
@@ -96,7 +102,7 @@ async def _batch(args: argparse.Namespace) -> int:
             except DatasetError as exc:
                 raise CliError(str(exc)) from None
             except MeshError as err:
-                raise CliError(_explain(target, err)) from None
+                raise CliError(_explain(target, err, REFUSED_HINT)) from None
     finally:
         store.close()
     for line in summary.lines():
@@ -308,7 +314,7 @@ def run(args: argparse.Namespace, prog: str = "onnxmesh") -> int:
     handler: Handler = args.jobs_command
     try:
         return int(asyncio.run(handler(args)))
-    except CliError as exc:
+    except (CliError, SecurityError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
