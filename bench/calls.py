@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common.client import OipClient
 from services.common.digits import load_holdout
+from services.common.grpc.client import OipClient
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The project's own code: the packages of the nodes and the tooling (not bench, not proto/gen).
