@@ -32,10 +32,10 @@ from jobs.client import JobInfo, JobsClient
 from jobs.datasets import DatasetError
 from jobs.store import DB_ENV, STATUSES, Store, default_url, redact
 from meshctl.targets import REFUSED_HINT, explain
-from services.common.client import OipClient
 from services.common.digits import load_holdout
 from services.common.errors import MeshError, NotFound
-from services.common.security import SecurityError
+from services.common.grpc.client import OipClient
+from services.common.grpc.security import SecurityError
 from services.common.settings import non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshctl.targets import explain
-from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.grpc.client import OipClient
 from services.common.model import Model
 from services.common.repository import ModelRepository
 from services.common.settings import ServerSettings

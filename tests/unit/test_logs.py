@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from services.common.logs import Throttle
+from services.common.observability.logs import Throttle
 
 
 def record(msg: str, code: str | None, level: int = logging.WARNING) -> logging.LogRecord:
