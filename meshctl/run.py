@@ -187,8 +187,9 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
         target = "" if address == f"127.0.0.1:{DEFAULT_PORTS[ORCHESTRATOR]}" else f" --target {address}"
         example = "digits-parallel" if "digits-parallel" in graphs or not graphs else graphs[0]
         every = layout if layout or not target else ""
+        cli = cli_command()
         lines.append(
-            f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{every}, onnxmesh health{every})"
+            f"try: {cli} predict {example}{target}   (also: {cli} models{every}, {cli} health{every})"
         )
         rest = mesh.process(ORCHESTRATOR).http_port
         if rest is not None:
@@ -200,7 +201,9 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
         env = ""
         if mesh.address(PREPROCESS) != f"127.0.0.1:{DEFAULT_PORTS[PREPROCESS]}":
             env = f"{address_variable(PREPROCESS)}={mesh.address(PREPROCESS)} "
-        lines.append(f"try: {env}onnxmesh predict digits-mlp --target {mesh.address('model_a')}{layout}")
+        lines.append(
+            f"try: {env}{cli_command()} predict digits-mlp --target {mesh.address('model_a')}{layout}"
+        )
     if mesh.tls is not None:
         d = mesh.tls
         lines.append(
@@ -209,6 +212,18 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
         )
     lines.append("Ctrl-C stops the mesh.")
     return lines
+
+
+def cli_command() -> str:
+    """How to run the `onnxmesh` command from here: the venv's script (`.venv/bin/onnxmesh` from
+    the checkout), which works without activating the venv; `python -m meshctl` without it."""
+    script = Path(sys.executable).parent / "onnxmesh"
+    if not script.exists():
+        return f"{sys.executable} -m meshctl"
+    try:
+        return str(script.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script.absolute())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -359,3 +359,14 @@ def test_messages_are_never_empty_and_dns_failures_say_so() -> None:
     assert targets.explain("nowhere.invalid:8001", dns, connecting=True) == (
         "cannot resolve 'nowhere.invalid' (UNAVAILABLE): check the host name in nowhere.invalid:8001"
     )
+
+
+def test_batch_checks_its_dataset_before_connecting(
+    dead_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.npz"
+    db = tmp_path / "jobs.sqlite"
+    assert cli.main(["batch", "digits-parallel", str(missing), "--target", dead_target, "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"onnxmesh: {missing}: no such file"
+    assert not db.exists()  # nothing was opened either
