@@ -167,7 +167,10 @@ class Worker:
             backoff = min(30.0, 0.5 * 2 ** (waits - 1))
             error = (err.code, f"waiting for the orchestrator ({message})")
             await self._store_write(self.store.release, claim, retry_in=backoff, error=error, attempted=False)
-            log.info("orchestrator unreachable: job waits", extra={"job": claim.id, "code": err.code, "in_s": backoff})
+            log.info(
+                "orchestrator unreachable: job waits",
+                extra={"job": claim.id, "code": err.code, "in_s": backoff},
+            )
             return
         self._waits.pop(claim.id, None)
         if err.code in RETRYABLE and claim.attempts < self.store.max_attempts:
