@@ -31,6 +31,7 @@ RUNTIME_MAINS = {"services/common/model_node.py"}
 WIRE_OUTSIDE_THE_RUNTIME = {
     "bench/loadgen.py",
     "bench/minimal.py",
+    "meshctl/grpcurl.py",
     "jobs/client.py",
     "jobs/node.py",
     "jobs/service.py",
