@@ -172,7 +172,7 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
     for p in mesh.processes():
         extra = "".join(
             f"  {label} {host}:{port}"
-            for label, port in (("rest", p.http_port), ("metrics", p.metrics_port))
+            for label, port in (("rest", p.http_port), ("metrics", p.metrics_port), ("health", p.health_port))
             if port is not None
         )
         lines.append(f"  {p.name:<{width}}  grpc {p.address:<21}{extra}  pid {p.pid}")
