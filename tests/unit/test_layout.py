@@ -33,7 +33,6 @@ WIRE_OUTSIDE_THE_RUNTIME = {
     "bench/minimal.py",
     "meshctl/grpcurl.py",
     "jobs/client.py",
-    "jobs/node.py",
     "jobs/service.py",
     "jobs/worker.py",
 }
