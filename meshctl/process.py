@@ -9,19 +9,19 @@ reads those lines; `wait_serving` waits until a group of them answers SERVING.
 
 Each node runs in a process group of its own, so a terminal's Ctrl-C reaches only the launcher,
 which then stops the nodes in order (the orchestrator first); and it gets SIGTERM (a drain) if
-the launcher dies, even by SIGKILL, so no node outlives it (Linux: PR_SET_PDEATHSIG).
+the launcher dies, even by SIGKILL, so no node outlives it: the node asks for that itself
+(`services.common.server.follow_launcher`, from $ONNXMESH_LAUNCHER_PID). Not in a preexec
+function: a fork that runs Python code in a process using gRPC can crash the child.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import ipaddress
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -32,6 +32,7 @@ from typing import Any, TextIO, TypeVar
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import ClientSecurity
+from services.common.settings import LAUNCHER_ENV
 
 #: Where the nodes run from (the checkout, or site-packages when installed).
 REPO = Path(__file__).resolve().parent.parent
@@ -41,25 +42,6 @@ POLL_S = 0.05
 _HEALTH_CALL_S = 1.0
 
 T = TypeVar("T")
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_of(launcher: int) -> Callable[[], None] | None:
-    """What a node runs between fork and exec: SIGTERM when the launcher dies (Linux only)."""
-    if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-
-    def setup() -> None:
-        # The signal comes when the forking *thread* ends: nodes are started from threads that
-        # live as long as the mesh (the main one, and the restarter until the mesh has stopped).
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != launcher:  # it died before prctl took effect
-            os._exit(1)
-
-    return setup
 
 
 class MeshStopped(RuntimeError):
@@ -162,7 +144,8 @@ class ServiceProcess:
         self.proc = subprocess.Popen(
             self.command,
             cwd=REPO,
-            env=dict(env),
+            # The node follows this process: it gets SIGTERM when the launcher dies.
+            env={**env, LAUNCHER_ENV: str(os.getpid())},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -171,7 +154,6 @@ class ServiceProcess:
             errors="replace",
             bufsize=1,
             process_group=0,
-            preexec_fn=_child_of(os.getpid()),
         )
         self._readers = [
             threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),

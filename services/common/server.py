@@ -26,10 +26,12 @@ stops the process with a message naming it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import grpc
@@ -51,7 +53,7 @@ from services.common.observability.logs import configure_logging
 from services.common.observability.metrics import NodeMetrics, ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.rest.server import RestServer
-from services.common.settings import ServerSettings
+from services.common.settings import LAUNCHER_ENV, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,7 @@ class NodeServer:
     ) -> None:
         """Start, load, and serve (running `work`, if any) until SIGTERM or SIGINT, or until
         `work` returns; then drain and return."""
+        follow_launcher()
         say = announce or _announce
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
@@ -385,6 +388,20 @@ class MeshServer(NodeServer):
         await asyncio.gather(*(servable.close() for servable in self.repository.all()))
         await super().close()
         self.dataplane.shared_memory.close()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def follow_launcher(environ: Mapping[str, str] = os.environ) -> None:
+    """A node started by a launcher gets SIGTERM (and drains) when the launcher dies, even by
+    SIGKILL, so that none outlives it (Linux's parent-death signal; elsewhere nothing)."""
+    launcher = environ.get(LAUNCHER_ENV)
+    if not launcher or sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(launcher):  # it died before the signal was asked for
+        sys.exit(f"the launcher (pid {launcher}) is gone")
 
 
 def run_process(settings: ServerSettings, serve: Callable[[], Coroutine[Any, Any, None]]) -> None:
