@@ -18,7 +18,7 @@ def coalescing(data: Mapping[str, Any]) -> list[str]:
         "",
         "From the orchestrator's `onnxmesh_downstream_call_rows` histogram over each point's window: every call the "
         "orchestrator made to a service, and the rows it carried (one image per request, so 1.0 = nothing "
-        "stacked). Each step's in-flight limit adapts to load (`orchestrator/coalescing.py`, `AdaptiveLimit`).",
+        "stacked). Each step's in-flight limit adapts to load (`orchestrator/stages/coalescing.py`, `LaneLimit`).",
         "",
         table(
             ["graph", "c", "downstream calls", "mean rows per call"],
