@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from bench import analysis, procstat
-from bench.profile import parse_collapsed, summarize
+from bench.load import procstat
+from bench.load.pyspy import parse_collapsed, summarize
+from bench.report import analysis
 from meshctl.launcher import DEFAULT_GRAPHS
 from orchestrator.spec import load_spec
 from tests.support import ROOT
@@ -138,8 +139,8 @@ def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], s
     assert data["meta"]["code"]["commit"]
     assert set(data["servers"]["small mesh"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
     assert set(data["servers"]["growth mesh"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
-    assert "bench.all_in_one" in data["servers"]["small all-in-one"]["all_in_one"]
-    assert "bench.minimal" in data["servers"]["small minimal"]["minimal"]
+    assert "bench.targets.all_in_one" in data["servers"]["small all-in-one"]["all_in_one"]
+    assert "bench.targets.minimal" in data["servers"]["small minimal"]["minimal"]
     assert len(data["ratios"]) == 2
     for ratio in data["ratios"]:
         for against in ("mesh_vs_minimal", "mesh_vs_all_in_one", "mesh_vs_floor"):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import procstat
+from bench.load import procstat
 
 #: (area, substring of a frame) in match order: the first that matches the leaf names the area.
 AREAS: tuple[tuple[str, str], ...] = (

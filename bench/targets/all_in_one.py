@@ -1,4 +1,4 @@
-"""`python -m bench.all_in_one`: every step of every graph in ONE gRPC server process.
+"""`python -m bench.targets.all_in_one`: every step of every graph in ONE gRPC server process.
 
 This is the "one server does everything" baseline that the mesh replaces, built from the mesh's
 own pieces so that the comparison measures only the network hops and the process split:
@@ -45,7 +45,7 @@ from services.common.types import InferRequest, InferResult, ModelSignature
 SERVICE = "all_in_one"
 #: The orchestrator's `--coalesce` default; the env var is shared too.
 COALESCE_IN_FLIGHT = DEFAULT_IN_FLIGHT
-DEFAULT_GRAPHS = Path(__file__).resolve().parent.parent / "orchestrator" / "graphs.yaml"
+DEFAULT_GRAPHS = Path(__file__).resolve().parents[2] / "orchestrator" / "graphs.yaml"
 log = logging.getLogger(SERVICE)
 
 
