@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
+from orchestrator.capture import CAPTURE_DB_ENV, CAPTURE_QUEUE_ENV, Capture, CaptureWriter, StoreSink
 from orchestrator.graph.engine import Engine
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stages.base import Stage
@@ -96,6 +97,15 @@ class OrchestratorMetrics:
             "onnxmesh_cache_lookups",
             "Response cache lookups by cache (graph, or graph/step) and result (hit, miss).",
             ["cache", "result"],
+            registry=registry,
+        )
+        self.captured = Counter(
+            "onnxmesh_capture_records", "Captured records written to the store.", registry=registry
+        )
+        self.capture_dropped = Counter(
+            "onnxmesh_capture_dropped",
+            "Captured records dropped, by reason: queue_full (the writer is behind), store (a write failed).",
+            ["reason"],
             registry=registry,
         )
 
@@ -213,6 +223,8 @@ class Orchestrator:
         self.current: SpecGeneration | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: Made when a spec first captures; kept across reloads.
+        self.capture: CaptureWriter | None = None
         text = spec_path.read_text()
         # A bad spec fails here, before anything starts.
         self.pending_spec = parse_spec(text, origin=str(spec_path))
@@ -276,6 +288,7 @@ class Orchestrator:
             on_mirror=self._on_mirror,
             on_request=self._on_request,
             caches=caches,
+            on_capture=self._capture_writer(spec),
         )
         graphs = [
             GraphServable(
@@ -363,6 +376,26 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(replicas.close() for replicas in self.replica_sets.values()))
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
+
+    def _capture_writer(self, spec: MeshSpec) -> Callable[[Capture], bool] | None:
+        captures = any(
+            g.capture is not None or any(s.capture is not None for s in g.model_steps())
+            for g in spec.graphs.values()
+        )
+        if not captures:
+            return None
+        if self.capture is None:
+            url = self.environ.get(CAPTURE_DB_ENV) or None  # None: the job store's default
+            capacity = int(self.environ.get(CAPTURE_QUEUE_ENV, "10000"))
+            self.capture = CaptureWriter(
+                StoreSink(url),
+                capacity=capacity,
+                on_drop=lambda reason, n: self.metrics.capture_dropped.labels(reason).inc(n),
+                on_written=self.metrics.captured.inc,
+            )
+        return self.capture.offer
 
     def _on_step(
         self, graph: str, step: str, service: str, model: str, version: str, status: str, seconds: float
