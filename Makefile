@@ -16,7 +16,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup runtime lock proto promtool test faults lint run shell bench rehearse models images clean certs
+.PHONY: setup runtime lock proto promtool test faults lint run shell bench bench-capture rehearse models images clean certs
 
 # Everything a checkout needs (tests, lint, benchmarks): the dev extra.
 setup: $(STAMP) $(GEN)
@@ -103,6 +103,10 @@ shell: runtime
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
+
+# What payload capture costs: p50 and throughput at 0 %, 1 % and 100 % (short runs).
+bench-capture: runtime
+	$(BIN)/python -m bench.probes.capture $(ARGS)
 
 # A rolling update of model_a with traffic flowing, on local processes.
 rehearse: runtime

@@ -2,12 +2,18 @@
 
     capture export --out FILE.parquet [--since WHEN] [--until WHEN] [--graph G] [--step S] [--db URL]
     capture prune [--max-age AGE] [--max-records N] [--db URL]
+    capture reference --tensor T --out REF.json (--graph G [--since WHEN] [--until WHEN] | --values FILE.npy)
+    capture drift --graph G --tensor T --reference REF.json [--window N]
 
 WHEN is an ISO 8601 time (2026-12-07T18:00:00Z) or an age such as 30m, 12h, 7d (that long ago);
 AGE is an age. The Parquet file has one row per record: its metadata columns (graph, step,
 service, model, version, request_id, trace_id, captured_at, latency, status_code, truncated),
 then one column per captured tensor ("input.<name>" / "output.<name>", nested lists; null in
 records that lack it).
+
+`reference` writes a drift reference (orchestrator/capture/drift.py) from a captured window or a
+file of values such as the training split's; `drift` prints the PSI of the newest `--window`
+records against one, as the orchestrator's gauge computes it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jobs.store import DB_ENV, Store, default_url, redact
+from orchestrator.capture.drift import Reference, psi, values_of
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd])\Z")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -103,8 +112,49 @@ async def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _reference(args: argparse.Namespace) -> int:
+    if (args.graph is None) == (args.values is None):
+        raise CaptureCliError("build the reference from --graph (captured records) or --values FILE.npy")
+    if args.values is not None:
+        try:
+            values = np.load(args.values, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CaptureCliError(f"cannot read {args.values}: {exc}") from None
+        source = str(args.values)
+    else:
+        with Store(args.db) as store:
+            records = store.read_captures(args.since, args.until, args.graph, "")
+        values = values_of(records, args.tensor)
+        source = f"{len(records)} records of {args.graph}"
+    try:
+        reference = Reference.of(args.tensor, values)
+    except ValueError as exc:
+        raise CaptureCliError(str(exc)) from None
+    args.out.write_text(reference.to_json() + "\n")
+    print(
+        f"{args.tensor}: {reference.kind} reference of {np.asarray(values).size} values from {source} -> {args.out}"
+    )
+    return 0
+
+
+async def _drift(args: argparse.Namespace) -> int:
+    try:
+        reference = Reference.load(args.reference)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CaptureCliError(f"cannot read the reference {args.reference}: {exc}") from None
+    with Store(args.db) as store:
+        records = store.latest_captures(args.graph, args.window)
+    values = values_of(records, args.tensor)
+    if not values.size:
+        raise CaptureCliError(f"no captured records of {args.graph} hold {args.tensor}")
+    print(
+        f"{args.graph} {args.tensor}: PSI {psi(reference, values):.3f} over the newest {len(records)} records"
+    )
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add `capture` (export, prune) to an argparse subparsers object."""
+    """Add `capture` (export, prune, reference, drift) to an argparse subparsers object."""
     capture = subparsers.add_parser("capture", help="export or prune payload capture records")
     commands = capture.add_subparsers(dest="capture_command", required=True, metavar="SUBCOMMAND")
     db_help = f"SQLAlchemy URL or SQLite path (env {DB_ENV}; default {default_url()})"
@@ -121,3 +171,19 @@ def register(subparsers: Any) -> None:
     prune.add_argument("--max-records", type=int, help="then keep only the newest N")
     prune.add_argument("--db", help=db_help)
     prune.set_defaults(jobs_command=_prune)
+    ref = commands.add_parser("reference", help="a drift reference from captured records or a .npy file")
+    ref.add_argument("--tensor", required=True, help="input.<name> or output.<name>")
+    ref.add_argument("--out", type=Path, required=True, help="the reference file (JSON) to write")
+    ref.add_argument("--graph", help="from this graph's captured records")
+    ref.add_argument("--values", type=Path, help="from this .npy file (e.g. the training split)")
+    ref.add_argument("--since", type=when, default=0.0, help="ISO time or age (30m, 7d); default: all")
+    ref.add_argument("--until", type=when, default=float("inf"), help="ISO time or age; default: now")
+    ref.add_argument("--db", help=db_help)
+    ref.set_defaults(jobs_command=_reference)
+    drift = commands.add_parser("drift", help="PSI of the newest records against a reference")
+    drift.add_argument("--graph", required=True)
+    drift.add_argument("--tensor", required=True, help="input.<name> or output.<name>")
+    drift.add_argument("--reference", type=Path, required=True, help="a file `capture reference` wrote")
+    drift.add_argument("--window", type=int, default=500, help="the newest records compared (default: 500)")
+    drift.add_argument("--db", help=db_help)
+    drift.set_defaults(jobs_command=_drift)

@@ -343,23 +343,19 @@ class Store:
             query = query.where(captures.c.step == step)
         with self.reading() as conn:
             rows = conn.execute(query.order_by(captures.c.captured_at, captures.c.id)).all()
-        return [
-            Capture(
-                r.graph,
-                r.step,
-                r.service,
-                r.model,
-                r.version,
-                r.request_id,
-                r.trace_id,
-                r.captured_at,
-                r.latency,
-                r.status_code,
-                dict(r.tensors),
-                bool(r.truncated),
-            )
-            for r in rows
-        ]
+        return [_capture(r) for r in rows]
+
+    def latest_captures(self, graph: str, limit: int, step: str = "") -> list[Capture]:
+        """The newest `limit` records of a graph (its own by default, else one step's), oldest first."""
+        query = (
+            select(captures)
+            .where(captures.c.graph == graph, captures.c.step == step)
+            .order_by(captures.c.id.desc())
+            .limit(limit)
+        )
+        with self.reading() as conn:
+            rows = conn.execute(query).all()
+        return [_capture(r) for r in reversed(rows)]
 
     def count_captures(self) -> int:
         with self.reading() as conn:
@@ -726,6 +722,23 @@ class Store:
                 delete(jobs).where(jobs.c.status.in_(FINISHED), jobs.c.expires_at <= now)
             ).rowcount
         return Maintenance(expired=expired, lost=lost, purged=purged)
+
+
+def _capture(r: Any) -> Capture:
+    return Capture(
+        r.graph,
+        r.step,
+        r.service,
+        r.model,
+        r.version,
+        r.request_id,
+        r.trace_id,
+        r.captured_at,
+        r.latency,
+        r.status_code,
+        dict(r.tensors),
+        bool(r.truncated),
+    )
 
 
 def _capture_values(r: Capture) -> dict[str, Any]:

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from orchestrator.capture import CAPTURE_DB_ENV, CAPTURE_QUEUE_ENV, Capture, CaptureWriter, StoreSink
+from orchestrator.capture.drift import DriftMonitor
+from orchestrator.capture.writer import open_store
 from orchestrator.graph.engine import Engine
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stages.base import Stage
@@ -42,6 +44,8 @@ from services.common.types import InferRequest, InferResult, ModelSignature
 log = logging.getLogger(__name__)
 
 ModelKey = tuple[str, str, str]  # (service, model, version)
+#: Seconds between two drift evaluations (each reads the watched tensors' windows from the store).
+DRIFT_INTERVAL_ENV = "ONNXMESH_DRIFT_INTERVAL"
 
 
 def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -106,6 +110,12 @@ class OrchestratorMetrics:
             "onnxmesh_capture_dropped",
             "Captured records dropped, by reason: queue_full (the writer is behind), store (a write failed).",
             ["reason"],
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "onnxmesh_drift_psi",
+            "Population stability index of a graph tensor's newest captured values against its reference.",
+            ["graph", "tensor"],
             registry=registry,
         )
 
@@ -223,8 +233,9 @@ class Orchestrator:
         self.current: SpecGeneration | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        #: Made when a spec first captures; kept across reloads.
+        #: Made when a spec first captures (watches drift); kept across reloads.
         self.capture: CaptureWriter | None = None
+        self.drift: DriftMonitor | None = None
         text = spec_path.read_text()
         # A bad spec fails here, before anything starts.
         self.pending_spec = parse_spec(text, origin=str(spec_path))
@@ -321,6 +332,14 @@ class Orchestrator:
 
     def activate(self, loaded: SpecGeneration) -> None:
         self.current = loaded
+        if self.drift is None and any(g.drift for g in loaded.spec.graphs.values()):
+            self.drift = DriftMonitor(
+                self._open_capture_store,
+                lambda: self.current.spec if self.current is not None else None,
+                self.spec_path.parent,
+                lambda graph, tensor, value: self.metrics.drift.labels(graph, tensor).set(value),
+                interval=float(self.environ.get(DRIFT_INTERVAL_ENV, "15")),
+            ).start()
         self.repository.replace([*loaded.graphs])
         log.info("graphs active", extra={"graphs": sorted(loaded.spec.graphs), "digest": loaded.digest[:12]})
 
@@ -376,6 +395,8 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(replicas.close() for replicas in self.replica_sets.values()))
+        if self.drift is not None:
+            await asyncio.to_thread(self.drift.close)
         if self.capture is not None:
             await asyncio.to_thread(self.capture.close)
 
@@ -387,15 +408,17 @@ class Orchestrator:
         if not captures:
             return None
         if self.capture is None:
-            url = self.environ.get(CAPTURE_DB_ENV) or None  # None: the job store's default
             capacity = int(self.environ.get(CAPTURE_QUEUE_ENV, "10000"))
             self.capture = CaptureWriter(
-                StoreSink(url),
+                StoreSink(self.environ.get(CAPTURE_DB_ENV) or None),
                 capacity=capacity,
                 on_drop=lambda reason, n: self.metrics.capture_dropped.labels(reason).inc(n),
                 on_written=self.metrics.captured.inc,
             )
         return self.capture.offer
+
+    def _open_capture_store(self) -> Any:
+        return open_store(self.environ.get(CAPTURE_DB_ENV) or None)
 
     def _on_step(
         self, graph: str, step: str, service: str, model: str, version: str, status: str, seconds: float

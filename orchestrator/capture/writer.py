@@ -107,12 +107,17 @@ CAPTURE_DB_ENV = "ONNXMESH_CAPTURE_DB"
 CAPTURE_QUEUE_ENV = "ONNXMESH_CAPTURE_QUEUE"
 
 
+def open_store(url: str | None) -> Any:
+    """The job store at ``url`` (None: its default). It needs the jobs extra (SQLAlchemy,
+    psycopg): imported only when a spec captures."""
+    from jobs.store import Store  # the one place the graph node uses the jobs package
+
+    return Store(url)
+
+
 class StoreSink:
     """``write`` for CaptureWriter: the job store's ``captures`` table, opened on the first write
-    (in the writer thread: connecting never holds up the event loop).
-
-    The store needs the jobs extra (SQLAlchemy, psycopg): imported only when a spec captures.
-    """
+    (in the writer thread: connecting never holds up the event loop)."""
 
     def __init__(self, url: str | None) -> None:
         self.url = url
@@ -120,9 +125,7 @@ class StoreSink:
 
     def __call__(self, records: Sequence[Capture]) -> None:
         if self._store is None:
-            from jobs.store import Store  # the one place the graph node uses the jobs package
-
-            self._store = Store(self.url)
+            self._store = open_store(self.url)
         self._store.write_captures(records)
 
     def close(self) -> None:

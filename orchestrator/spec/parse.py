@@ -35,6 +35,7 @@ from orchestrator.spec.steps import (
     Condition,
     Defaults,
     Dependency,
+    DriftSpec,
     EnsembleStep,
     GraphSpec,
     MeshSpec,
@@ -236,6 +237,45 @@ def _capture(value: Any, at: _At) -> CaptureSpec | None:
     return CaptureSpec(float(rate), flags["inputs"], flags["outputs"], tensors, max_bytes)
 
 
+_DRIFT_KEYS = ("reference", "window")
+
+
+def _drift(
+    raw: Any,
+    at: _At,
+    capture: CaptureSpec | None,
+    inputs: Sequence[TensorSpec],
+    outputs: Mapping[str, OutputExpr],
+) -> tuple[DriftSpec, ...]:
+    """``drift: {input.<name> | output.<name>: {reference: FILE, window: N}, ...}``."""
+    if raw is None:
+        return ()
+    body = _mapping(raw, at, "drift")
+    if capture is None:
+        raise at.error("drift is computed from the captured records: the graph needs 'capture'")
+    drifts = []
+    for tensor, item in body.items():
+        t_at = at.key(str(tensor))
+        side, _, name = str(tensor).partition(".")
+        names = {t.name for t in inputs} if side == "input" else set(outputs) if side == "output" else set()
+        if name not in names:
+            raise t_at.error(
+                f"drift watches 'input.<name>' or 'output.<name>' of the graph, got {tensor!r}; inputs: "
+                f"{', '.join(t.name for t in inputs)}; outputs: {', '.join(outputs)}"
+            )
+        kept = capture.inputs if side == "input" else capture.outputs
+        if not kept or (capture.tensors and name not in capture.tensors):
+            raise t_at.error(f"the graph's capture does not keep {tensor!r}, so its drift cannot be computed")
+        spec = _mapping(item, t_at, f"drift of {tensor}")
+        _check_keys(spec, t_at, _DRIFT_KEYS, ("reference",), f"drift of {tensor}")
+        window = spec.get("window", DriftSpec.window)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise t_at.key("window").error(f"window must be a positive number of records, got {window!r}")
+        reference = _string(spec["reference"], t_at.key("reference"), "reference (a file)")
+        drifts.append(DriftSpec(str(tensor), reference, window))
+    return tuple(drifts)
+
+
 def _cache_store(value: Any, at: _At) -> str:
     if not isinstance(value, str) or not _CACHE_STORE.match(value):
         raise at.error(f"cache_store must be 'local' or a redis://host:port/db URL, got {value!r}")
@@ -325,7 +365,9 @@ class _GraphParser:
     def parse(self, raw: Any) -> GraphSpec:
         at = _At(self.graph, "")
         body = _mapping(raw, at, "a graph", non_empty=False)
-        _check_keys(body, at, ("timeout", "inputs", "steps", "outputs", "cache", "capture"), (), "a graph")
+        _check_keys(
+            body, at, ("timeout", "inputs", "steps", "outputs", "cache", "capture", "drift"), (), "a graph"
+        )
         if not body.get("steps"):
             raise at.error("the graph has no steps; expected a non-empty list under 'steps'")
         for key, what in (("inputs", "the graph inputs"), ("outputs", "the graph outputs")):
@@ -359,7 +401,8 @@ class _GraphParser:
             MappingProxyType(outputs),
             MappingProxyType(requested),
             _cache(body.get("cache"), at.key("cache")),
-            self._graph_capture(body.get("capture"), at.key("capture"), inputs, outputs),
+            capture := self._graph_capture(body.get("capture"), at.key("capture"), inputs, outputs),
+            _drift(body.get("drift"), at.key("drift"), capture, inputs, outputs),
         )
 
     def _graph_capture(

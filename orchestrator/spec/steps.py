@@ -126,6 +126,20 @@ class CaptureSpec:
     max_bytes: int = 1024 * 1024
 
 
+@dataclass(frozen=True)
+class DriftSpec:
+    """One watched tensor of a graph (``drift:``): its captured values against a reference
+    (orchestrator/capture/drift.py)."""
+
+    #: ``input.<name>`` or ``output.<name>``: a tensor the graph's capture keeps.
+    tensor: str
+    #: The reference distribution's file (``onnxmesh capture reference``), relative to the spec's
+    #: directory.
+    reference: str
+    #: The newest records compared with it.
+    window: int = 500
+
+
 # ---------------------------------------------------------------------------------------------
 # The step kinds
 
@@ -386,6 +400,8 @@ class GraphSpec:
     cache: CacheSpec | None = None
     #: Payload capture of this graph's requests and answers; None = not captured.
     capture: CaptureSpec | None = None
+    #: Tensors watched for drift (they need the graph's capture).
+    drift: tuple[DriftSpec, ...] = ()
 
     def all_steps(self) -> Iterator[Step]:
         """Every step, nested ones included, in spec order."""
