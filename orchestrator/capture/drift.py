@@ -150,7 +150,9 @@ class DriftMonitor:
                 try:
                     reference = Reference.load(self._base / drift.reference)
                 except (OSError, ValueError, KeyError) as exc:
-                    logger.warning("drift reference unreadable", extra={"graph": graph.name, "error": str(exc)})
+                    logger.warning(
+                        "drift reference unreadable", extra={"graph": graph.name, "error": str(exc)}
+                    )
                     continue
                 records: Sequence[Capture] = store.latest_captures(graph.name, drift.window)
                 values = values_of(records, drift.tensor)
