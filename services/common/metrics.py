@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from services.common import tracing
+from services.common import extensions, tracing
 
 METRICS_PATH = "/metrics"
 
@@ -83,6 +83,13 @@ class ServerMetrics:
             "onnxmesh_ready", "1 when every model of this node is loaded and warm.", registry=self.registry
         )
         self.batching = BatchingMetrics(self.registry)
+        self._ignored = Counter(
+            "onnxmesh_ignored_parameters",
+            "Request, input and output parameters accepted without being interpreted, by name "
+            f"(names outside the known list as '{extensions.OTHER}').",
+            ["parameter"],
+            registry=self.registry,
+        )
         #: Count one ModelInfer call: model, version, status code, seconds.
         self.observe_request: ObserveRequest = self._observe_request
 
@@ -106,6 +113,11 @@ class ServerMetrics:
         series = self._series_of(model, version, code)
         series[0].inc()
         series[1].observe(seconds, tracing.exemplar())
+
+    def ignored_parameters(self, names: Iterable[str]) -> None:
+        """Count parameters a request carried that this node does not interpret."""
+        for name in names:
+            self._ignored.labels(name if name in extensions.IGNORED else extensions.OTHER).inc()
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on host:port (a daemon thread); returns the bound port.

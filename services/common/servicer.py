@@ -200,10 +200,12 @@ def uses_extensions(request: pb.ModelInferRequest) -> bool:
 def extended_request(
     dataplane: DataPlane, request: pb.ModelInferRequest, request_id: str, deadline: float | None
 ) -> tuple[InferRequest, dict[str, extensions.OutputOptions]]:
-    """An InferRequest from a ModelInferRequest with extension parameters (shared-memory
-    inputs, classification and shared-memory outputs, a timeout); the output options by name."""
-    deadline = extensions.request_deadline(_params(request.parameters), deadline)
-    regions = [extensions.input_region(t.name, _params(t.parameters)) for t in request.inputs]
+    """An InferRequest from a ModelInferRequest with parameters (shared-memory inputs,
+    classification and shared-memory outputs, a timeout; others counted and ignored, or refused:
+    `extensions`); the output options by name."""
+    ignored: list[str] = []
+    deadline = extensions.request_deadline(_params(request.parameters), deadline, ignored)
+    regions = [extensions.input_region(t.name, _params(t.parameters), ignored) for t in request.inputs]
     raw = list(request.raw_input_contents)
     inline = sum(region is None for region in regions)
     if raw and len(raw) != inline:
@@ -225,7 +227,11 @@ def extended_request(
             raw_index += 1
         else:
             inputs[tensor.name] = codec.decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
-    options = {o.name: extensions.output_options(o.name, _params(o.parameters)) for o in request.outputs}
+    options = {
+        o.name: extensions.output_options(o.name, _params(o.parameters), ignored) for o in request.outputs
+    }
+    if ignored:
+        dataplane.metrics.ignored_parameters(ignored)
     infer = InferRequest(
         model=request.model_name,
         inputs=inputs,
