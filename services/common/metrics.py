@@ -90,6 +90,19 @@ class ServerMetrics:
             ["parameter"],
             registry=self.registry,
         )
+        self.admission_refusals = Counter(
+            "onnxmesh_admission_refusals",
+            "ModelInfer calls refused before they were decoded: over the in-flight limit ('limit') "
+            "or while the event loop lagged ('lag').",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.loop_lag = Gauge(
+            "onnxmesh_event_loop_lag_seconds",
+            "How late the event loop fires a timer: how long a call arriving now waits before its "
+            "handler runs (front-door admission refuses above --max-loop-lag).",
+            registry=self.registry,
+        )
         #: Count one ModelInfer call: model, version, status code, seconds.
         self.observe_request: ObserveRequest = self._observe_request
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -30,6 +31,7 @@ from grpc_health.v1._async import HealthServicer
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import batching, tracing, tracing_edge
+from services.common.admission import Admission, LoopLag
 from services.common.dataplane import DataPlane
 from services.common.limits import limiter_from_setting
 from services.common.metrics import ServerMetrics
@@ -60,8 +62,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", age_ms),
         ("grpc.max_connection_age_grace_ms", int(settings.grace * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Off unless asked: otherwise a second node silently shares a busy port.
-        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+        # Off unless asked or needed by the acceptors (`MeshServer.start` checks the port is free
+        # first): otherwise a second node silently shares a busy port.
+        ("grpc.so_reuseport", 1 if settings.reuse_port or settings.acceptors > 1 else 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 
@@ -99,6 +102,13 @@ class MeshServer:
             extensions=EXTENSIONS,
         )
         self.dataplane.limiter = limiter_from_setting(settings.max_inflight, settings.service)
+        self.loop_lag = LoopLag()
+        self.metrics.loop_lag.set_function(lambda: self.loop_lag.seconds)
+        self.admission: Admission | None = None
+        if self.dataplane.limiter is not None and settings.max_loop_lag > 0:
+            self.admission = Admission(self.dataplane.limiter, self.loop_lag, max_lag=settings.max_loop_lag)
+            refusals = self.metrics.admission_refusals
+            self.admission.on_refusal(lambda reason: refusals.labels(reason).inc())
         self.health = HealthServicer()
         self.port = 0
         self.health_port: int | None = None
@@ -111,6 +121,7 @@ class MeshServer:
         self._loader = loader
         self._closer = closer
         self._server: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
         self._health_server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -126,25 +137,40 @@ class MeshServer:
         if secured and self.settings.http_port is not None:
             # REST would be a way around TLS and tokens.
             raise SecurityError("--http-port serves plaintext without tokens: turn it off with TLS or tokens")
-        interceptors = [TokenInterceptor(self.settings.token_file)] if self.settings.token_file else []
-        server = grpc.aio.server(
-            options=server_options(self.settings),
-            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
-            interceptors=interceptors,
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.settings.token_file:
+            interceptors.append(TokenInterceptor(self.settings.token_file))
+        if self.admission is not None:
+            interceptors.append(self.admission)
         servicer = tracing_edge.servicer_class()(self.dataplane)
-        # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN.
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        if self._add_services is not None:
-            names += self._add_services(server)
-        enable_reflection(names, server)
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, NOT_SERVING)
-        self.port = self._bind(server, self.settings.port, tls, "--port")
-        await server.start()
-        self._server = server
+        if self.settings.acceptors > 1 and not self.settings.reuse_port:
+            _check_free(self.settings.service, self.settings.host, self.settings.port)
+        # Acceptors: grpc.aio takes in one call per event-loop turn and server; under overload
+        # the rest wait inside gRPC, unseen by admission. Several servers on the port (the
+        # kernel spreads connections over them) take in several calls per turn.
+        port = self.settings.port
+        for _ in range(max(1, self.settings.acceptors)):
+            server = grpc.aio.server(
+                options=server_options(self.settings),
+                maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
+                interceptors=interceptors,
+            )
+            # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN.
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+            if self._add_services is not None:
+                names += self._add_services(server)
+            enable_reflection(names, server)
+            port = self._bind(server, port, tls, "--port")
+            self._servers.append(server)
+            await server.start()
+        self.port = port
+        self._server = self._servers[0]
+        if self.admission is not None:
+            self.loop_lag.start()
         try:
             if self.settings.health_port is not None:
                 self._health_server = grpc.aio.server(options=server_options(self.settings))
@@ -234,12 +260,13 @@ class MeshServer:
         if self._closer is not None:
             await self._closer()
         self.dataplane.shared_memory.close()
+        await self.loop_lag.stop()
         log.info("stopped")
         self._stopped.set()
 
     async def _close_ports(self, grace: float) -> None:
-        if self._server is not None:
-            await asyncio.gather(self._server.stop(grace), self.rest.stop())
+        if self._servers:
+            await asyncio.gather(*(server.stop(grace) for server in self._servers), self.rest.stop())
         if self._health_server is not None:
             await self._health_server.stop(0)
         self.metrics.stop_http()
@@ -275,6 +302,23 @@ class MeshServer:
         # Keep answering while clients watching health move away, then close the port.
         await asyncio.sleep(self.settings.drain_delay)
         await self.stop()
+
+
+def _check_free(service: str, host: str, port: int) -> None:
+    """Refuse a port another process listens on, although the acceptors set SO_REUSEPORT."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: connections of a previous process in TIME_WAIT do not count; a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise OSError(
+                f"{service}: cannot listen on {host}:{port}: is another process using the port? "
+                "(--port 0 picks a free one)"
+            ) from exc
 
 
 def _announce(line: str) -> None:
