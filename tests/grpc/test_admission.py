@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common.admission import LoopLag
-from services.common.client import OipClient
-from services.common.model_service import build_repository
+from services.common.grpc.admission import LoopLag
+from services.common.grpc.client import OipClient
+from services.common.model_node import build_repository
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings

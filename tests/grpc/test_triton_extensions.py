@@ -21,11 +21,11 @@ from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from proto.gen.inference import model_config_pb2 as mc
 from proto.gen.inference import reflection_v1_pb2 as refl
 from proto.gen.inference import reflection_v1_pb2_grpc as refl_grpc
-from services.common import extensions
-from services.common.client import OipClient
-from services.common.codec import decode_response_outputs
-from services.common.model_service import build_repository
+from services.common.grpc.client import OipClient
+from services.common.grpc.codec import decode_response_outputs
+from services.common.model_node import build_repository
 from services.common.settings import ServerSettings
+from services.common.triton import params
 from tests.support import ROOT, ServerThread, serving, stub
 
 
@@ -136,10 +136,10 @@ def test_parameters_that_cannot_be_ignored_are_refused_by_name(
     api: pb_grpc.GRPCInferenceServiceStub, where: str, key: str, value: object, expected: str
 ) -> None:
     request = OipClient.build_request("digits-logreg", {"features": features(1)}, ["probabilities"])
-    params = {"request": request.parameters, "output": request.outputs[0].parameters}.get(
+    given = {"request": request.parameters, "output": request.outputs[0].parameters}.get(
         where, request.inputs[0].parameters
     )
-    _set(params[key], value)
+    _set(given[key], value)
     code, message = error(api.ModelInfer, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in message
@@ -159,9 +159,9 @@ def test_a_shared_memory_region_that_is_not_registered_is_refused(
 ) -> None:
     request = OipClient.build_request("digits-logreg", {"features": features(1)}, ["probabilities"])
     del request.raw_input_contents[:]
-    params = request.inputs[0].parameters
-    params["shared_memory_region"].string_param = "nowhere"
-    params["shared_memory_byte_size"].int64_param = 256
+    given = request.inputs[0].parameters
+    given["shared_memory_region"].string_param = "nowhere"
+    given["shared_memory_byte_size"].int64_param = 256
     code, message = error(api.ModelInfer, request)
     assert code == grpc.StatusCode.NOT_FOUND
     assert "'nowhere'" in message
@@ -193,12 +193,12 @@ def test_parameters_stock_clients_send_are_accepted_ignored_and_counted(
         )
     )
     request = OipClient.build_request("digits-logreg", {"features": x}, ["probabilities"])
-    params = {"request": request.parameters, "output": request.outputs[0].parameters}.get(
+    given = {"request": request.parameters, "output": request.outputs[0].parameters}.get(
         where, request.inputs[0].parameters
     )
-    _set(params[key], value)
+    _set(given[key], value)
     registry = server.server.metrics.registry
-    label = key if key in extensions.IGNORED else extensions.OTHER
+    label = key if key in params.IGNORED else params.OTHER
 
     def ignored() -> float:
         return registry.get_sample_value("onnxmesh_ignored_parameters_total", {"parameter": label}) or 0.0

@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from services.common import extensions, tracing
+from services.common.observability import tracing
 
 METRICS_PATH = "/metrics"
 
@@ -86,7 +86,7 @@ class ServerMetrics:
         self._ignored = Counter(
             "onnxmesh_ignored_parameters",
             "Request, input and output parameters accepted without being interpreted, by name "
-            f"(names outside the known list as '{extensions.OTHER}').",
+            "(names outside the known list as 'other').",
             ["parameter"],
             registry=self.registry,
         )
@@ -127,10 +127,11 @@ class ServerMetrics:
         series[0].inc()
         series[1].observe(seconds, tracing.exemplar())
 
-    def ignored_parameters(self, names: Iterable[str]) -> None:
-        """Count parameters a request carried that this node does not interpret."""
-        for name in names:
-            self._ignored.labels(name if name in extensions.IGNORED else extensions.OTHER).inc()
+    def ignored_parameters(self, labels: Iterable[str]) -> None:
+        """Count parameters a request carried that this node does not interpret, by label
+        (`triton.params` bounds them: known names, else "other")."""
+        for label in labels:
+            self._ignored.labels(label).inc()
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on host:port (a daemon thread); returns the bound port.
@@ -187,7 +188,7 @@ class _Quiet(WSGIRequestHandler):
 
 
 class BatchingMetrics:
-    """The adaptive batching queues of a node (`services.common.batching`), by model and version.
+    """The adaptive batching queues of a node (`services.common.batching.adaptive`), by model and version.
 
     Registered on every node, so the series exist (empty) where nothing batches.
     """

@@ -82,20 +82,22 @@ def _refuse(where: str, key: str, allowed: Sequence[str]) -> InvalidInput:
 
 
 def _check(where: str, params: Mapping[str, Param], allowed: Sequence[str], ignored: list[str]) -> None:
-    """Refuse what must not be ignored; add the rest of what is not `allowed` to `ignored`."""
+    """Refuse what must not be ignored; add the rest of what is not `allowed` to `ignored`, by its
+    metric label (its name if in IGNORED, else OTHER)."""
     for key in params:
         if key in allowed:
             continue
         if key in _WHY_NOT:
             raise _refuse(where, key, allowed)
-        ignored.append(key)
+        ignored.append(key if key in IGNORED else OTHER)
 
 
 def request_deadline(
     params: Mapping[str, Param], deadline: float | None, ignored: list[str], *, rest: bool = False
 ) -> float | None:
     """The request's deadline once its parameters are checked: the sooner of `deadline` and
-    `timeout`. Parameters that are not interpreted are added to `ignored` (as in the others)."""
+    `timeout`. Parameters that are not interpreted are added to `ignored` by their metric label
+    (as in the others)."""
     allowed = (TIMEOUT, BINARY_OUTPUT) if rest else (TIMEOUT,)
     _check("request", params, allowed, ignored)
     if TIMEOUT not in params:
