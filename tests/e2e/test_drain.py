@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from orchestrator.replicas import ReplicaSet
+from orchestrator.stages.replicas import ReplicaSet
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.types import InferRequest, InferResult, ModelSignature
