@@ -33,15 +33,15 @@ pytestmark = pytest.mark.timeout(180)
 #: loosened for this 2-core machine, which runs the five nodes, the 256 clients in five Python
 #: processes and other engineers' tests at once (load average 8-19 while measuring): every
 #: figure includes the wait for a core, on the server and in the clients' own event loops. With
-#: the front door, four runs measured refusals p50 21-55 ms (before: 140-258) and p99 108-430 ms,
-#: accepted p99 14-56x an unloaded p99 that itself moved from 5 to 22 ms, good-put 0.40-0.52 of
-#: c=32's (before: 0.59-0.96); one more run at load average 15 took 141 ms p50. The bounds keep
+#: the front door, six runs measured refusals p50 21-80 ms (before: 140-258) and p99 108-430 ms,
+#: accepted p99 9-56x an unloaded p99 that itself moved from 5 to 22 ms, good-put 0.29-0.57 of
+#: c=32's (before: 0.43-0.96); one more run at load average 15 took 141 ms p50. The bounds keep
 #: about 2x room over the worst of those, so they catch a door that stopped working (calls
 #: queueing for seconds), not this machine's noise.
 REFUSED_P50_MS = 300.0
 REFUSED_P99_MS = 1000.0
 ACCEPTED_P99_RATIO = 100.0
-GOODPUT_RATIO = 0.2
+GOODPUT_RATIO = 0.15
 
 
 def test_overload_is_refused_fast_and_the_accepted_are_answered(
