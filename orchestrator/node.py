@@ -21,7 +21,15 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from orchestrator.capture import CAPTURE_DB_ENV, CAPTURE_QUEUE_ENV, Capture, CaptureWriter, StoreSink
+from orchestrator.capture import (
+    CAPTURE_DB_ENV,
+    CAPTURE_MAX_AGE_ENV,
+    CAPTURE_MAX_RECORDS_ENV,
+    CAPTURE_QUEUE_ENV,
+    Capture,
+    CaptureWriter,
+    StoreSink,
+)
 from orchestrator.capture.drift import DriftMonitor
 from orchestrator.capture.writer import open_store
 from orchestrator.graph.engine import Engine
@@ -54,6 +62,11 @@ def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -
     for name, service in spec.services.items():
         out[name] = environ.get(address_variable(name), service.address)
     return out
+
+
+def _number(text: str | None, kind: Callable[[str], Any]) -> Any:
+    """An optional numeric setting from the environment (None when unset or empty)."""
+    return kind(text) if text else None
 
 
 class OrchestratorMetrics:
@@ -412,7 +425,11 @@ class Orchestrator:
         if self.capture is None:
             capacity = int(self.environ.get(CAPTURE_QUEUE_ENV, "10000"))
             self.capture = CaptureWriter(
-                StoreSink(self.environ.get(CAPTURE_DB_ENV) or None),
+                StoreSink(
+                    self.environ.get(CAPTURE_DB_ENV) or None,
+                    max_age=_number(self.environ.get(CAPTURE_MAX_AGE_ENV), float),
+                    max_records=_number(self.environ.get(CAPTURE_MAX_RECORDS_ENV), int),
+                ),
                 capacity=capacity,
                 on_drop=lambda reason, n: self.metrics.capture_dropped.labels(reason).inc(n),
                 on_written=self.metrics.captured.inc,

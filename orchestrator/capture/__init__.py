@@ -12,10 +12,19 @@ default, PostgreSQL for replicas); ``onnxmesh capture export`` writes a window o
 """
 
 from orchestrator.capture.record import Capture, captured_tensors, make_record
-from orchestrator.capture.writer import CAPTURE_DB_ENV, CAPTURE_QUEUE_ENV, CaptureWriter, StoreSink
+from orchestrator.capture.writer import (
+    CAPTURE_DB_ENV,
+    CAPTURE_MAX_AGE_ENV,
+    CAPTURE_MAX_RECORDS_ENV,
+    CAPTURE_QUEUE_ENV,
+    CaptureWriter,
+    StoreSink,
+)
 
 __all__ = [
     "CAPTURE_DB_ENV",
+    "CAPTURE_MAX_AGE_ENV",
+    "CAPTURE_MAX_RECORDS_ENV",
     "CAPTURE_QUEUE_ENV",
     "Capture",
     "CaptureWriter",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,6 +106,11 @@ class CaptureWriter:
 CAPTURE_DB_ENV = "ONNXMESH_CAPTURE_DB"
 #: The writer's queue capacity (records).
 CAPTURE_QUEUE_ENV = "ONNXMESH_CAPTURE_QUEUE"
+#: Retention applied by the writer (at most once a minute): records older than this many seconds,
+#: then all but the newest this many records, are deleted. Unset: kept (`onnxmesh capture prune`).
+CAPTURE_MAX_AGE_ENV = "ONNXMESH_CAPTURE_MAX_AGE"
+CAPTURE_MAX_RECORDS_ENV = "ONNXMESH_CAPTURE_MAX_RECORDS"
+RETENTION_EVERY = 60.0
 
 
 def open_store(url: str | None) -> Any:
@@ -119,14 +125,28 @@ class StoreSink:
     """``write`` for CaptureWriter: the job store's ``captures`` table, opened on the first write
     (in the writer thread: connecting never holds up the event loop)."""
 
-    def __init__(self, url: str | None) -> None:
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        max_age: float | None = None,
+        max_records: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.url = url
+        self.max_age, self.max_records = max_age, max_records
+        self._clock = clock
         self._store: Any = None
+        self._pruned = float("-inf")
 
     def __call__(self, records: Sequence[Capture]) -> None:
         if self._store is None:
             self._store = open_store(self.url)
         self._store.write_captures(records)
+        retention = self.max_age is not None or self.max_records is not None
+        if retention and self._clock() - self._pruned >= RETENTION_EVERY:
+            self._pruned = self._clock()
+            self._store.prune_captures(max_age=self.max_age, max_records=self.max_records)
 
     def close(self) -> None:
         if self._store is not None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from jobs.store import Store
-from orchestrator.capture import Capture, CaptureWriter, captured_tensors
+from orchestrator.capture import Capture, CaptureWriter, StoreSink, captured_tensors
 from orchestrator.spec import CaptureSpec, SpecError, parse_spec
 from tests.support import ROOT
 
@@ -112,3 +112,18 @@ def test_retention_by_age_and_count(tmp_path: Path) -> None:
         assert store.prune_captures(max_records=2) == 2
         assert [r.request_id for r in store.read_captures(since=0, until=900)] == ["r800"]
         assert store.count_captures() == 2
+
+
+def test_the_store_sink_applies_retention_as_it_writes(tmp_path: Path) -> None:
+    url = str(tmp_path / "s.sqlite")
+    now = [0.0]
+    sink = StoreSink(url, max_records=3, clock=lambda: now[0])
+    sink([record(i) for i in range(5)])
+    with Store(url) as store:
+        assert [r.request_id for r in store.read_captures()] == ["r2", "r3", "r4"]
+    sink([record(i) for i in range(5, 8)])  # within the minute: kept until the next pruning
+    now[0] = 61.0
+    sink([record(8)])
+    with Store(url) as store:
+        assert [r.request_id for r in store.read_captures()] == ["r6", "r7", "r8"]
+    sink.close()
