@@ -8,16 +8,19 @@ from collections.abc import Mapping
 
 import pytest
 
-from meshctl.rollout.graphs import Branch
+from meshctl.rollout.graphs import Branch, RolloutSettings
 from meshctl.rollout.progressive import (
     STEP_METRIC,
     BranchWindow,
+    ConfigMapWeights,
     Gates,
     Sample,
+    WeightStore,
     branch_window,
     judge,
     run_progressive,
 )
+from tests.unit.rollout_fakes import changed_lines, mesh_cluster, weights_in
 
 GATES = Gates(max_error_increase=0.01, max_p99_ratio=1.5, min_agreement=0.95, min_requests=50)
 
@@ -143,3 +146,43 @@ def test_a_rerun_resumes_from_the_current_weight() -> None:
     code, out = rollout(weights, TrafficFake())
     assert code == 0 and weights.history == [25, 50, 100]
     assert "resuming from 25%" in out
+
+
+def test_on_kubernetes_the_weights_move_in_the_configmap_keeping_the_rest_of_the_text() -> None:
+    cluster = mesh_cluster()
+    before = cluster.graphs_text()
+    weights = ConfigMapWeights(cluster, RolloutSettings(), "digits-parallel", "mlp")
+    assert [b.weight for b in weights.branches()] == list(weights_in(before).values())
+    stable, canary = weights_in(before)
+    code, out = rollout_with(weights, TrafficFake(), stable, canary)
+    assert code == 0, out
+    after = cluster.graphs_text()
+    assert weights_in(after) == {stable: 0, canary: 100}
+    assert len(changed_lines(before, after)) == 4  # two weight lines, removed and added
+
+
+def rollout_with(weights: WeightStore, traffic: TrafficFake, stable: str, canary: str) -> tuple[int, str]:
+    """As `rollout`, with the metrics of the splitter's own branch names."""
+
+    def renamed() -> dict[Sample, float]:
+        names = {"stable": stable, "canary": canary}
+        return {
+            (name, tuple((k, names.get(v, v) if k == "step" else v) for k, v in items)): value
+            for (name, items), value in traffic().items()
+        }
+
+    out, clock = io.StringIO(), ClockFake()
+    code = run_progressive(
+        weights,
+        renamed,
+        "g",
+        "mlp",
+        window=10,
+        max_wait=60,
+        poll=5,
+        gates=GATES,
+        out=out,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    return code, out.getvalue()
