@@ -280,6 +280,7 @@ def run_progressive(
     if current >= 100:
         print(f"{graph}/{step}: {canary} already has 100%; nothing to do.", file=out)
         return 0
+    read_metrics()  # unreachable metrics fail here, before any weight moves
     todo = [s for s in steps if s >= current]
     if current > 0:
         print(
