@@ -154,7 +154,7 @@ class DataPlane:
         if isinstance(servable, BatchingModel) and servable.batching:
             return ModelDescription(
                 servable.signature,
-                config.platform,
+                servable.signature.platform,
                 servable.max_batch_size,
                 int(servable.max_queue_delay * 1e6),
                 servable.max_queue_size,
@@ -162,7 +162,7 @@ class DataPlane:
                 config.warmup,
             )
         return ModelDescription(
-            servable.signature, config.platform, 0, 0, 0, config.description, config.warmup
+            servable.signature, servable.signature.platform, 0, 0, 0, config.description, config.warmup
         )
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:

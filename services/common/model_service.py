@@ -1,7 +1,8 @@
 """`main()` of a model-serving node: scan a model directory, build servables, serve.
 
-model_a, model_b and preprocess differ only in their defaults and in the factory that
-turns one `<model>/<version>/` directory into a servable.
+A node runs one runtime (`--runtime`): `onnx` serves `<model>/<version>/model.onnx` with
+onnxruntime, `python` serves a user's class from `<model>/<version>/model.py`
+(services.common.python_model). Both go through the same repository, batching and data plane.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 
 from services.common.batching import BatchingModel
 from services.common.logs import configure_logging
-from services.common.model import LoadError, Servable
+from services.common.model import LoadError, Model, Servable
 from services.common.onnx_model import OnnxModel
+from services.common.python_model import PythonModel
 from services.common.repository import ModelRepository, ModelVersionDir, scan_repository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings, parse_server_settings
@@ -26,8 +28,20 @@ log = logging.getLogger(__name__)
 ServableFactory = Callable[[ModelVersionDir, ServerSettings, Executor], Servable]
 
 
+def _batched(model: Model, entry: ModelVersionDir, settings: ServerSettings) -> Servable:
+    """`model`, batched adaptively when its config asks for it."""
+    if entry.config.max_batch_size > 1:
+        return BatchingModel(model, entry.config, max_concurrent_batches=settings.inference_workers)
+    return model
+
+
 def onnx_servable(entry: ModelVersionDir, settings: ServerSettings, executor: Executor) -> Servable:
-    """An ONNX model version, batched adaptively when its config asks for it."""
+    """An ONNX model version; its signature comes from the graph, never from config.json."""
+    if entry.config.inputs or entry.config.outputs or entry.config.python_class:
+        raise ValueError(
+            f"{entry.path.parent.parent / 'config.json'}: inputs, outputs and python_class are for "
+            "the python runtime; an ONNX model's signature comes from its graph"
+        )
     model = OnnxModel(
         entry.name,
         entry.version,
@@ -36,24 +50,39 @@ def onnx_servable(entry: ModelVersionDir, settings: ServerSettings, executor: Ex
         threads=settings.ort_threads,
         warmup=entry.config.warmup,
     )
-    if entry.config.max_batch_size > 1:
-        return BatchingModel(model, entry.config, max_concurrent_batches=settings.inference_workers)
-    return model
+    return _batched(model, entry, settings)
+
+
+def python_servable(entry: ModelVersionDir, settings: ServerSettings, executor: Executor) -> Servable:
+    """A user's Python model version (its version directory is `entry.path`)."""
+    return _batched(
+        PythonModel(entry.name, entry.version, entry.path, entry.config, executor), entry, settings
+    )
+
+
+#: The runtimes a node can run: the factory of a version directory, and the file that makes a
+#: directory a version (None: every numbered directory; a Python model may name an importable class).
+RUNTIMES: dict[str, tuple[ServableFactory, str | None]] = {
+    "onnx": (onnx_servable, "model.onnx"),
+    "python": (python_servable, None),
+}
 
 
 def build_repository(
     settings: ServerSettings,
     executor: Executor,
-    factory: ServableFactory = onnx_servable,
-    filename: str = "model.onnx",
+    factory: ServableFactory | None = None,
+    filename: str | None = "model.onnx",
 ) -> ModelRepository:
     """The servables of a model directory; a model whose config or servable cannot be built is
     recorded as failed (with its reason) rather than stopping the node."""
     if settings.model_dir is None:
         raise ValueError("no model directory given (--model-dir or ONNXMESH_MODEL_DIR)")
+    if factory is None:
+        factory, filename = RUNTIMES[settings.runtime]
     entries, failures = scan_repository(settings.model_dir, filename)
     if not entries and not failures:
-        raise FileNotFoundError(f"no <model>/<version>/{filename} under {settings.model_dir}")
+        raise FileNotFoundError(f"no <model>/<version>/{filename or ''} under {settings.model_dir}")
     repository = ModelRepository()
     for failure in failures:
         log.error(
@@ -80,8 +109,8 @@ def main(
     port: int,
     model_dir: Path,
     description: str,
-    factory: ServableFactory = onnx_servable,
-    filename: str = "model.onnx",
+    factory: ServableFactory | None = None,
+    filename: str | None = "model.onnx",
     argv: Sequence[str] | None = None,
 ) -> None:
     settings = parse_server_settings(service, argv, port=port, model_dir=model_dir, description=description)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "ONNXMESH_"
+#: The runtimes a model node can run (services.common.model_service.RUNTIMES).
+RUNTIME_NAMES = ("onnx", "python")
 MIB = 1024 * 1024
 
 
@@ -53,6 +55,12 @@ def _optional_int(text: str) -> int | None:
     return None if text in ("", "none", "off") else int(text)
 
 
+def _runtime(text: str) -> str:
+    if text not in RUNTIME_NAMES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(RUNTIME_NAMES)}, got {text!r}")
+    return text
+
+
 def _optional_path(text: str) -> Path | None:
     return None if text in ("", "none", "off") else Path(text)
 
@@ -75,6 +83,12 @@ class ServerSettings:
     )
     model_dir: Path | None = field(
         default=None, metadata=option("model repository: <model>/<version>/model.onnx", Path)
+    )
+    runtime: str = field(
+        default="onnx",
+        metadata=option(
+            "what serves the model directory: onnx (model.onnx files) or python (model.py)", _runtime
+        ),
     )
     ort_threads: int = field(
         default=1, metadata=option("onnxruntime intra-op threads per session (match the CPU limit)", int)
