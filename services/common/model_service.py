@@ -109,15 +109,16 @@ def main(
     port: int,
     model_dir: Path,
     description: str,
-    factory: ServableFactory | None = None,
-    filename: str | None = "model.onnx",
+    runtime: str = "onnx",
     argv: Sequence[str] | None = None,
 ) -> None:
-    settings = parse_server_settings(service, argv, port=port, model_dir=model_dir, description=description)
+    settings = parse_server_settings(
+        service, argv, port=port, model_dir=model_dir, description=description, runtime=runtime
+    )
     configure_logging(service, settings.log_level, settings.log_format)
     executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix=f"{service}-infer")
     try:
-        repository = build_repository(settings, executor, factory, filename)
+        repository = build_repository(settings, executor)
         asyncio.run(MeshServer(settings, repository).run_until_signal())
     except (FileNotFoundError, ValueError, OSError, LoadError) as exc:
         log.error("cannot start: %s", exc)

@@ -204,12 +204,13 @@ def server_parser(
     port: int,
     model_dir: Path | None,
     description: str,
+    runtime: str = "onnx",
     environ: Mapping[str, str] = os.environ,
 ) -> argparse.ArgumentParser:
     """The argument parser every node starts from: one flag per settings field, with this node's
     `port` and `model_dir` defaults; nodes may add flags of their own with `add_option`."""
     parser = argparse.ArgumentParser(prog=f"python -m {service}", description=description)
-    defaults: dict[str, Any] = {"port": port, "model_dir": model_dir}
+    defaults: dict[str, Any] = {"port": port, "model_dir": model_dir, "runtime": runtime}
     for f in SETTINGS_FIELDS:
         flag = f.name.replace("_", "-")
         add_option(
@@ -229,7 +230,13 @@ def settings_from_args(service: str, args: argparse.Namespace) -> ServerSettings
 
 
 def parse_server_settings(
-    service: str, argv: Sequence[str] | None, *, port: int, model_dir: Path | None, description: str
+    service: str,
+    argv: Sequence[str] | None,
+    *,
+    port: int,
+    model_dir: Path | None,
+    description: str,
+    runtime: str = "onnx",
 ) -> ServerSettings:
-    parser = server_parser(service, port=port, model_dir=model_dir, description=description)
+    parser = server_parser(service, port=port, model_dir=model_dir, description=description, runtime=runtime)
     return settings_from_args(service, parser.parse_args(argv))
