@@ -4,6 +4,7 @@
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
     onnxmesh health  [--target HOST:PORT ...] [--service NAME]
     (each also takes --base-port N: the local mesh's layout, as `make run ARGS=--base-port N`)
+    onnxmesh check MESH  the mesh file, its model directories and graphs, without starting anything
     onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
     onnxmesh batch|submit|result|jobs ... (batch and asynchronous serving: jobs.cli, jobs extra)
 
@@ -176,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="health service name (default: the whole server)")
     _add_timeouts(health, call=2.0)
 
+    check = commands.add_parser(
+        "check", help="check a mesh file, every model directory and every graph, starting nothing"
+    )
+    check.add_argument("mesh", type=Path, help="the mesh file (YAML)")
+
     # Only this command needs meshctl.rollout (and the Kubernetes client, an optional extra), so it
     # is imported when the command runs, and parses everything after `rollout` itself.
     commands.add_parser(
@@ -220,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_models(args))
         if args.command == "health":
             return asyncio.run(_health(args))
+        if args.command == "check":
+            return _check(args.mesh)
         if args.command == ROLLOUT:
             return _rollout(rest)
         if args.command in JOB_COMMANDS:
@@ -235,6 +243,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # final flush does not fail again, and stop quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _check(path: Path) -> int:
+    """Exit 0 when the mesh file, every model and every graph are fine; else list every problem."""
+    from meshctl.check import check_models
+    from meshctl.mesh import MeshFileError, load_mesh
+
+    try:
+        mesh = load_mesh(path)
+    except MeshFileError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        print(f"onnxmesh check: {len(exc.problems)} problem(s) in {path}", file=sys.stderr)
+        return 1
+    print(f"{path}: {len(mesh.services)} service(s), {len(mesh.spec.graphs)} graph(s)")
+    report = check_models(mesh)
+    if report.problems:
+        print("\n".join(report.problems), file=sys.stderr)
+        print(f"onnxmesh check: {len(report.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
 
 
 def _rollout(argv: Sequence[str]) -> int:

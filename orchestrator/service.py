@@ -46,7 +46,13 @@ def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -
     """Each service's address from the spec, overridden by ONNXMESH_SERVICE_<NAME>_ADDRESS."""
     out = {}
     for name, service in spec.services.items():
-        out[name] = environ.get(address_variable(name), service.address)
+        address = environ.get(address_variable(name), service.address)
+        if not address:
+            raise SpecError(
+                f"service {name!r} has no address: the mesh's launcher sets {address_variable(name)} "
+                "(`onnxmesh up`, or the rendered Kubernetes manifests)"
+            )
+        out[name] = address
     return out
 
 
