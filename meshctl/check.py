@@ -18,7 +18,7 @@ from meshctl.mesh import Mesh, Node
 from orchestrator.spec import SpecError, validate_against_signatures
 from orchestrator.spec.steps import SignatureKey
 from services.common.model import Model
-from services.common.model_service import RUNTIMES
+from services.common.model_node import RUNTIMES
 from services.common.repository import scan_repository
 from services.common.settings import ServerSettings
 from services.common.types import ModelSignature

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "ONNXMESH_"
-#: The runtimes a model node can run (services.common.model_service.RUNTIMES).
+#: The runtimes a model node can run (services.common.model_node.RUNTIMES).
 RUNTIME_NAMES = ("onnx", "python")
 MIB = 1024 * 1024
 

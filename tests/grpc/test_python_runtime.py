@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common.batching import BatchingModel
-from services.common.codec import decode_response_outputs, encode_raw
-from services.common.model_service import build_repository
+from services.common.batching.adaptive import BatchingModel
+from services.common.grpc.codec import decode_response_outputs
+from services.common.model_node import build_repository
 from services.common.settings import ServerSettings
+from services.common.tensors import encode_raw
 from tests.support import ServerThread, stub
 
 SCALE = """

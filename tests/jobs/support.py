@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common import digits
-from services.common.client import OipClient
+from services.common.grpc.client import OipClient
 
 REPO = Path(__file__).resolve().parents[2]
 #: The held-out digits file itself (package data; a regular file in a checkout).

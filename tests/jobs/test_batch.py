@@ -17,8 +17,8 @@ import numpy as np
 
 from jobs.batch import BatchConfig, BatchRunner, Summary
 from jobs.store import FAILED, OK, Store
-from services.common.client import OipClient
 from services.common.errors import InvalidInput, Unavailable
+from services.common.grpc.client import OipClient
 from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 from tests.jobs.conftest import GRAPH
 from tests.jobs.support import HOLDOUT, REPO, holdout, wait_until

@@ -22,12 +22,12 @@ KUBERNETES_CLIENT_USER = "meshctl/rollout/cluster.py"
 #: dataclasses and the error tree (docs/architecture.md).
 GRPC_EDGE = {
     "bench/minimal.py",
-    "services/common/client.py",
-    "services/common/reflection.py",
-    "services/common/security.py",
-    "services/common/servicer.py",
+    "services/common/grpc/client.py",
+    "services/common/grpc/reflection.py",
+    "services/common/grpc/security.py",
+    "services/common/grpc/servicer.py",
     "services/common/server.py",
-    "services/common/tracing_edge.py",
+    "services/common/grpc/traced.py",
     "jobs/client.py",
     "jobs/node.py",
     "jobs/service.py",
