@@ -124,7 +124,7 @@ ENTRYPOINT ["python", "-m", "services.model_b"]
 # The orchestrator has no models; it bakes the repo's graph spec at the path where
 # Kubernetes mounts the ConfigMap, so `docker run` and the cluster read the same path.
 FROM runtime AS svc-orchestrator
-COPY --chown=0:0 orchestrator/graphs.yaml /etc/onnxmesh/graphs.yaml
+COPY --chown=0:0 demo/mesh.yaml /etc/onnxmesh/graphs.yaml
 ENV ONNXMESH_PORT=8001 ONNXMESH_GRAPHS=/etc/onnxmesh/graphs.yaml
 EXPOSE 8001 9090
 ENTRYPOINT ["python", "-m", "orchestrator"]

@@ -73,8 +73,9 @@ lint: setup
 certs: setup
 	$(BIN)/python -m meshctl.certs certs
 
+# The digits demo's mesh file, every node its own process: `onnxmesh up demo/mesh.yaml`.
 run: setup
-	$(BIN)/python -m meshctl.run $(ARGS)
+	$(BIN)/python -m meshctl.cli up demo/mesh.yaml $(ARGS)
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

@@ -39,7 +39,7 @@ from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_
 from bench.models import DEFAULT_DIRS
 from bench.profile import BackgroundProfile, summarize_file
 from bench.runner import Target, Timing, all_in_one, local_mesh, minimal, run_point, service_target
-from meshctl.launcher import DEFAULT_GRAPHS
+from meshctl.launcher import DEMO_MESH as DEFAULT_GRAPHS
 from meshctl.process import REPO
 from orchestrator.spec import load_spec
 from services.common.digits import load_holdout

@@ -4,6 +4,7 @@
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
     onnxmesh health  [--target HOST:PORT ...] [--service NAME]
     (each also takes --base-port N: the local mesh's layout, as `make run ARGS=--base-port N`)
+    onnxmesh up [MESH] [--base-port N ...]  run a mesh file's services and orchestrator locally (meshctl.run)
     onnxmesh check MESH  the mesh file, its model directories and graphs, without starting anything
     onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
     onnxmesh batch|submit|result|jobs ... (batch and asynchronous serving: jobs.cli, jobs extra)
@@ -23,7 +24,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshctl.launcher import BASE_PORT, probe_models
+from meshctl.launcher import probe_models
+from meshctl.mesh import DEFAULT_BASE_PORT as BASE_PORT
 from meshctl.predict import DEFAULT_GRAPH, describe_signature, run_predict
 from meshctl.targets import (
     MESH_HINT,
@@ -42,6 +44,8 @@ from services.common.settings import non_negative_int, positive_int
 from services.common.types import ModelSignature
 
 ROLLOUT = "rollout"
+#: Run a mesh locally: meshctl.run parses its arguments.
+UP = "up"
 #: Batch and asynchronous serving (jobs.cli, with the jobs extra): handed over unparsed, like rollout.
 JOB_COMMANDS = {
     "batch": "run a graph over a dataset, predictions into a database",
@@ -177,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="health service name (default: the whole server)")
     _add_timeouts(health, call=2.0)
 
+    commands.add_parser(UP, help="run a mesh file locally until Ctrl-C (onnxmesh up --help)", add_help=False)
     check = commands.add_parser(
         "check", help="check a mesh file, every model directory and every graph, starting nothing"
     )
@@ -215,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnxmesh` console script; returns the exit code."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != ROLLOUT and args.command not in JOB_COMMANDS and rest:
+    if args.command not in (ROLLOUT, UP) and args.command not in JOB_COMMANDS and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "predict":
@@ -226,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_models(args))
         if args.command == "health":
             return asyncio.run(_health(args))
+        if args.command == UP:
+            from meshctl import run
+
+            return run.main(rest, prog=f"onnxmesh {UP}")
         if args.command == "check":
             return _check(args.mesh)
         if args.command == ROLLOUT:

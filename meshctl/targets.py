@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from meshctl.launcher import BASE_PORT, ports_from_base
+from meshctl.launcher import ports_from_base
+from meshctl.mesh import DEFAULT_BASE_PORT as BASE_PORT
 from services.common.errors import DeadlineExceeded, MeshError, Unavailable
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,

@@ -19,7 +19,6 @@ from services.common.server import MeshServer
 from services.common.settings import add_option, server_parser, settings_from_args
 from services.common.topology import DEFAULT_PORTS, ORCHESTRATOR
 
-DEFAULT_GRAPHS = Path(__file__).parent / "graphs.yaml"
 log = logging.getLogger("orchestrator")
 
 
@@ -30,7 +29,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         model_dir=None,
         description="Run the inference graphs of a spec over the mesh's services; each graph is served as a model.",
     )
-    add_option(parser, "graphs", Path, DEFAULT_GRAPHS, "graph spec (YAML); watched and reloaded on change")
+    add_option(
+        parser,
+        "graphs",
+        Path,
+        None,
+        "graph spec or mesh file (YAML), required; watched and reloaded on change",
+    )
     add_option(parser, "reload-interval", float, 2.0, "seconds between checks of the graph spec file")
     add_option(
         parser,
@@ -41,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "under load the limit falls to 1 (0 = never stack)",
     )
     args = parser.parse_args(argv)
+    if args.graphs is None:
+        parser.error("no graph spec: give --graphs FILE (or ONNXMESH_GRAPHS), a spec or a mesh file")
     settings = settings_from_args("orchestrator", args)
     configure_logging("orchestrator", settings.log_level, settings.log_format)
     repository = ModelRepository()

@@ -7,8 +7,10 @@ onnxruntime, `python` serves a user's class from `<model>/<version>/model.py`
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -103,12 +105,16 @@ def build_repository(
     return repository
 
 
+#: The port a node listens on unless told otherwise (a container's, say; the launcher gives each its own).
+DEFAULT_PORT = 8001
+
+
 def main(
     service: str,
     *,
-    port: int,
-    model_dir: Path,
-    description: str,
+    port: int = DEFAULT_PORT,
+    model_dir: Path | None = None,
+    description: str = "Serve every model of a model directory over the Open Inference Protocol.",
     runtime: str = "onnx",
     argv: Sequence[str] | None = None,
 ) -> None:
@@ -125,3 +131,16 @@ def main(
         raise SystemExit(f"{service}: {exc}") from exc
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """`python -m services.common.model_node --name NAME [--runtime onnx|python] --model-dir DIR ...`:
+    any service of a mesh. `--name` (env ONNXMESH_NAME) names the node in logs and metrics."""
+    names = argparse.ArgumentParser(add_help=False)
+    names.add_argument("--name", default=os.environ.get("ONNXMESH_NAME", "model"))
+    known, rest = names.parse_known_args(argv)
+    main(known.name, argv=rest)
+
+
+if __name__ == "__main__":
+    cli()

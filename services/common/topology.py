@@ -3,7 +3,7 @@
 Plain data and two small functions, no grpc, so anything may import it: the nodes' entry points
 (their default ``--port``), the local launcher, the ``onnxmesh`` CLI, the Kubernetes rollout and
 the tests. A name or a port is written here once. What cannot import Python (the graph specs
-``orchestrator/graphs.yaml`` and ``k8s/**/graphs.yaml``, the Kubernetes manifests, the Dockerfile)
+``demo/mesh.yaml`` and ``k8s/**/graphs.yaml``, the Kubernetes manifests, the Dockerfile)
 is checked against this module by ``tests/unit/test_topology.py``.
 """
 
@@ -47,7 +47,7 @@ SERVICE_MODELS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
-#: The graphs of the orchestrator's default spec (orchestrator/graphs.yaml), each served as a model.
+#: The graphs of the orchestrator's default spec (demo/mesh.yaml), each served as a model.
 DEFAULT_GRAPH_NAMES: tuple[str, ...] = ("digits-serial", "digits-parallel", "digits-cascade")
 
 _ADDRESS_VARIABLE = re.compile(r"ONNXMESH_SERVICE_(?P<name>[A-Z0-9_]+)_ADDRESS")

@@ -19,7 +19,7 @@ import pytest
 
 from bench import analysis, procstat
 from bench.profile import parse_collapsed, summarize
-from meshctl.launcher import DEFAULT_GRAPHS
+from meshctl.launcher import DEMO_MESH as DEFAULT_GRAPHS
 from orchestrator.spec import load_spec
 from tests.support import ROOT
 

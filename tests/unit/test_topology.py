@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from meshctl.mesh import load_mesh
 from orchestrator.spec import load_spec
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,
@@ -31,7 +32,7 @@ from services.common.topology import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SPECS = ["orchestrator/graphs.yaml", "k8s/base/graphs.yaml", "k8s/components/canary/graphs.yaml"]
+SPECS = ["k8s/components/canary/graphs.yaml"]
 NAMESPACE = "onnxmesh"
 METRICS_PORT = 9090
 DNS_PORT = 53
@@ -135,8 +136,12 @@ def test_graph_specs_address_every_service_on_its_default_port(path: str) -> Non
         assert spec.services[service].address == f"127.0.0.1:{DEFAULT_PORTS[service]}", (path, service)
 
 
+def test_the_demo_mesh_lays_out_the_default_ports() -> None:
+    assert load_mesh(REPO / "demo" / "mesh.yaml").ports() == dict(DEFAULT_PORTS)
+
+
 def test_the_default_spec_serves_the_default_graphs_from_the_services_models() -> None:
-    spec = load_spec(REPO / "orchestrator" / "graphs.yaml")
+    spec = load_spec(REPO / "demo" / "mesh.yaml")
     assert tuple(spec.graphs) == DEFAULT_GRAPH_NAMES
     assert set(spec.services) == set(MODEL_SERVICES)
     for graph in spec.graphs.values():
