@@ -6,6 +6,7 @@
     (each also takes --base-port N: the local mesh's layout, as `make run ARGS=--base-port N`)
     onnxmesh up [MESH] [--base-port N ...]  run a mesh file's services and orchestrator locally (meshctl.run)
     onnxmesh check MESH  the mesh file, its model directories and graphs, without starting anything
+    onnxmesh k8s MESH --out DIR  a kustomize base for the mesh (meshctl/k8s.py)
     onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
     onnxmesh batch|submit|result|jobs ... (batch and asynchronous serving: jobs.cli, jobs extra)
 
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("mesh", type=Path, help="the mesh file (YAML)")
 
+    k8s = commands.add_parser("k8s", help="render a mesh file as a kustomize base")
+    k8s.add_argument("mesh", type=Path, help="the mesh file (YAML)")
+    k8s.add_argument("--out", type=Path, required=True, help="directory to write the base into")
+
     # Only this command needs meshctl.rollout (and the Kubernetes client, an optional extra), so it
     # is imported when the command runs, and parses everything after `rollout` itself.
     commands.add_parser(
@@ -235,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from meshctl import run
 
             return run.main(rest, prog=f"onnxmesh {UP}")
+        if args.command == "k8s":
+            return _k8s(args.mesh, args.out)
         if args.command == "check":
             return _check(args.mesh)
         if args.command == ROLLOUT:
@@ -272,6 +279,21 @@ def _check(path: Path) -> int:
         print(f"onnxmesh check: {len(report.problems)} problem(s)", file=sys.stderr)
         return 1
     print("ok")
+    return 0
+
+
+def _k8s(path: Path, out: Path) -> int:
+    from meshctl import k8s
+    from meshctl.mesh import MeshFileError, load_mesh
+
+    try:
+        mesh = load_mesh(path)
+    except MeshFileError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    for written in k8s.write(mesh, out):
+        print(written)
+    print(f"apply with: kubectl apply -k {out}")
     return 0
 
 

@@ -4,6 +4,7 @@ It is the orchestrator's graph spec grown by what it takes to run each service, 
 the services they call are written once (docs/your-own-mesh.md has a worked example):
 
     base_port: 8000                   # optional: orchestrator base+1, the services base+11, +21, ...
+    images: {prefix: registry.example.com/team/, tag: "1.4"}   # optional: <prefix><service>:<tag>
     orchestrator: {replicas: 2}
     services:
       features:
@@ -27,6 +28,7 @@ their signatures, still without starting a node.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +52,7 @@ METRICS_OFFSET = 200
 #: The name the orchestrator goes by among the nodes.
 ORCHESTRATOR = "orchestrator"
 
-_TOP_KEYS = ("base_port", "orchestrator", "services", "defaults", "graphs", "cache_store")
+_TOP_KEYS = ("base_port", "images", "orchestrator", "services", "defaults", "graphs", "cache_store")
 _SERVICE_KEYS = ("runtime", "model_dir", "replicas", "resources", "settings", "requirements", "port")
 _ORCHESTRATOR_KEYS = ("replicas", "resources", "settings", "port")
 _RESOURCE_KINDS = ("requests", "limits")
@@ -99,6 +101,22 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Images:
+    """How the nodes' images are named: `<prefix><service, as a Kubernetes name>:<tag>`."""
+
+    prefix: str = "onnxmesh/"
+    #: The onnxmesh release by default: the runtime the images carry.
+    tag: str = field(default_factory=lambda: _package_version())
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("onnxmesh")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass(frozen=True)
 class Mesh:
     """A checked mesh file."""
 
@@ -111,6 +129,7 @@ class Mesh:
     orchestrator: Node
     #: The graphs, as the orchestrator reads them from the same file.
     spec: MeshSpec
+    images: Images = field(default_factory=Images)
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -189,10 +208,29 @@ def load_mesh(path: str | Path) -> Mesh:
             services[str(name)] = _service(str(name), body, port, path.parent, problems)
     orchestrator = _orchestrator(raw.get("orchestrator", {}), base + ORCHESTRATOR_OFFSET, problems)
     _check_ports([*services.values(), orchestrator], problems)
+    images = _images(raw.get("images", {}), problems)
     spec = _graphs(raw, problems)
     if problems.items or spec is None:
         raise MeshFileError(problems.items)
-    return Mesh(path, base, MappingProxyType(services), MappingProxyType(external), orchestrator, spec)
+    return Mesh(
+        path, base, MappingProxyType(services), MappingProxyType(external), orchestrator, spec, images
+    )
+
+
+_IMAGE_PREFIX = re.compile(r"([a-z0-9][a-z0-9._:-]*/)*\Z")
+_IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+
+
+def _images(value: Any, problems: _Problems) -> Images:
+    if not isinstance(value, dict) or set(value) - {"prefix", "tag"}:
+        problems.add("images", "must be a mapping with prefix (e.g. registry.example.com/team/) and tag")
+        return Images()
+    images = Images(**{k: str(v) for k, v in value.items()})
+    if not _IMAGE_PREFIX.match(images.prefix):
+        problems.add("images.prefix", f"not an image name prefix ending in '/': {images.prefix!r}")
+    if not _IMAGE_TAG.match(images.tag):
+        problems.add("images.tag", f"not an image tag: {images.tag!r}")
+    return images
 
 
 def _replicas(value: Any, where: str, problems: _Problems) -> int:

@@ -6,86 +6,16 @@ Identity-like graph and a Python model), so nothing depends on the demo.
 
 from __future__ import annotations
 
-import json
-import textwrap
 from pathlib import Path
-from typing import Any
 
-import onnx
 import pytest
 import yaml
-from onnx import TensorProto, helper
 
 from meshctl.check import check_models
 from meshctl.cli import main as cli_main
 from meshctl.mesh import MeshFileError, load_mesh
 from orchestrator.spec import parse_spec
-
-DOUBLE = """
-class Double:
-    def predict(self, inputs):
-        return {"y": inputs["x"] * 2}
-"""
-
-
-def onnx_negate(path: Path) -> None:
-    """y FP32 [-1, 2] -> z = -y."""
-    graph = helper.make_graph(
-        [helper.make_node("Neg", ["y"], ["z"])],
-        "negate",
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    path.parent.mkdir(parents=True)
-    onnx.save(model, path)
-
-
-def python_model(root: Path, name: str, code: str, config: dict[str, Any]) -> None:
-    (root / name / "1").mkdir(parents=True)
-    (root / name / "1" / "model.py").write_text(textwrap.dedent(code))
-    (root / name / "config.json").write_text(json.dumps(config))
-
-
-SIGNATURE = {
-    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
-}
-
-
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    python_model(tmp_path / "models/double", "double", DOUBLE, SIGNATURE)
-    onnx_negate(tmp_path / "models/negate/negate/1/model.onnx")
-    return tmp_path
-
-
-def mesh(folder: Path, **changes: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "services": {
-            "double": {"runtime": "python", "model_dir": "models/double", "replicas": 2},
-            "negate": {"runtime": "onnx", "model_dir": "models/negate"},
-        },
-        "graphs": {
-            "double-negate": {
-                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-                "steps": [
-                    {"name": "d", "service": "double", "model": "double", "inputs": {"x": "request.x"}},
-                    {"name": "n", "service": "negate", "model": "negate", "inputs": {"y": "d.y"}},
-                ],
-                "outputs": {"z": "n.z"},
-            }
-        },
-    }
-    body.update(changes)
-    return body
-
-
-def write(folder: Path, body: dict[str, Any]) -> Path:
-    path = folder / "mesh.yaml"
-    path.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
+from tests.unit.mesh_fakes import DOUBLE, SIGNATURE, mesh, python_model, write
 
 
 def problems(path: Path) -> list[str]:
