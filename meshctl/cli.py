@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meshctl.launcher import probe_models
-from meshctl.mesh import DEFAULT_BASE_PORT as BASE_PORT
 from meshctl.predict import DEFAULT_GRAPH, describe_signature, run_predict
 from meshctl.targets import (
+    MESH_ENV,
     MESH_HINT,
     TARGET_ENV,
     CliError,
@@ -207,10 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_target(parser: argparse.ArgumentParser, help: str, *, repeat: bool = False) -> None:
     parser.add_argument("--target", action="append" if repeat else "store", help=help)
     parser.add_argument(
+        "--mesh",
+        type=Path,
+        default=None,
+        help=f"the local mesh's file, for its endpoints (default: ${MESH_ENV}, else the digits demo's)",
+    )
+    parser.add_argument(
         "--base-port",
         type=positive_int,
         default=None,
-        help=f"the local mesh's base port, as given to the launcher (default: {BASE_PORT})",
+        help="the local mesh's base port, as given to the launcher (default: the mesh file's)",
     )
 
 
@@ -227,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command not in (ROLLOUT, UP) and args.command not in JOB_COMMANDS and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "mesh", None) is not None and args.command in ("predict", "models", "health"):
+        os.environ[MESH_ENV] = str(args.mesh)  # the layout every address of this run comes from
     try:
         if args.command == "predict":
             if args.image is not None and args.count > 1:

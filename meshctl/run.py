@@ -181,9 +181,12 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
         target = "" if address == f"127.0.0.1:{mesh.mesh.ports()[ORCHESTRATOR]}" else f" --target {address}"
         example = graphs[0] if graphs else mesh.mesh.graph_names()[0]
         every = layout if layout or not target else ""
-        lines.append(
-            f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{every}, onnxmesh health{every})"
-        )
+        if mesh.mesh.path == DEMO_MESH.resolve():
+            lines.append(
+                f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{every}, onnxmesh health{every})"
+            )
+        else:  # predict sends digits: any other mesh is asked what it serves
+            lines.append(f"try: onnxmesh models{layout}   (also: onnxmesh health{layout})")
         rest = mesh.process(ORCHESTRATOR).http_port
         if rest is not None:
             lines.append(f"     curl {host}:{rest}/v2/models/{example}   (KServe v2 REST)")
