@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from images.base import BaseImages, ensure_base_images
-from images.engine import Engine, EngineUnavailable
+from meshctl.engine import Engine, EngineUnavailable
 from services.common.topology import SERVICES, kubernetes_name
 
 REPO = Path(__file__).resolve().parent.parent

@@ -306,13 +306,9 @@ def _images(path: Path, engine: str, ca_bundle: Path | None) -> int:
     import subprocess
 
     from meshctl import images
+    from meshctl.engine import EngineUnavailable
     from meshctl.mesh import MeshFileError, load_mesh
 
-    try:
-        from images.engine import EngineUnavailable  # the checkout's build tooling
-    except ModuleNotFoundError:
-        print("onnxmesh images: needs an onnxmesh checkout (its images/ build tooling)", file=sys.stderr)
-        return 1
     try:
         built = images.build(load_mesh(path), engine_name=engine, ca_bundle=ca_bundle)
     except MeshFileError as exc:

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from meshctl.engine import EngineUnavailable, find_engine
 from meshctl.k8s import METRICS_PORT, image_of
 from meshctl.mesh import Images, Mesh, Node
 
@@ -27,7 +28,7 @@ GRAPHS = "/etc/onnxmesh/graphs.yaml"
 
 def runtime_images(mesh: Mesh) -> tuple[str, str]:
     """The onnxmesh runtime images (node, node-builder) of this onnxmesh release."""
-    tag = Images().tag
+    tag = Images("onnxmesh/").tag
     return f"onnxmesh/node:{tag}", f"onnxmesh/node-builder:{tag}"
 
 
@@ -80,11 +81,10 @@ def build(
     ca_bundle: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[str]:
-    """Build every node's image with the container engine found (images.engine); their names.
+    """Build every node's image with the container engine found (meshctl.engine); their names.
 
     The runtime images must exist: `make images` in an onnxmesh checkout builds them.
     """
-    from images.engine import EngineUnavailable, find_engine  # the checkout's build tooling
 
     engine = find_engine(engine_name)
     missing = [image for image in runtime_images(mesh) if engine.image_id(engine.qualified(image)) is None]

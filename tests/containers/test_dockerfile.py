@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from images.build import IMAGES, JOBS, NODE, NODE_BUILDER, REPO, context_files, source_digest, uv_version
-from images.engine import Engine
+from meshctl.engine import Engine
 from services.common.topology import SERVICES
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
