@@ -16,8 +16,9 @@ from pathlib import Path
 
 from meshctl.launcher import DEMO_MESH
 from meshctl.mesh import ORCHESTRATOR, Mesh, MeshFileError, load_mesh
+from orchestrator.addresses import address_variable
 from services.common.errors import DeadlineExceeded, MeshError, Unavailable
-from services.common.topology import MODEL_A, PREPROCESS, address_variable
+from services.common.topology import MODEL_A, PREPROCESS
 
 TARGET_ENV = "ONNXMESH_TARGET"
 MESH_ENV = "ONNXMESH_MESH"

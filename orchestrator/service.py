@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
+from orchestrator.addresses import address_variable
 from orchestrator.budget import RetryBudget
 from orchestrator.cache import ResponseCaches
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
@@ -35,7 +36,6 @@ from services.common.model import Servable
 from services.common.observability import tracing
 from services.common.observability.metrics import LATENCY_BUCKETS, ROW_BUCKETS, ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.topology import address_variable
 from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ import pytest
 from images.build import JOBS, BuiltImage
 from images.cli import default_ca_bundle
 from meshctl.engine import Engine
-from services.common.topology import MODULES, ORCHESTRATOR, SERVICES, kubernetes_name
+from meshctl.mesh import kubernetes_name
+from services.common.topology import MODULES, ORCHESTRATOR, SERVICES
 from tests.containers.conftest import FIGURES, Manifests
 from tests.containers.pods import ContainerSpec
 
