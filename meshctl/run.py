@@ -190,7 +190,9 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
                 f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{every}, onnxmesh health{every})"
             )
         else:  # predict sends digits: any other mesh is asked what it serves
-            lines.append(f"try: onnxmesh models{layout}   (also: onnxmesh health{layout})")
+            # Free ports (--base-port 0) lay out nothing a flag could name: point at the orchestrator.
+            where = f" --target {address}" if base_port == 0 else layout
+            lines.append(f"try: onnxmesh models{where}   (also: onnxmesh health{where})")
         rest = mesh.process(ORCHESTRATOR).http_port
         if rest is not None:
             lines.append(f"     curl {host}:{rest}/v2/models/{example}   (KServe v2 REST)")
