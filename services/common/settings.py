@@ -109,6 +109,23 @@ class ServerSettings:
             "inference calls run at once before RESOURCE_EXHAUSTED: adaptive (a gradient limit), a number, or off"
         ),
     )
+    max_loop_lag: float = field(
+        default=0.005,
+        metadata=option(
+            "seconds the event loop may lag (calls waiting before any handler) before new inference "
+            "calls are refused at once, undecoded, as are calls over --max-inflight; 0 = off (the "
+            "data plane refuses those after decoding)",
+            float,
+        ),
+    )
+    acceptors: int = field(
+        default=8,
+        metadata=option(
+            "gRPC servers sharing the port in this process: each takes in one call per event-loop "
+            "turn, so more keep calls from queueing inside gRPC, out of admission's sight",
+            int,
+        ),
+    )
     max_connection_age: float = field(
         default=300.0,
         metadata=option("seconds before clients are asked to reconnect (re-resolve DNS)", float),
