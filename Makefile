@@ -16,7 +16,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup runtime lock proto promtool perf_analyzer test faults lint run shell bench bench-capture rehearse models images clean certs
+.PHONY: setup runtime lock proto promtool perf_analyzer test faults lint run shell bench bench-capture rehearse models images clean certs dist
 
 # Everything a checkout needs (tests, lint, benchmarks): the dev extra.
 setup: $(STAMP) $(GEN)
@@ -103,8 +103,15 @@ lint: setup
 certs: runtime
 	$(BIN)/python -m meshctl.certs certs
 
+# A wheel of the project in dist/ (the generated stubs included): `pip install dist/*.whl` gives
+# the `onnxmesh` command and the runtimes, for a mesh in a folder of its own (docs/your-own-mesh.md).
+dist: setup
+	rm -rf dist build
+	$(UV) build --wheel --out-dir dist
+
+# The digits demo's mesh file, every node its own process: `onnxmesh up demo/mesh.yaml`.
 run: runtime
-	$(BIN)/python -m meshctl.run $(ARGS)
+	$(BIN)/python -m meshctl.cli up demo/mesh.yaml $(ARGS)
 
 # A shell with the venv first on PATH, so `onnxmesh ...` and `python ...` run as the README prints
 # them; `exit` leaves it.

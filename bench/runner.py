@@ -325,7 +325,7 @@ def local_mesh(
     """The real services and orchestrator as separate processes on free ports, stopped on exit.
 
     The orchestrator also serves /metrics on a free port, for its own-time histogram, and
-    `graphs` (default: orchestrator/graphs.yaml).
+    `graphs` (default: demo/mesh.yaml).
     """
     metrics_port = free_port()
     mesh = LocalMesh(

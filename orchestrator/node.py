@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from orchestrator.addresses import address_variable
 from orchestrator.capture import (
     CAPTURE_DB_ENV,
     CAPTURE_MAX_AGE_ENV,
@@ -46,7 +47,6 @@ from services.common.model import Servable
 from services.common.observability import tracing
 from services.common.observability.metrics import LATENCY_BUCKETS, ROW_BUCKETS, ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.topology import address_variable
 from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,13 @@ def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -
     """Each service's address from the spec, overridden by ONNXMESH_SERVICE_<NAME>_ADDRESS."""
     out = {}
     for name, service in spec.services.items():
-        out[name] = environ.get(address_variable(name), service.address)
+        address = environ.get(address_variable(name), service.address)
+        if not address:
+            raise SpecError(
+                f"service {name!r} has no address: the mesh's launcher sets {address_variable(name)} "
+                "(`onnxmesh up`, or the rendered Kubernetes manifests)"
+            )
+        out[name] = address
     return out
 
 

@@ -37,7 +37,7 @@ def metric_total(port: int, sample: str) -> float:
 
 
 def spec(rate: float, path: Path) -> Path:
-    raw = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
     if rate > 0:
         raw["graphs"][GRAPH]["capture"] = {"rate": rate}
     path.write_text(yaml.safe_dump(raw))

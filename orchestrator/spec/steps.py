@@ -414,7 +414,8 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A logical service and where it listens (``host:port`` or e.g. ``dns:///host:port``)."""
+    """A logical service and where it listens (``host:port`` or e.g. ``dns:///host:port``; "" for
+    a service of a mesh file, whose address its launcher passes in ONNXMESH_SERVICE_<NAME>_ADDRESS)."""
 
     name: str
     address: str

@@ -31,7 +31,7 @@ SMALL_QUEUE = 4
 
 
 def capture_spec(path: Path) -> Path:
-    spec = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
     graphs = spec["graphs"]
     graphs["digits-serial"]["capture"] = {"rate": 1.0}
     for step in graphs["digits-serial"]["steps"]:

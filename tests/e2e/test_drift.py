@@ -48,7 +48,7 @@ def cli_psi(db: Path, tensor: str, reference: Path, window: int) -> float:
 
 
 def test_held_out_traffic_stays_under_the_threshold_and_inverted_images_cross_it(tmp_path: Path) -> None:
-    spec = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
     spec["graphs"][GRAPH]["capture"] = {"rate": 1.0}
     spec["graphs"][GRAPH]["drift"] = {
         "input.image": {"reference": "image.json", "window": 100},

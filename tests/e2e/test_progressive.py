@@ -44,7 +44,7 @@ FAST = [
 
 
 def spec_text(canary_timeout: float | None = None) -> str:
-    spec = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
     graph = spec["graphs"]["digits-serial"]
     mlp = graph["steps"][1]
     branch = {key: mlp[key] for key in ("service", "model", "inputs")}

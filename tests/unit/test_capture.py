@@ -17,7 +17,7 @@ from tests.support import ROOT
 
 
 def spec_with(capture: object, *, step: bool = False) -> dict[str, object]:
-    spec = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
     graph = spec["graphs"]["digits-serial"]
     (graph["steps"][1] if step else graph)["capture"] = capture
     return spec

@@ -26,7 +26,7 @@ from services.common.types import InferRequest, InferResult, ModelSignature, Ten
 from tests.unit.fakes import digits_signatures, digits_stages
 
 T = TypeVar("T")
-GRAPHS = Path(__file__).resolve().parents[2] / "orchestrator" / "graphs.yaml"
+GRAPHS = Path(__file__).resolve().parents[2] / "demo" / "mesh.yaml"
 IMAGES = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
 SIGNATURE = ModelSignature(
     "double",
