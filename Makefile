@@ -12,7 +12,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean certs
+.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean certs ocr ocr-models
 
 setup: $(STAMP) $(GEN)
 
@@ -55,7 +55,7 @@ $(PROMTOOL): | $(STAMP)
 		|| echo "promtool unavailable (apt-get download prometheus failed): its checks are skipped"; \
 		rm -rf $$tmp
 
-test: setup promtool
+test: setup promtool ocr-models
 	$(BIN)/python -m pytest
 
 # The fault suite alone (`make test` runs it too): replicas killed, drained and frozen under
@@ -76,6 +76,19 @@ certs: setup
 # The digits demo's mesh file, every node its own process: `onnxmesh up demo/mesh.yaml`.
 run: setup
 	$(BIN)/python -m meshctl.cli up demo/mesh.yaml $(ARGS)
+
+# The OCR example (examples/ocr): PaddleOCR's PP-OCRv4 ONNX models and character set, out of the
+# rapidocr-onnxruntime wheel (Apache-2.0, downloaded with pip, checked by its SHA-256, git-ignored);
+# then its mesh, every step its own process: `onnxmesh up examples/ocr/mesh.yaml`.
+OCR_MODELS := examples/ocr/recognize/ppocr-rec/1/model.onnx
+
+ocr-models: $(OCR_MODELS)
+
+$(OCR_MODELS): examples/ocr/fetch_models.py | $(STAMP)
+	$(BIN)/python examples/ocr/fetch_models.py
+
+ocr: setup ocr-models
+	$(BIN)/python -m meshctl.cli up examples/ocr/mesh.yaml $(ARGS)
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
