@@ -129,6 +129,16 @@ ENV ONNXMESH_PORT=8001 ONNXMESH_GRAPHS=/etc/onnxmesh/graphs.yaml
 EXPOSE 8001 9090
 ENTRYPOINT ["python", "-m", "orchestrator"]
 
+# The runtime of any mesh's services (`onnxmesh images`, meshctl/images.py): each service's image
+# is this plus its model directory and settings; `python -m orchestrator` with a mesh file for
+# the orchestrator.
+FROM runtime AS svc-node
+ENTRYPOINT ["python", "-m", "services.common.model_node"]
+
+# uv and the nodes' venv: where `onnxmesh images` installs a Python service's extra requirements
+# before copying the venv onto svc-node (a runtime image never carries pip or uv).
+FROM venv-nodes AS svc-node-builder
+
 # Batch and asynchronous serving (jobs/): the jobs service by default; the worker and the
 # batch CronJob set their own command (k8s/components/jobs/).
 FROM runtime-jobs AS svc-jobs

@@ -12,7 +12,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean certs ocr ocr-models
+.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean certs dist ocr ocr-models
 
 setup: $(STAMP) $(GEN)
 
@@ -72,6 +72,12 @@ lint: setup
 # git: private keys are never committed), for `make run ARGS=--tls` and manual mTLS checks.
 certs: setup
 	$(BIN)/python -m meshctl.certs certs
+
+# A wheel of the project in dist/ (the generated stubs included): `pip install dist/*.whl` gives
+# the `onnxmesh` command and the runtimes, for a mesh in a folder of its own (docs/your-own-mesh.md).
+dist: setup
+	rm -rf dist build
+	$(UV) build --wheel --out-dir dist
 
 # The digits demo's mesh file, every node its own process: `onnxmesh up demo/mesh.yaml`.
 run: setup

@@ -7,6 +7,7 @@
     onnxmesh up [MESH] [--base-port N ...]  run a mesh file's services and orchestrator locally (meshctl.run)
     onnxmesh check MESH  the mesh file, its model directories and graphs, without starting anything
     onnxmesh k8s MESH --out DIR  a kustomize base for the mesh (meshctl/k8s.py)
+    onnxmesh images MESH  one image per service of the mesh (meshctl/images.py)
     onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
     onnxmesh batch|submit|result|jobs ... (batch and asynchronous serving: jobs.cli, jobs extra)
 
@@ -192,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_argument("mesh", type=Path, help="the mesh file (YAML)")
     k8s.add_argument("--out", type=Path, required=True, help="directory to write the base into")
 
+    images = commands.add_parser("images", help="build one image per service of a mesh file")
+    images.add_argument("mesh", type=Path, help="the mesh file (YAML)")
+    images.add_argument(
+        "--engine", choices=("auto", "docker", "podman"), default="auto", help="(default: %(default)s)"
+    )
+    images.add_argument(
+        "--ca-bundle", type=Path, default=None, help="CA bundle the build trusts for PyPI (a build secret)"
+    )
+
     # Only this command needs meshctl.rollout (and the Kubernetes client, an optional extra), so it
     # is imported when the command runs, and parses everything after `rollout` itself.
     commands.add_parser(
@@ -248,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from meshctl import run
 
             return run.main(rest, prog=f"onnxmesh {UP}")
+        if args.command == "images":
+            return _images(args.mesh, args.engine, args.ca_bundle)
         if args.command == "k8s":
             return _k8s(args.mesh, args.out)
         if args.command == "check":
@@ -287,6 +299,28 @@ def _check(path: Path) -> int:
         print(f"onnxmesh check: {len(report.problems)} problem(s)", file=sys.stderr)
         return 1
     print("ok")
+    return 0
+
+
+def _images(path: Path, engine: str, ca_bundle: Path | None) -> int:
+    import subprocess
+
+    from meshctl import images
+    from meshctl.engine import EngineUnavailable
+    from meshctl.mesh import MeshFileError, load_mesh
+
+    try:
+        built = images.build(load_mesh(path), engine_name=engine, ca_bundle=ca_bundle)
+    except MeshFileError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except EngineUnavailable as exc:
+        print(f"onnxmesh images: {exc}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as exc:
+        print(f"onnxmesh images: the build failed:\n{(exc.stderr or '')[-3000:]}", file=sys.stderr)
+        return 1
+    print("\n".join(built))
     return 0
 
 

@@ -5,6 +5,7 @@ the services they call are written once (docs/your-own-mesh.md has a worked exam
 
     base_port: 8000                   # optional: orchestrator base+1, the services base+11, +21, ...
     images: {prefix: registry.example.com/team/, tag: "1.4"}   # optional: <prefix><service>:<tag>
+                                      # (default: the mesh file's folder name as prefix, onnxmesh's version as tag)
     orchestrator: {replicas: 2}
     services:
       features:
@@ -104,7 +105,7 @@ class Node:
 class Images:
     """How the nodes' images are named: `<prefix><service, as a Kubernetes name>:<tag>`."""
 
-    prefix: str = "onnxmesh/"
+    prefix: str
     #: The onnxmesh release by default: the runtime the images carry.
     tag: str = field(default_factory=lambda: _package_version())
 
@@ -129,7 +130,7 @@ class Mesh:
     orchestrator: Node
     #: The graphs, as the orchestrator reads them from the same file.
     spec: MeshSpec
-    images: Images = field(default_factory=Images)
+    images: Images
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -208,7 +209,7 @@ def load_mesh(path: str | Path) -> Mesh:
             services[str(name)] = _service(str(name), body, port, path.parent, problems)
     orchestrator = _orchestrator(raw.get("orchestrator", {}), base + ORCHESTRATOR_OFFSET, problems)
     _check_ports([*services.values(), orchestrator], problems)
-    images = _images(raw.get("images", {}), problems)
+    images = _images(raw.get("images", {}), path.parent, problems)
     spec = _graphs(raw, problems)
     if problems.items or spec is None:
         raise MeshFileError(problems.items)
@@ -221,11 +222,13 @@ _IMAGE_PREFIX = re.compile(r"([a-z0-9][a-z0-9._:-]*/)*\Z")
 _IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 
 
-def _images(value: Any, problems: _Problems) -> Images:
+def _images(value: Any, folder: Path, problems: _Problems) -> Images:
+    # By default the folder's name: two meshes never overwrite each other's images.
+    default = re.sub(r"[^a-z0-9._-]+", "-", folder.name.lower()).strip("-._") or "mesh"
     if not isinstance(value, dict) or set(value) - {"prefix", "tag"}:
         problems.add("images", "must be a mapping with prefix (e.g. registry.example.com/team/) and tag")
-        return Images()
-    images = Images(**{k: str(v) for k, v in value.items()})
+        return Images(f"{default}/")
+    images = Images(**{"prefix": f"{default}/", **{k: str(v) for k, v in value.items()}})
     if not _IMAGE_PREFIX.match(images.prefix):
         problems.add("images.prefix", f"not an image name prefix ending in '/': {images.prefix!r}")
     if not _IMAGE_TAG.match(images.tag):

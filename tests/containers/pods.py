@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from images.engine import Engine
+from meshctl.engine import Engine
 
 Obj = dict[str, Any]
 

@@ -20,7 +20,7 @@ import pytest
 
 from images.build import JOBS, BuiltImage
 from images.cli import default_ca_bundle
-from images.engine import Engine
+from meshctl.engine import Engine
 from services.common.topology import MODULES, ORCHESTRATOR, SERVICES, kubernetes_name
 from tests.containers.conftest import FIGURES, Manifests
 from tests.containers.pods import ContainerSpec

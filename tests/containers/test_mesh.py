@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from images.build import BuiltImage
-from images.engine import Engine
+from meshctl.engine import Engine
 from meshctl.rehearsal import Traffic, versioned_copy
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,
