@@ -42,10 +42,12 @@ class Boxes:
         raw_h, raw_w, ratio_h, ratio_w, top = (float(v) for v in inputs["geometry"][0])
         boxes = self.detect(probability, image.shape[0], image.shape[1])
         crops = [crop(image, box) for box in boxes]
-        rec_widths = [rec_width(c) for c in crops]
-        width = max(
-            REC_MIN_WIDTH, math.ceil(max(rec_widths, default=0) / self.rec_width_step) * self.rec_width_step
-        )
+        # RapidOCR's batch width: the widest line's (truncated), at least REC_MIN_WIDTH; each line
+        # its own width rounded up, within it.
+        ratios = [c.shape[1] / c.shape[0] for c in crops]
+        widest = int(REC_HEIGHT * max([REC_MIN_WIDTH / REC_HEIGHT, *ratios]))
+        rec_widths = [min(math.ceil(REC_HEIGHT * ratio), widest) for ratio in ratios]
+        width = math.ceil(widest / self.rec_width_step) * self.rec_width_step
         cls_input = np.zeros((len(crops), 3, REC_HEIGHT, CLS_WIDTH), dtype=np.float32)
         rec_input = np.zeros((len(crops), 3, REC_HEIGHT, width), dtype=np.float32)
         for i, (c, w) in enumerate(zip(crops, rec_widths, strict=True)):
@@ -153,13 +155,6 @@ def crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
         image, matrix, (width, height), borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC
     )
     return np.rot90(out) if out.shape[0] / out.shape[1] >= 1.5 else out
-
-
-def rec_width(line: np.ndarray) -> int:
-    """The line's width at the recognizer's height: rounded up, as RapidOCR does, when the line
-    fits its minimum width, else down (RapidOCR's batch width is the widest line's, truncated)."""
-    ratio = line.shape[1] / line.shape[0]
-    return min(math.ceil(REC_HEIGHT * ratio), int(REC_HEIGHT * max(ratio, REC_MIN_WIDTH / REC_HEIGHT)))
 
 
 def normalize(img: np.ndarray) -> np.ndarray:

@@ -1,0 +1,220 @@
+"""The OCR example (examples/ocr) end to end: its mesh file checked and rendered, its mesh up as
+real processes on 127.0.0.1 (free ports, always stopped), and its answers compared with the
+reference pipeline, RapidOCR() in this process, on images rendered here with Pillow's default
+scalable font.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes_validate
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+from rapidocr_onnxruntime import RapidOCR
+
+from proto.gen.inference import grpc_predict_v2_pb2 as pb
+from services.common.errors import InvalidInput
+from services.common.grpc.client import OipClient
+from tests.e2e.test_your_own_mesh import Mesh, run
+from tests.support import ROOT, stub
+from tests.unit.test_k8s_manifests import K8S_VERSION
+
+EXAMPLE = ROOT / "examples" / "ocr"
+SERVICES = ("decode", "detect", "boxes", "angle", "rotate", "recognize", "ctc")
+#: Boxes are whole pixels on both sides; a pixel or two of rounding apart is the same box.
+BOX_PIXELS = 3.0
+LISTENING = re.compile(r"\[(\w+)-1\] \w+ listening on (\S+)")
+
+
+def page(
+    lines: list[tuple[str, int]], size: tuple[int, int] = (720, 360), *, angle: float = 0, fmt: str = "PNG"
+) -> bytes:
+    """Black lines of text (text, font size) on white, top to bottom, then turned by `angle`."""
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    y = 24
+    for text, font_size in lines:
+        draw.text((28, y), text, fill="black", font=ImageFont.load_default(size=font_size))
+        y += int(font_size * 1.8)
+    if angle:
+        image = image.rotate(angle, expand=True, fillcolor="white")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+IMAGES = {
+    "sizes": page(
+        [
+            ("Invoice 2026-12-07", 18),
+            ("Total due: 1,234.50 EUR", 28),
+            ("Mesh reads pages", 40),
+            ("PP-OCRv4", 56),
+        ]
+    ),
+    "jpeg": page([("Quality control passed", 30), ("Batch 42 of 96", 30)], fmt="JPEG"),
+    "upside-down": page([("Turned upside down", 36), ("Second line here", 36)], angle=180),
+    "tilted": page([("A slightly tilted line", 32)], size=(640, 160), angle=7),
+    "blank": page([]),
+    "large": page([("A large page", 72), ("with lines far apart", 64)], size=(2600, 1700)),
+}
+
+WORDS = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+]
+
+
+@pytest.fixture(scope="module")
+def models() -> None:
+    if not (EXAMPLE / "recognize/ppocr-rec/1/model.onnx").exists():
+        subprocess.run([sys.executable, str(EXAMPLE / "fetch_models.py")], check=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(models: None) -> RapidOCR:
+    return RapidOCR()
+
+
+@pytest.fixture(scope="module")
+def mesh(models: None) -> Iterator[Mesh]:
+    running = Mesh(EXAMPLE)
+    try:
+        running.orchestrator = running.ready()
+        yield running
+    finally:
+        running.stop()
+    assert running.proc.returncode == 0
+
+
+def ocr(address: str, images: list[bytes]) -> list[dict[str, object]]:
+    """Each image through graph `ocr`, all at once."""
+
+    async def main() -> list[dict[str, object]]:
+        async with OipClient(address) as client:
+            results = await asyncio.gather(
+                *(
+                    client.infer("ocr", {"image": np.array([data], dtype=object)}, timeout=120)
+                    for data in images
+                )
+            )
+        return [{**r.outputs, "parameters": r.parameters} for r in results]
+
+    return asyncio.run(main())
+
+
+def expected(reference: RapidOCR, data: bytes) -> tuple[list[str], np.ndarray, np.ndarray]:
+    found, _ = reference(data)
+    found = found or []
+    return (
+        [text for _, text, _ in found],
+        np.array([box for box, _, _ in found], dtype=np.float32).reshape(-1, 4, 2),
+        np.array([score for _, _, score in found], dtype=np.float32),
+    )
+
+
+def test_the_mesh_file_passes_check(models: None) -> None:
+    checked = run(EXAMPLE, "onnxmesh", "check", "mesh.yaml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert (
+        "graph ocr: ok  (image BYTES[1]) -> (texts BYTES[-1], boxes FP32[-1, 4, 2], scores FP32[-1])"
+        in checked.stdout
+    )
+
+
+def test_its_manifests_render_and_validate_strictly(tmp_path: Path) -> None:
+    rendered = run(EXAMPLE, "onnxmesh", "k8s", "mesh.yaml", "--out", str(tmp_path))
+    assert rendered.returncode == 0, rendered.stderr
+    kinds = []
+    for path in sorted(tmp_path.glob("*.yaml")):
+        if path.name in ("kustomization.yaml", "graphs.yaml"):
+            continue
+        for obj in yaml.safe_load_all(path.read_text()):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            kinds.append((obj["kind"], obj["metadata"]["name"]))
+    for name in (*SERVICES, "orchestrator"):
+        assert ("Deployment", name) in kinds and ("Service", name) in kinds
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_texts_and_boxes_equal_the_reference(name: str, mesh: Mesh, reference: RapidOCR) -> None:
+    (answer,) = ocr(mesh.orchestrator, [IMAGES[name]])
+    texts, boxes, scores = expected(reference, IMAGES[name])
+    assert [t.decode() for t in answer["texts"]] == texts  # type: ignore[attr-defined]
+    np.testing.assert_allclose(answer["boxes"], boxes, atol=BOX_PIXELS)  # type: ignore[arg-type]
+    np.testing.assert_allclose(answer["scores"], scores, atol=0.02)  # type: ignore[arg-type]
+    if name == "blank":
+        assert texts == [] and answer["boxes"].shape == (0, 4, 2)  # type: ignore[attr-defined]
+    else:
+        assert texts, f"the reference reads nothing on {name!r}: the image does not test anything"
+    parameters = answer["parameters"]
+    assert all(parameters[f"step.{step}"] == "ok" for step in ("pre", "det", "lines", "rec", "text"))  # type: ignore[index]
+
+
+def test_a_non_image_is_invalid_argument_naming_the_input(mesh: Mesh) -> None:
+    with pytest.raises(InvalidInput) as info:
+        ocr(mesh.orchestrator, [b"%PDF-1.7 certainly not a picture"])
+    assert "'image'" in str(info.value) and "not a PNG or JPEG image" in str(info.value)
+
+
+def recognizer_calls(address: str) -> tuple[int, int]:
+    """The recognizer's (requests, model calls) so far, from its Triton statistics."""
+    with stub(address) as api:
+        (stats,) = api.ModelStatistics(pb.ModelStatisticsRequest(name="ppocr-rec")).model_stats
+    return stats.inference_count, stats.execution_count
+
+
+def test_concurrent_pages_each_get_their_own_lines_when_batched_together(
+    mesh: Mesh, reference: RapidOCR
+) -> None:
+    # Pages of one to four short lines (so their lines have the recognizer's one width and can
+    # share a call), each page's lines its own words.
+    pages = [
+        page([(WORDS[(2 * i + j) % len(WORDS)] + f" {i}{j}", 30) for j in range(i % 4 + 1)], size=(420, 320))
+        for i in range(8)
+    ]
+    wanted = [expected(reference, data)[0] for data in pages]
+    assert len({tuple(t) for t in wanted}) == len(pages) and all(wanted)
+    recognizer = dict(LISTENING.findall("\n".join(mesh.seen)))["recognize"]
+    shared = False
+    # Whether calls meet at the recognizer depends on timing: a few rounds make it all but certain.
+    for _ in range(3):
+        before = recognizer_calls(recognizer)
+        answers = ocr(mesh.orchestrator, pages)
+        after = recognizer_calls(recognizer)
+        for answer, texts in zip(answers, wanted, strict=True):
+            assert [t.decode() for t in answer["texts"]] == texts  # type: ignore[attr-defined]
+        shared = after[1] - before[1] < len(pages)
+        if shared:
+            break
+    assert shared, "the recognizer never served two pages in one call"
+
+
+def test_a_stock_tritonclient_reads_the_rendered_line(mesh: Mesh) -> None:
+    # tritonclient registers the same protobuf package as our stubs: its own process, as a user's.
+    called = run(EXAMPLE, sys.executable, "client.py", mesh.orchestrator)
+    assert called.returncode == 0, called.stderr
+    assert called.stdout.startswith("'Hello from the mesh'  score 0.9"), called.stdout
