@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -218,3 +220,15 @@ def test_a_stock_tritonclient_reads_the_rendered_line(mesh: Mesh) -> None:
     called = run(EXAMPLE, sys.executable, "client.py", mesh.orchestrator)
     assert called.returncode == 0, called.stderr
     assert called.stdout.startswith("'Hello from the mesh'  score 0.9"), called.stdout
+
+
+def test_without_the_angle_step_the_texts_still_come_back_flagged(mesh: Mesh, reference: RapidOCR) -> None:
+    # Last in this module: it takes the angle service down for good (the mesh runs without restarts).
+    (pid,) = (int(m[1]) for line in mesh.seen if (m := re.match(r"\s*angle-1\s+grpc .* pid (\d+)", line)))
+    os.kill(pid, signal.SIGKILL)
+    (answer,) = ocr(mesh.orchestrator, [IMAGES["sizes"]])
+    assert [t.decode() for t in answer["texts"]] == expected(reference, IMAGES["sizes"])[0]  # type: ignore[attr-defined]
+    parameters = answer["parameters"]
+    assert parameters["step.angle"].startswith("error: UNAVAILABLE")  # type: ignore[index]
+    assert parameters["step.turn"].startswith("skipped")  # type: ignore[index]
+    assert parameters["step.rec"] == parameters["step.text"] == "ok"  # type: ignore[index]
