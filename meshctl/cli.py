@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -310,7 +311,9 @@ def _images(path: Path, engine: str, ca_bundle: Path | None) -> int:
     from meshctl.mesh import MeshFileError, load_mesh
 
     try:
-        built = images.build(load_mesh(path), engine_name=engine, ca_bundle=ca_bundle)
+        # Progress on stderr; stdout lists the images built, one per line.
+        say = functools.partial(print, file=sys.stderr, flush=True)
+        built = images.build(load_mesh(path), engine_name=engine, ca_bundle=ca_bundle, log=say)
     except MeshFileError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
