@@ -34,7 +34,7 @@ from orchestrator.stage import Stage
 from services.common.batching import stacking
 from services.common.errors import DeadlineExceeded, MeshError
 from services.common.observability import tracing
-from services.common.types import InferRequest, InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class CoalescingStage:
             self.calls_sent += 1
             self.callers_served += 1
             if self.on_call is not None:
-                self.on_call(request.model, stacking.rows(request))
+                self.on_call(request.model, rows_of(request.inputs.values()))
             started = time.monotonic()
             try:
                 result = await self.inner.call(request)
@@ -119,7 +119,7 @@ class CoalescingStage:
             return result
         call = _Call(
             request,
-            stacking.rows(request),
+            rows_of(request.inputs.values()),
             asyncio.get_running_loop().create_future(),
             tracing.current() if tracing.enabled else None,
         )
@@ -142,7 +142,7 @@ class CoalescingStage:
         self.calls_sent += 1
         self.callers_served += 1
         if self.on_call is not None:  # calls that cannot stack skip the limits: count them here
-            self.on_call(request.model, _rows(request))
+            self.on_call(request.model, rows_of(request.inputs.values()))
         return await self.inner.call(request)
 
     def _finished(self, key: CallKey, lane: _Lane) -> None:
@@ -206,13 +206,6 @@ def _settle(call: _Call, answer: InferResult | BaseException) -> None:
         call.future.set_exception(answer)
     else:
         call.future.set_result(answer)
-
-
-def _rows(request: InferRequest) -> int:
-    """The rows of a call that cannot be stacked (0 when it has no batch dimension)."""
-    for array in request.inputs.values():
-        return int(array.shape[0]) if array.ndim else 0
-    return 0
 
 
 def _key(request: InferRequest) -> CallKey | None:
@@ -294,7 +287,7 @@ class Limits:
     ) -> InferResult:
         """Make one downstream call; its latency (when it answered) moves the lane's limit."""
         if self.on_call is not None:
-            self.on_call(key[0], stacking.rows(request))
+            self.on_call(key[0], rows_of(request.inputs.values()))
         started = time.monotonic()
         result = await call(request)
         self.of(key).observe(time.monotonic() - started)
