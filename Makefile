@@ -12,7 +12,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean certs dist ocr ocr-models
+.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean certs dist ocr ocr-models bench-ocr
 
 setup: $(STAMP) $(GEN)
 
@@ -95,6 +95,11 @@ $(OCR_MODELS): examples/ocr/fetch_models.py | $(STAMP)
 
 ocr: setup ocr-models
 	$(BIN)/python -m meshctl.cli up examples/ocr/mesh.yaml $(ARGS)
+
+# The OCR mesh against the same steps in one process and RapidOCR() in-process (bench/ocr.py):
+# a few minutes, so not part of `make bench`. ARGS="--rounds 1 --duration 4" for a quick look.
+bench-ocr: setup ocr-models
+	$(BIN)/python -m bench.ocr $(ARGS)
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

@@ -7,7 +7,6 @@ scalable font.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import re
 import signal
@@ -20,9 +19,9 @@ import kubernetes_validate
 import numpy as np
 import pytest
 import yaml
-from PIL import Image, ImageDraw, ImageFont
 from rapidocr_onnxruntime import RapidOCR
 
+from bench.ocr import page
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import InvalidInput
 from services.common.grpc.client import OipClient
@@ -35,23 +34,6 @@ SERVICES = ("decode", "detect", "boxes", "angle", "rotate", "recognize", "ctc")
 #: Boxes are whole pixels on both sides; a pixel or two of rounding apart is the same box.
 BOX_PIXELS = 3.0
 LISTENING = re.compile(r"\[(\w+)-1\] \w+ listening on (\S+)")
-
-
-def page(
-    lines: list[tuple[str, int]], size: tuple[int, int] = (720, 360), *, angle: float = 0, fmt: str = "PNG"
-) -> bytes:
-    """Black lines of text (text, font size) on white, top to bottom, then turned by `angle`."""
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    y = 24
-    for text, font_size in lines:
-        draw.text((28, y), text, fill="black", font=ImageFont.load_default(size=font_size))
-        y += int(font_size * 1.8)
-    if angle:
-        image = image.rotate(angle, expand=True, fillcolor="white")
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 IMAGES = {
