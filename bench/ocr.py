@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bench import procstat
 from bench.runner import Scrape, free_port, scrape, scraped_delta
+from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,8 @@ class Point:
     cpu_s: float = 0.0
     others_cpu_s: float = 0.0
     wrong: int = 0
+    #: Failed calls by error type (a loaded machine can exceed a step's timeout).
+    errors: dict[str, int] = field(default_factory=dict)
     #: step -> [node seconds, orchestrator step seconds], summed over the windows (the mesh only).
     steps: dict[str, list[float]] = field(default_factory=dict)
 
@@ -145,6 +148,7 @@ class Point:
             "cpu_ms_per_page": 1000 * self.cpu_s / done if done else None,
             "others_cores": self.others_cpu_s / self.seconds if self.seconds else 0.0,
             "wrong": self.wrong,
+            "errors": dict(self.errors),
             "steps_ms_per_page": {
                 step: {"node": 1000 * node / done, "hop": 1000 * (total - node) / done}
                 for step, (node, total) in self.steps.items()
@@ -227,9 +231,11 @@ async def closed_loop(
     warmup: float,
     duration: float,
     measure: Callable[[], None],
+    errors: dict[str, int],
 ) -> tuple[list[float], int, float]:
-    """Latencies of the answers completed inside the window, wrong answers, the window's length.
-    `measure` is called as the window opens and as it closes."""
+    """Latencies of the answers completed inside the window, wrong answers, the window's length;
+    failed calls inside it counted in `errors` by type. `measure` is called as the window opens
+    and as it closes."""
     start = time.monotonic()
     opened, closed = start + warmup, start + warmup + duration
     latencies: list[float] = []
@@ -239,7 +245,13 @@ async def closed_loop(
         nonlocal wrong
         i = index
         while (sent := time.monotonic()) < closed:
-            texts = await call(images[i % len(images)])
+            try:
+                texts = await call(images[i % len(images)])
+            except MeshError as exc:
+                if opened <= time.monotonic() <= closed:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                i += concurrency
+                continue
             done = time.monotonic()
             # Answers completed inside the window count, whenever they were sent.
             if opened <= done <= closed:
@@ -287,7 +299,7 @@ def measure_point(
         snaps.append((procstat.snapshot(pids), scraped))
 
     latencies, wrong, seconds = asyncio.run(
-        closed_loop(call, images, expected, concurrency, warmup, duration, measure)
+        closed_loop(call, images, expected, concurrency, warmup, duration, measure, point.errors)
     )
     (cpu0, m0), (cpu1, m1) = snaps
     used = procstat.usage(cpu0, cpu1)
@@ -389,13 +401,14 @@ def targets(result: dict[str, Any]) -> list[str]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| mode | c | pages | p50 ms | p99 ms | pages/s | server CPU ms/page | other load (cores) | wrong |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | c | pages | p50 ms | p99 ms | pages/s | server CPU ms/page | other load (cores) | wrong | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in sorted(result["points"], key=lambda p: (p["concurrency"], MODES.index(p["mode"]))):
         lines.append(
             f"| {p['mode']} | {p['concurrency']} | {p['pages']} | {_f(p['p50_ms'])} | {_f(p['p99_ms'])} | "
-            f"{p['pages_per_s']:.2f} | {_f(p['cpu_ms_per_page'])} | {p['others_cores']:.2f} | {p['wrong']} |"
+            f"{p['pages_per_s']:.2f} | {_f(p['cpu_ms_per_page'])} | {p['others_cores']:.2f} | {p['wrong']} | "
+            f"{sum(p['errors'].values())} |"
         )
     for p in result["points"]:
         if p["mode"] == "mesh" and p["steps_ms_per_page"]:

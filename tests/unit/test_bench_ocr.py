@@ -14,6 +14,7 @@ def point(mode: str, c: int, p50: float, rate: float) -> dict[str, object]:
         "cpu_ms_per_page": 300.0,
         "others_cores": 0.5,
         "wrong": 0,
+        "errors": {},
         "steps_ms_per_page": {"det": {"node": 150.0, "hop": 30.0}} if mode == "mesh" else {},
     }
 
@@ -36,5 +37,5 @@ def test_targets_are_ratios_of_the_mesh_to_the_all_in_one() -> None:
         "c=16: mesh throughput 0.90x the all-in-one's (target >= 1.0): MISSED",
     ]
     rendered = table(result)
-    assert "| mesh | 4 | 10 | 300 | 600 | 12.00 | 300 | 0.50 | 0 |" in rendered
+    assert "| mesh | 4 | 10 | 300 | 600 | 12.00 | 300 | 0.50 | 0 | 0 |" in rendered
     assert "| det | 150.0 | 30.0 |" in rendered
