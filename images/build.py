@@ -20,7 +20,8 @@ from typing import IO
 
 from images.base import BaseImages, ensure_base_images
 from meshctl.engine import Engine, EngineUnavailable
-from services.common.topology import SERVICES, kubernetes_name
+from meshctl.mesh import kubernetes_name
+from services.common.topology import SERVICES
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"

@@ -221,7 +221,7 @@ def _add_target(parser: argparse.ArgumentParser, help: str, *, repeat: bool = Fa
         "--mesh",
         type=Path,
         default=None,
-        help=f"the local mesh's file, for its endpoints (default: ${MESH_ENV}, else the digits demo's)",
+        help=f"the local mesh's file, for its endpoints (default: ${MESH_ENV}, else ./mesh.yaml, else the demo's)",
     )
     parser.add_argument(
         "--base-port",

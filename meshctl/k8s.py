@@ -21,8 +21,8 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from meshctl.mesh import ORCHESTRATOR, Mesh, Node
-from services.common.topology import address_variable, kubernetes_name
+from meshctl.mesh import ORCHESTRATOR, Mesh, Node, kubernetes_name
+from orchestrator.addresses import address_variable
 
 NAMESPACE = "onnxmesh"
 #: The port every pod serves Prometheus metrics on.

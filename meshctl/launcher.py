@@ -49,11 +49,11 @@ from meshctl.process import (
     wait_serving,
 )
 from meshctl.supervise import Restarter
+from orchestrator.addresses import address_variable
 from orchestrator.spec import SpecError, load_spec
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import ClientSecurity, TlsFiles, read_token
-from services.common.topology import address_variable
 from services.common.types import ModelSignature
 
 #: `ports=EPHEMERAL_PORTS`: every node on a free port chosen by the OS (tests); the launcher reads
@@ -514,7 +514,8 @@ def side_port(port: int, offset: int) -> int:
 
 
 def _check_port_ranges(plan: Mapping[str, tuple[int, int]]) -> None:
-    """Fixed port ranges (first port, replica count) must not overlap: model_a=12 would reach model_b."""
+    """Fixed port ranges (first port, replica count) must not overlap: one service of 12 replicas would
+    reach the next one's ports."""
     taken: dict[int, str] = {}
     for service, (first, count) in plan.items():
         if first == 0:

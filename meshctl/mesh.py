@@ -69,6 +69,14 @@ _REQUIREMENT = re.compile(
 )
 
 
+def kubernetes_name(service: str) -> str:
+    """The name of a service's Deployment, Service and image on Kubernetes (``model_a`` -> ``model-a``).
+
+    Kubernetes names are DNS labels, which have no ``_``.
+    """
+    return service.replace("_", "-")
+
+
 class MeshFileError(ValueError):
     """A mesh file with problems; `problems` lists every one, each naming file, service and key."""
 

@@ -28,7 +28,7 @@ from meshctl.process import (
 def _service_counts(text: str) -> tuple[str, int]:
     name, _, value = text.partition("=")
     if not name or not value.isdigit():
-        raise argparse.ArgumentTypeError("expected SERVICE=N, e.g. model_a=2")
+        raise argparse.ArgumentTypeError("expected SERVICE=N, e.g. features=2")
     return name, int(value)
 
 
@@ -45,7 +45,11 @@ def build_parser(prog: str = "python -m meshctl.run") -> argparse.ArgumentParser
         description="Run a mesh file's services and its orchestrator as local processes until Ctrl-C.",
     )
     parser.add_argument(
-        "mesh", nargs="?", type=Path, default=DEMO_MESH, help="the mesh file (default: the digits demo's)"
+        "mesh",
+        nargs="?",
+        type=Path,
+        default=DEMO_MESH,
+        help="the mesh file (default: the demo's, demo/mesh.yaml)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address every node listens on (default: %(default)s)"
@@ -63,7 +67,7 @@ def build_parser(prog: str = "python -m meshctl.run") -> argparse.ArgumentParser
         action="append",
         default=[],
         metavar="SERVICE=PORT",
-        help="first port of one service, e.g. model_a=9021 (repeatable)",
+        help="first port of one service, e.g. features=9021 (repeatable)",
     )
     parser.add_argument(
         "--replicas",
@@ -71,7 +75,7 @@ def build_parser(prog: str = "python -m meshctl.run") -> argparse.ArgumentParser
         action="append",
         default=[],
         metavar="SERVICE=N",
-        help="replicas of one service on consecutive ports, e.g. model_a=2 (repeatable)",
+        help="replicas of one service on consecutive ports, e.g. features=2 (repeatable)",
     )
     parser.add_argument(
         "--model-dir",
@@ -186,7 +190,9 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
                 f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{every}, onnxmesh health{every})"
             )
         else:  # predict sends digits: any other mesh is asked what it serves
-            lines.append(f"try: onnxmesh models{layout}   (also: onnxmesh health{layout})")
+            # Free ports (--base-port 0) lay out nothing a flag could name: point at the orchestrator.
+            where = f" --target {address}" if base_port == 0 else layout
+            lines.append(f"try: onnxmesh models{where}   (also: onnxmesh health{where})")
         rest = mesh.process(ORCHESTRATOR).http_port
         if rest is not None:
             lines.append(f"     curl {host}:{rest}/v2/models/{example}   (KServe v2 REST)")

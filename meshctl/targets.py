@@ -1,7 +1,7 @@
 """Where the CLI's calls go, and what it says when they fail.
 
 Every address comes from one layout: `--target`, else $ONNXMESH_TARGET, else the local node
-serving the name in the mesh file (`--mesh`, else $ONNXMESH_MESH, else the digits demo's), laid
+serving the name in the mesh file (`--mesh`, else $ONNXMESH_MESH, else ./mesh.yaml, else the demo's), laid
 out from `--base-port` (default: the file's). Calls `predict` chains to build a model's
 inputs (preprocess, model_a) go to $ONNXMESH_SERVICE_<NAME>_ADDRESS, else to the same layout
 as the target (its host, and the base its port implies for the service it names).
@@ -16,17 +16,25 @@ from pathlib import Path
 
 from meshctl.launcher import DEMO_MESH
 from meshctl.mesh import ORCHESTRATOR, Mesh, MeshFileError, load_mesh
+from orchestrator.addresses import address_variable
 from services.common.errors import DeadlineExceeded, MeshError, Unavailable
-from services.common.topology import MODEL_A, PREPROCESS, address_variable
+from services.common.topology import MODEL_A, PREPROCESS
 
 TARGET_ENV = "ONNXMESH_TARGET"
 MESH_ENV = "ONNXMESH_MESH"
 LOCAL_HOST = "127.0.0.1"
 
 
+#: The mesh file the CLI reads when none is named and the folder it runs in has one.
+LOCAL_MESH = Path("mesh.yaml")
+
+
 def mesh_path() -> Path:
-    """The mesh file the CLI lays addresses out from: $ONNXMESH_MESH, else the digits demo's."""
-    return Path(os.environ.get(MESH_ENV) or DEMO_MESH)
+    """The mesh file the CLI lays addresses out from: $ONNXMESH_MESH, else ./mesh.yaml, else the demo's."""
+    named = os.environ.get(MESH_ENV)
+    if named:
+        return Path(named)
+    return LOCAL_MESH.resolve() if LOCAL_MESH.is_file() else DEMO_MESH
 
 
 @functools.cache

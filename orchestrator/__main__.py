@@ -8,24 +8,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.coalescing import DEFAULT_IN_FLIGHT
-from orchestrator.service import Orchestrator
+from orchestrator.node import Orchestrator
 from orchestrator.spec import SpecError
+from orchestrator.stages.coalescing import DEFAULT_IN_FLIGHT
 from services.common.grpc.security import ClientSecurity, SecurityError, TlsFiles
 from services.common.observability.logs import configure_logging
 from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import add_option, server_parser, settings_from_args
-from services.common.topology import DEFAULT_PORTS, ORCHESTRATOR
 
 log = logging.getLogger("orchestrator")
+ORCHESTRATOR = "orchestrator"
+#: Where it listens unless told otherwise (a container's port; the launcher gives each its own).
+DEFAULT_PORT = 8001
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = server_parser(
         ORCHESTRATOR,
-        port=DEFAULT_PORTS[ORCHESTRATOR],
+        port=DEFAULT_PORT,
         model_dir=None,
         description="Run the inference graphs of a spec over the mesh's services; each graph is served as a model.",
     )

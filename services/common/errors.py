@@ -24,7 +24,7 @@ MAX_MESSAGE = 2048
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 
-def bounded(text: str, limit: int = MAX_ECHO) -> str:
+def truncate(text: str, limit: int = MAX_ECHO) -> str:
     """`text` cut to `limit` characters, saying how long it was: client input echoed in messages
     and logs stays small whatever the client sent."""
     if len(text) <= limit:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.errors import InvalidInput, MeshError, bounded
+from services.common.errors import InvalidInput, MeshError, truncate
 from services.common.model import Model
 from services.common.repository import ModelConfig
 from services.common.types import DATATYPE_TO_NUMPY, ModelSignature
@@ -135,7 +135,7 @@ class PythonModel(Model):
         try:
             answer = self._instance.predict(dict(inputs))
         except (ValueError, TypeError) as exc:
-            raise InvalidInput(f"model '{self.name}': {bounded(str(exc), 500)}") from exc
+            raise InvalidInput(f"model '{self.name}': {truncate(str(exc), 500)}") from exc
         if not isinstance(answer, Mapping):
             raise MeshError(f"model '{self.name}': predict returned {type(answer).__name__}, not a dict")
         results = {}

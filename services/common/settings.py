@@ -211,14 +211,13 @@ def server_parser(
     serves_models: bool = True,
     defaults: Mapping[str, Any] | None = None,
     prog: str | None = None,
-    runtime: str = "onnx",
     environ: Mapping[str, str] = os.environ,
 ) -> argparse.ArgumentParser:
     """The argument parser every gRPC process starts from: one flag per settings field (without
-    the model-serving ones unless `serves_models`), with this process's `port`, `model_dir`,
-    `runtime` and other `defaults`; a process may add flags of its own with `add_option`."""
+    the model-serving ones unless `serves_models`), with this process's `port`, `model_dir` and
+    other `defaults`; a process may add flags of its own with `add_option`."""
     parser = argparse.ArgumentParser(prog=prog or f"python -m {service}", description=description)
-    chosen: dict[str, Any] = {"port": port, "model_dir": model_dir, "runtime": runtime, **(defaults or {})}
+    chosen: dict[str, Any] = {"port": port, "model_dir": model_dir, **(defaults or {})}
     for f in SETTINGS_FIELDS:
         if not serves_models and f.name in MODEL_SERVING_FIELDS:
             continue
@@ -250,5 +249,7 @@ def parse_server_settings(
     description: str,
     runtime: str = "onnx",
 ) -> ServerSettings:
-    parser = server_parser(service, port=port, model_dir=model_dir, description=description, runtime=runtime)
+    parser = server_parser(
+        service, port=port, model_dir=model_dir, description=description, defaults={"runtime": runtime}
+    )
     return settings_from_args(service, parser.parse_args(argv))

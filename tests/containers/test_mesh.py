@@ -32,16 +32,10 @@ import pytest
 
 from images.build import BuiltImage
 from meshctl.engine import Engine
+from meshctl.mesh import kubernetes_name
 from meshctl.rehearsal import Traffic, versioned_copy
-from services.common.topology import (
-    DEFAULT_GRAPH_NAMES,
-    MODEL_A,
-    MODEL_SERVICES,
-    ORCHESTRATOR,
-    SERVICES,
-    address_variable,
-    kubernetes_name,
-)
+from orchestrator.addresses import address_variable
+from services.common.topology import DEFAULT_GRAPH_NAMES, MODEL_A, MODEL_SERVICES, ORCHESTRATOR, SERVICES
 from tests.containers.conftest import FIGURES, REPO, Manifests
 from tests.containers.pods import Container, ContainerSpec, free_port
 

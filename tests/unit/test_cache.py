@@ -11,7 +11,9 @@ import fakeredis
 import numpy as np
 import pytest
 
-from orchestrator.cache import (
+from orchestrator.graph.engine import Engine
+from orchestrator.spec import SpecError, parse_spec
+from orchestrator.stages.cache import (
     Entry,
     LocalStore,
     RedisStore,
@@ -20,8 +22,6 @@ from orchestrator.cache import (
     encode_entry,
     request_key,
 )
-from orchestrator.engine import Engine
-from orchestrator.spec import SpecError, parse_spec
 from services.common.errors import InvalidInput, Unavailable
 from services.common.types import ModelSignature, TensorSpec
 from tests.unit.fakes import FakeClock, FakeStage

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from orchestrator.coalescing import CoalescingStage
+from orchestrator.stages.coalescing import CoalescingStage
 from services.common.types import InferRequest
 from tests.unit.fakes import FakeStage
 

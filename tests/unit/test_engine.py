@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from orchestrator.aggregators import AGGREGATORS
-from orchestrator.engine import Engine, RetryBudget, deadline_margin
-from orchestrator.nodes import SHADOW_STATUS, compare_outputs
+from orchestrator.graph.aggregators import AGGREGATORS
+from orchestrator.graph.engine import Engine, RetryBudget, deadline_margin
+from orchestrator.graph.plan import SHADOW_STATUS, compare_outputs
 from orchestrator.spec import load_spec, parse_spec
-from orchestrator.stage import Stage
+from orchestrator.stages.base import Stage
 from services.common.errors import (
     DeadlineExceeded,
     InvalidInput,

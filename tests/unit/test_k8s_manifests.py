@@ -23,14 +23,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from meshctl.mesh import kubernetes_name
+from orchestrator.addresses import address_variable
 from orchestrator.spec import parse_spec
-from services.common.topology import (
-    DEFAULT_GRAPH_NAMES,
-    DEFAULT_PORTS,
-    ORCHESTRATOR,
-    address_variable,
-    kubernetes_name,
-)
+from services.common.topology import DEFAULT_GRAPH_NAMES, DEFAULT_PORTS, ORCHESTRATOR
 from tests.support import kustomize
 
 Obj = dict[str, Any]

@@ -103,3 +103,17 @@ def test_check_passes_a_good_mesh(folder: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "graph double-negate: ok  (x FP32[-1, 2]) -> (z FP32[-1, 2])" in out
     assert out.rstrip().endswith("ok")
+
+
+def test_the_cli_finds_the_mesh_file_of_the_folder_it_runs_in(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshctl import targets
+
+    write(folder, mesh(folder, base_port=9000))
+    monkeypatch.delenv(targets.MESH_ENV, raising=False)
+    monkeypatch.chdir(folder)
+    assert targets.mesh_path() == folder / "mesh.yaml"
+    assert targets.local_endpoints()["negate"] == "127.0.0.1:9021"
+    assert targets.model_services()["double"] == "double"
+    assert targets.default_target("double-negate") == "127.0.0.1:9001"

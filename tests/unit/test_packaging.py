@@ -20,13 +20,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     if uv is None:
         pytest.skip("uv is not in the venv (make setup)")
     out = tmp_path_factory.mktemp("dist")
-    built = subprocess.run(
-        [uv, "build", "--wheel", "--out-dir", str(out), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    leftover = not (ROOT / "build").exists()  # setuptools builds in the tree: leave it as found
+    try:
+        built = subprocess.run(
+            [uv, "build", "--wheel", "--out-dir", str(out), str(ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        if leftover:
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     assert built.returncode == 0, built.stderr[-3000:]
     (path,) = out.glob("onnxmesh-*.whl")
     return zipfile.ZipFile(path)

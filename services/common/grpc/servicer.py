@@ -34,8 +34,8 @@ from services.common.errors import (
     MAX_MESSAGE,
     InvalidInput,
     MeshError,
-    bounded,
     from_status,
+    truncate,
 )
 from services.common.grpc import codec, triton
 from services.common.observability.logs import REQUEST_ID_HEADER, request_id_var
@@ -79,10 +79,10 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 def status(method: str, exc: BaseException, **context: str) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed RPC answers with; logs the failure with its code,
     its reason and `context` (e.g. the model or graph called). Messages are bounded
-    (`errors.bounded`): they may echo client input of any size."""
+    (`errors.truncate`): they may echo client input of any size."""
     if isinstance(exc, MeshError):
         code = grpc.StatusCode[exc.code]
-        message = bounded(exc.message, MAX_MESSAGE)
+        message = truncate(exc.message, MAX_MESSAGE)
         if not exc.public:
             log.error("internal error in %s: %s", method, message, extra={"code": code.name, **context})
             return code, INTERNAL_MESSAGE
@@ -152,7 +152,7 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        token = request_id_var.set(bounded(getattr(request, "id", "") or _request_id(context), _MAX_ID))
+        token = request_id_var.set(truncate(getattr(request, "id", "") or _request_id(context), _MAX_ID))
         try:
             if isinstance(request, Undecodable):
                 raise request.error()
@@ -305,7 +305,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if isinstance(request, Undecodable):
             code, message = status("ModelInfer", request.error())
             await context.abort(code, message)
-        request_id = bounded(request.id or _request_id(context), _MAX_ID)
+        request_id = truncate(request.id or _request_id(context), _MAX_ID)
         token = request_id_var.set(request_id)
         try:
             remaining = context.time_remaining()

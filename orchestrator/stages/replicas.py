@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from orchestrator.budget import RetryBudget
+from orchestrator.stages.retry_budget import RetryBudget
 from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
 from services.common.types import InferRequest, InferResult, ModelSignature
 

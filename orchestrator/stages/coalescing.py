@@ -4,11 +4,11 @@ Every gRPC call costs a few hundred microseconds of CPU on each side, far more t
 models' compute. Under load, the orchestrator holds many requests at the same step at once;
 sending them as one call with their rows stacked divides that cost by the batch size.
 
-    step calls --> per (model, version, outputs, input layout): at most `AdaptiveLimit` calls
+    step calls --> per (model, version, outputs, input layout): at most `LaneLimit` calls
                    running; the rest wait and leave together, as one call, when one returns
 
 No timer: a call goes out at once while fewer calls than the limit are running, so a lone
-request (concurrency 1) never waits. The limit adapts to load (`AdaptiveLimit`): up to
+request (concurrency 1) never waits. The limit adapts to load (`LaneLimit`): up to
 `max_in_flight` while calls answer as fast as they do unloaded, down to one as their latency
 grows, so that under load every caller that arrives while a call runs leaves in the next one. Stacking, splitting and re-running alone are
 `services.common.batching.stacking`'s, shared with the model services' adaptive batching: each caller
@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.stage import Stage
+from orchestrator.stages.base import Stage
 from services.common.batching import stacking
 from services.common.errors import DeadlineExceeded, MeshError
 from services.common.observability import tracing
@@ -93,7 +93,7 @@ class CoalescingStage:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self._lanes: dict[CallKey, _Lane] = {}
-        self._limits = Limits(max_in_flight, adaptive=adaptive, on_call=on_call)
+        self._limits = LaneLimits(max_in_flight, adaptive=adaptive, on_call=on_call)
         #: Downstream calls made, and how many callers they answered, with rows or with an error
         #: (for tests and metrics).
         self.calls_sent = 0
@@ -235,7 +235,7 @@ def _key(request: InferRequest) -> CallKey | None:
 # -- the in-flight limit of each lane, and the rows-per-call metric ----------------------------
 
 
-class AdaptiveLimit:
+class LaneLimit:
     """How many calls of one lane may be in flight before further callers wait to leave stacked.
 
     A call costs the same few hundred microseconds of CPU on each side whatever rows it carries,
@@ -280,19 +280,19 @@ class AdaptiveLimit:
             self.value = min(float(self.maximum), max(1.0, target))
 
 
-class Limits:
-    """Every lane's `AdaptiveLimit` (kept while a lane is idle), and the calls' timing and metric."""
+class LaneLimits:
+    """Every lane's `LaneLimit` (kept while a lane is idle), and the calls' timing and metric."""
 
     def __init__(self, maximum: int, *, adaptive: bool = True, on_call: CallHook | None = None) -> None:
         self.maximum = maximum
         self.adaptive = adaptive
         self.on_call = on_call
-        self._limits: dict[CallKey, AdaptiveLimit] = {}
+        self._limits: dict[CallKey, LaneLimit] = {}
 
-    def of(self, key: CallKey) -> AdaptiveLimit:
+    def of(self, key: CallKey) -> LaneLimit:
         limit = self._limits.get(key)
         if limit is None:
-            limit = self._limits[key] = AdaptiveLimit(self.maximum, adaptive=self.adaptive)
+            limit = self._limits[key] = LaneLimit(self.maximum, adaptive=self.adaptive)
         return limit
 
     def allows(self, key: CallKey, running: int) -> bool:
