@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from bench import procstat
+from bench.load import procstat
 from bench.runner import Scrape, free_port, scrape, scraped_delta
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
