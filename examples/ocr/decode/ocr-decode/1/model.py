@@ -14,7 +14,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 FORMATS = ["PNG", "JPEG"]
 MEAN = np.array([0.5, 0.5, 0.5])
@@ -63,11 +63,13 @@ class Decode:
                 elif image.mode not in ("L", "LA", "RGB", "RGBA"):
                     image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
                 array = np.asarray(image)
+        except UnidentifiedImageError:
+            raise ValueError("input 'image': not a PNG or JPEG image") from None
         except ValueError:
             raise
         except Exception as exc:
-            # Pillow raises several kinds (UnidentifiedImageError, OSError, SyntaxError) for bad bytes.
-            raise ValueError(f"input 'image': not a PNG or JPEG image ({exc})"[:300]) from None
+            # Pillow raises several kinds (OSError, SyntaxError...) for a damaged file.
+            raise ValueError(f"input 'image': a PNG or JPEG that cannot be decoded ({exc})"[:300]) from None
         return to_bgr(array)
 
     def letterbox(self, img: np.ndarray) -> tuple[np.ndarray, int]:
