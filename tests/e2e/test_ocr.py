@@ -7,11 +7,14 @@ scalable font.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,6 +206,37 @@ def test_a_stock_tritonclient_reads_the_rendered_line(mesh: Mesh) -> None:
     called = run(EXAMPLE, sys.executable, "client.py", mesh.orchestrator)
     assert called.returncode == 0, called.stderr
     assert called.stdout.startswith("'Hello from the mesh'  score 0.9"), called.stdout
+
+
+def test_rest_with_the_binary_data_extension_reads_a_page(mesh: Mesh, reference: RapidOCR) -> None:
+    (rest,) = (
+        m[1] for line in mesh.seen if (m := re.match(r"\s*orchestrator-1\s+grpc \S+\s+rest (\S+)", line))
+    )
+    data = IMAGES["sizes"]
+    # A BYTES element in binary: its length (4 bytes, little-endian), then its bytes.
+    blob = struct.pack("<I", len(data)) + data
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://{rest}/v2/models/ocr/infer",
+        header + blob,
+        {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        outputs = {o["name"]: o for o in json.loads(response.read())["outputs"]}
+    texts, boxes, _ = expected(reference, data)
+    assert outputs["texts"]["data"] == texts
+    np.testing.assert_allclose(np.reshape(outputs["boxes"]["data"], (-1, 4, 2)), boxes, atol=BOX_PIXELS)
 
 
 def test_without_the_angle_step_the_texts_still_come_back_flagged(mesh: Mesh, reference: RapidOCR) -> None:
