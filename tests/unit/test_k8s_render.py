@@ -87,3 +87,28 @@ def test_a_users_base_builds_with_kustomize(folder: Path, tmp_path: Path) -> Non
     assert all(o["metadata"].get("namespace") == "onnxmesh" for o in objects if o["kind"] != "Namespace")
     with pytest.raises(StopIteration):
         next(o for o in objects if o["metadata"]["name"] == "model-a")
+
+
+def test_each_service_image_is_the_runtime_plus_its_models_and_requirements(folder: Path) -> None:
+    from meshctl.images import MODEL_DIR, build_context, dockerfile
+
+    body = mesh(folder, images={"prefix": "team/", "tag": "3"})
+    body["services"]["double"]["requirements"] = ["six==1.17.0"]
+    loaded = load_mesh(write(folder, body))
+    python_step = dockerfile(loaded, loaded.services["double"])
+    assert "uv pip install --python /opt/venv/bin/python --no-cache 'six==1.17.0'" in python_step
+    assert "COPY --from=requirements /opt/venv /opt/venv" in python_step
+    assert (
+        f"ENV ONNXMESH_NAME=double ONNXMESH_RUNTIME=python ONNXMESH_MODEL_DIR={MODEL_DIR} ONNXMESH_PORT=8011"
+        in python_step
+    )
+    onnx_step = dockerfile(loaded, loaded.services["negate"])
+    assert (
+        "requirements" not in onnx_step
+        and onnx_step.startswith("# negate")
+        and "FROM onnxmesh/node:" in onnx_step
+    )
+    orchestrator = dockerfile(loaded, loaded.orchestrator)
+    assert 'ENTRYPOINT ["python", "-m", "orchestrator"]' in orchestrator
+    context = build_context(loaded, loaded.services["double"], folder / "context")
+    assert (context / "models/double/1/model.py").is_file() and (context / "Dockerfile").is_file()
