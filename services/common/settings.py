@@ -23,6 +23,10 @@ from typing import Any
 ENV_PREFIX = "ONNXMESH_"
 #: The runtimes a model node can run (services.common.model_node.RUNTIMES).
 RUNTIME_NAMES = ("onnx", "python")
+
+#: Set by a launcher (meshctl/process.py) to its pid: its nodes stop when it dies
+#: (`services.common.server.follow_launcher`).
+LAUNCHER_ENV = "ONNXMESH_LAUNCHER_PID"
 MIB = 1024 * 1024
 
 

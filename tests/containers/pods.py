@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshctl.engine import Engine
+from meshctl.engine import ContainerEngine
 
 Obj = dict[str, Any]
 
@@ -149,7 +149,7 @@ class Container:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: ContainerEngine,
         spec: ContainerSpec,
         name: str,
         *,

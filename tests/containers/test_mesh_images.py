@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from images.build import BuiltImage
-from meshctl.engine import Engine
+from meshctl.engine import ContainerEngine
 from tests.e2e.test_your_own_mesh import run, tutorial_files
 from tests.support import ROOT, stub
 
@@ -32,7 +32,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory, images: dict[str, BuiltImag
 
 
 @pytest.fixture(scope="module")
-def built(folder: Path, engine: Engine) -> Iterator[list[str]]:
+def built(folder: Path, engine: ContainerEngine) -> Iterator[list[str]]:
     made = run(folder, "onnxmesh", "images", "mesh.yaml")
     assert made.returncode == 0, made.stderr
     refs = made.stdout.split()
@@ -42,7 +42,9 @@ def built(folder: Path, engine: Engine) -> Iterator[list[str]]:
         subprocess.run(engine.cli("rmi", *refs), capture_output=True, timeout=120, check=False)
 
 
-def test_every_image_the_manifests_name_is_built(folder: Path, built: list[str], engine: Engine) -> None:
+def test_every_image_the_manifests_name_is_built(
+    folder: Path, built: list[str], engine: ContainerEngine
+) -> None:
     assert run(folder, "onnxmesh", "k8s", "mesh.yaml", "--out", "k8s").returncode == 0
     named = {
         engine.qualified(container["image"])
@@ -56,7 +58,7 @@ def test_every_image_the_manifests_name_is_built(folder: Path, built: list[str],
     assert all(engine.image_id(ref) is not None for ref in built)
 
 
-def test_the_python_services_image_serves_its_model(built: list[str], engine: Engine) -> None:
+def test_the_python_services_image_serves_its_model(built: list[str], engine: ContainerEngine) -> None:
     (image,) = [ref for ref in built if "/features:" in ref]
     name = "onnxmesh-test-features"
     port = "19811"

@@ -231,7 +231,7 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, "".join(lines) + rest
-    assert "onnxmesh: stopped (preprocess-1 exit 0, model_a-1 exit 0, model_b-1 exit 0)" in rest
+    assert "onnxmesh: stopped cleanly (preprocess-1, model_a-1, model_b-1: drained, exit 0)" in rest
     assert not any(_alive(pid) for pid in pids)
 
 
