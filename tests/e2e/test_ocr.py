@@ -14,8 +14,10 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes_validate
@@ -37,7 +39,6 @@ EXAMPLE = ROOT / "examples" / "ocr"
 SERVICES = ("decode", "detect", "boxes", "angle", "rotate", "recognize", "ctc")
 #: Boxes are whole pixels on both sides; a pixel or two of rounding apart is the same box.
 BOX_PIXELS = 3.0
-LISTENING = re.compile(r"\[(\w+)-1\] \w+ listening on (\S+)")
 
 
 IMAGES = {
@@ -168,11 +169,18 @@ def test_a_non_image_is_invalid_argument_naming_the_input(mesh: Mesh) -> None:
     assert "'image'" in str(info.value) and "not a PNG or JPEG image" in str(info.value)
 
 
-def recognizer_calls(address: str) -> tuple[int, int]:
-    """The recognizer's (requests, model calls) so far, from its Triton statistics."""
+def model_calls(address: str, model: str) -> tuple[int, int]:
+    """A model's (requests, model calls) so far, from its node's Triton statistics."""
     with stub(address) as api:
-        (stats,) = api.ModelStatistics(pb.ModelStatisticsRequest(name="ppocr-rec")).model_stats
+        (stats,) = api.ModelStatistics(pb.ModelStatisticsRequest(name=model)).model_stats
     return stats.inference_count, stats.execution_count
+
+
+def endpoint(mesh: Mesh, service: str) -> tuple[str, int]:
+    """A service's first replica: its gRPC address and pid, from `onnxmesh up`'s table."""
+    pattern = re.compile(rf"\s*{service}-1\s+grpc (\S+)\s.*pid (\d+)")
+    ((address, pid),) = (m.groups() for line in mesh.seen if (m := pattern.match(line)))
+    return address, int(pid)
 
 
 def test_concurrent_pages_each_get_their_own_lines_when_batched_together(
@@ -186,19 +194,27 @@ def test_concurrent_pages_each_get_their_own_lines_when_batched_together(
     ]
     wanted = [expected(reference, data)[0] for data in pages]
     assert len({tuple(t) for t in wanted}) == len(pages) and all(wanted)
-    recognizer = dict(LISTENING.findall("\n".join(mesh.seen)))["recognize"]
-    shared = False
-    # Whether calls meet at the recognizer depends on timing: a few rounds make it all but certain.
-    for _ in range(3):
-        before = recognizer_calls(recognizer)
-        answers = ocr(mesh.orchestrator, pages)
-        after = recognizer_calls(recognizer)
-        for answer, texts in zip(answers, wanted, strict=True):
-            assert [t.decode() for t in answer["texts"]] == texts  # type: ignore[attr-defined]
-        shared = after[1] - before[1] < len(pages)
-        if shared:
-            break
-    assert shared, "the recognizer never served two pages in one call"
+    recognizer, recognizer_pid = endpoint(mesh, "recognize")
+    rotate, _ = endpoint(mesh, "rotate")
+    before = model_calls(recognizer, "ppocr-rec")
+    turned = model_calls(rotate, "ocr-rotate")[0]
+    # The recognizer is held (SIGSTOP) until every page has gone through the step before it, so
+    # that their lines wait for it together, whatever the machine's speed; then it goes on.
+    os.kill(recognizer_pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answering = pool.submit(ocr, mesh.orchestrator, pages)
+            deadline = time.monotonic() + 120
+            while model_calls(rotate, "ocr-rotate")[0] < turned + len(pages) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(recognizer_pid, signal.SIGCONT)
+            answers = answering.result(timeout=180)
+    finally:
+        os.kill(recognizer_pid, signal.SIGCONT)
+    for answer, texts in zip(answers, wanted, strict=True):
+        assert [t.decode() for t in answer["texts"]] == texts  # type: ignore[attr-defined]
+    calls = model_calls(recognizer, "ppocr-rec")[1] - before[1]
+    assert calls < len(pages), f"the recognizer read {len(pages)} pages in {calls} calls: none shared"
 
 
 def test_a_stock_tritonclient_reads_the_rendered_line(mesh: Mesh) -> None:
@@ -241,7 +257,7 @@ def test_rest_with_the_binary_data_extension_reads_a_page(mesh: Mesh, reference:
 
 def test_without_the_angle_step_the_texts_still_come_back_flagged(mesh: Mesh, reference: RapidOCR) -> None:
     # Last in this module: it takes the angle service down for good (the mesh runs without restarts).
-    (pid,) = (int(m[1]) for line in mesh.seen if (m := re.match(r"\s*angle-1\s+grpc .* pid (\d+)", line)))
+    _, pid = endpoint(mesh, "angle")
     os.kill(pid, signal.SIGKILL)
     (answer,) = ocr(mesh.orchestrator, [IMAGES["sizes"]])
     assert [t.decode() for t in answer["texts"]] == expected(reference, IMAGES["sizes"])[0]  # type: ignore[attr-defined]
