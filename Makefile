@@ -16,7 +16,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup runtime lock proto promtool test faults lint run shell bench rehearse models images clean certs dist ocr ocr-models bench-ocr
+.PHONY: setup runtime lock proto promtool perf_analyzer test faults lint run shell bench rehearse models images clean certs dist ocr ocr-models bench-ocr
 
 # Everything a checkout needs (tests, lint, benchmarks): the dev extra.
 setup: $(STAMP) $(GEN)
@@ -74,7 +74,18 @@ $(PROMTOOL): | $(STAMP)
 		|| echo "promtool unavailable (apt-get download prometheus failed): its checks are skipped"; \
 		rm -rf $$tmp
 
-test: setup promtool ocr-models
+# Triton's perf_analyzer (the PyPI wheel's C++ binary, which needs glibc 2.38), made runnable here
+# with the next Debian release's libc unpacked beside it, all under the venv: tests/e2e runs the
+# real binary against a model node and the orchestrator.
+PERF_ANALYZER := $(VENV)/perf_analyzer/perf_analyzer
+
+perf_analyzer: $(PERF_ANALYZER)
+
+$(PERF_ANALYZER): scripts/perf_analyzer_setup.sh | $(STAMP)
+	@PYTHON=$(CURDIR)/$(BIN)/python bash scripts/perf_analyzer_setup.sh $(CURDIR)/$(VENV)/perf_analyzer >/dev/null 2>&1 \
+		|| { rm -f $@; echo "perf_analyzer unavailable (scripts/perf_analyzer_setup.sh failed): its tests are skipped"; }
+
+test: setup promtool perf_analyzer ocr-models
 	$(BIN)/python -m pytest
 
 # The fault suite alone (`make test` runs it too): replicas killed, drained and frozen under

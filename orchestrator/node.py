@@ -240,17 +240,19 @@ class Orchestrator:
 
     def stages(self, spec: MeshSpec) -> dict[str, Stage]:
         """One stage per service, kept across reloads: a replica set per address (a long-lived,
-        health-checked channel per replica), under coalescing."""
+        health-checked channel per replica, and one that ignores health for its drain), under
+        coalescing."""
         stages: dict[str, Stage] = {}
         for service, address in service_addresses(spec, self.environ).items():
             stage = self._stages.get((service, address))
             if stage is None:
                 if address not in self.replica_sets:
+                    client = traced.client_class()
                     self.replica_sets[address] = ReplicaSet(
                         address,
-                        functools.partial(
-                            traced.client_class(), health_checked=True, security=self.client_security
-                        ),
+                        functools.partial(client, health_checked=True, security=self.client_security),
+                        # A draining replica, when no other serves, is still called: until it closes.
+                        connect_draining=functools.partial(client, security=self.client_security),
                         service=service,
                         budget=self.budget,
                         on_event=self._on_replica_event,

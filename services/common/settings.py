@@ -23,7 +23,6 @@ from typing import Any
 ENV_PREFIX = "ONNXMESH_"
 #: The runtimes a model node can run (services.common.model_node.RUNTIMES).
 RUNTIME_NAMES = ("onnx", "python")
-
 #: Set by a launcher (meshctl/process.py) to its pid: its nodes stop when it dies
 #: (`services.common.server.follow_launcher`).
 LAUNCHER_ENV = "ONNXMESH_LAUNCHER_PID"
@@ -108,6 +107,23 @@ class ServerSettings:
         default="adaptive",
         metadata=option(
             "inference calls run at once before RESOURCE_EXHAUSTED: adaptive (a gradient limit), a number, or off"
+        ),
+    )
+    max_loop_lag: float = field(
+        default=0.005,
+        metadata=option(
+            "seconds the event loop may lag (calls waiting before any handler) before new inference "
+            "calls are refused at once, undecoded, as are calls over --max-inflight; 0 = off (the "
+            "data plane refuses those after decoding)",
+            float,
+        ),
+    )
+    acceptors: int = field(
+        default=8,
+        metadata=option(
+            "gRPC servers sharing the port in this process: each takes in one call per event-loop "
+            "turn, so more keep calls from queueing inside gRPC, out of admission's sight",
+            int,
         ),
     )
     max_connection_age: float = field(
