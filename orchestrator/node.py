@@ -131,6 +131,11 @@ class OrchestratorMetrics:
             ["reason"],
             registry=registry,
         )
+        self.capture_pending = Gauge(
+            "onnxmesh_capture_pending",
+            "Captured records accepted and not yet written: the writer's backlog.",
+            registry=registry,
+        )
         self.drift = Gauge(
             "onnxmesh_drift_psi",
             "Population stability index of a graph tensor's newest captured values against its reference.",
@@ -440,6 +445,8 @@ class Orchestrator:
                 on_drop=lambda reason, n: self.metrics.capture_dropped.labels(reason).inc(n),
                 on_written=self.metrics.captured.inc,
             )
+            writer = self.capture
+            self.metrics.capture_pending.set_function(lambda: writer.pending)
         return self.capture.offer
 
     def _open_capture_store(self) -> Any:

@@ -43,6 +43,9 @@ class CaptureWriter:
         self._queue: queue.Queue[Capture | None] = queue.Queue(maxsize=capacity)
         self._on_drop = on_drop
         self._on_written = on_written
+        # Each counter has one writer (the event loop, the writer thread): no lock needed.
+        self._accepted = 0
+        self._finished = 0
         self._thread = threading.Thread(target=self._drain, name="capture-writer", daemon=True)
         self._thread.start()
 
@@ -53,7 +56,13 @@ class CaptureWriter:
         except queue.Full:
             self._dropped("queue_full", 1)
             return False
+        self._accepted += 1
         return True
+
+    @property
+    def pending(self) -> int:
+        """Records accepted and not yet written (or dropped by a failed write)."""
+        return self._accepted - self._finished
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the thread (waits at most ``timeout`` seconds)."""
@@ -89,9 +98,11 @@ class CaptureWriter:
         except Exception:
             logger.exception("capture write failed", extra={"records": len(batch)})
             self._dropped("store", len(batch))
-            return
-        if self._on_written is not None:
-            self._on_written(len(batch))
+        else:
+            if self._on_written is not None:
+                self._on_written(len(batch))
+        finally:
+            self._finished += len(batch)
 
     def _dropped(self, reason: str, count: int) -> None:
         if self._on_drop is not None:

@@ -86,9 +86,10 @@ def test_a_full_queue_drops_and_counts_and_close_writes_the_rest() -> None:
     assert accepted + len(dropped) == 20
     assert accepted <= 3 + 2  # the queue, and at most one batch the thread took
     assert all(reason == "queue_full" for reason, _ in dropped)
+    assert writer.pending == accepted
     sink.release.set()
     writer.close()
-    assert len(sink.written) == accepted
+    assert len(sink.written) == accepted and writer.pending == 0
 
 
 def test_a_failing_store_counts_its_records_as_dropped() -> None:
