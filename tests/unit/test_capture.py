@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,8 +13,11 @@ import yaml
 
 from jobs.store import Store
 from orchestrator.capture import Capture, CaptureWriter, StoreSink, captured_tensors
+from orchestrator.graph.engine import Engine
 from orchestrator.spec import CaptureSpec, SpecError, parse_spec
+from services.common.errors import InvalidInput
 from tests.support import ROOT
+from tests.unit.fakes import digits_stages
 
 
 def spec_with(capture: object, *, step: bool = False) -> dict[str, object]:
@@ -128,3 +132,28 @@ def test_the_store_sink_applies_retention_as_it_writes(tmp_path: Path) -> None:
     with Store(url) as store:
         assert [r.request_id for r in store.read_captures()] == ["r6", "r7", "r8"]
     sink.close()
+
+
+def test_the_engine_captures_a_failed_request_with_its_code_and_a_failed_step() -> None:
+    spec = spec_with({"rate": 1.0})
+    spec["graphs"]["digits-serial"]["steps"][2]["capture"] = True  # the head
+    spec["graphs"] = {"digits-serial": spec["graphs"]["digits-serial"]}
+    stages = digits_stages()
+    stages["model_b"].fail("digits-head", InvalidInput("bad embedding"))
+    records: list[Capture] = []
+    engine = Engine(parse_spec(spec), stages, on_capture=records.append)
+    image = np.zeros((1, 8, 8), np.uint8)
+    with pytest.raises(InvalidInput):
+        asyncio.run(engine.run("digits-serial", {"image": image}, deadline=None, request_id="q1"))
+    assert [(r.step, r.status_code, r.request_id) for r in records] == [
+        ("head", "INVALID_ARGUMENT", "q1"),
+        ("", "INVALID_ARGUMENT", "q1"),
+    ]
+    assert set(records[0].tensors) == {"input.embedding"} and set(records[1].tensors) == {"input.image"}
+    records.clear()
+    result = asyncio.run(engine.run("digits-serial", {"image": image}, deadline=None, request_id="q2"))
+    assert [(r.step, r.status_code, r.service, r.model) for r in records] == [
+        ("head", "OK", "model_b", "digits-head"),
+        ("", "OK", "", "digits-serial"),
+    ]
+    assert records[1].tensors["output.label"] is result.outputs["label"]  # no copy on the request path
