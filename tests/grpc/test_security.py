@@ -363,8 +363,14 @@ def test_unusable_settings_are_refused_with_the_path_only(
     with pytest.raises(SecurityError) as info:
         _server(executor, tls_cert=pki["node"].cert, tls_key=missing)
     assert str(missing) in str(info.value)
-    # A key passed where the certificate goes: the message names the file, never its contents.
     with pytest.raises(SecurityError, match="plaintext"):
         _server(executor, tls_cert=pki["node"].cert, tls_key=pki["node"].key, http_port=0)
+    # A key passed where the certificate goes: the message names the file, never its contents.
+    with pytest.raises(SecurityError, match="holds no PEM certificate") as swapped:
+        _server(executor, tls_cert=pki["node"].key, tls_key=pki["node"].key)
     key_text = pki["node"].key.read_text()
-    assert "PRIVATE" in key_text and key_text.splitlines()[1] not in repr(info.value)
+    assert str(pki["node"].key) in str(swapped.value)
+    assert "PRIVATE" in key_text and key_text.splitlines()[1] not in repr(swapped.value)
+    # And a certificate where the key goes.
+    with pytest.raises(SecurityError, match="holds no PEM private key"):
+        _server(executor, tls_cert=pki["node"].cert, tls_key=pki["node"].cert)
