@@ -18,6 +18,7 @@ port; a port that cannot be bound stops the node with a message naming it.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -43,7 +44,8 @@ from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+# The installed package's version (pyproject.toml), reported in ServerMetadata and traces.
+VERSION = importlib.metadata.version("onnxmesh")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
