@@ -1,18 +1,22 @@
-"""Test helpers: run a real MeshServer on 127.0.0.1:0 in a background thread.
+"""The helpers every test folder shares (the one place for them; no test imports another test).
 
-The server gets its own event loop so plain (sync) tests can call it with blocking stubs;
-`stop()` always drains it, so no test leaves a server behind.
+A real MeshServer on 127.0.0.1:0 in a background thread (its own event loop, so plain tests can
+call it with blocking stubs; `stop()` always drains it); waiting on conditions (`until`), never
+on the clock; coroutines run with a bound (`run`); processes stopped with their whole group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import threading
+import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +35,38 @@ from services.common.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+#: How long `run` lets one test's coroutine take before failing it (a bug must not hang the run).
+RUN_TIMEOUT = 60.0
+
+
+def run(coro: Awaitable[T], timeout: float = RUN_TIMEOUT) -> T:
+    """Run one test's coroutine on a fresh event loop; a bug fails the test instead of hanging it."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def until(condition: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.02) -> T:
+    """Poll `condition` until it returns something true, and return that; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)  # the poll interval of until()
+    return found
+
+
+async def until_async(condition: Callable[[], object], interval: float = 0.002) -> None:
+    """`until` inside a coroutine, for state other threads change; `run`'s timeout bounds it."""
+    while not condition():  # noqa: ASYNC110 - polled: the state is not the event loop's
+        await asyncio.sleep(interval)  # the poll interval of until_async()
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a process started with `start_new_session=True` and whatever of its group lives on,
+    then reap it: what a test started never outlives the test, passed or failed."""
+    # Safe after the leader was reaped too: Linux never reuses a pid still naming a live group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
 
 
 class ServerThread:

@@ -93,7 +93,11 @@ class TlsFiles:
     def load(self) -> tuple[bytes, bytes, bytes | None]:
         """(chain, key, ca), read now."""
         ca = _read(self.ca, "TLS CA bundle", "CERTIFICATE") if self.ca is not None else None
-        return _read(self.cert, "TLS certificate", "CERTIFICATE"), _read(self.key, "TLS key", "PRIVATE KEY"), ca
+        return (
+            _read(self.cert, "TLS certificate", "CERTIFICATE"),
+            _read(self.key, "TLS key", "PRIVATE KEY"),
+            ca,
+        )
 
 
 def server_credentials(files: TlsFiles, *, require_client_cert: bool = True) -> grpc.ServerCredentials:
@@ -157,7 +161,9 @@ class ClientSecurity:
         self._checked_at = time.monotonic()
         if self.tls is None:
             assert self.ca is not None
-            return grpc.ssl_channel_credentials(root_certificates=_read(self.ca, "TLS CA bundle", "CERTIFICATE"))
+            return grpc.ssl_channel_credentials(
+                root_certificates=_read(self.ca, "TLS CA bundle", "CERTIFICATE")
+            )
         chain, key, ca = self.tls.load()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
 
