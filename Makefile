@@ -12,7 +12,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lock proto promtool test faults lint run bench rehearse models images clean certs
+.PHONY: setup lock proto promtool servers check test faults lint run bench rehearse models images clean certs
 
 setup: $(STAMP) $(GEN)
 
@@ -48,14 +48,20 @@ PROMTOOL := $(BIN)/promtool
 
 promtool: $(PROMTOOL)
 
+# A failed download fails the target (and `make test`): the checks must not skip unseen.
 $(PROMTOOL): | $(STAMP)
-	@tmp=$$(mktemp -d) && ( cd $$tmp \
-		&& { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
-		&& dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$@ ) \
-		|| echo "promtool unavailable (apt-get download prometheus failed): its checks are skipped"; \
-		rm -rf $$tmp
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cd $$tmp \
+		&& { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus; }; } \
+		&& dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$@
 
-test: setup promtool
+# PostgreSQL and redis-server for the tests that start their own (installed as root when missing).
+servers:
+	scripts/install_test_servers.sh
+
+# What CI runs (.ci/run) and the README's test command: the lint, then the whole suite.
+check: lint test
+
+test: setup promtool servers
 	$(BIN)/python -m pytest
 
 # The fault suite alone (`make test` runs it too): replicas killed, drained and frozen under

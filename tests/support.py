@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -20,9 +21,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+import promql_parser
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -145,13 +147,38 @@ def metric_total(port: int, sample: str, **labels: str) -> float:
     )
 
 
+def tool(name: str, installed_by: str) -> str:
+    """The path of a tool the project installs into .venv/bin (that one first: pinned), else on PATH.
+
+    Its absence skips the test saying which make target installs it (`make test` runs them all);
+    a tool that is there but fails is the test's failure."""
+    found = ROOT / ".venv/bin" / name
+    if found.exists():
+        return str(found)
+    on_path = shutil.which(name)
+    if on_path is None:
+        pytest.skip(f"{name} is not installed ({installed_by} installs it)")
+    return on_path
+
+
+def server_missing(name: str) -> NoReturn:
+    """A server the tests start for themselves is not installed: a skip, but a failure as root,
+    where `make test` installs it (scripts/install_test_servers.sh), so that CI cannot pass
+    without it."""
+    message = f"{name} is not installed (scripts/install_test_servers.sh installs it as root)"
+    if os.geteuid() == 0:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
-    """The objects `kubectl kustomize DIRECTORY` renders (skips where kubectl is absent)."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not on PATH: cannot render the kustomizations (kubectl kustomize)")
+    """The objects `kubectl kustomize DIRECTORY` renders."""
     proc = subprocess.run(
-        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
+        [tool("kubectl", "make setup"), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
@@ -168,3 +195,51 @@ def kustomize_overlay(
         f"resources: [{up}/overlays/{overlay}]\ncomponents: [{listed}]\n"
     )
     return kustomize(root)
+
+
+# -- the observability assets: the dashboard's and the alerts' queries ----------------------------
+
+COMPONENT = ROOT / "k8s/components/observability"
+DASHBOARD = COMPONENT / "dashboard.json"
+RULES = COMPONENT / "prometheusrule.yaml"
+#: Grafana's variables, replaced by what they stand for before an expression is parsed.
+VARIABLES = {"$__rate_interval": "5m", "$graph": "digits-serial|digits-parallel"}
+
+
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+def rule_groups() -> list[dict[str, Any]]:
+    return list(yaml.safe_load(RULES.read_text())["spec"]["groups"])
+
+
+def expressions() -> Iterator[tuple[str, str]]:
+    """(where, PromQL) of every query of the dashboard and every rule."""
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", ()):
+            yield f"panel {panel['title']!r} {target['refId']}", target["expr"]
+    for group in rule_groups():
+        for rule in group["rules"]:
+            yield f"rule {rule.get('alert') or rule.get('record')}", rule["expr"]
+
+
+def selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names it filters or groups on) of each series an expression selects."""
+    for variable, meaning in VARIABLES.items():
+        expr = expr.replace(variable, meaning)
+    assert "$" not in expr, f"an unknown Grafana variable in {expr}"
+    found: list[tuple[str, set[str]]] = []
+    grouping: set[str] = set()
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            labels = {m.name for m in node.matchers.matchers}
+            found.append((node.name, labels))
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            grouping.update(node.modifier.labels)
+        return True
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    # Grouping labels are checked against every series of the expression.
+    return [(name, labels | grouping) for name, labels in found]

@@ -38,8 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.client import OipClient
 from services.common.digits import load_holdout
-from tests.support import ROOT, stub
-from tests.unit.test_observability_assets import expressions, selectors
+from tests.support import ROOT, expressions, selectors, stub, tool
 
 TIMEOUT = 30.0
 NODES = ("orchestrator", "preprocess", "model_a", "model_b")
@@ -397,9 +396,7 @@ def test_the_failure_is_logged_with_code_reason_graph_step_and_ids(run: Run) -> 
 
 
 def test_the_exposition_passes_promtool(run: Run, tmp_path: Path) -> None:
-    promtool = shutil.which("promtool") or str(ROOT / ".venv/bin/promtool")
-    if not Path(promtool).exists():
-        pytest.skip("promtool is not installed (make promtool)")
+    promtool = tool("promtool", "make promtool")
     for node, text in run.after.items():
         checked = subprocess.run(
             [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30

@@ -90,11 +90,19 @@ class Postgres:
 
     @classmethod
     def start(cls) -> Postgres:
-        """Start one; raises RuntimeError with the reason when it cannot run here."""
+        """Start one; RuntimeError saying why when it does not start (installed or not)."""
         bindir = postgres_bindir()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed (no initdb; apt-get install postgresql)")
         root = Path(tempfile.mkdtemp(prefix="onnxmesh-pg-"))
+        try:
+            return cls._start(bindir, root)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _start(cls, bindir: Path, root: Path) -> Postgres:
         as_user: list[str] = []
         if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
             try:
@@ -111,24 +119,34 @@ class Postgres:
         server = cls(bindir, root, _free_port(), as_user)
         data = root / "data"
         server._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = (
-            f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        settings = (
+            "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
         )
-        server._run(
-            "pg_ctl",
-            "-D",
-            str(data),
-            "-l",
-            str(root / "server.log"),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            options,
-            "start",
-        )
-        return server
+        attempts = 3
+        while True:
+            options = f"-p {server.port} -k {root} {settings}"
+            try:
+                server._run(
+                    "pg_ctl",
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(root / "server.log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    options,
+                    "start",
+                )
+                return server
+            except RuntimeError as exc:
+                # The port was free when picked, then released: another process may have taken it.
+                attempts -= 1
+                if attempts == 0 or "already in use" not in str(exc):
+                    raise
+                server.port = _free_port()
 
     def _run(self, tool: str, *args: str) -> None:
         proc = subprocess.run(
