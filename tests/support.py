@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -169,6 +170,70 @@ def server_missing(name: str) -> NoReturn:
     if os.geteuid() == 0:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on now (whoever binds it a moment later may lose a race)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A redis-server of the test's own on 127.0.0.1 (no persistence), in a process group of its
+    own; `stop()` kills it (tests call it mid-run for "the store went away")."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            server_missing("redis-server")
+        log = directory / "redis.log"
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
+        for _ in range(3):  # the free port may be taken before redis binds it: try another
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--logfile", str(log), *options],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            try:
+                until(lambda: self.proc.poll() is not None or self.answers(), "redis-server to answer PING")
+            except BaseException:
+                self.stop()
+                raise
+            if self.proc.poll() is None:
+                return
+            output = log.read_text() if log.exists() else ""
+            if "already in use" not in output:
+                raise RuntimeError(f"redis-server did not start ({self.proc.returncode}):\n{output[-2000:]}")
+        raise RuntimeError("redis-server lost the race for a free port three times")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+
+
+@contextmanager
+def redis_server(directory: Path) -> Iterator[RedisServer]:
+    server = RedisServer(directory)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:

@@ -43,7 +43,8 @@ from services.common.topology import (
     kubernetes_name,
 )
 from tests.containers.conftest import FIGURES, REPO, Manifests
-from tests.containers.pods import Container, ContainerSpec, free_port
+from tests.containers.pods import Container, ContainerSpec
+from tests.support import free_port
 
 # The first run of the suite builds the images inside the `images` fixture.
 pytestmark = pytest.mark.timeout(1800)

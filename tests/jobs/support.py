@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 
 from services.common import digits
 from services.common.client import OipClient
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 #: The held-out digits file itself (package data; a regular file in a checkout).
@@ -63,12 +63,6 @@ def online_answers(target: str, graph: str, images: np.ndarray) -> tuple[np.ndar
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def postgres_bindir() -> Path | None:
@@ -116,7 +110,7 @@ class Postgres:
                 raise RuntimeError("running as root and runuser is missing: cannot drop to 'postgres'")
             os.chown(root, account.pw_uid, account.pw_gid)
             as_user = [runuser, "-u", "postgres", "--"]
-        server = cls(bindir, root, _free_port(), as_user)
+        server = cls(bindir, root, free_port(), as_user)
         data = root / "data"
         server._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         settings = (
@@ -146,7 +140,7 @@ class Postgres:
                 attempts -= 1
                 if attempts == 0 or "already in use" not in str(exc):
                     raise
-                server.port = _free_port()
+                server.port = free_port()
 
     def _run(self, tool: str, *args: str) -> None:
         proc = subprocess.run(

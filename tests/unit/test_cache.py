@@ -7,14 +7,12 @@ import re
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
-import fakeredis
 import numpy as np
 import pytest
 
 from orchestrator.cache import (
     Entry,
     LocalStore,
-    RedisStore,
     ResponseCaches,
     decode_entry,
     encode_entry,
@@ -261,30 +259,6 @@ def test_keys_tell_apart_model_version_outputs_and_every_tensor_detail() -> None
         request_key("m", "", ("y",), {"x": x + 1}),
     ]
     assert len({base, *others}) == len(others) + 1
-
-
-def test_entries_travel_through_redis_bit_equal() -> None:
-    store = RedisStore("redis://localhost:6379/0", max_bytes=1 << 20)
-    store.client = fakeredis.FakeAsyncRedis()  # the fake stands in for the server
-    original = Entry(
-        {"y": np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4), "label": np.arange(3, dtype=np.int64)},
-        ((("s", "m", ""), "7"),),
-        {"step.a": "ok", "version.a": "7"},
-        store.clock() + 30.0,
-    )
-
-    async def scenario() -> tuple[Entry | None, Entry | None]:
-        await store.put(b"k", original)
-        found, missing = await store.get(b"k"), await store.get(b"other")
-        await store.close()
-        return found, missing
-
-    found, missing = run(scenario())
-    assert missing is None and found is not None
-    for name, array in original.outputs.items():
-        assert found.outputs[name].tobytes() == array.tobytes() and found.outputs[name].dtype == array.dtype
-    assert found.answered == original.answered and dict(found.parameters) == dict(original.parameters)
-    assert abs(found.expires - original.expires) < 1.0  # Redis keeps the TTL
 
 
 def test_an_encoded_entry_decodes_to_the_same_arrays() -> None:
