@@ -109,7 +109,9 @@ def test_the_orchestrator_answers_without_its_redis_cache(server: RedisServer, t
         server.stop()
         without = asyncio.run(ask(address))
     assert stored >= 1
-    assert [hit for _, hit in first] == [""] * len(images) and [hit for _, hit in cached] == [HIT] * len(images)
+    assert [hit for _, hit in first] == [""] * len(images) and [hit for _, hit in cached] == [HIT] * len(
+        images
+    )
     # Gone: every request still answered, by the graph itself, the same labels.
     assert [hit for _, hit in without] == [""] * len(images)
     assert [label for label, _ in first] == [label for label, _ in cached] == [label for label, _ in without]
