@@ -34,9 +34,9 @@ from orchestrator.spec import MeshSpec, SignatureKey, SpecError, load_spec, vali
 from orchestrator.stage import Stage
 from services.common.dataplane import DataPlane
 from services.common.errors import MeshError, NotFound
-from services.common.logs import configure_logging
-from services.common.metrics import ServerMetrics
 from services.common.model import Servable
+from services.common.observability.logs import configure_logging
+from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings, add_option, server_parser, settings_from_args

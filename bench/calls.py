@@ -6,7 +6,9 @@ meshes) and reports, per node, (calls after N2 - calls after N1) / (N2 - N1): st
 and shutdown cancel out. Two counts per node: calls into the project's own code (the frames a
 request passes through that we wrote) and every Python call (grpc's, asyncio's, protobuf's and
 prometheus_client's included). cProfile counts each resumption of a coroutine as a call, so an
-`await` that suspends counts again when it resumes.
+`await` that suspends counts again when it resumes. A third figure, files per request, is how many
+of the project's files hold a function the request calls (at least once a request): how far one
+request travels through the code.
 
 Two points: `digits-serial` through the orchestrator (one request = three hops) and `digits-mlp`
 called directly on model_a (one hop, no orchestrator).
@@ -22,14 +24,14 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common.client import OipClient
 from services.common.digits import load_holdout
+from services.common.grpc.client import OipClient
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The project's own code: the packages of the nodes and the tooling (not bench, not proto/gen).
@@ -55,6 +57,7 @@ class Count:
     node: str
     project_calls: float
     all_calls: float
+    project_files: int
 
 
 def _wrapper(directory: Path) -> Path:
@@ -69,21 +72,38 @@ def _wrapper(directory: Path) -> Path:
     return script
 
 
-def _totals(directory: Path) -> dict[str, tuple[int, int]]:
-    """node module -> (calls into project code, all Python calls), summed over its profile files."""
-    out: dict[str, tuple[int, int]] = {}
+@dataclass
+class Totals:
+    """One node's calls over a session: into project code, all Python calls, and per project function."""
+
+    ours: int = 0
+    every: int = 0
+    functions: dict[tuple[str, int, str], int] = field(default_factory=dict)
+
+
+def _totals(directory: Path) -> dict[str, Totals]:
+    """node module -> its calls, summed over its profile files."""
+    out: dict[str, Totals] = {}
     for path in directory.glob("*.prof"):
-        node = path.name.rsplit("-", 1)[0]
+        totals = out.setdefault(path.name.rsplit("-", 1)[0], Totals())
         stats: Mapping[tuple[str, int, str], tuple[int, int, float, float, object]]
         stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
-        ours = sum(v[1] for (file, _, _), v in stats.items() if file.startswith(OURS))
-        every = sum(v[1] for v in stats.values())
-        before = out.get(node, (0, 0))
-        out[node] = (before[0] + ours, before[1] + every)
+        for key, value in stats.items():
+            totals.every += value[1]
+            if key[0].startswith(OURS):
+                totals.ours += value[1]
+                totals.functions[key] = totals.functions.get(key, 0) + value[1]
     return out
 
 
-def _session(point: Point, requests: int, inputs: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+def _files_per_request(first: Totals, second: Totals, n: int) -> int:
+    """Project files holding a function called at least once a request (second session minus first)."""
+    return len(
+        {key[0] for key, calls in second.functions.items() if calls - first.functions.get(key, 0) >= n}
+    )
+
+
+def _session(point: Point, requests: int, inputs: Mapping[str, np.ndarray]) -> dict[str, Totals]:
     with tempfile.TemporaryDirectory(prefix="onnxmesh-calls-") as tmp:
         directory = Path(tmp)
         with LocalMesh(ports=EPHEMERAL_PORTS, python=str(_wrapper(directory))) as mesh:
@@ -106,10 +126,12 @@ def count(point: Point, low: int, high: int) -> list[Count]:
     n = high - low
     counts = []
     for node in sorted(second):
-        ours = (second[node][0] - first.get(node, (0, 0))[0]) / n
-        every = (second[node][1] - first.get(node, (0, 0))[1]) / n
+        before = first.get(node, Totals())
+        ours = (second[node].ours - before.ours) / n
+        every = (second[node].every - before.every) / n
         if every >= 10.0:  # nodes the request never reached (health checks only) stay out
-            counts.append(Count(point.label, node, round(ours, 1), round(every, 1)))
+            files = _files_per_request(before, second[node], n)
+            counts.append(Count(point.label, node, round(ours, 1), round(every, 1), files))
     return counts
 
 
@@ -124,10 +146,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not 0 <= args.low < args.high:
         parser.error("need 0 <= --low < --high")
     counts = [c for point in POINTS for c in count(point, args.low, args.high)]
-    print("| point | node | project calls/request | all Python calls/request |")
-    print("|---|---|---|---|")
+    print("| point | node | project calls/request | all Python calls/request | project files/request |")
+    print("|---|---|---|---|---|")
     for c in counts:
-        print(f"| {c.point} | {c.node} | {c.project_calls:.1f} | {c.all_calls:.1f} |")
+        print(f"| {c.point} | {c.node} | {c.project_calls:.1f} | {c.all_calls:.1f} | {c.project_files} |")
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(c) for c in counts], indent=2) + "\n")
 

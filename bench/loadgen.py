@@ -43,9 +43,9 @@ from bench.measure import (
 )
 from bench.models import features_of
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common.client import OipClient
 from services.common.digits import Holdout, load_holdout
 from services.common.errors import MeshError
+from services.common.grpc.client import OipClient
 from services.common.types import ModelSignature
 
 #: After a failed call, wait this long before the next: a dead endpoint must not spin a core.

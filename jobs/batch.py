@@ -44,7 +44,7 @@ READ_CHUNK_ROWS = 4096
 
 
 class InferClient(Protocol):
-    """What the runner needs of services.common.client.OipClient (a fake in unit tests)."""
+    """What the runner needs of services.common.grpc.client.OipClient (a fake in unit tests)."""
 
     async def metadata(
         self, model: str, version: str = "", *, timeout: float | None = 5.0

@@ -31,9 +31,9 @@ from jobs.client import TARGET_ENV as JOBS_TARGET_ENV
 from jobs.client import JobInfo, JobsClient
 from jobs.datasets import DatasetError
 from jobs.store import DB_ENV, STATUSES, Store, default_url, redact
-from services.common.client import OipClient
 from services.common.digits import load_holdout
 from services.common.errors import MeshError, NotFound, Unavailable
+from services.common.grpc.client import OipClient
 from services.common.settings import non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,8 +1,8 @@
 """Client of the jobs service (proto/jobs/jobs.proto) for the CLI, tests and other services.
 
 Protobuf stops here: callers get `JobInfo` dataclasses, with the answer decoded to numpy
-arrays (services.common.codec) once a job has succeeded. Errors come back as the MeshError
-of their status code, as with services.common.client.OipClient.
+arrays (services.common.grpc.codec) once a job has succeeded. Errors come back as the MeshError
+of their status code, as with services.common.grpc.client.OipClient.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.jobs import jobs_pb2 as jpb
 from proto.gen.jobs import jobs_pb2_grpc as jpb_grpc
-from services.common import codec
-from services.common.client import OipClient, error_of
 from services.common.errors import MeshError
+from services.common.grpc import codec
+from services.common.grpc.client import OipClient, error_of
 from services.common.settings import MIB
 
 DEFAULT_TARGET = "127.0.0.1:8041"

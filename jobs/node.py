@@ -24,7 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.common.errors import MeshError
-from services.common.logs import configure_logging
+from services.common.observability.logs import configure_logging
 from services.common.settings import MIB
 
 log = logging.getLogger(__name__)

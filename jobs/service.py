@@ -27,10 +27,10 @@ from jobs.store import FINISHED, STATUSES, JobRecord, Store, default_url, redact
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.jobs import jobs_pb2 as jpb
 from proto.gen.jobs import jobs_pb2_grpc as jpb_grpc
-from services.common import codec
-from services.common.client import OipClient
 from services.common.errors import InvalidInput, MeshError, NotFound
-from services.common.servicer import rpc
+from services.common.grpc import codec
+from services.common.grpc.client import OipClient
+from services.common.grpc.servicer import rpc
 from services.common.settings import add_option
 
 log = logging.getLogger("jobs.service")

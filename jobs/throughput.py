@@ -18,8 +18,8 @@ import numpy as np
 
 from jobs.batch import BatchConfig, BatchRunner
 from jobs.store import Store
-from services.common.client import OipClient
 from services.common.digits import load_holdout
+from services.common.grpc.client import OipClient
 
 
 async def online(target: str, graph: str, images: np.ndarray, concurrency: int, seconds: float) -> float:

@@ -35,9 +35,9 @@ from jobs.service import maintain_forever
 from jobs.store import Claim, Store, default_url, redact
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common.client import OipClient
 from services.common.errors import MeshError
-from services.common.servicer import REQUEST_ID_HEADER
+from services.common.grpc.client import OipClient
+from services.common.grpc.servicer import REQUEST_ID_HEADER
 from services.common.settings import add_option
 
 log = logging.getLogger("jobs.worker")

@@ -34,9 +34,9 @@ from meshctl.targets import (
     local_endpoints,
     unreachable,
 )
-from services.common.client import OipClient
 from services.common.digits import PIXEL_MAX
 from services.common.errors import MeshError, NotFound
+from services.common.grpc.client import OipClient
 from services.common.settings import non_negative_int, positive_int
 from services.common.types import ModelSignature
 

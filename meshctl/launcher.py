@@ -48,9 +48,9 @@ from meshctl.process import (
 )
 from meshctl.supervise import Restarter
 from orchestrator.spec import SpecError, load_spec
-from services.common.client import OipClient
 from services.common.errors import MeshError
-from services.common.security import ClientSecurity, TlsFiles, read_token
+from services.common.grpc.client import OipClient
+from services.common.grpc.security import ClientSecurity, TlsFiles, read_token
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,
     DEFAULT_PORTS,

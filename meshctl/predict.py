@@ -23,9 +23,9 @@ from meshctl.targets import (
     layout_near,
     service_address,
 )
-from services.common.client import OipClient
 from services.common.digits import IMAGE_SHAPE, PIXEL_MAX, load_holdout
 from services.common.errors import MeshError, NotFound
+from services.common.grpc.client import OipClient
 from services.common.types import InferResult, ModelSignature
 
 DEFAULT_GRAPH = "digits-parallel"

@@ -22,9 +22,9 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from services.common.client import OipClient
 from services.common.errors import MeshError
-from services.common.security import ClientSecurity
+from services.common.grpc.client import OipClient
+from services.common.grpc.security import ClientSecurity
 
 #: Where the nodes run from (the checkout, or site-packages when installed).
 REPO = Path(__file__).resolve().parent.parent

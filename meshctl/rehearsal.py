@@ -24,9 +24,9 @@ from pathlib import Path
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.process import REPO
-from services.common.client import OipClient
 from services.common.digits import load_holdout
 from services.common.errors import MeshError
+from services.common.grpc.client import OipClient
 
 
 @dataclass

@@ -11,10 +11,10 @@ from pathlib import Path
 from orchestrator.coalescing import DEFAULT_IN_FLIGHT
 from orchestrator.service import Orchestrator
 from orchestrator.spec import SpecError
-from services.common.logs import configure_logging
-from services.common.metrics import ServerMetrics
+from services.common.grpc.security import ClientSecurity, SecurityError, TlsFiles
+from services.common.observability.logs import configure_logging
+from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.security import ClientSecurity, SecurityError, TlsFiles
 from services.common.server import MeshServer
 from services.common.settings import add_option, server_parser, settings_from_args
 from services.common.topology import DEFAULT_PORTS, ORCHESTRATOR

@@ -11,7 +11,7 @@ No timer: a call goes out at once while fewer calls than the limit are running, 
 request (concurrency 1) never waits. The limit adapts to load (`AdaptiveLimit`): up to
 `max_in_flight` while calls answer as fast as they do unloaded, down to one as their latency
 grows, so that under load every caller that arrives while a call runs leaves in the next one. Stacking, splitting and re-running alone are
-`services.common.stacking`'s, shared with the model services' adaptive batching: each caller
+`services.common.batching.stacking`'s, shared with the model services' adaptive batching: each caller
 gets exactly its rows back; when a coalesced call fails with anything but a shared failure
 (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED: `stacking.SHARED_FAILURES`),
 each caller is retried alone, so a bad request fails alone. Each caller keeps its own deadline
@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.stage import Stage
-from services.common import stacking, tracing
+from services.common.batching import stacking
 from services.common.errors import DeadlineExceeded, MeshError
+from services.common.observability import tracing
 from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)

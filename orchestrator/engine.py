@@ -49,8 +49,8 @@ from orchestrator.spec import (
     ModelStep,
 )
 from orchestrator.stage import Stage
-from services.common import tracing
 from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
+from services.common.observability import tracing
 from services.common.types import InferRequest, InferResult
 
 logger = logging.getLogger(__name__)

@@ -28,12 +28,13 @@ from orchestrator.engine import Engine
 from orchestrator.replicas import ReplicaSet
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stage import Stage
-from services.common import tracing, tracing_edge
 from services.common.errors import MeshError, Unavailable
-from services.common.metrics import LATENCY_BUCKETS, ROW_BUCKETS, ServerMetrics
+from services.common.grpc import traced
+from services.common.grpc.security import ClientSecurity
 from services.common.model import Servable
+from services.common.observability import tracing
+from services.common.observability.metrics import LATENCY_BUCKETS, ROW_BUCKETS, ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.security import ClientSecurity
 from services.common.topology import address_variable
 from services.common.types import InferRequest, InferResult, ModelSignature
 
@@ -241,7 +242,7 @@ class Orchestrator:
                     self.replica_sets[address] = ReplicaSet(
                         address,
                         functools.partial(
-                            tracing_edge.client_class(), health_checked=True, security=self.client_security
+                            traced.client_class(), health_checked=True, security=self.client_security
                         ),
                         service=service,
                         budget=self.budget,

@@ -1,7 +1,7 @@
 """The seam through which the engine calls one downstream service.
 
 The engine knows nothing about gRPC: it calls a ``Stage`` per logical service name of the spec.
-The real one is the mesh's OIP client itself (``services.common.client.OipClient``, one
+The real one is the mesh's OIP client itself (``services.common.grpc.client.OipClient``, one
 long-lived channel per address); ``CoalescingStage`` wraps one; tests plug in fakes.
 """
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common import tracing
+from services.common.observability import tracing
 
 #: The engine's step call: (compiled model step, the request's run, the step's inputs) -> outputs.
 StepCall = Callable[[Any, Any, Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]

@@ -31,7 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common.model_service import build_repository
+from services.common.model_node import build_repository
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings

@@ -30,15 +30,15 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
-from services.common import tracing
-from services.common.batching import BatchingModel
+from services.common.batching.adaptive import BatchingModel
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.limits import ConcurrencyLimiter
-from services.common.metrics import ServerMetrics
 from services.common.model import Servable
+from services.common.observability import tracing
+from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelConfig, ModelRepository
-from services.common.shared_memory import SharedMemory
-from services.common.statistics import Duration, ModelStats, Statistics
+from services.common.triton.shared_memory import SharedMemory
+from services.common.triton.statistics import Duration, ModelStats, Statistics
 from services.common.types import NUMPY_TO_DATATYPE, InferRequest, InferResult, ModelSignature, datatype_of
 from services.common.warmup import WarmupSample
 

@@ -10,7 +10,7 @@
 
 Code anywhere raises these and tells them apart by class. ``code`` is the status *name*
 (``"UNAVAILABLE"``), not a grpc object, so nothing inside the mesh imports grpc: the transport
-edge (services.common.servicer, services.common.client) maps names to grpc status codes in one
+edge (services.common.grpc.servicer, services.common.grpc.client) maps names to grpc status codes in one
 place. Any other exception becomes INTERNAL with a fixed message and is logged in full.
 """
 

@@ -30,16 +30,18 @@ from grpc_health.v1._async import HealthServicer
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common import batching, tracing, tracing_edge
+from services.common.batching import adaptive as batching
 from services.common.dataplane import DataPlane
+from services.common.grpc import traced
+from services.common.grpc.reflection import enable_reflection
+from services.common.grpc.security import SecurityError, TlsFiles, TokenInterceptor, server_credentials
+from services.common.grpc.servicer import EXTENSIONS, DecodingGuard
 from services.common.limits import limiter_from_setting
-from services.common.metrics import ServerMetrics
 from services.common.model import LoadError
-from services.common.reflection import enable_reflection
+from services.common.observability import tracing
+from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.rest import RestServer
-from services.common.security import SecurityError, TlsFiles, TokenInterceptor, server_credentials
-from services.common.servicer import EXTENSIONS, DecodingGuard
+from services.common.rest.server import RestServer
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ class MeshServer:
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
             interceptors=interceptors,
         )
-        servicer = tracing_edge.servicer_class()(self.dataplane)
+        servicer = traced.servicer_class()(self.dataplane)
         # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN.
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

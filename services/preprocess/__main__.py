@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from services.common.model_service import main
+from services.common.model_node import main
 from services.common.topology import DEFAULT_PORTS, PREPROCESS
 from services.preprocess.model import preprocess_servable
 

@@ -209,26 +209,32 @@ def test_hops_follow_the_graphs() -> None:
 def test_profile_summary_counts_self_and_total() -> None:
     stacks = parse_collapsed(
         [
-            "main (a.py:1);Engine.run (orchestrator/engine.py:10);infer (services/common/client.py:5) 3\n",
-            "main (a.py:1);send (services/common/client.py:9);sendmsg (libc.so.6) 2\n",
+            "main (a.py:1);Engine.run (orchestrator/engine.py:10);infer (services/common/grpc/client.py:5) 3\n",
+            "main (a.py:1);send (services/common/grpc/client.py:9);sendmsg (libc.so.6) 2\n",
             "main (a.py:1);Engine.run (orchestrator/engine.py:12) 1\n",
             "garbage line\n",
         ]
     )
     summary = summarize(stacks)
     assert summary["samples"] == 6
-    assert summary["self"][0] == {"name": "infer (services/common/client.py)", "samples": 3, "percent": 50.0}
+    assert summary["self"][0] == {
+        "name": "infer (services/common/grpc/client.py)",
+        "samples": 3,
+        "percent": 50.0,
+    }
     assert {"name": "Engine.run (orchestrator/engine.py)", "samples": 4, "percent": 400 / 6} in summary[
         "total"
     ]
     areas = {a["name"]: a["samples"] for a in summary["areas"]}
     assert areas == {
-        "ours: OIP client (services/common/client.py)": 3,
+        "ours: OIP client (services/common/grpc/client.py)": 3,
         "system calls: socket send / recv / write": 2,
         "ours: engine (orchestrator/engine.py)": 1,
     }
     # A native leaf is charged to the Python function that called into it.
-    assert {"name": "send (services/common/client.py)", "samples": 2, "percent": 200 / 6} in summary["python"]
+    assert {"name": "send (services/common/grpc/client.py)", "samples": 2, "percent": 200 / 6} in summary[
+        "python"
+    ]
 
 
 def test_procstat_sees_this_process_work() -> None:

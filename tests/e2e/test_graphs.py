@@ -18,8 +18,8 @@ import pytest
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common import digits
-from services.common.client import OipClient
 from services.common.errors import InvalidInput, MeshError, Unavailable
+from services.common.grpc.client import OipClient
 
 HOLDOUT = digits.load_holdout()
 GRAPHS = ("digits-serial", "digits-parallel", "digits-cascade")

@@ -24,9 +24,9 @@ import pytest
 from meshctl import cli
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.process import REPO, MeshStartupError, replica_target
-from services.common.client import OipClient
 from services.common.digits import load_holdout
 from services.common.errors import MeshError
+from services.common.grpc.client import OipClient
 from services.common.topology import MODEL_SERVICES
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common.client import OipClient
 from services.common.digits import load_holdout
 from services.common.errors import NotFound
+from services.common.grpc.client import OipClient
 from tests.support import ROOT, metric_total
 
 SPEC = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())

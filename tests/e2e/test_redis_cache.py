@@ -19,8 +19,8 @@ import yaml
 
 from meshctl.launcher import DEFAULT_GRAPHS, EPHEMERAL_PORTS, LocalMesh
 from orchestrator.cache import HIT, Entry, RedisStore
-from services.common.client import OipClient
 from services.common.digits import load_holdout
+from services.common.grpc.client import OipClient
 from tests.support import RedisServer, redis_server, run
 
 pytestmark = pytest.mark.timeout(180)

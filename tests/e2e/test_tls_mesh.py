@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshctl import certs
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common import digits
-from services.common.client import OipClient
 from services.common.errors import MeshError
-from services.common.security import UNAUTHENTICATED_MESSAGE, ClientSecurity, TlsFiles
+from services.common.grpc.client import OipClient
+from services.common.grpc.security import UNAUTHENTICATED_MESSAGE, ClientSecurity, TlsFiles
 
 GRAPHS = ("digits-serial", "digits-parallel", "digits-cascade")
 

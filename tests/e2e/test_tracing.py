@@ -36,8 +36,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common.client import OipClient
 from services.common.digits import load_holdout
+from services.common.grpc.client import OipClient
 from tests.support import ROOT, expressions, selectors, stub, tool
 
 TIMEOUT = 30.0

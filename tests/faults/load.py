@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.grpc.client import OipClient
 
 
 @dataclass(frozen=True, slots=True)

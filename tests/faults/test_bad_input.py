@@ -17,8 +17,8 @@ import pytest
 
 from meshctl.launcher import LocalMesh
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common.client import OipClient
 from services.common.errors import MAX_MESSAGE
+from services.common.grpc.client import OipClient
 from tests.faults.conftest import IMAGES
 from tests.faults.load import say
 

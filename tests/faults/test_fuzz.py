@@ -18,8 +18,9 @@ from hypothesis.extra import numpy as hnp
 
 from orchestrator.spec import SpecError, parse_spec
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common import codec
 from services.common.errors import InvalidInput
+from services.common.grpc import codec
+from services.common.tensors import decode_raw, encode_raw
 from services.common.types import DATATYPE_TO_NUMPY
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,8 +93,8 @@ def test_the_codec_answers_any_request_with_arrays_or_invalid_input(request: pb.
     )
 )
 def test_raw_tensors_round_trip_bit_for_bit(array: np.ndarray) -> None:
-    datatype, shape, raw = codec.encode_raw(array)
-    back = codec.decode_raw("t", datatype, shape, raw)
+    datatype, shape, raw = encode_raw(array)
+    back = decode_raw("t", datatype, shape, raw)
     assert back.dtype == array.dtype and back.shape == array.shape
     assert back.tobytes() == array.tobytes()  # the same bits, NaN payloads included
 

@@ -26,9 +26,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from services.common.batching import BatchingModel
-from services.common.client import OipClient
+from services.common.batching.adaptive import BatchingModel
 from services.common.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
+from services.common.grpc.client import OipClient
 from services.common.model import Model
 from services.common.onnx_model import OnnxModel
 from services.common.repository import ModelConfig, ModelRepository
@@ -372,7 +372,7 @@ def test_a_model_with_a_fixed_first_dim_is_never_batched(
         async with serving(model) as client:
             return await asyncio.gather(*(client.infer("fixed", {"x": x}) for x in inputs))
 
-    with caplog.at_level(logging.WARNING, logger="services.common.batching"):
+    with caplog.at_level(logging.WARNING, logger="services.common.batching.adaptive"):
         results = run(main())
     for x, result in zip(inputs, results, strict=True):
         np.testing.assert_array_equal(result.outputs["y"], x + 1)

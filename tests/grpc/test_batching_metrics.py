@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from services.common.batching import BatchingModel
-from services.common.client import OipClient
+from services.common.batching.adaptive import BatchingModel
+from services.common.grpc.client import OipClient
 from services.common.model import Model
 from services.common.repository import ModelConfig, ModelRepository
 from services.common.server import MeshServer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshctl import cli
-from services.common.model_service import build_repository
+from services.common.model_node import build_repository
 from services.common.settings import ServerSettings
 from tests.support import ROOT, ServerThread
 

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.client import OipClient
+from services.common.grpc.client import OipClient
 from services.common.model import Model
 from services.common.repository import ModelRepository
 from services.common.types import ModelSignature, TensorSpec

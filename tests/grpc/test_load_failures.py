@@ -22,8 +22,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common.client import OipClient
-from services.common.model_service import build_repository
+from services.common.grpc.client import OipClient
+from services.common.model_node import build_repository
 from services.common.settings import ServerSettings
 from tests.support import ROOT, ServerThread, stub
 

@@ -12,10 +12,10 @@ import pytest
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common.client import OipClient
-from services.common.codec import decode_response_outputs
 from services.common.digits import load_holdout
-from services.common.model_service import build_repository
+from services.common.grpc.client import OipClient
+from services.common.grpc.codec import decode_response_outputs
+from services.common.model_node import build_repository
 from services.common.settings import ServerSettings
 from services.preprocess.model import preprocess_servable
 from tests.support import ROOT, ServerThread, model_repository, serving, stub

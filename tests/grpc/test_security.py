@@ -25,12 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshctl import certs
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common import security
-from services.common.client import OipClient
 from services.common.errors import MeshError
+from services.common.grpc import security
+from services.common.grpc.client import OipClient
+from services.common.grpc.security import ClientSecurity, SecurityError, TlsFiles
 from services.common.model import Model
 from services.common.repository import ModelRepository
-from services.common.security import ClientSecurity, SecurityError, TlsFiles
 from services.common.settings import ServerSettings
 from tests.support import ServerThread
 

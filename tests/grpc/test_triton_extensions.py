@@ -21,9 +21,9 @@ from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from proto.gen.inference import model_config_pb2 as mc
 from proto.gen.inference import reflection_v1_pb2 as refl
 from proto.gen.inference import reflection_v1_pb2_grpc as refl_grpc
-from services.common.client import OipClient
-from services.common.codec import decode_response_outputs
-from services.common.model_service import build_repository
+from services.common.grpc.client import OipClient
+from services.common.grpc.codec import decode_response_outputs
+from services.common.model_node import build_repository
 from services.common.settings import ServerSettings
 from tests.support import ROOT, ServerThread, serving, stub
 

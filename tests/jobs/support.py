@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common import digits
-from services.common.client import OipClient
+from services.common.grpc.client import OipClient
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]

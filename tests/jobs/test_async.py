@@ -20,8 +20,8 @@ import pytest
 from jobs.client import JobsClient
 from jobs.store import RUNNING, SUCCEEDED, JobRecord, Store
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common import codec
 from services.common.errors import NotFound, ResourceExhausted
+from services.common.grpc import codec
 from tests.jobs.conftest import GRAPH
 from tests.jobs.support import REPO, Node, holdout, wait_until
 

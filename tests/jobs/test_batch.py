@@ -19,8 +19,8 @@ import pytest
 from jobs.batch import BatchConfig, BatchRunner, Summary
 from jobs.store import FAILED, OK, Store
 from meshctl.launcher import LocalMesh
-from services.common.client import OipClient
 from services.common.errors import Unavailable
+from services.common.grpc.client import OipClient
 from tests.jobs.conftest import GRAPH
 from tests.jobs.support import HOLDOUT, REPO, holdout, online_answers
 from tests.support import free_port, kill_group, until

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common import codec
+from services.common import tensors
 from services.common.errors import InvalidInput
+from services.common.grpc import codec
 from services.common.types import DATATYPE_TO_NUMPY
 
 NUMERIC = [d for d in DATATYPE_TO_NUMPY if d != "BYTES"]
@@ -32,9 +33,9 @@ def sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(2, 3), (), (0, 4), (5,)], ids=["2d", "0-d", "empty", "1d"])
 def test_raw_round_trip(datatype: str, shape: tuple[int, ...]) -> None:
     array = sample(datatype, shape)
-    dt, wire_shape, raw = codec.encode_raw(array)
+    dt, wire_shape, raw = tensors.encode_raw(array)
     assert dt == datatype and wire_shape == list(shape)
-    back = codec.decode_raw("x", dt, wire_shape, raw)
+    back = tensors.decode_raw("x", dt, wire_shape, raw)
     assert back.shape == shape
     np.testing.assert_array_equal(back, array)
 
@@ -50,8 +51,8 @@ def test_typed_contents_round_trip(datatype: str) -> None:
 
 def test_large_tensor_round_trips_without_copy_on_decode() -> None:
     array = np.arange(4 * 1024 * 1024, dtype=np.float32).reshape(1024, 4096)  # 16 MiB
-    _, shape, raw = codec.encode_raw(array)
-    back = codec.decode_raw("big", "FP32", shape, raw)
+    _, shape, raw = tensors.encode_raw(array)
+    back = tensors.decode_raw("big", "FP32", shape, raw)
     np.testing.assert_array_equal(back, array)
     assert not back.flags.owndata  # a view of the received bytes
 
@@ -60,23 +61,23 @@ def test_large_tensor_round_trips_without_copy_on_decode() -> None:
 def test_raw_length_mismatch_names_tensor_and_sizes(delta: int) -> None:
     raw = bytes(4 * 6 + delta)
     with pytest.raises(InvalidInput, match=r"tensor 'features'.*\b2[35] bytes.*needs 24 bytes"):
-        codec.decode_raw("features", "FP32", [2, 3], raw)
+        tensors.decode_raw("features", "FP32", [2, 3], raw)
 
 
 def test_bytes_truncated_prefix_and_overrun_are_rejected() -> None:
     with pytest.raises(InvalidInput, match="length prefix"):
-        codec.decode_raw("s", "BYTES", [1], b"\x05\x00")
+        tensors.decode_raw("s", "BYTES", [1], b"\x05\x00")
     with pytest.raises(InvalidInput, match="claims 5 bytes but only 2 remain"):
-        codec.decode_raw("s", "BYTES", [1], b"\x05\x00\x00\x00ab")
+        tensors.decode_raw("s", "BYTES", [1], b"\x05\x00\x00\x00ab")
     with pytest.raises(InvalidInput, match="hold 1 elements but shape \\[2\\] needs 2"):
-        codec.decode_raw("s", "BYTES", [2], b"\x01\x00\x00\x00a")
+        tensors.decode_raw("s", "BYTES", [2], b"\x01\x00\x00\x00a")
 
 
 def test_unknown_datatype_and_negative_dims_are_rejected() -> None:
     with pytest.raises(InvalidInput, match="unknown datatype 'FLOAT'"):
-        codec.decode_raw("x", "FLOAT", [1], b"\0\0\0\0")
+        tensors.decode_raw("x", "FLOAT", [1], b"\0\0\0\0")
     with pytest.raises(InvalidInput, match="negative dimension"):
-        codec.decode_raw("x", "FP32", [-1, 2], b"")
+        tensors.decode_raw("x", "FP32", [-1, 2], b"")
 
 
 def test_fp16_has_no_typed_contents() -> None:
@@ -119,9 +120,9 @@ def test_duplicate_input_names_are_rejected() -> None:
 
 def test_untouched_received_tensor_is_forwarded_without_copy() -> None:
     raw = np.arange(12, dtype=np.float32).tobytes()
-    view = codec.decode_raw("x", "FP32", [3, 4], raw)
-    assert codec.encode_raw(view)[2] is raw
+    view = tensors.decode_raw("x", "FP32", [3, 4], raw)
+    assert tensors.encode_raw(view)[2] is raw
     # A slice or a transformed tensor is re-encoded, never forwarded by mistake.
-    assert codec.encode_raw(view[1:])[2] == raw[16:]
-    assert codec.encode_raw(view.T)[2] == np.ascontiguousarray(view.T).tobytes()
-    assert codec.encode_raw(view * 2)[2] == (np.arange(12, dtype=np.float32) * 2).tobytes()
+    assert tensors.encode_raw(view[1:])[2] == raw[16:]
+    assert tensors.encode_raw(view.T)[2] == np.ascontiguousarray(view.T).tobytes()
+    assert tensors.encode_raw(view * 2)[2] == (np.arange(12, dtype=np.float32) * 2).tobytes()

@@ -19,8 +19,8 @@ from orchestrator.service import Graph
 from orchestrator.spec import load_spec, validate_against_signatures
 from services.common.dataplane import DataPlane, validate
 from services.common.errors import InvalidInput, NotFound, Unavailable
-from services.common.metrics import ServerMetrics
 from services.common.model import Servable
+from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 from tests.unit.fakes import digits_signatures, digits_stages

@@ -2,7 +2,8 @@
 
 `orchestrator/` is the graph node and `services/` the model services with their shared runtime;
 operator tooling lives in `meshctl/`, batch and asynchronous serving in `jobs/`. grpc is spoken
-only at the transport edge. The Kubernetes client is an optional extra (`onnxmesh[k8s]`) that
+only at the transport edge: in the runtime, its `grpc/` and `rest/` folders and `server.py`, the
+composition root; the core around them imports neither grpc nor protobuf. The Kubernetes client is an optional extra (`onnxmesh[k8s]`) that
 only the rollout commands use, so the images of the nodes never carry it.
 """
 
@@ -12,27 +13,32 @@ import ast
 import subprocess
 import sys
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("services", "orchestrator", "meshctl", "jobs", "bench", "scripts")
-#: The one module that talks to a real cluster.
-KUBERNETES_CLIENT_USER = "meshctl/rollout/cluster.py"
-#: The transport edge: the only modules that speak gRPC. Everything else sees numpy arrays, plain
-#: dataclasses and the error tree (docs/architecture.md).
-GRPC_EDGE = {
+#: The one folder that talks to a real cluster.
+KUBERNETES_CLIENT_HOME = "meshctl/rollout/"
+RUNTIME = "services/common/"
+#: The runtime's transport edge: the only places in services/ that speak gRPC or protobuf.
+RUNTIME_EDGE = ("services/common/grpc/", "services/common/rest/", "services/common/server.py")
+#: The runtime's mains: they build a node from the edge and the core, so they may import both.
+RUNTIME_MAINS = {"services/common/model_node.py"}
+#: The wire outside the runtime: the jobs service's own gRPC API, and bench's load generators
+#: that measure the wire itself. Everything else sees numpy arrays, plain dataclasses and the
+#: error tree (docs/architecture.md).
+WIRE_OUTSIDE_THE_RUNTIME = {
+    "bench/loadgen.py",
     "bench/minimal.py",
-    "services/common/client.py",
-    "services/common/reflection.py",
-    "services/common/security.py",
-    "services/common/servicer.py",
-    "services/common/server.py",
-    "services/common/tracing_edge.py",
     "jobs/client.py",
     "jobs/node.py",
     "jobs/service.py",
     "jobs/worker.py",
 }
+#: The modules that carry the wire: gRPC itself and its health/reflection services, protobuf and
+#: the generated stubs.
+WIRE = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "proto")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -54,22 +60,55 @@ def top_level(module: str) -> str:
     return module.split(".", 1)[0]
 
 
-def test_only_the_cluster_seam_imports_the_kubernetes_client() -> None:
+def within(module: str, packages: Sequence[str]) -> bool:
+    return any(module == package or module.startswith(package + ".") for package in packages)
+
+
+def speaks_the_wire(module: str) -> bool:
+    return within(module, WIRE)
+
+
+def relative(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def test_only_rollout_imports_the_kubernetes_client() -> None:
     users = {
-        str(path.relative_to(REPO))
+        relative(path)
         for path in sources(*PACKAGES)
         if any(top_level(m) == "kubernetes" for m in imported_modules(path))
     }
-    assert users == {KUBERNETES_CLIENT_USER}
+    assert users and all(user.startswith(KUBERNETES_CLIENT_HOME) for user in users), sorted(users)
 
 
-def test_only_the_transport_edge_imports_grpc() -> None:
+def test_grpc_and_protobuf_only_at_the_edge() -> None:
     users = {
-        str(path.relative_to(REPO))
+        relative(path)
         for path in sources(*PACKAGES)
-        if any(top_level(m) == "grpc" for m in imported_modules(path))
+        if any(speaks_the_wire(m) for m in imported_modules(path))
     }
-    assert users == GRPC_EDGE
+    in_runtime = {user for user in users if user.startswith(RUNTIME)}
+    assert all(user.startswith(RUNTIME_EDGE) for user in in_runtime), sorted(in_runtime)
+    assert users - in_runtime == WIRE_OUTSIDE_THE_RUNTIME
+
+
+def test_the_runtime_core_imports_neither_the_wire_nor_the_edge() -> None:
+    edge_modules = [edge.removesuffix(".py").rstrip("/").replace("/", ".") for edge in RUNTIME_EDGE]
+    core = [
+        path
+        for path in sources("services/common")
+        if not relative(path).startswith(RUNTIME_EDGE) and relative(path) not in RUNTIME_MAINS
+    ]
+    assert len(core) > 10  # the rule checks something
+    for path in core:
+        wrong = {m for m in imported_modules(path) if speaks_the_wire(m) or within(m, edge_modules)}
+        assert not wrong, f"{relative(path)} imports {sorted(wrong)}"
+
+
+def test_services_never_import_the_graph_node_nor_the_tooling() -> None:
+    for path in sources("services"):
+        above = {m for m in imported_modules(path) if top_level(m) in ("orchestrator", "meshctl", "jobs")}
+        assert not above, f"{relative(path)} imports {sorted(above)}"
 
 
 def test_the_graph_node_and_the_services_do_not_depend_on_the_tooling() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from services.common.errors import ResourceExhausted, bounded
 from services.common.limits import AdaptiveLimit, ConcurrencyLimiter, FixedLimit, limiter_from_setting
-from services.common.logs import TextFormatter
+from services.common.observability.logs import TextFormatter
 from services.common.types import InferRequest, InferResult
 from tests.unit.fakes import FakeClock
 from tests.unit.test_dataplane import Double, X, loaded, requests_counted
@@ -122,7 +122,7 @@ def test_client_input_is_bounded_in_messages() -> None:
 
 def test_text_logs_carry_the_code_and_the_error() -> None:
     record = logging.LogRecord(
-        "services.common.servicer", logging.INFO, "", 0, "ModelInfer failed", None, None
+        "services.common.grpc.servicer", logging.INFO, "", 0, "ModelInfer failed", None, None
     )
     record.code = "INVALID_ARGUMENT"
     record.error = "tensor 'image': pixel values must be 0..16"

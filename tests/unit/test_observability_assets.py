@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from orchestrator.service import OrchestratorMetrics
-from services.common.metrics import ServerMetrics
+from services.common.observability.metrics import ServerMetrics
 from tests.support import (
     COMPONENT,
     ROOT,

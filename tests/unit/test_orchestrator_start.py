@@ -12,7 +12,7 @@ import pytest
 from orchestrator.service import Orchestrator
 from services.common.dataplane import DataPlane
 from services.common.errors import Unavailable
-from services.common.metrics import ServerMetrics
+from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.types import InferRequest
 

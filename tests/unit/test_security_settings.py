@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.tls import HOPS, report
-from services.common.security import (
+from services.common.grpc.security import (
     SecurityError,
     environ_security,
     read_tokens,

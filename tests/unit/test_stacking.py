@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from services.common import stacking
+from services.common.batching import stacking
 from services.common.errors import (
     Cancelled,
     DeadlineExceeded,

@@ -21,11 +21,12 @@ from opentelemetry.trace import StatusCode
 from orchestrator.coalescing import CoalescingStage
 from orchestrator.engine import Engine
 from orchestrator.spec import parse_spec
-from services.common import tracing, tracing_edge
-from services.common.client import OipClient
 from services.common.errors import Unavailable
-from services.common.logs import TextFormatter, request_id_var
-from services.common.servicer import InferenceServicer
+from services.common.grpc import traced
+from services.common.grpc.client import OipClient
+from services.common.grpc.servicer import InferenceServicer
+from services.common.observability import tracing
+from services.common.observability.logs import TextFormatter, request_id_var
 from services.common.types import InferRequest
 from tests.unit.fakes import FakeStage
 
@@ -72,8 +73,8 @@ def test_the_standard_variables_choose_the_exporters() -> None:
 def test_off_by_default_the_plain_edge_serves() -> None:
     assert tracing.configure("test", environ={}) is False
     assert tracing.enabled is False
-    assert tracing_edge.servicer_class() is InferenceServicer
-    assert tracing_edge.client_class() is OipClient
+    assert traced.servicer_class() is InferenceServicer
+    assert traced.client_class() is OipClient
 
 
 def test_each_step_gets_a_span_with_its_outcome(spans: InMemorySpanExporter) -> None:

@@ -12,7 +12,7 @@ the previous one runs (onnxruntime releases the GIL).
 
 The model's `predict` is untouched: it is batch-native already (row i of every output belongs
 to row i of the inputs), which is all this wrapper relies on. Stacking, splitting and
-re-running alone are `services.common.stacking`'s, shared with the orchestrator's coalescing.
+re-running alone are `services.common.batching.stacking`'s, shared with the orchestrator's coalescing.
 What each caller sees:
 
 - exactly its own rows, and only the outputs it asked for (empty = all);
@@ -42,10 +42,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common import stacking, tracing
+from services.common.batching import stacking
 from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
-from services.common.metrics import ServerMetrics
 from services.common.model import Model, Servable
+from services.common.observability import tracing
+from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelConfig
 from services.common.types import InferRequest, InferResult, ModelSignature
 

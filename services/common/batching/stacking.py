@@ -1,6 +1,6 @@
 """Stacking: the rows of several requests in one call, and each caller's rows back out of it.
 
-Two places stack requests: adaptive batching (`services.common.batching`, a model service
+Two places stack requests: adaptive batching (`services.common.batching.adaptive`, a model service
 joining queued requests into one `predict`) and coalescing (`orchestrator.coalescing`, the
 orchestrator joining concurrent calls of a step into one downstream call). Both rely on what
 this module holds, so that they cannot drift apart:

@@ -8,7 +8,7 @@ with INTERNAL and a fixed message, so internals never leak to clients.
 
 Triton's extensions of the service are served too: ModelConfig, ModelStatistics,
 RepositoryIndex, ModelStreamInfer, the classification and system shared-memory extensions
-(tensor parameters, `services.common.extensions`). What is not served answers with a code
+(tensor parameters, `services.common.triton.params`). What is not served answers with a code
 and a message saying so (`REFUSED`), never "Method not found".
 """
 
@@ -27,10 +27,12 @@ import grpc
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common import codec, extensions, triton
+from services.common import tensors
 from services.common.dataplane import DataPlane
 from services.common.errors import MAX_MESSAGE, InvalidInput, MeshError, bounded, from_status
-from services.common.logs import request_id_var
+from services.common.grpc import codec, triton
+from services.common.observability.logs import request_id_var
+from services.common.triton import params
 from services.common.types import InferRequest, InferResult
 
 log = logging.getLogger(__name__)
@@ -163,30 +165,30 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 def infer_response(result: InferResult) -> pb.ModelInferResponse:
     """A ModelInferResponse (raw output contents) from an InferResult; the caller sets its id."""
     response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version)
-    params = response.parameters
+    wire = response.parameters
     for name, value in result.parameters.items():
         # Set in place (no message built and copied per parameter): a graph answers several.
         if isinstance(value, bool):
-            params[name].bool_param = value
+            wire[name].bool_param = value
         elif isinstance(value, int):
-            params[name].int64_param = value
+            wire[name].int64_param = value
         elif isinstance(value, float):
-            params[name].double_param = value
+            wire[name].double_param = value
         else:
-            params[name].string_param = str(value)
+            wire[name].string_param = str(value)
     for name, array in result.outputs.items():
-        datatype, shape, raw = codec.encode_raw(array)
+        datatype, shape, raw = tensors.encode_raw(array)
         response.outputs.add(name=name, datatype=datatype, shape=shape)
         response.raw_output_contents.append(raw)
     return response
 
 
-def _param(value: pb.InferParameter) -> extensions.Param:
+def _param(value: pb.InferParameter) -> params.Param:
     choice = value.WhichOneof("parameter_choice")
     return "" if choice is None else getattr(value, choice)  # type: ignore[no-any-return]
 
 
-def _params(params: Mapping[str, pb.InferParameter]) -> dict[str, extensions.Param]:
+def _params(params: Mapping[str, pb.InferParameter]) -> dict[str, params.Param]:
     return {key: _param(value) for key, value in params.items()}
 
 
@@ -199,11 +201,11 @@ def uses_extensions(request: pb.ModelInferRequest) -> bool:
 
 def extended_request(
     dataplane: DataPlane, request: pb.ModelInferRequest, request_id: str, deadline: float | None
-) -> tuple[InferRequest, dict[str, extensions.OutputOptions]]:
+) -> tuple[InferRequest, dict[str, params.OutputOptions]]:
     """An InferRequest from a ModelInferRequest with extension parameters (shared-memory
     inputs, classification and shared-memory outputs, a timeout); the output options by name."""
-    deadline = extensions.request_deadline(_params(request.parameters), deadline)
-    regions = [extensions.input_region(t.name, _params(t.parameters)) for t in request.inputs]
+    deadline = params.request_deadline(_params(request.parameters), deadline)
+    regions = [params.input_region(t.name, _params(t.parameters)) for t in request.inputs]
     raw = list(request.raw_input_contents)
     inline = sum(region is None for region in regions)
     if raw and len(raw) != inline:
@@ -219,13 +221,13 @@ def extended_request(
         shape = list(tensor.shape)
         if region is not None:
             data = dataplane.shared_memory.read(region.name, region.offset, region.byte_size, tensor.name)
-            inputs[tensor.name] = codec.decode_raw(tensor.name, tensor.datatype, shape, data)
+            inputs[tensor.name] = tensors.decode_raw(tensor.name, tensor.datatype, shape, data)
         elif raw:
-            inputs[tensor.name] = codec.decode_raw(tensor.name, tensor.datatype, shape, raw[raw_index])
+            inputs[tensor.name] = tensors.decode_raw(tensor.name, tensor.datatype, shape, raw[raw_index])
             raw_index += 1
         else:
             inputs[tensor.name] = codec.decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
-    options = {o.name: extensions.output_options(o.name, _params(o.parameters)) for o in request.outputs}
+    options = {o.name: params.output_options(o.name, _params(o.parameters)) for o in request.outputs}
     infer = InferRequest(
         model=request.model_name,
         inputs=inputs,
@@ -238,13 +240,13 @@ def extended_request(
 
 
 def extended_response(
-    dataplane: DataPlane, options: Mapping[str, extensions.OutputOptions], result: InferResult
+    dataplane: DataPlane, options: Mapping[str, params.OutputOptions], result: InferResult
 ) -> pb.ModelInferResponse:
     """infer_response, with classification applied and shared-memory outputs written to their
     region (their entry in raw_output_contents is empty, so positions still match)."""
     for name, option in options.items():
         if option.class_count:
-            result.outputs[name] = extensions.classify(name, result.outputs[name], option.class_count)
+            result.outputs[name] = params.classify(name, result.outputs[name], option.class_count)
     response = infer_response(result)
     for index, tensor in enumerate(response.outputs):
         region = options[tensor.name].region if tensor.name in options else None
@@ -253,10 +255,10 @@ def extended_response(
         data = response.raw_output_contents[index]
         dataplane.shared_memory.write(region.name, region.offset, region.byte_size, data, tensor.name)
         response.raw_output_contents[index] = b""
-        tensor.parameters[extensions.SHM_REGION].string_param = region.name
-        tensor.parameters[extensions.SHM_SIZE].int64_param = len(data)
+        tensor.parameters[params.SHM_REGION].string_param = region.name
+        tensor.parameters[params.SHM_SIZE].int64_param = len(data)
         if region.offset:
-            tensor.parameters[extensions.SHM_OFFSET].int64_param = region.offset
+            tensor.parameters[params.SHM_OFFSET].int64_param = region.offset
     return response
 
 

@@ -20,11 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common import codec
+from services.common import tensors
 from services.common.dataplane import IndexEntry
 from services.common.errors import DeadlineExceeded, MeshError, from_status
-from services.common.security import ClientSecurity, environ_security
-from services.common.servicer import REQUEST_ID_HEADER
+from services.common.grpc import codec
+from services.common.grpc.security import ClientSecurity, environ_security
+from services.common.grpc.servicer import REQUEST_ID_HEADER
 from services.common.settings import MIB
 from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 
@@ -129,7 +130,7 @@ class OipClient:
     ) -> pb.ModelInferRequest:
         request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
         for name, array in inputs.items():
-            datatype, shape, raw = codec.encode_raw(array)
+            datatype, shape, raw = tensors.encode_raw(array)
             request.inputs.add(name=name, datatype=datatype, shape=shape)
             request.raw_input_contents.append(raw)
         for name in outputs:

@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from services.common import tracing
+from services.common.observability import tracing
 
 METRICS_PATH = "/metrics"
 
@@ -162,7 +162,7 @@ class _Quiet(WSGIRequestHandler):
 
 
 class BatchingMetrics:
-    """The adaptive batching queues of a node (`services.common.batching`), by model and version.
+    """The adaptive batching queues of a node (`services.common.batching.adaptive`), by model and version.
 
     Registered on every node, so the series exist (empty) where nothing batches.
     """

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import model_config_pb2 as mc
 from services.common.dataplane import IndexEntry, ModelDescription
-from services.common.shared_memory import RegionStatus
-from services.common.statistics import Duration, ModelStats
+from services.common.triton.shared_memory import RegionStatus
+from services.common.triton.statistics import Duration, ModelStats
 from services.common.types import TensorSpec
 
 #: Triton's backend for each platform onnxmesh knows.

@@ -1,6 +1,6 @@
 """The traced transport edge: the servicer and the client, with spans around ModelInfer only.
 
-Chosen once, when tracing is on (`services.common.tracing`): the server builds a
+Chosen once, when tracing is on (`services.common.observability.tracing`): the server builds a
 `TracedInferenceServicer` instead of the plain one, and the orchestrator's channels are
 `TracedOipClient`s. With tracing off neither exists, so the plain hot path is untouched. The
 other methods (health, reflection, metadata, readiness) are inherited as they are: never traced.
@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common import tracing
-from services.common.client import OipClient
-from services.common.servicer import InferenceServicer
+from services.common.grpc.client import OipClient
+from services.common.grpc.servicer import InferenceServicer
+from services.common.observability import tracing
 
 
 def _rows(message: Any) -> int:

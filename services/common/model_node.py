@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
-from services.common.batching import BatchingModel
-from services.common.logs import configure_logging
+from services.common.batching.adaptive import BatchingModel
 from services.common.model import LoadError, Servable
+from services.common.observability.logs import configure_logging
 from services.common.onnx_model import OnnxModel
 from services.common.repository import ModelRepository, ModelVersionDir, scan_repository
 from services.common.server import MeshServer

@@ -35,10 +35,12 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
-from services.common import codec, extensions, triton
+from services.common import tensors
 from services.common.dataplane import DataPlane
 from services.common.errors import InvalidInput, MeshError
-from services.common.logs import request_id_var
+from services.common.grpc import triton
+from services.common.observability.logs import request_id_var
+from services.common.triton import params
 from services.common.types import DATATYPE_TO_NUMPY, InferRequest, InferResult
 
 log = logging.getLogger(__name__)
@@ -251,7 +253,7 @@ class RestServer:
 
     def _decode(
         self, request: web.Request, body: bytes, name: str, version: str
-    ) -> tuple[InferRequest, dict[str, extensions.OutputOptions], bool]:
+    ) -> tuple[InferRequest, dict[str, params.OutputOptions], bool]:
         header_length = request.headers.get(HEADER_LENGTH)
         if header_length is not None:
             if not header_length.isdigit() or int(header_length) > len(body):
@@ -262,9 +264,9 @@ class RestServer:
         else:
             header, binary = body, memoryview(b"")
         document = _parse_json(header)
-        params = _mapping(document.get("parameters", {}), "request parameters")
-        deadline = extensions.request_deadline(params, None, rest=True)
-        binary_output = bool(params.get(extensions.BINARY_OUTPUT, False))
+        given = _mapping(document.get("parameters", {}), "request parameters")
+        deadline = params.request_deadline(given, None, rest=True)
+        binary_output = bool(given.get(params.BINARY_OUTPUT, False))
         tensors = document.get("inputs")
         if not isinstance(tensors, list) or not tensors:
             raise InvalidInput("the request needs 'inputs': a list of {name, shape, datatype, data}")
@@ -284,14 +286,14 @@ class RestServer:
         outputs = document.get("outputs", [])
         if not isinstance(outputs, list):
             raise InvalidInput("'outputs' must be a list of {name, parameters}")
-        options: dict[str, extensions.OutputOptions] = {}
+        options: dict[str, params.OutputOptions] = {}
         for output in outputs:
             out = _mapping(output, "an output")
             out_name = out.get("name")
             if not isinstance(out_name, str):
                 raise InvalidInput("every requested output needs a 'name'")
             out_params = _mapping(out.get("parameters", {}), f"output '{out_name}' parameters")
-            options[out_name] = extensions.output_options(out_name, out_params, rest=True)
+            options[out_name] = params.output_options(out_name, out_params, rest=True)
         request_id = str(document.get("id", "")) or request.headers.get("x-request-id", "")
         infer = InferRequest(
             model=name,
@@ -312,18 +314,18 @@ class RestServer:
             isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):
             raise InvalidInput(f"input '{name}': 'shape' must be a list of integers")
-        params = _mapping(spec.get("parameters", {}), f"input '{name}' parameters")
-        region = extensions.input_region(name, params, rest=True)
+        given = _mapping(spec.get("parameters", {}), f"input '{name}' parameters")
+        region = params.input_region(name, given, rest=True)
         if region is not None:
             data = self.dataplane.shared_memory.read(region.name, region.offset, region.byte_size, name)
-            return (name, codec.decode_raw(name, datatype, shape, data)), 0
-        if extensions.BINARY_SIZE in params:
-            size = params[extensions.BINARY_SIZE]
+            return (name, tensors.decode_raw(name, datatype, shape, data)), 0
+        if params.BINARY_SIZE in given:
+            size = given[params.BINARY_SIZE]
             if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size > len(binary):
                 raise InvalidInput(
                     f"input '{name}': binary_data_size {size!r} but {len(binary)} bytes of binary data remain"
                 )
-            return (name, codec.decode_raw(name, datatype, shape, bytes(binary[:size]))), size
+            return (name, tensors.decode_raw(name, datatype, shape, bytes(binary[:size]))), size
         if "data" not in spec:
             raise InvalidInput(
                 f"input '{name}' has no 'data' (nor binary_data_size, nor a shared-memory region)"
@@ -333,24 +335,24 @@ class RestServer:
     def _encode(
         self,
         result: InferResult,
-        options: Mapping[str, extensions.OutputOptions],
+        options: Mapping[str, params.OutputOptions],
         binary_output: bool,
         request_id: str,
     ) -> web.Response:
         outputs: list[dict[str, Any]] = []
         chunks: list[bytes] = []
         for name, array in result.outputs.items():
-            option = options.get(name, extensions.OutputOptions())
+            option = options.get(name, params.OutputOptions())
             if option.class_count:
-                array = extensions.classify(name, array, option.class_count)
-            datatype, shape, raw = codec.encode_raw(array)
+                array = params.classify(name, array, option.class_count)
+            datatype, shape, raw = tensors.encode_raw(array)
             entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
             if option.region is not None:
                 region = option.region
                 self.dataplane.shared_memory.write(region.name, region.offset, region.byte_size, raw, name)
-                entry["parameters"] = {extensions.SHM_REGION: region.name, extensions.SHM_SIZE: len(raw)}
+                entry["parameters"] = {params.SHM_REGION: region.name, params.SHM_SIZE: len(raw)}
             elif option.binary if option.binary is not None else binary_output:
-                entry["parameters"] = {extensions.BINARY_SIZE: len(raw)}
+                entry["parameters"] = {params.BINARY_SIZE: len(raw)}
                 chunks.append(raw)
             else:
                 entry["data"] = _json_data(array)
@@ -376,7 +378,7 @@ class RestServer:
 def json_tensor(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
     """A numpy array from a JSON tensor's `data` (flat or nested, row-major), checked like raw bytes:
     the element count against the shape, and every value against the datatype."""
-    dtype = codec.check_header(name, datatype, shape)
+    dtype = tensors.check_header(name, datatype, shape)
     count = math.prod(shape)
     if not isinstance(data, list):
         raise InvalidInput(f"input '{name}': 'data' must be a list of values")

@@ -1,0 +1,1 @@
+"""Adaptive batching: concurrent requests joined into one model call, and the row arithmetic it needs."""

@@ -1,0 +1,1 @@
+"""What a node tells about itself: Prometheus metrics, OpenTelemetry tracing and structured logs."""
