@@ -108,6 +108,8 @@ class ServerThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+            if not self.thread.is_alive():
+                self.loop.close()
 
 
 def model_repository(*model_dirs: Path, executor: ThreadPoolExecutor) -> ModelRepository:
