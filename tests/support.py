@@ -301,8 +301,8 @@ def selectors(expr: str) -> list[tuple[str, set[str]]]:
 
     def visit(node: Any) -> bool:
         if isinstance(node, promql_parser.VectorSelector):
-            labels = {m.name for m in node.matchers.matchers}
-            found.append((node.name, labels))
+            assert node.name is not None, f"a selector without a metric name in {expr}"
+            found.append((node.name, {m.name for m in node.matchers.matchers}))
         elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
             grouping.update(node.modifier.labels)
         return True

@@ -104,7 +104,7 @@ class ContainerSpec:
             },
             probes=probes,
             startup_budget=float(startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)),
-            user=int(security.get("runAsUser", pod_security.get("runAsUser"))),
+            user=int(security.get("runAsUser", pod_security.get("runAsUser", -1))),
             group=int(security.get("runAsGroup", pod_security.get("runAsGroup", 0))),
             read_only=bool(security.get("readOnlyRootFilesystem")),
             drop_all="ALL" in ((security.get("capabilities") or {}).get("drop") or []),

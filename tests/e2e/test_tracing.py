@@ -72,7 +72,7 @@ class Span:
     status: int
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP/gRPC trace receiver keeping every span it is sent."""
 
     def __init__(self) -> None:

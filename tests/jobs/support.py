@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +33,6 @@ HOLDOUT = Path(str(digits.HOLDOUT))
 def holdout() -> tuple[np.ndarray, np.ndarray]:
     data = digits.load_holdout()
     return data.images, data.labels
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll a condition (never a bare sleep standing in for it); fail naming it after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def online_answers(target: str, graph: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,8 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import NotFound, ResourceExhausted
 from services.common.grpc import codec
 from tests.jobs.conftest import GRAPH
-from tests.jobs.support import REPO, Node, holdout, wait_until
+from tests.jobs.support import REPO, Node, holdout
+from tests.support import until
 
 JOBS = 1000
 
@@ -99,21 +100,21 @@ def test_a_thousand_jobs_under_load_with_a_worker_killed_all_complete_exactly_on
             def succeeded() -> int:
                 return store.list_jobs(limit=1)[1].get(SUCCEEDED, 0)
 
-            wait_until(lambda: succeeded() >= JOBS // 5, 60, "a fifth of the jobs to succeed")
+            until(lambda: succeeded() >= JOBS // 5, "a fifth of the jobs to succeed", 60)
             victim = pool[0]
             marker = f"-{victim.pid}-"
             held: list[str] = []
             for _ in range(200):  # freeze it while it holds claimed jobs, then kill it
                 victim.signal(signal.SIGSTOP)
                 # Read only once it is stopped: a commit of its own cannot land after our read.
-                wait_until(lambda: stopped(victim.pid), 10, "the worker to stop")
+                until(lambda: stopped(victim.pid), "the worker to stop", 10)
                 running = store.list_jobs([RUNNING], limit=JOBS)[0]
                 held = [j.id for j in running if j.worker and marker in j.worker]
                 if held:
                     break
                 victim.signal(signal.SIGCONT)
                 before = succeeded()
-                wait_until(lambda before=before: succeeded() > before, 10, "more jobs to succeed")
+                until(lambda: succeeded() > before, "more jobs to succeed", 10)
             assert held, "the worker never held a job when frozen"
             killed_at = time.monotonic()
             victim.kill()
@@ -125,7 +126,7 @@ def test_a_thousand_jobs_under_load_with_a_worker_killed_all_complete_exactly_on
             counts = store.list_jobs(limit=1)[1]
             return sum(n for s, n in counts.items() if s not in ("queued", "running")) == JOBS
 
-        wait_until(finished, 90, "every job to finish")
+        until(finished, "every job to finish", 90)
         total_s = time.monotonic() - started
         records = [store.get(job_id) for job_id in submitted]
         assert {r.status for r in records} == {SUCCEEDED}

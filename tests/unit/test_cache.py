@@ -195,7 +195,7 @@ def test_errors_are_never_cached(graph: str) -> None:
     bad = -np.ones((1, 4), np.float32)
 
     async def scenario() -> list[BaseException]:
-        errors = []
+        errors: list[BaseException] = []
         for _ in range(2):
             try:
                 await ask(e, bad)

@@ -32,7 +32,7 @@ def test_every_downstream_call_reports_its_rows() -> None:
         await asyncio.gather(first, call(2), call(3), call(4))
         await call(5)  # alone again
         # Not stackable (a scalar input): straight through, counted as one call without rows.
-        await stage.call(InferRequest("m", {"x": np.float32(1.0)}))
+        await stage.call(InferRequest("m", {"x": np.array(1.0, np.float32)}))
 
     asyncio.run(run())
     assert seen == [("m", 1), ("m", 9), ("m", 5), ("m", 0)]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from orchestrator.aggregators import AGGREGATORS
-from orchestrator.engine import Engine, RetryBudget, deadline_margin
+from orchestrator.budget import RetryBudget
+from orchestrator.engine import Engine, deadline_margin
 from orchestrator.nodes import SHADOW_STATUS, compare_outputs
 from orchestrator.spec import load_spec, parse_spec
 from orchestrator.stage import Stage

@@ -185,7 +185,7 @@ def infer_response(result: InferResult) -> pb.ModelInferResponse:
 
 def _param(value: pb.InferParameter) -> params.Param:
     choice = value.WhichOneof("parameter_choice")
-    return "" if choice is None else getattr(value, choice)  # type: ignore[no-any-return]
+    return "" if choice is None else getattr(value, choice)
 
 
 def _params(params: Mapping[str, pb.InferParameter]) -> dict[str, params.Param]:
