@@ -44,10 +44,15 @@ RUN_TIMEOUT = 60.0
 
 def run(coro: Awaitable[T], timeout: float = RUN_TIMEOUT) -> T:
     """Run one test's coroutine on a fresh event loop; a bug fails the test instead of hanging it."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):  # in the main task: no task of its own for the bound
+            return await coro
+
+    return asyncio.run(bounded())
 
 
-def until(condition: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.02) -> T:
+def until(condition: Callable[[], T | None], what: str, timeout: float = 30.0, interval: float = 0.02) -> T:
     """Poll `condition` until it returns something true, and return that; fail naming `what`."""
     deadline = time.monotonic() + timeout
     while not (found := condition()):

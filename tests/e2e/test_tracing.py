@@ -17,9 +17,8 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
-from tests.support import ROOT, expressions, selectors, stub, tool
+from tests.support import ROOT, expressions, selectors, stub, tool, until
 
-TIMEOUT = 30.0
 NODES = ("orchestrator", "preprocess", "model_a", "model_b")
 SERVER, INTERNAL = 2, 1  # opentelemetry-proto's Span.SpanKind
 #: graph -> its model steps: (step, service, model)
@@ -111,16 +109,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 def _value(value: Any) -> Any:
     kind = value.WhichOneof("value")
     return getattr(value, kind) if kind else None
-
-
-def until(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.05)  # the poll interval of until()
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @dataclass
@@ -235,7 +223,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 def spans_of(run: Run, trace_id: str, count: int) -> list[Span]:
     """The spans of one trace, once all `count` of them have arrived."""
-    return until(lambda: len(found := run.receiver.trace(trace_id)) >= count and found, f"{count} spans")
+    return until(
+        lambda: found if len(found := run.receiver.trace(trace_id)) >= count else None, f"{count} spans"
+    )
 
 
 def only(spans: list[Span], **match: Any) -> Span:
@@ -331,7 +321,7 @@ def test_the_console_exporter_prints_the_same_spans(run: Run) -> None:
                 found.append(json.loads(text))
         return found
 
-    spans = until(lambda: len(found := printed()) >= 4 and found, "the orchestrator's console spans")
+    spans = until(lambda: found if len(found := printed()) >= 4 else None, "the orchestrator's console spans")
     assert {s["name"] for s in spans} == {"graph digits-serial", "step pre", "step mlp", "step head"}
 
 

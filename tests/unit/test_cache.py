@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,9 +22,8 @@ from orchestrator.engine import Engine
 from orchestrator.spec import SpecError, parse_spec
 from services.common.errors import InvalidInput, Unavailable
 from services.common.types import ModelSignature, TensorSpec
+from tests.support import run
 from tests.unit.fakes import FakeClock, FakeStage
-
-T = TypeVar("T")
 
 HEADER = """
 services:
@@ -33,10 +32,6 @@ services:
 graphs:
 """
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

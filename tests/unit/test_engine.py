@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +26,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from tests.support import run
 from tests.unit.fakes import (
     FakeClock,
     FakeStage,
@@ -37,13 +38,8 @@ from tests.unit.fakes import (
     rows,
 )
 
-T = TypeVar("T")
 GRAPHS = Path(__file__).resolve().parents[2] / "orchestrator" / "graphs.yaml"
 IMAGES = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def default_engine(stages: Mapping[str, Stage], **kwargs: Any) -> Engine:
