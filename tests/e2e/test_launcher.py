@@ -28,6 +28,7 @@ from services.common.digits import load_holdout
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.topology import MODEL_SERVICES
+from tests.support import kill_group
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -213,6 +214,7 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     lines: list[str] = []
     try:
@@ -226,13 +228,12 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
         assert len(pids) == 3
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
+        orphans = [pid for pid in pids if _alive(pid)]  # before the cleanup below kills them
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_group(proc)  # failed or not: the launcher and the services it started
     assert proc.returncode == 0, "".join(lines) + rest
     assert "onnxmesh: stopped (preprocess-1 exit 0, model_a-1 exit 0, model_b-1 exit 0)" in rest
-    assert not any(_alive(pid) for pid in pids)
+    assert orphans == []
 
 
 def test_full_mesh_serves_the_graphs_through_the_orchestrator(

@@ -162,7 +162,8 @@ def caller_traceparent(caller: TracerProvider, name: str) -> tuple[dict[str, str
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     receiver = Receiver()
-    server = grpc.server(ThreadPoolExecutor(4))
+    executor = ThreadPoolExecutor(4)
+    server = grpc.server(executor)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -219,6 +220,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             yield Run(mesh, receiver, console, traces, failed, before, after)
     finally:
         server.stop(0)
+        executor.shutdown()
 
 
 def spans_of(run: Run, trace_id: str, count: int) -> list[Span]:
