@@ -1,13 +1,13 @@
 """Client of the jobs service (proto/jobs/jobs.proto) for the CLI, tests and other services.
 
 Protobuf stops here: callers get `JobInfo` dataclasses, with the answer decoded to numpy
-arrays (services.common.grpc.codec) once a job has succeeded. Errors come back as the MeshError
-of their status code, as with services.common.grpc.client.OipClient.
+arrays (services.common.grpc.codec) once a job has succeeded. The channel, its security (mTLS,
+a bearer token) and the mapping of errors to the MeshError of their status code are those of
+every client of the mesh (services.common.grpc.client.GrpcClient).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +19,8 @@ from proto.gen.jobs import jobs_pb2 as jpb
 from proto.gen.jobs import jobs_pb2_grpc as jpb_grpc
 from services.common.errors import MeshError
 from services.common.grpc import codec
-from services.common.grpc.client import OipClient, error_of
+from services.common.grpc.client import GrpcClient, OipClient
+from services.common.grpc.security import ClientSecurity
 from services.common.settings import MIB
 
 DEFAULT_TARGET = "127.0.0.1:8041"
@@ -78,32 +79,20 @@ def job_info(job: jpb.Job) -> JobInfo:
     )
 
 
-class JobsClient:
+class JobsClient(GrpcClient):
     """Async client for one jobs service target (one long-lived channel)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, max_message_bytes: int = 64 * MIB) -> None:
-        self.target = target
-        self.channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-            ],
-        )
-        self._stub = jpb_grpc.JobsStub(self.channel)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        max_message_bytes: int = 64 * MIB,
+        security: ClientSecurity | None = None,
+    ) -> None:
+        super().__init__(target, max_message_bytes=max_message_bytes, security=security)
 
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self) -> JobsClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def _error(self, err: grpc.aio.AioRpcError) -> MeshError:
-        return error_of(err, self.target)
+    def _stubs(self, channel: grpc.aio.Channel) -> None:
+        self._stub = jpb_grpc.JobsStub(channel)
 
     async def submit(
         self,
@@ -135,32 +124,29 @@ class JobsClient:
         message = jpb.SubmitRequest(
             request=request, ttl_seconds=ttl, timeout_seconds=job_timeout, idempotency_key=idempotency_key
         )
-        try:
-            job = await self._stub.Submit(message, timeout=timeout)
-        except grpc.aio.AioRpcError as err:
-            raise self._error(err) from err
+        with self.errors:
+            job = await self._stub.Submit(message, timeout=timeout, metadata=self._auth)
         return job_info(job)
 
     async def get(self, job_id: str, *, timeout: float | None = 10.0) -> JobInfo:
-        try:
-            return job_info(await self._stub.Get(jpb.JobRequest(id=job_id), timeout=timeout))
-        except grpc.aio.AioRpcError as err:
-            raise self._error(err) from err
+        with self.errors:
+            return job_info(
+                await self._stub.Get(jpb.JobRequest(id=job_id), timeout=timeout, metadata=self._auth)
+            )
 
     async def cancel(self, job_id: str, *, timeout: float | None = 10.0) -> JobInfo:
-        try:
-            return job_info(await self._stub.Cancel(jpb.JobRequest(id=job_id), timeout=timeout))
-        except grpc.aio.AioRpcError as err:
-            raise self._error(err) from err
+        with self.errors:
+            return job_info(
+                await self._stub.Cancel(jpb.JobRequest(id=job_id), timeout=timeout, metadata=self._auth)
+            )
 
     async def watch(self, job_id: str, *, timeout: float | None = None) -> AsyncIterator[JobInfo]:
         """The job now and at every change of status, until it is finished."""
-        call = self._stub.Watch(jpb.JobRequest(id=job_id), timeout=timeout)
+        call = self._stub.Watch(jpb.JobRequest(id=job_id), timeout=timeout, metadata=self._auth)
         try:
-            async for job in call:
-                yield job_info(job)
-        except grpc.aio.AioRpcError as err:
-            raise self._error(err) from err
+            with self.errors:
+                async for job in call:
+                    yield job_info(job)
         finally:
             call.cancel()
 
@@ -181,8 +167,6 @@ class JobsClient:
             model_name=model,
             limit=limit,
         )
-        try:
-            response = await self._stub.List(request, timeout=timeout)
-        except grpc.aio.AioRpcError as err:
-            raise self._error(err) from err
+        with self.errors:
+            response = await self._stub.List(request, timeout=timeout, metadata=self._auth)
         return [job_info(j) for j in response.jobs], dict(response.counts)

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from jobs.client import status_name
-from jobs.node import Node, run_main
 from jobs.store import FINISHED, STATUSES, JobRecord, Store, default_url, redact
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.jobs import jobs_pb2 as jpb
@@ -31,7 +30,8 @@ from services.common.errors import InvalidInput, MeshError, NotFound
 from services.common.grpc import codec
 from services.common.grpc.client import OipClient
 from services.common.grpc.servicer import rpc
-from services.common.settings import add_option
+from services.common.server import NodeServer, run_process
+from services.common.settings import ServerSettings, add_option, server_parser, settings_from_args
 
 log = logging.getLogger("jobs.service")
 
@@ -170,12 +170,13 @@ async def maintain_forever(store: Store, interval: float, stop: asyncio.Event) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = server_parser(
+        "jobs",
+        port=DEFAULT_PORT,
+        serves_models=False,
         prog="python -m jobs.service",
         description="Asynchronous inference: accept jobs (persisted before their id is returned) for workers to run.",
     )
-    add_option(parser, "host", str, "127.0.0.1", "address to listen on (0.0.0.0 in a container)")
-    add_option(parser, "port", int, DEFAULT_PORT, "gRPC port; 0 picks a free port and prints it")
     add_option(parser, "jobs-db", str, default_url(), "store: SQLAlchemy URL or SQLite file path")
     add_option(
         parser, "max-jobs", int, 10_000, "most unfinished (queued + running) jobs; then RESOURCE_EXHAUSTED"
@@ -194,15 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser, "target", str, "", "orchestrator to check graph names against at submit ('' = do not check)"
     )
     add_option(parser, "maintain-interval", float, 5.0, "seconds between expiry/purge passes")
-    add_option(parser, "grace", float, 10.0, "seconds to finish in-flight calls on SIGTERM")
-    add_option(parser, "drain-delay", float, 0.5, "seconds of NOT_SERVING before the port closes on SIGTERM")
-    add_option(parser, "max-message-mb", int, 64, "largest gRPC message, MiB")
-    add_option(parser, "log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
-    add_option(parser, "log-format", str, "json", "json or text")
     return parser
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(settings: ServerSettings, args: argparse.Namespace) -> None:
     store = Store(args.jobs_db, max_unfinished=args.max_jobs, create=False)
     orchestrator = OipClient(args.target) if args.target else None
     servicer = JobsServicer(
@@ -213,22 +209,13 @@ async def serve(args: argparse.Namespace) -> None:
         jpb_grpc.add_JobsServicer_to_server(servicer, server)
         return [JOBS_SERVICE]
 
-    node = Node(
-        "jobs",
-        args.host,
-        args.port,
-        grace=args.grace,
-        drain_delay=args.drain_delay,
-        max_message_mb=args.max_message_mb,
-        add_services=add_services,
-    )
-
     async def prepare() -> None:
         await asyncio.to_thread(store.create_schema)
         log.info("store ready", extra={"db": redact(store.url)})
 
+    node = NodeServer(settings, add_services=add_services, loader=prepare)
     try:
-        await node.run(prepare, lambda stop: maintain_forever(store, args.maintain_interval, stop))
+        await node.run_until_signal(work=lambda stop: maintain_forever(store, args.maintain_interval, stop))
     finally:
         if orchestrator is not None:
             await orchestrator.close()
@@ -236,7 +223,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_main("jobs", build_parser(), serve, argv)
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args("jobs", args)
+    run_process(settings, lambda: serve(settings, args))
 
 
 if __name__ == "__main__":

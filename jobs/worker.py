@@ -27,18 +27,16 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
-import grpc
-
-from jobs.node import Node, run_main
 from jobs.service import maintain_forever
 from jobs.store import Claim, Store, default_url, redact
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
-from services.common.grpc.servicer import REQUEST_ID_HEADER
-from services.common.settings import add_option
+from services.common.grpc.security import TlsFiles, environ_security
+from services.common.server import NodeServer, run_process
+from services.common.settings import ServerSettings, add_option, server_parser, settings_from_args
 
 log = logging.getLogger("jobs.worker")
 
@@ -68,9 +66,6 @@ class Worker:
         self.concurrency = max(1, concurrency)
         self.lease = lease
         self.grace = grace
-        # The OipClient's channel (balanced over every orchestrator replica), raw responses:
-        # the stored answer is byte for byte what ModelInfer returned.
-        self._stub = pb_grpc.GRPCInferenceServiceStub(orchestrator.channel)
         self._running: dict[str, tuple[Claim, asyncio.Task[None]]] = {}
         self.completed = 0
 
@@ -135,11 +130,11 @@ class Worker:
         request = pb.ModelInferRequest.FromString(claim.request)
         request_id = request.id or claim.id
         try:
-            response = await self._stub.ModelInfer(
-                request, timeout=claim.timeout, metadata=((REQUEST_ID_HEADER, request_id),)
+            # Undecoded: the stored answer is byte for byte what ModelInfer returned.
+            response = await self.orchestrator.model_infer(
+                request, timeout=claim.timeout, request_id=request_id
             )
-        except grpc.aio.AioRpcError as rpc_error:
-            err = self.orchestrator.error(rpc_error)
+        except MeshError as err:
             await self._failed(claim, err)
             return
         except asyncio.CancelledError:
@@ -182,11 +177,14 @@ class Worker:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.worker", description="Run queued jobs through the orchestrator's graphs."
+    parser = server_parser(
+        "jobs-worker",
+        port=DEFAULT_HEALTH_PORT,
+        serves_models=False,
+        defaults={"drain_delay": 0.0},
+        prog="python -m jobs.worker",
+        description="Run queued jobs through the orchestrator's graphs (its port serves health and reflection).",
     )
-    add_option(parser, "host", str, "127.0.0.1", "address of the health endpoint (0.0.0.0 in a container)")
-    add_option(parser, "port", int, DEFAULT_HEALTH_PORT, "grpc.health.v1 port; 0 picks a free port")
     add_option(parser, "jobs-db", str, default_url(), "store: SQLAlchemy URL or SQLite file path")
     add_option(
         parser, "target", str, "127.0.0.1:8001", "the orchestrator (dns:///name:port for all replicas)"
@@ -201,18 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_option(parser, "max-attempts", int, 3, "claims of a job before it fails")
     add_option(parser, "maintain-interval", float, 5.0, "seconds between expiry/purge passes")
-    add_option(parser, "grace", float, 10.0, "seconds to finish held jobs on SIGTERM")
-    add_option(parser, "drain-delay", float, 0.0, "seconds of NOT_SERVING before stopping on SIGTERM")
-    add_option(parser, "log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
-    add_option(parser, "log-format", str, "json", "json or text")
     return parser
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(settings: ServerSettings, args: argparse.Namespace) -> None:
     store = Store(args.jobs_db, max_attempts=args.max_attempts, create=False)
-    orchestrator = OipClient(args.target, health_checked=True)
-    worker = Worker(store, orchestrator, concurrency=args.concurrency, lease=args.lease, grace=args.grace)
-    node = Node("jobs-worker", args.host, args.port, grace=args.grace, drain_delay=args.drain_delay)
+    # The orchestrator is called with this process's own certificate (mTLS) and, from
+    # ONNXMESH_TOKEN_FILE, a token, as every client of the mesh.
+    tls = TlsFiles.of(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    security = replace(environ_security(os.environ), tls=tls, ca=None) if tls is not None else None
+    orchestrator = OipClient(args.target, health_checked=True, security=security)
+    worker = Worker(store, orchestrator, concurrency=args.concurrency, lease=args.lease, grace=settings.grace)
 
     async def prepare() -> None:
         await asyncio.to_thread(store.create_schema)
@@ -229,14 +226,16 @@ async def serve(args: argparse.Namespace) -> None:
             await maintenance
 
     try:
-        await node.run(prepare, work)
+        await NodeServer(settings, loader=prepare).run_until_signal(work=work)
     finally:
         await orchestrator.close()
         store.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_main("jobs-worker", build_parser(), serve, argv)
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args("jobs-worker", args)
+    run_process(settings, lambda: serve(settings, args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Server bootstrap shared by every node: one gRPC server with OIP, health, reflection, metrics.
+"""Server bootstrap shared by every gRPC process: one life cycle (`NodeServer`) for the model
+nodes, the orchestrator, the jobs service and its workers, and `MeshServer`, an OIP node on it.
+
+`NodeServer` gives every process the same gRPC server: health, reflection, mTLS and bearer
+tokens, server options, a plaintext health port, Prometheus metrics, signals and drain;
+a process adds its own services and, optionally, work that runs until SIGTERM.
 
 Life cycle of a node (what Kubernetes probes and the orchestrator rely on):
   1. bind and start; grpc.health.v1 answers NOT_SERVING (the health servicer would start
@@ -10,9 +15,10 @@ Life cycle of a node (what Kubernetes probes and the orchestrator rely on):
   3. on SIGTERM/SIGINT: NOT_SERVING at once, new calls get UNAVAILABLE, in-flight calls
      finish within `grace` seconds, then the process exits.
 
-Beside OIP gRPC (with Triton's extensions) a node serves grpc.health.v1, reflection (v1 and
-v1alpha), KServe v2 REST on `--http-port` and Prometheus on `--metrics-port`, each on its own
-port; a port that cannot be bound stops the node with a message naming it.
+Beside its own services (OIP gRPC with Triton's extensions, on a MeshServer) a process serves
+grpc.health.v1, reflection (v1 and v1alpha), Prometheus on `--metrics-port` and, on a
+MeshServer, KServe v2 REST on `--http-port`, each on its own port; a port that cannot be bound
+stops the process with a message naming it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import importlib.metadata
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +39,7 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.batching import adaptive as batching
 from services.common.dataplane import DataPlane
+from services.common.errors import MeshError
 from services.common.grpc import traced
 from services.common.grpc.reflection import enable_reflection
 from services.common.grpc.security import SecurityError, TlsFiles, TokenInterceptor, server_credentials
@@ -39,7 +47,8 @@ from services.common.grpc.servicer import EXTENSIONS, DecodingGuard
 from services.common.limits import limiter_from_setting
 from services.common.model import LoadError
 from services.common.observability import tracing
-from services.common.observability.metrics import ServerMetrics
+from services.common.observability.logs import configure_logging
+from services.common.observability.metrics import NodeMetrics, ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.rest.server import RestServer
 from services.common.settings import ServerSettings
@@ -51,6 +60,9 @@ VERSION = importlib.metadata.version("onnxmesh")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: Work a process runs once ready, until the event (SIGTERM, SIGINT) is set.
+Work = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -70,81 +82,71 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     ]
 
 
-class MeshServer:
-    """One node: build with its repository, then `start()`, `load()`, and `stop()`.
+class NodeServer:
+    """The life cycle of one gRPC process: build, then `start()`, `load()` and `stop()`, or all
+    of them with `run_until_signal()`.
 
-    `dataplane` is the node's core (lookup, readiness, validation, metrics, inference); the
-    gRPC servicer is only its transport edge.
+    `add_services` adds the process's own services to the server and returns their names (for
+    health and reflection); `loader` runs before the process reports SERVING (open a store, load
+    graphs) and `closer` after its port closed.
     """
 
     def __init__(
         self,
         settings: ServerSettings,
-        repository: ModelRepository,
         *,
-        metrics: ServerMetrics | None = None,
+        metrics: NodeMetrics | None = None,
         add_services: Callable[[grpc.aio.Server], list[str]] | None = None,
         loader: Callable[[], Awaitable[None]] | None = None,
         closer: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
-        self.repository = repository
-        self.metrics = metrics or ServerMetrics(settings.service)
-        # Observability: spans when OTEL_* asks for them (trace ids then ride on the latency
-        # histograms as exemplars), and the batching queues' series.
-        if tracing.configure(settings.service, VERSION):
-            self.metrics.use_exemplars()
-        batching.instrument(repository.all(), self.metrics)
-        self.dataplane = DataPlane(
-            repository,
-            self.metrics,
-            server_name=f"onnxmesh-{settings.service}",
-            server_version=VERSION,
-            extensions=EXTENSIONS,
-        )
-        self.dataplane.limiter = limiter_from_setting(settings.max_inflight, settings.service)
+        self.metrics = metrics or NodeMetrics(settings.service)
         self.health = HealthServicer()
         self.port = 0
         self.health_port: int | None = None
         self.metrics_port: int | None = None
-        self.http_port: int | None = None
-        self.rest = RestServer(
-            self.dataplane, settings.service, max_body_bytes=settings.max_message_bytes, grace=settings.grace
-        )
         self._add_services = add_services
         self._loader = loader
         self._closer = closer
+        self._services: list[str] = []
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._draining = False
 
     @property
     def draining(self) -> bool:
-        """True once `begin_drain` ran: NOT_SERVING, and new inference calls get UNAVAILABLE."""
-        return self.dataplane.draining
+        """True once `begin_drain` ran: NOT_SERVING, and new calls get UNAVAILABLE."""
+        return self._draining
+
+    def services(self, server: grpc.aio.Server) -> list[str]:
+        """Add the process's own services to `server`; their names."""
+        return self._add_services(server) if self._add_services is not None else []
+
+    def check_security(self, secured: bool) -> None:
+        """Refuse settings that would open a way around TLS and tokens."""
+
+    async def start_more(self) -> None:
+        """Open the process's other ports (once gRPC listens)."""
+
+    async def stop_more(self) -> None:
+        """Close what `start_more` opened."""
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); returns the bound port."""
         tls = TlsFiles.of(self.settings.tls_cert, self.settings.tls_key, self.settings.tls_ca)
-        secured = tls is not None or self.settings.token_file is not None
-        if secured and self.settings.http_port is not None:
-            # REST would be a way around TLS and tokens.
-            raise SecurityError("--http-port serves plaintext without tokens: turn it off with TLS or tokens")
+        self.check_security(tls is not None or self.settings.token_file is not None)
         interceptors = [TokenInterceptor(self.settings.token_file)] if self.settings.token_file else []
         server = grpc.aio.server(
             options=server_options(self.settings),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
             interceptors=interceptors,
         )
-        servicer = traced.servicer_class()(self.dataplane)
-        # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN.
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server))
+        self._services = self.services(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        if self._add_services is not None:
-            names += self._add_services(server)
-        enable_reflection(names, server)
-        for service in ("", INFERENCE_SERVICE):
+        enable_reflection([*self._services, HEALTH_SERVICE], server)
+        for service in ("", *self._services):
             await self.health.set(service, NOT_SERVING)
         self.port = self._bind(server, self.settings.port, tls, "--port")
         await server.start()
@@ -159,10 +161,7 @@ class MeshServer:
                 await self._health_server.start()
             if self.settings.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
-            if self.settings.http_port is not None:
-                self.http_port = await self.rest.start(
-                    self.settings.host, self.settings.http_port, reuse_port=self.settings.reuse_port
-                )
+            await self.start_more()
         except OSError:
             await self._close_ports(0)
             raise
@@ -181,6 +180,163 @@ class MeshServer:
                 f"{self.settings.service}: cannot listen on {address}: is another process "
                 f"using the port? ({flag} 0 picks a free one)"
             ) from exc
+
+    async def load(self) -> None:
+        """Run the loader, then report SERVING."""
+        if self._loader is not None:
+            await self._loader()
+        await self.set_serving(True)
+        log.info("ready")
+
+    async def set_serving(self, serving: bool) -> None:
+        if self.draining:
+            return
+        status = SERVING if serving else NOT_SERVING
+        for service in ("", *self._services):
+            await self.health.set(service, status)
+        self.metrics.ready.set(1 if serving else 0)
+
+    async def begin_drain(self) -> None:
+        """Report NOT_SERVING so balancers and probes move away."""
+        if not self._draining:
+            self._draining = True
+            self.metrics.ready.set(0)
+            await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING now, finish in-flight calls within `grace`, then stop."""
+        if self._server is None or self._stopped.is_set():
+            return
+        await self.begin_drain()
+        log.info("draining", extra={"grace_s": self.settings.grace if grace is None else grace})
+        await self._close_ports(self.settings.grace if grace is None else grace)
+        await self.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def close(self) -> None:
+        """Release what the process holds, once its ports are closed."""
+        if self._closer is not None:
+            await self._closer()
+
+    async def _close_ports(self, grace: float) -> None:
+        if self._server is not None:
+            await asyncio.gather(self._server.stop(grace), self.stop_more())
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        self.metrics.stop_http()
+
+    def ports(self) -> dict[str, int | None]:
+        """The process's other ports, by the name its announce lines give them."""
+        return {"health": self.health_port, "metrics": self.metrics_port}
+
+    async def run_until_signal(
+        self, announce: Callable[[str], None] | None = None, *, work: Work | None = None
+    ) -> None:
+        """Start, load, and serve (running `work`, if any) until SIGTERM or SIGINT, or until
+        `work` returns; then drain and return."""
+        say = announce or _announce
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        port = await self.start()
+        say(f"{self.settings.service} listening on {self.settings.host}:{port}")
+        for name, bound in self.ports().items():
+            if bound is not None:
+                say(f"{self.settings.service} {name} on {self.settings.host}:{bound}")
+        load = asyncio.create_task(self.load())
+        stop_wait = asyncio.create_task(stop_requested.wait())
+        working: asyncio.Task[None] | None = None
+        done, _ = await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if load in done:
+            if load.exception() is not None:
+                await self.stop(0)
+                load.result()  # a model that fails to load stops the node with its error
+            say(f"{self.settings.service} ready on {self.settings.host}:{port}")
+            if work is not None:
+                working = asyncio.create_task(work(stop_requested))
+            await asyncio.wait(
+                {stop_wait, *([working] if working else [])}, return_when=asyncio.FIRST_COMPLETED
+            )
+            stop_requested.set()
+        else:
+            load.cancel()
+        say(f"{self.settings.service} draining")
+        await self.begin_drain()
+        try:
+            # Keep answering while clients watching health move away, then close the port.
+            await asyncio.sleep(self.settings.drain_delay)
+            if working is not None:
+                await working
+        finally:
+            await self.stop()
+
+
+class MeshServer(NodeServer):
+    """One OIP node: build with its repository, then `start()`, `load()`, and `stop()`.
+
+    `dataplane` is the node's core (lookup, readiness, validation, metrics, inference); the
+    gRPC servicer is only its transport edge.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        repository: ModelRepository,
+        *,
+        metrics: ServerMetrics | None = None,
+        loader: Callable[[], Awaitable[None]] | None = None,
+        closer: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.metrics: ServerMetrics = metrics or ServerMetrics(settings.service)
+        super().__init__(settings, metrics=self.metrics, loader=loader, closer=closer)
+        self.repository = repository
+        # Observability: spans when OTEL_* asks for them (trace ids then ride on the latency
+        # histograms as exemplars), and the batching queues' series.
+        if tracing.configure(settings.service, VERSION):
+            self.metrics.use_exemplars()
+        batching.instrument(repository.all(), self.metrics)
+        self.dataplane = DataPlane(
+            repository,
+            self.metrics,
+            server_name=f"onnxmesh-{settings.service}",
+            server_version=VERSION,
+            extensions=EXTENSIONS,
+        )
+        self.dataplane.limiter = limiter_from_setting(settings.max_inflight, settings.service)
+        self.http_port: int | None = None
+        self.rest = RestServer(
+            self.dataplane, settings.service, max_body_bytes=settings.max_message_bytes, grace=settings.grace
+        )
+
+    @property
+    def draining(self) -> bool:
+        """True once `begin_drain` ran: NOT_SERVING, and new inference calls get UNAVAILABLE."""
+        return self.dataplane.draining
+
+    def services(self, server: grpc.aio.Server) -> list[str]:
+        servicer = traced.servicer_class()(self.dataplane)
+        # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN.
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server))
+        return [INFERENCE_SERVICE]
+
+    def check_security(self, secured: bool) -> None:
+        if secured and self.settings.http_port is not None:
+            # REST would be a way around TLS and tokens.
+            raise SecurityError("--http-port serves plaintext without tokens: turn it off with TLS or tokens")
+
+    async def start_more(self) -> None:
+        if self.settings.http_port is not None:
+            self.http_port = await self.rest.start(
+                self.settings.host, self.settings.http_port, reuse_port=self.settings.reuse_port
+            )
+
+    async def stop_more(self) -> None:
+        await self.rest.stop()
+
+    def ports(self) -> dict[str, int | None]:
+        return {**super().ports(), "http": self.http_port}
 
     async def load(self) -> None:
         """Load and warm up every servable, then report SERVING."""
@@ -212,73 +368,28 @@ class MeshServer:
         )
         self.repository.fail(name, version, reason)
 
-    async def set_serving(self, serving: bool) -> None:
-        if self.draining:
-            return
-        status = SERVING if serving else NOT_SERVING
-        for service in ("", INFERENCE_SERVICE):
-            await self.health.set(service, status)
-        self.metrics.ready.set(1 if serving else 0)
-
     async def begin_drain(self) -> None:
         """Report NOT_SERVING (health and ServerReady) so balancers and probes move away."""
         if not self.draining:
             self.dataplane.draining = True
-            self.metrics.ready.set(0)
-            await self.health.enter_graceful_shutdown()
+            await super().begin_drain()
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING now, finish in-flight calls within `grace`, then stop."""
-        if self._server is None or self._stopped.is_set():
-            return
-        await self.begin_drain()
-        log.info("draining", extra={"grace_s": self.settings.grace if grace is None else grace})
-        await self._close_ports(self.settings.grace if grace is None else grace)
+    async def close(self) -> None:
         await asyncio.gather(*(servable.close() for servable in self.repository.all()))
-        if self._closer is not None:
-            await self._closer()
+        await super().close()
         self.dataplane.shared_memory.close()
-        log.info("stopped")
-        self._stopped.set()
 
-    async def _close_ports(self, grace: float) -> None:
-        if self._server is not None:
-            await asyncio.gather(self._server.stop(grace), self.rest.stop())
-        if self._health_server is not None:
-            await self._health_server.stop(0)
-        self.metrics.stop_http()
 
-    async def run_until_signal(self, announce: Callable[[str], None] | None = None) -> None:
-        """Start, load, and serve until SIGTERM or SIGINT; then drain and return."""
-        say = announce or _announce
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
-        port = await self.start()
-        say(f"{self.settings.service} listening on {self.settings.host}:{port}")
-        if self.health_port is not None:
-            say(f"{self.settings.service} health on {self.settings.host}:{self.health_port}")
-        if self.metrics_port is not None:
-            say(f"{self.settings.service} metrics on {self.settings.host}:{self.metrics_port}")
-        if self.http_port is not None:
-            say(f"{self.settings.service} http on {self.settings.host}:{self.http_port}")
-        load = asyncio.create_task(self.load())
-        stop_wait = asyncio.create_task(stop_requested.wait())
-        done, _ = await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        if load in done:
-            if load.exception() is not None:
-                await self.stop(0)
-                load.result()  # a model that fails to load stops the node with its error
-            say(f"{self.settings.service} ready on {self.settings.host}:{port}")
-            await stop_wait
-        else:
-            load.cancel()
-        say(f"{self.settings.service} draining")
-        await self.begin_drain()
-        # Keep answering while clients watching health move away, then close the port.
-        await asyncio.sleep(self.settings.drain_delay)
-        await self.stop()
+def run_process(settings: ServerSettings, serve: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """`main()` of a process: logs configured, `serve()` until it returns; a start-up failure
+    exits with one line naming the process."""
+    configure_logging(settings.service, settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        sys.exit(f"{settings.service}: {exc}")
+    except MeshError as exc:
+        sys.exit(f"{settings.service}: {exc.message}")
 
 
 def _announce(line: str) -> None:

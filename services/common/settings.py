@@ -160,6 +160,10 @@ class ServerSettings:
 
 #: The fields of ServerSettings that are flags, in declaration (and --help) order.
 SETTINGS_FIELDS = tuple(f for f in fields(ServerSettings) if "parse" in f.metadata)
+#: The flags only a process serving models (OIP, REST) has; the jobs service and workers do not.
+MODEL_SERVING_FIELDS = frozenset(
+    {"http_port", "model_dir", "ort_threads", "inference_workers", "max_inflight"}
+)
 
 
 def env_name(name: str) -> str:
@@ -188,21 +192,27 @@ def server_parser(
     service: str,
     *,
     port: int,
-    model_dir: Path | None,
+    model_dir: Path | None = None,
     description: str,
+    serves_models: bool = True,
+    defaults: Mapping[str, Any] | None = None,
+    prog: str | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> argparse.ArgumentParser:
-    """The argument parser every node starts from: one flag per settings field, with this node's
-    `port` and `model_dir` defaults; nodes may add flags of their own with `add_option`."""
-    parser = argparse.ArgumentParser(prog=f"python -m {service}", description=description)
-    defaults: dict[str, Any] = {"port": port, "model_dir": model_dir}
+    """The argument parser every gRPC process starts from: one flag per settings field (without
+    the model-serving ones unless `serves_models`), with this process's `port`, `model_dir` and
+    other `defaults`; a process may add flags of its own with `add_option`."""
+    parser = argparse.ArgumentParser(prog=prog or f"python -m {service}", description=description)
+    chosen: dict[str, Any] = {"port": port, "model_dir": model_dir, **(defaults or {})}
     for f in SETTINGS_FIELDS:
+        if not serves_models and f.name in MODEL_SERVING_FIELDS:
+            continue
         flag = f.name.replace("_", "-")
         add_option(
             parser,
             flag,
             f.metadata["parse"],
-            defaults.get(f.name, f.default),
+            chosen.get(f.name, f.default),
             f.metadata["help"],
             environ=environ,
         )
@@ -210,8 +220,10 @@ def server_parser(
 
 
 def settings_from_args(service: str, args: argparse.Namespace) -> ServerSettings:
-    """The settings of `service` from arguments parsed by a `server_parser` (extra flags ignored)."""
-    return ServerSettings(service, **{f.name: getattr(args, f.name) for f in SETTINGS_FIELDS})
+    """The settings of `service` from arguments parsed by a `server_parser` (extra flags ignored,
+    missing ones at their defaults)."""
+    given = {f.name: getattr(args, f.name) for f in SETTINGS_FIELDS if hasattr(args, f.name)}
+    return ServerSettings(service, **given)
 
 
 def parse_server_settings(

@@ -32,7 +32,6 @@ WIRE_OUTSIDE_THE_RUNTIME = {
     "bench/loadgen.py",
     "bench/minimal.py",
     "jobs/client.py",
-    "jobs/node.py",
     "jobs/service.py",
     "jobs/worker.py",
 }

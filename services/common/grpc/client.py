@@ -4,6 +4,10 @@ One long-lived `grpc.aio` channel per target. Targets may be `host:port`, `dns:/
 (every address the name resolves to is used, round robin: a Kubernetes headless Service) or
 `ipv4:a:p,b:q` (a static list of local replicas). Errors come back as the MeshError of the
 status code, so callers never see grpc exceptions.
+
+`GrpcClient` is what every client of the mesh shares, whatever its service (OIP here, the jobs
+API in jobs/client.py): the channel options, TLS and a bearer token (a new channel when the
+files rotate) and the one mapping of a failed call to a MeshError (`with self.errors:`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from typing import Self
 
 import grpc
 import numpy as np
@@ -59,8 +64,27 @@ def _parameter_value(param: pb.InferParameter) -> str | int | float | bool:
     return getattr(param, kind) if kind else ""
 
 
-class OipClient:
-    """Async client for one OIP endpoint (possibly many replicas behind one target)."""
+class RpcErrors:
+    """The one mapping of a failed call to a MeshError: `with client.errors: await stub.X(...)`.
+
+    A class (not a generator-based context manager) so that a call costs no allocation.
+    """
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, err: BaseException | None, trace: object) -> None:
+        if isinstance(err, grpc.aio.AioRpcError):
+            raise error_of(err, self.target) from err
+
+
+class GrpcClient:
+    """One long-lived channel to a target of the mesh (possibly many replicas behind it)."""
 
     def __init__(
         self,
@@ -77,6 +101,7 @@ class OipClient:
         tool reaches a secured mesh the same way. When the files change, the next call opens a
         new channel and the old one finishes its calls."""
         self.target = target
+        self.errors = RpcErrors(target)
         self._security = (security or environ_security(os.environ)).copy()
         self._options = channel_options(max_message_bytes, health_checked=health_checked)
         self._auth = self._security.metadata
@@ -90,8 +115,10 @@ class OipClient:
         else:
             options = self._options + self._security.options()
             self.channel = grpc.aio.secure_channel(self.target, credentials, options=options)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._stubs(self.channel)
+
+    def _stubs(self, channel: grpc.aio.Channel) -> None:
+        """Make this client's stubs on a new channel."""
 
     def _refresh(self) -> None:
         """New credentials when the TLS files changed (rotation); the old channel drains."""
@@ -113,11 +140,19 @@ class OipClient:
         replica behind it reports NOT_SERVING. Asks an idle channel to connect."""
         return self.channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
-    async def __aenter__(self) -> OipClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class OipClient(GrpcClient):
+    """Async client for one OIP endpoint (possibly many replicas behind one target)."""
+
+    def _stubs(self, channel: grpc.aio.Channel) -> None:
+        self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
 
     @staticmethod
     def build_request(
@@ -167,12 +202,7 @@ class OipClient:
         self, message: pb.ModelInferRequest, *, timeout: float | None = None
     ) -> InferResult:
         """One RPC of a ready-made message (the load generator prebuilds them)."""
-        self._refresh()
-        metadata = ((REQUEST_ID_HEADER, message.id), *self._auth) if message.id else self._auth
-        try:
-            response = await self._stub.ModelInfer(message, timeout=timeout, metadata=metadata)
-        except grpc.aio.AioRpcError as err:
-            raise self.error(err) from err
+        response = await self.model_infer(message, timeout=timeout)
         return InferResult(
             outputs=codec.decode_response_outputs(response),
             model_name=response.model_name,
@@ -180,13 +210,25 @@ class OipClient:
             parameters={k: _parameter_value(v) for k, v in response.parameters.items()},
         )
 
+    async def model_infer(
+        self, message: pb.ModelInferRequest, *, timeout: float | None = None, request_id: str = ""
+    ) -> pb.ModelInferResponse:
+        """One ModelInfer RPC, its response undecoded (the jobs worker stores it as it came);
+        `request_id` for the logs, by default the message's id."""
+        self._refresh()
+        request_id = request_id or message.id
+        metadata = ((REQUEST_ID_HEADER, request_id), *self._auth) if request_id else self._auth
+        with self.errors:
+            response: pb.ModelInferResponse = await self._stub.ModelInfer(
+                message, timeout=timeout, metadata=metadata
+            )
+        return response
+
     async def metadata(self, model: str, version: str = "", *, timeout: float | None = 5.0) -> ModelSignature:
-        try:
+        with self.errors:
             response = await self._stub.ModelMetadata(
                 pb.ModelMetadataRequest(name=model, version=version), timeout=timeout, metadata=self._auth
             )
-        except grpc.aio.AioRpcError as err:
-            raise self.error(err) from err
         return ModelSignature(
             name=response.name,
             versions=tuple(response.versions),
@@ -203,46 +245,34 @@ class OipClient:
             return False
 
     async def model_ready(self, model: str, version: str = "", *, timeout: float | None = 5.0) -> bool:
-        try:
+        with self.errors:
             response = await self._stub.ModelReady(
                 pb.ModelReadyRequest(name=model, version=version), timeout=timeout, metadata=self._auth
             )
-        except grpc.aio.AioRpcError as err:
-            raise self.error(err) from err
         return bool(response.ready)
 
     async def server_metadata(self, *, timeout: float | None = 5.0) -> tuple[str, str]:
-        try:
+        with self.errors:
             response = await self._stub.ServerMetadata(
                 pb.ServerMetadataRequest(), timeout=timeout, metadata=self._auth
             )
-        except grpc.aio.AioRpcError as err:
-            raise self.error(err) from err
         return response.name, response.version
 
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         """The grpc.health.v1 status name (SERVING, NOT_SERVING, ...)."""
-        try:
+        with self.errors:
             response = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
-        except grpc.aio.AioRpcError as err:
-            raise self.error(err) from err
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     async def repository_index(self, *, timeout: float | None = 5.0) -> list[IndexEntry]:
         """Every model version the node has, ready or not, with its state and reason."""
-        try:
+        with self.errors:
             response = await self._stub.RepositoryIndex(
                 pb.RepositoryIndexRequest(), timeout=timeout, metadata=self._auth
             )
-        except grpc.aio.AioRpcError as err:
-            raise self.error(err) from err
         return [IndexEntry(m.name, m.version, m.state, m.reason) for m in response.models]
-
-    def error(self, err: grpc.aio.AioRpcError) -> MeshError:
-        """The MeshError for a failed call, keeping the status code and the server's message."""
-        return error_of(err, self.target)
 
 
 def error_of(err: grpc.aio.AioRpcError, target: str) -> MeshError:

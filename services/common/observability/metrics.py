@@ -53,59 +53,21 @@ QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.0
 ObserveRequest = Callable[[str, str, str, float], None]
 
 
-class ServerMetrics:
-    """The series every node exports: requests by model, version and status code; latency; in-flight."""
+class NodeMetrics:
+    """The series of every gRPC process (a node, the jobs service, a worker): its process and
+    whether it serves; served on `/metrics` by `serve_http`."""
 
     def __init__(self, service: str) -> None:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
         # process_cpu_seconds_total and friends: the node's whole CPU, beside its own-time metrics.
         ProcessCollector(registry=self.registry)
-        self.requests = Counter(
-            "onnxmesh_requests",
-            "ModelInfer calls by model, version and gRPC status code.",
-            ["model", "version", "code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "onnxmesh_request_duration_seconds",
-            "ModelInfer latency seen by this node, from model lookup to response encoded.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.inflight = Gauge(
-            "onnxmesh_inflight_requests", "ModelInfer calls in progress.", registry=self.registry
-        )
-        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-        self._http: ThreadingWSGIServer | None = None
         self.ready = Gauge(
-            "onnxmesh_ready", "1 when every model of this node is loaded and warm.", registry=self.registry
+            "onnxmesh_ready",
+            "1 when this process serves (on a model node: every model loaded and warm).",
+            registry=self.registry,
         )
-        self.batching = BatchingMetrics(self.registry)
-        #: Count one ModelInfer call: model, version, status code, seconds.
-        self.observe_request: ObserveRequest = self._observe_request
-
-    def use_exemplars(self) -> None:
-        """From now on each latency observation carries the current trace id (tracing is on)."""
-        self.observe_request = self._observe_request_with_exemplar
-
-    def _series_of(self, model: str, version: str, code: str) -> tuple[Any, Any]:
-        key = (model, version, code)
-        series = self._series.get(key)
-        if series is None:  # label children are looked up once per series
-            series = self._series[key] = (self.requests.labels(*key), self.latency.labels(model))
-        return series
-
-    def _observe_request(self, model: str, version: str, code: str, seconds: float) -> None:
-        series = self._series.get((model, version, code)) or self._series_of(model, version, code)
-        series[0].inc()
-        series[1].observe(seconds)
-
-    def _observe_request_with_exemplar(self, model: str, version: str, code: str, seconds: float) -> None:
-        series = self._series_of(model, version, code)
-        series[0].inc()
-        series[1].observe(seconds, tracing.exemplar())
+        self._http: ThreadingWSGIServer | None = None
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on host:port (a daemon thread); returns the bound port.
@@ -130,6 +92,54 @@ class ServerMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class ServerMetrics(NodeMetrics):
+    """The series every OIP node exports: requests by model, version and status code; latency; in-flight."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(service)
+        self.requests = Counter(
+            "onnxmesh_requests",
+            "ModelInfer calls by model, version and gRPC status code.",
+            ["model", "version", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "onnxmesh_request_duration_seconds",
+            "ModelInfer latency seen by this node, from model lookup to response encoded.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "onnxmesh_inflight_requests", "ModelInfer calls in progress.", registry=self.registry
+        )
+        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self.batching = BatchingMetrics(self.registry)
+        #: Count one ModelInfer call: model, version, status code, seconds.
+        self.observe_request: ObserveRequest = self._observe_request
+
+    def use_exemplars(self) -> None:
+        """From now on each latency observation carries the current trace id (tracing is on)."""
+        self.observe_request = self._observe_request_with_exemplar
+
+    def _series_of(self, model: str, version: str, code: str) -> tuple[Any, Any]:
+        key = (model, version, code)
+        series = self._series.get(key)
+        if series is None:  # label children are looked up once per series
+            series = self._series[key] = (self.requests.labels(*key), self.latency.labels(model))
+        return series
+
+    def _observe_request(self, model: str, version: str, code: str, seconds: float) -> None:
+        series = self._series.get((model, version, code)) or self._series_of(model, version, code)
+        series[0].inc()
+        series[1].observe(seconds)
+
+    def _observe_request_with_exemplar(self, model: str, version: str, code: str, seconds: float) -> None:
+        series = self._series_of(model, version, code)
+        series[0].inc()
+        series[1].observe(seconds, tracing.exemplar())
 
 
 Environ = dict[str, Any]
