@@ -236,4 +236,6 @@ class Node:
             self.proc.kill()
             code = self.proc.wait()
         self._reader.join(2.0)
+        if not self._reader.is_alive() and self.proc.stdout is not None:
+            self.proc.stdout.close()  # read to its end by the reader
         return code
