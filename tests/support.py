@@ -70,11 +70,14 @@ async def until_async(condition: Callable[[], object], interval: float = 0.002) 
 
 def kill_group(proc: subprocess.Popen[Any]) -> None:
     """SIGKILL a process started with `start_new_session=True` and whatever of its group lives on,
-    then reap it: what a test started never outlives the test, passed or failed."""
+    reap it and close its pipes: what a test started never outlives the test, passed or failed."""
     # Safe after the leader was reaped too: Linux never reuses a pid still naming a live group.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 class ServerThread:
