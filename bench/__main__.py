@@ -13,11 +13,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import growth, report
-from bench.floor import GRAPHS as FLOOR_GRAPHS
-from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN
+from bench.report import write as report
 from bench.runner import Timing
 from bench.suite import GRAPHS, PROFILE_SECONDS, Options, Suite
+from bench.targets import growth
+from bench.targets.in_process import GRAPHS as FLOOR_GRAPHS
+from bench.targets.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 DEFAULT_TIMING = Timing(warmup=2.0, duration=4.0)

@@ -2,7 +2,7 @@
 
 A *target* is what a point measures: the floor (no server; the driver process is the work), the
 all-in-one server, the mesh's orchestrator, or one service of the mesh directly. A *point* is one
-closed-loop run of `bench.loadgen` (or `bench.floor`) at one concurrency. When the driver prints
+closed-loop run of `bench.load.loadgen` (or `bench.targets.in_process`) at one concurrency. When the driver prints
 its window markers, the runner snapshots /proc CPU of every server process of the target and of
 the driver, and scrapes the orchestrator's overhead histogram, so all of them cover the same
 window as the requests; and the rows per downstream call and the cache's hits and misses, from the
@@ -28,8 +28,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import procstat
-from bench.measure import MEASURED, MEASURING, RESULT
+from bench.load import procstat
+from bench.load.measure import MEASURED, MEASURING, RESULT
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.process import REPO, ServiceProcess, wait_serving
 from services.common.topology import ORCHESTRATOR
@@ -122,8 +122,8 @@ def driver_command(target: Target, model: str, concurrency: int, timing: Timing)
             for service, path in target.service_dirs.items()
             for arg in ("--service-dir", f"{service}={path}")
         ]
-        return [sys.executable, "-m", "bench.floor", "--graph", model, *common, *dirs]
-    return [sys.executable, "-m", "bench.loadgen", "--target", target.address, "--model", model, *common]
+        return [sys.executable, "-m", "bench.targets.in_process", "--graph", model, *common, *dirs]
+    return [sys.executable, "-m", "bench.load.loadgen", "--target", target.address, "--model", model, *common]
 
 
 @dataclass
@@ -284,8 +284,8 @@ def other_load(cpu: procstat.CpuUsage, ours: float) -> float:
 
 @contextlib.contextmanager
 def all_in_one(config: str, dirs: Mapping[str, Path], log_level: str = "WARNING") -> Iterator[Target]:
-    """`python -m bench.all_in_one` on a free port, SERVING, stopped on exit."""
-    command = [sys.executable, "-m", "bench.all_in_one", "--host", "127.0.0.1", "--port", "0"]
+    """`python -m bench.targets.all_in_one` on a free port, SERVING, stopped on exit."""
+    command = [sys.executable, "-m", "bench.targets.all_in_one", "--host", "127.0.0.1", "--port", "0"]
     command += ["--log-level", log_level, "--grace", "1"]
     for service, path in dirs.items():
         command += ["--service-dir", f"{service}={path}"]
@@ -301,11 +301,11 @@ def all_in_one(config: str, dirs: Mapping[str, Path], log_level: str = "WARNING"
 
 @contextlib.contextmanager
 def minimal(config: str, *, aio: bool = False) -> Iterator[Target]:
-    """`python -m bench.minimal` (the hand-written all-in-one) on a free port, SERVING, stopped on exit.
+    """`python -m bench.targets.minimal` (the hand-written all-in-one) on a free port, SERVING, stopped on exit.
 
     `aio`: the same handlers on a grpc.aio server (mode `minimal aio`), to weigh the two servers.
     """
-    command = [sys.executable, "-m", "bench.minimal", "--host", "127.0.0.1", "--port", "0"]
+    command = [sys.executable, "-m", "bench.targets.minimal", "--host", "127.0.0.1", "--port", "0"]
     command += ["--aio"] if aio else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = ServiceProcess("minimal", 1, "127.0.0.1", 0, command, env, None)

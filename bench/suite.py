@@ -3,12 +3,12 @@
     small models (the demo digits models)
       floor        each graph x each concurrency, plus one digits-mlp predict at c=1
       all-in-one   each graph x each concurrency (the mesh's own parts in one process)
-      minimal      each graph x each concurrency (the hand-written server: bench/minimal.py)
+      minimal      each graph x each concurrency (the hand-written server: bench/targets/minimal.py)
       minimal aio  the first graph at the lowest and highest concurrency: the same handlers on
                    grpc.aio instead of the sync server
       mesh         each graph x each concurrency, plus model_a direct at c=1 (one raw hop),
                    plus (--profile) a py-spy'd point of the orchestrator, reported apart
-    growth (bench/growth.py; --growth-steps 0 leaves it out)
+    growth (bench/targets/growth.py; --growth-steps 0 leaves it out)
       mesh         chain-1..N and fanout-1..N of identity models at the lowest concurrency;
                    digits-serial-cached (a whole-graph response cache) at the lowest and highest
     large model (--skip-large leaves it out)
@@ -33,12 +33,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import analysis, growth
-from bench.analysis import FLOOR, GROWTH, LARGE, LARGE_BATCHING, SMALL
-from bench.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_large_model
+from bench.load.pyspy import BackgroundProfile, summarize_file
 from bench.models import DEFAULT_DIRS
-from bench.profile import BackgroundProfile, summarize_file
+from bench.report import analysis
+from bench.report.analysis import FLOOR, GROWTH, LARGE, LARGE_BATCHING, SMALL
 from bench.runner import Target, Timing, all_in_one, local_mesh, minimal, run_point, service_target
+from bench.targets import growth
+from bench.targets.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_large_model
 from meshctl.launcher import DEFAULT_GRAPHS
 from meshctl.process import REPO
 from orchestrator.spec import load_spec

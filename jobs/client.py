@@ -59,9 +59,7 @@ def job_info(job: jpb.Job) -> JobInfo:
     parameters: dict[str, str | int | float | bool] = {}
     if job.HasField("response"):
         outputs = codec.decode_response_outputs(job.response)
-        for key, param in job.response.parameters.items():
-            kind = param.WhichOneof("parameter_choice")
-            parameters[key] = getattr(param, kind) if kind else ""
+        parameters = codec.parameter_values(job.response.parameters)
     return JobInfo(
         id=job.id,
         status=status_name(job.status),

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.coalescing import DEFAULT_IN_FLIGHT
-from orchestrator.service import Orchestrator
+from orchestrator.node import Orchestrator
 from orchestrator.spec import SpecError
+from orchestrator.stages.coalescing import DEFAULT_IN_FLIGHT
 from services.common.grpc.security import ClientSecurity, SecurityError, TlsFiles
 from services.common.observability.logs import configure_logging
 from services.common.observability.metrics import ServerMetrics

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias
 
 import yaml
 
-from orchestrator.aggregators import AGGREGATORS
+from orchestrator.graph.aggregators import AGGREGATORS
 from orchestrator.spec.errors import SpecError, _At
 from orchestrator.spec.scope import check_scope
 from orchestrator.spec.steps import (

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from orchestrator.aggregators import AGGREGATORS, NUMERIC_DATATYPES, unify_shape
+from orchestrator.graph.aggregators import AGGREGATORS, NUMERIC_DATATYPES, unify_shape
 from orchestrator.spec.errors import _At
 from orchestrator.spec.steps import (
     REQUEST,

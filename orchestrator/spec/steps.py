@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal, TypeAlias, get_args
 
 import numpy as np
 
-from orchestrator.aggregators import AGGREGATORS
+from orchestrator.graph.aggregators import AGGREGATORS
 from services.common.types import TensorSpec
 
 #: The pseudo-step whose tensors are the graph's inputs: ``request.<input>``.
@@ -97,7 +97,7 @@ class CacheSpec:
     """A response cache on a graph or a model step (``cache:``): bounds and time to live.
 
     Keys are the model (or graph), its version and the request's tensor bytes; see
-    orchestrator/cache.py for what is stored and when an entry is served.
+    orchestrator/stages/cache.py for what is stored and when an entry is served.
     """
 
     #: The most answers kept; the least recently used goes first.

@@ -30,7 +30,6 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
-from services.common.batching.adaptive import BatchingModel
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.limits import ConcurrencyLimiter
 from services.common.model import Servable
@@ -39,7 +38,14 @@ from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelConfig, ModelRepository
 from services.common.triton.shared_memory import SharedMemory
 from services.common.triton.statistics import Duration, ModelStats, Statistics
-from services.common.types import NUMPY_TO_DATATYPE, InferRequest, InferResult, ModelSignature, datatype_of
+from services.common.types import (
+    NUMPY_TO_DATATYPE,
+    InferRequest,
+    InferResult,
+    ModelSignature,
+    datatype_of,
+    rows_of,
+)
 from services.common.warmup import WarmupSample
 
 R = TypeVar("R")
@@ -151,13 +157,14 @@ class DataPlane:
         if not servable.loaded:
             raise Unavailable(f"model '{servable.name}' is still loading")
         config = self.repository.config(servable.name) or ModelConfig(platform=servable.signature.platform)
-        if isinstance(servable, BatchingModel) and servable.batching:
+        batching = servable.dynamic_batching
+        if batching is not None:
             return ModelDescription(
                 servable.signature,
                 config.platform,
-                servable.max_batch_size,
-                int(servable.max_queue_delay * 1e6),
-                servable.max_queue_size,
+                batching.max_batch_size,
+                batching.max_queue_delay_us,
+                batching.max_queue_size,
                 config.description,
                 config.warmup,
             )
@@ -220,8 +227,9 @@ class DataPlane:
         queued = min(int(servable.queue_seconds * 1e9), stats.compute_infer.ns)
         stats.queue = Duration(stats.success.count, queued)
         stats.compute_infer.ns -= queued
-        if isinstance(servable, BatchingModel) and servable.batching:
-            stats.execution_count = servable.batches_run
+        batching = servable.dynamic_batching
+        if batching is not None:
+            stats.execution_count = batching.batches_run
         return stats
 
     # -- inference -------------------------------------------------------------------------
@@ -268,7 +276,11 @@ class DataPlane:
             answer = result if encode is None else encode(result)
             done = time.perf_counter()
             self.statistics.of(model, version).succeeded(
-                _rows(request), done - started, running - started, encoding - running, done - encoding
+                rows_of(request.inputs.values()),
+                done - started,
+                running - started,
+                encoding - running,
+                done - encoding,
             )
             return answer
         except MeshError as err:
@@ -314,13 +326,6 @@ class DataPlane:
         if self.draining:
             return Unavailable(f"server is shutting down; retry on another replica of '{servable.name}'")
         return Unavailable(f"model '{servable.name}' version {servable.version} is still loading")
-
-
-def _rows(request: InferRequest) -> int:
-    """The batch size of a request, as Triton counts inferences: its first input's first dim."""
-    for array in request.inputs.values():
-        return int(array.shape[0]) if array.ndim else 1
-    return 1
 
 
 def validate(

@@ -20,9 +20,11 @@ from __future__ import annotations
 MAX_ECHO = 200
 #: The longest status message a node sends: gRPC refuses trailers above its metadata limit.
 MAX_MESSAGE = 2048
+#: What an internal error answers, on every protocol: the details are in the server's log only.
+INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 
-def bounded(text: str, limit: int = MAX_ECHO) -> str:
+def truncate(text: str, limit: int = MAX_ECHO) -> str:
     """`text` cut to `limit` characters, saying how long it was: client input echoed in messages
     and logs stays small whatever the client sent."""
     if len(text) <= limit:

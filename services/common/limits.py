@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from services.common.errors import ResourceExhausted, bounded
+from services.common.errors import ResourceExhausted, truncate
 
 
 class Limit(Protocol):
@@ -140,7 +140,7 @@ class ConcurrencyLimiter:
     def refusal(self, model: str) -> ResourceExhausted:
         return ResourceExhausted(
             f"{self.node} is overloaded ({self.in_flight} inference calls in flight, limit "
-            f"{self._limit.limit}); '{bounded(model)}' was not run: retry later or on another replica"
+            f"{self._limit.limit}); '{truncate(model)}' was not run: retry later or on another replica"
         )
 
 

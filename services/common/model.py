@@ -16,16 +16,29 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import numpy as np
 
 from services.common.errors import Unavailable
-from services.common.types import InferRequest, InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature, rows_of
 from services.common.warmup import WarmupError, WarmupSample, default_inputs, sample_inputs
 
 
 class LoadError(Exception):
     """A servable could not be loaded or warmed up; the message says why (RepositoryIndex shows it)."""
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    """How a servable joins concurrent requests into one call (Triton's dynamic batching), as
+    ModelConfig and ModelStatistics report it."""
+
+    max_batch_size: int
+    max_queue_delay_us: int
+    max_queue_size: int
+    #: Calls of the model so far, each a batch of one request or more.
+    batches_run: int
 
 
 class Servable(ABC):
@@ -51,6 +64,11 @@ class Servable(ABC):
 
     #: Total seconds requests waited for a free inference worker (ModelStatistics' queue time).
     queue_seconds: float = 0.0
+
+    @property
+    def dynamic_batching(self) -> DynamicBatching | None:
+        """How this servable batches requests; None when each request is a call of its own."""
+        return None
 
     async def load(self) -> None:
         """Load and warm up; readiness turns true only after this returns. Raises LoadError
@@ -170,8 +188,7 @@ class Model(Servable):
     async def infer(self, request: InferRequest) -> InferResult:
         if not self._ready:
             raise Unavailable(f"model '{self.name}' version {self.version} is not ready")
-        first = next(iter(request.inputs.values()), None)  # batch-native: every input has the rows
-        rows = len(first) if first is not None and first.ndim else 1
+        rows = rows_of(request.inputs.values())  # batch-native: every input has the rows
         if self.row_seconds * rows < INLINE_BELOW_S:
             started_inline = time.perf_counter()
             outputs = self.predict(request.inputs, request.outputs)

@@ -32,8 +32,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -102,7 +101,7 @@ class NodeServer:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or NodeMetrics(settings.service)
-        self.health = HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.port = 0
         self.health_port: int | None = None
         self.metrics_port: int | None = None

@@ -5,9 +5,10 @@ No protobuf here: protobuf types stop at the transport edge (servicer and client
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -107,3 +108,13 @@ class InferRequest:
     request_id: str = ""
     #: Absolute ``time.monotonic()`` time the caller stops waiting; None = no deadline.
     deadline: float | None = None
+
+
+def rows_of(inputs: Iterable[Any]) -> int:
+    """The rows of a request, as Triton counts inferences: the first dimension of its first
+    input (numpy arrays or protobuf tensors: anything with a `shape`); 1 for a request without
+    a batch dimension (a scalar first input, or no input at all)."""
+    for tensor in inputs:
+        shape = tensor.shape
+        return int(shape[0]) if len(shape) else 1
+    return 1

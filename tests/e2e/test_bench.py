@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from bench import analysis, procstat
-from bench.profile import parse_collapsed, summarize
+from bench.load import procstat
+from bench.load.pyspy import parse_collapsed, summarize
+from bench.report import analysis
 from meshctl.launcher import DEFAULT_GRAPHS
 from orchestrator.spec import load_spec
 from tests.support import ROOT, kill_group
@@ -151,8 +152,8 @@ def test_ratios_hops_and_targets_are_reported(run: tuple[Path, dict[str, Any], s
     assert data["meta"]["code"]["commit"]
     assert set(data["servers"]["small mesh"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
     assert set(data["servers"]["growth mesh"]) == {"preprocess", "model_a", "model_b", "orchestrator"}
-    assert "bench.all_in_one" in data["servers"]["small all-in-one"]["all_in_one"]
-    assert "bench.minimal" in data["servers"]["small minimal"]["minimal"]
+    assert "bench.targets.all_in_one" in data["servers"]["small all-in-one"]["all_in_one"]
+    assert "bench.targets.minimal" in data["servers"]["small minimal"]["minimal"]
     assert len(data["ratios"]) == 2
     for ratio in data["ratios"]:
         for against in ("mesh_vs_minimal", "mesh_vs_all_in_one", "mesh_vs_floor"):
@@ -209,9 +210,9 @@ def test_hops_follow_the_graphs() -> None:
 def test_profile_summary_counts_self_and_total() -> None:
     stacks = parse_collapsed(
         [
-            "main (a.py:1);Engine.run (orchestrator/engine.py:10);infer (services/common/grpc/client.py:5) 3\n",
+            "main (a.py:1);Engine.run (orchestrator/graph/engine.py:10);infer (services/common/grpc/client.py:5) 3\n",
             "main (a.py:1);send (services/common/grpc/client.py:9);sendmsg (libc.so.6) 2\n",
-            "main (a.py:1);Engine.run (orchestrator/engine.py:12) 1\n",
+            "main (a.py:1);Engine.run (orchestrator/graph/engine.py:12) 1\n",
             "garbage line\n",
         ]
     )
@@ -222,14 +223,14 @@ def test_profile_summary_counts_self_and_total() -> None:
         "samples": 3,
         "percent": 50.0,
     }
-    assert {"name": "Engine.run (orchestrator/engine.py)", "samples": 4, "percent": 400 / 6} in summary[
+    assert {"name": "Engine.run (orchestrator/graph/engine.py)", "samples": 4, "percent": 400 / 6} in summary[
         "total"
     ]
     areas = {a["name"]: a["samples"] for a in summary["areas"]}
     assert areas == {
         "ours: OIP client (services/common/grpc/client.py)": 3,
         "system calls: socket send / recv / write": 2,
-        "ours: engine (orchestrator/engine.py)": 1,
+        "ours: engine (orchestrator/graph/engine.py)": 1,
     }
     # A native leaf is charged to the Python function that called into it.
     assert {"name": "send (services/common/grpc/client.py)", "samples": 2, "percent": 200 / 6} in summary[

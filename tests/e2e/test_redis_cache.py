@@ -18,7 +18,7 @@ import redis
 import yaml
 
 from meshctl.launcher import DEFAULT_GRAPHS, EPHEMERAL_PORTS, LocalMesh
-from orchestrator.cache import HIT, Entry, RedisStore
+from orchestrator.stages.cache import HIT, Entry, RedisStore
 from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
 from tests.support import RedisServer, redis_server, run
@@ -77,7 +77,7 @@ def test_a_store_gone_mid_run_is_a_miss_and_stores_nothing(
         finally:
             await store.close()
 
-    with caplog.at_level(logging.WARNING, logger="orchestrator.cache"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.stages.cache"):
         before, after = run(scenario())
     assert before is not None and after is None
     assert caplog.text.count("cache store unreachable") >= 2  # the put and the get, each said so

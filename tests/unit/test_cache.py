@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.cache import (
+from orchestrator.graph.engine import Engine
+from orchestrator.spec import SpecError, parse_spec
+from orchestrator.stages.cache import (
     Entry,
     LocalStore,
     ResponseCaches,
@@ -18,8 +20,6 @@ from orchestrator.cache import (
     encode_entry,
     request_key,
 )
-from orchestrator.engine import Engine
-from orchestrator.spec import SpecError, parse_spec
 from services.common.errors import InvalidInput, Unavailable
 from services.common.types import ModelSignature, TensorSpec
 from tests.support import run

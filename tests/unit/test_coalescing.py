@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from orchestrator.coalescing import AdaptiveLimit, CoalescingStage
+from orchestrator.stages.coalescing import CoalescingStage, LaneLimit
 from services.common.errors import DeadlineExceeded, InvalidInput, Unavailable
 from services.common.types import InferRequest
 from tests.unit.fakes import FakeStage
@@ -144,7 +144,7 @@ def test_calls_with_different_layouts_never_share() -> None:
 
 
 def test_the_limit_grows_to_its_maximum_at_the_unloaded_latency_and_falls_to_one_under_load() -> None:
-    limit = AdaptiveLimit(8)
+    limit = LaneLimit(8)
     for _ in range(50):
         limit.observe(0.001)
     assert limit.value == 8.0
@@ -158,7 +158,7 @@ def test_the_limit_grows_to_its_maximum_at_the_unloaded_latency_and_falls_to_one
 
 
 def test_a_fixed_limit_does_not_adapt() -> None:
-    limit = AdaptiveLimit(3, adaptive=False)
+    limit = LaneLimit(3, adaptive=False)
     for seconds in (0.001, 0.1, 0.1, 0.1):
         limit.observe(seconds)
     assert limit.value == 3.0

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.engine import Engine
-from orchestrator.service import Graph
+from orchestrator.graph.engine import Engine
+from orchestrator.node import GraphServable
 from orchestrator.spec import load_spec, validate_against_signatures
 from services.common.dataplane import DataPlane, validate
 from services.common.errors import InvalidInput, NotFound, Unavailable
@@ -150,7 +150,7 @@ def graph_plane() -> tuple[DataPlane, dict[str, Any]]:
     stages = digits_stages()
     engine = Engine(spec, stages)
     signatures = validate_against_signatures(spec, digits_signatures())
-    graphs = [Graph(name, signature, engine) for name, signature in signatures.items()]
+    graphs = [GraphServable(name, signature, engine) for name, signature in signatures.items()]
     return DataPlane(ModelRepository(graphs), ServerMetrics("test")), dict(stages)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from orchestrator.coalescing import CoalescingStage
+from orchestrator.stages.coalescing import CoalescingStage
 from services.common.types import InferRequest
 from tests.unit.fakes import FakeStage
 
@@ -31,9 +31,10 @@ def test_every_downstream_call_reports_its_rows() -> None:
         await fake.wait_for_calls(1)  # out at once; the next three wait and leave together
         await asyncio.gather(first, call(2), call(3), call(4))
         await call(5)  # alone again
-        # Not stackable (a scalar input): straight through, counted as one call without rows.
+        # Not stackable (a scalar input): straight through, one call of one row (a request
+        # without a batch dimension is one inference, as everywhere: types.rows_of).
         await stage.call(InferRequest("m", {"x": np.array(1.0, np.float32)}))
 
     asyncio.run(run())
-    assert seen == [("m", 1), ("m", 9), ("m", 5), ("m", 0)]
+    assert seen == [("m", 1), ("m", 9), ("m", 5), ("m", 1)]
     assert len(fake.calls) == 4

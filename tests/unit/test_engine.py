@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orchestrator.aggregators import AGGREGATORS
-from orchestrator.budget import RetryBudget
-from orchestrator.engine import Engine, deadline_margin
-from orchestrator.nodes import SHADOW_STATUS, compare_outputs
+from orchestrator.graph.aggregators import AGGREGATORS
+from orchestrator.graph.engine import Engine, deadline_margin
+from orchestrator.graph.plan import SHADOW_STATUS, compare_outputs
 from orchestrator.spec import load_spec, parse_spec
-from orchestrator.stage import Stage
+from orchestrator.stages.base import Stage
+from orchestrator.stages.retry_budget import RetryBudget
 from services.common.errors import (
     DeadlineExceeded,
     InvalidInput,

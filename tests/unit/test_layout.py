@@ -29,8 +29,8 @@ RUNTIME_MAINS = {"services/common/model_node.py"}
 #: that measure the wire itself. Everything else sees numpy arrays, plain dataclasses and the
 #: error tree (docs/architecture.md).
 WIRE_OUTSIDE_THE_RUNTIME = {
-    "bench/loadgen.py",
-    "bench/minimal.py",
+    "bench/load/loadgen.py",
+    "bench/targets/minimal.py",
     "jobs/client.py",
     "jobs/service.py",
     "jobs/worker.py",

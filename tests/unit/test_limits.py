@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from services.common.errors import ResourceExhausted, bounded
+from services.common.errors import ResourceExhausted, truncate
 from services.common.limits import AdaptiveLimit, ConcurrencyLimiter, FixedLimit, limiter_from_setting
 from services.common.observability.logs import TextFormatter
 from services.common.types import InferRequest, InferResult
@@ -114,8 +114,8 @@ def test_cancelled_and_deadline_exceeded_calls_are_counted_apart() -> None:
 
 
 def test_client_input_is_bounded_in_messages() -> None:
-    assert bounded("x" * 10) == "x" * 10
-    cut = bounded("x" * 10_000)
+    assert truncate("x" * 10) == "x" * 10
+    cut = truncate("x" * 10_000)
     assert len(cut) < 250 and cut.endswith("...(10000 characters)")
 
 

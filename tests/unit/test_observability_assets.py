@@ -20,7 +20,7 @@ import promql_parser
 import pytest
 import yaml
 
-from orchestrator.service import OrchestratorMetrics
+from orchestrator.node import OrchestratorMetrics
 from services.common.observability.metrics import ServerMetrics
 from tests.support import (
     COMPONENT,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.service import Orchestrator
+from orchestrator.node import Orchestrator
 from services.common.dataplane import DataPlane
 from services.common.errors import Unavailable
 from services.common.observability.metrics import ServerMetrics

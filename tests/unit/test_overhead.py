@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from orchestrator.engine import Engine, busy_time
+from orchestrator.graph.engine import Engine, busy_time
 from orchestrator.spec import parse_spec
 from tests.unit.fakes import FakeClock, FakeStage
 

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from orchestrator.budget import RetryBudget
-from orchestrator.replicas import OutlierPolicy, ReplicaSet, parse_target
+from orchestrator.stages.replicas import OutlierPolicy, ReplicaSet, parse_target
+from orchestrator.stages.retry_budget import RetryBudget
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.types import InferRequest, InferResult, ModelSignature
 from tests.support import run

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.tls import HOPS, report
+from bench.probes.tls import HOPS, report
 from services.common.grpc.security import (
     SecurityError,
     environ_security,

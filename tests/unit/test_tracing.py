@@ -18,9 +18,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from orchestrator.coalescing import CoalescingStage
-from orchestrator.engine import Engine
+from orchestrator.graph.engine import Engine
 from orchestrator.spec import parse_spec
+from orchestrator.stages.coalescing import CoalescingStage
 from services.common.errors import Unavailable
 from services.common.grpc import traced
 from services.common.grpc.client import OipClient
@@ -146,7 +146,9 @@ def test_a_coalesced_call_links_to_every_caller(spans: InMemorySpanExporter) -> 
 
 def test_text_logs_keep_the_failure_s_fields() -> None:
     formatter = TextFormatter("orchestrator")
-    record = logging.LogRecord("orchestrator.engine", logging.WARNING, __file__, 1, "step failed", None, None)
+    record = logging.LogRecord(
+        "orchestrator.graph.engine", logging.WARNING, __file__, 1, "step failed", None, None
+    )
     for key, value in {
         "graph": "g",
         "step": "b",

@@ -44,11 +44,11 @@ from typing import Any
 
 from services.common.batching import stacking
 from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
-from services.common.model import Model, Servable
+from services.common.model import DynamicBatching, Model, Servable
 from services.common.observability import tracing
 from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelConfig
-from services.common.types import InferRequest, InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,14 @@ class BatchingModel(Servable):
     def batching(self) -> bool:
         """True once loaded with batching on; False in pass-through mode."""
         return self._batching
+
+    @property
+    def dynamic_batching(self) -> DynamicBatching | None:
+        if not self._batching:
+            return None
+        return DynamicBatching(
+            self.max_batch_size, int(self.max_queue_delay * 1e6), self.max_queue_size, self.batches_run
+        )
 
     @property
     def queued_rows(self) -> int:
@@ -416,7 +424,7 @@ class BatchingModel(Servable):
             self.inner.executor, self.inner.predict, request.inputs, request.outputs
         )
         self.batches_run += 1
-        rows = stacking.rows(request)
+        rows = rows_of(request.inputs.values())
         self.rows_run += rows
         if self._rows_series is not None:
             self._rows_series.observe(rows)

@@ -1,7 +1,7 @@
 """Stacking: the rows of several requests in one call, and each caller's rows back out of it.
 
 Two places stack requests: adaptive batching (`services.common.batching.adaptive`, a model service
-joining queued requests into one `predict`) and coalescing (`orchestrator.coalescing`, the
+joining queued requests into one `predict`) and coalescing (`orchestrator.stages.coalescing`, the
 orchestrator joining concurrent calls of a step into one downstream call). Both rely on what
 this module holds, so that they cannot drift apart:
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
-from services.common.types import InferRequest, InferResult
+from services.common.types import InferRequest, InferResult, rows_of
 
 #: What must match for requests to share a call: per input, in name order, its name, dtype and
 #: the dimensions after the first (the batch dimension).
@@ -65,11 +65,6 @@ def layout(inputs: Mapping[str, np.ndarray], *, bytes_tensors: bool = True) -> t
     if rows <= 0:
         return None
     return tuple(key), rows
-
-
-def rows(request: InferRequest) -> int:
-    """The number of rows of a request whose `layout` is not None."""
-    return int(next(iter(request.inputs.values())).shape[0])
 
 
 def union_outputs(requests: Sequence[InferRequest]) -> tuple[str, ...]:
@@ -154,7 +149,7 @@ async def run_stacked(
     See the module docstring for who gets what. `call` may raise anything: an Exception is an
     answer, a BaseException (cancellation) propagates and leaves the unanswered to the caller.
     """
-    counts = [rows(request) for request in requests]
+    counts = [rows_of(request.inputs.values()) for request in requests]
     try:
         result = await call(stack(requests))
     except Exception as exc:

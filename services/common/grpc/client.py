@@ -30,7 +30,7 @@ from services.common.dataplane import IndexEntry
 from services.common.errors import DeadlineExceeded, MeshError, from_status
 from services.common.grpc import codec
 from services.common.grpc.security import ClientSecurity, environ_security
-from services.common.grpc.servicer import REQUEST_ID_HEADER
+from services.common.observability.logs import REQUEST_ID_HEADER
 from services.common.settings import MIB
 from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 
@@ -57,11 +57,6 @@ def channel_options(
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
-
-
-def _parameter_value(param: pb.InferParameter) -> str | int | float | bool:
-    kind = param.WhichOneof("parameter_choice")
-    return getattr(param, kind) if kind else ""
 
 
 class RpcErrors:
@@ -207,7 +202,7 @@ class OipClient(GrpcClient):
             outputs=codec.decode_response_outputs(response),
             model_name=response.model_name,
             model_version=response.model_version,
-            parameters={k: _parameter_value(v) for k, v in response.parameters.items()},
+            parameters=codec.parameter_values(response.parameters),
         )
 
     async def model_infer(

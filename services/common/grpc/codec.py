@@ -8,7 +8,7 @@ malformed tensor is an InvalidInput that names it, never a crash or a silent res
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy as np
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import InvalidInput
 from services.common.tensors import check_header, decode_raw, element_count
-from services.common.types import datatype_of
+from services.common.triton.params import Param
 
 #: Which typed `contents` field carries each datatype. FP16 has none: it must be raw.
 CONTENTS_FIELD: dict[str, str] = {
@@ -56,43 +56,45 @@ def decode_contents(
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def encode_contents(array: np.ndarray, contents: pb.InferTensorContents) -> str:
-    """Fill typed `contents` from an array (for clients that prefer them); returns the datatype."""
-    datatype = datatype_of(array)
-    field = CONTENTS_FIELD.get(datatype)
-    if field is None:
-        raise InvalidInput(f"{datatype} has no typed contents field; send it as raw bytes")
-    flat = array.reshape(-1)
-    if datatype == "BYTES":
-        getattr(contents, field).extend(x.encode() if isinstance(x, str) else bytes(x) for x in flat)
-    else:
-        getattr(contents, field).extend(flat.tolist())
-    return datatype
-
-
-def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def decode_request_inputs(
+    request: pb.ModelInferRequest, shared: Sequence[bytes | None] = ()
+) -> dict[str, np.ndarray]:
     """Every input of a ModelInferRequest as numpy arrays, raw contents first.
 
-    Raw and typed contents must not be mixed in one request; names must be unique.
+    `shared`: per input, the bytes Triton's shared-memory extension read for it (None for an
+    input that travels in the message); () when no input is in shared memory. Raw and typed
+    contents must not be mixed in one request; names must be unique; there must be one raw
+    entry per input that travels in the message.
     """
     raw = request.raw_input_contents
-    inputs: dict[str, np.ndarray] = {}
-    if raw and len(raw) != len(request.inputs):
+    inline = len(request.inputs) - sum(data is not None for data in shared)
+    if raw and len(raw) != inline:
+        if shared:
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries but the request has {inline} inputs outside "
+                "shared memory; expected one raw entry per such input, in order"
+            )
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries but the request declares "
             f"{len(request.inputs)} inputs; expected one raw entry per input, in order"
         )
+    inputs: dict[str, np.ndarray] = {}
+    raw_index = 0
     for index, tensor in enumerate(request.inputs):
         if tensor.name in inputs:
             raise InvalidInput(f"input '{tensor.name}' appears more than once")
         shape = list(tensor.shape)
-        if raw:
+        data = shared[index] if shared else None
+        if data is not None:
+            inputs[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, data)
+        elif raw:
             if tensor.HasField("contents") and tensor.contents.ByteSize():
                 raise InvalidInput(
                     f"input '{tensor.name}': both raw_input_contents and typed contents were sent; "
                     "use one or the other for the whole request"
                 )
-            inputs[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
+            inputs[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[raw_index])
+            raw_index += 1
         else:
             inputs[tensor.name] = decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
     return inputs
@@ -109,3 +111,14 @@ def decode_response_outputs(response: pb.ModelInferResponse) -> dict[str, np.nda
         else:
             outputs[tensor.name] = decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
     return outputs
+
+
+def parameter_value(param: pb.InferParameter) -> Param:
+    """The value an InferParameter holds ("" when none is set)."""
+    choice = param.WhichOneof("parameter_choice")
+    return "" if choice is None else getattr(param, choice)
+
+
+def parameter_values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Param]:
+    """The values of a message's `parameters` map, by name."""
+    return {key: parameter_value(value) for key, value in parameters.items()}

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha
-from grpc_reflection.v1alpha._async import ReflectionServicer as V1AlphaServicer
 
 from proto.gen.inference import reflection_v1_pb2 as v1
 from proto.gen.inference import reflection_v1_pb2_grpc as v1_grpc
@@ -24,7 +23,7 @@ SERVICE_NAME_V1ALPHA = reflection.SERVICE_NAME
 
 class ReflectionV1(v1_grpc.ServerReflectionServicer):  # type: ignore[misc]
     def __init__(self, service_names: Sequence[str]) -> None:
-        self._inner = V1AlphaServicer(service_names)
+        self._inner = reflection.aio.ReflectionServicer(service_names)
 
     async def ServerReflectionInfo(
         self, request_iterator: AsyncIterator[v1.ServerReflectionRequest], context: grpc.aio.ServicerContext

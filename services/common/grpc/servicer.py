@@ -29,15 +29,21 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import tensors
 from services.common.dataplane import DataPlane
-from services.common.errors import MAX_MESSAGE, InvalidInput, MeshError, bounded, from_status
+from services.common.errors import (
+    INTERNAL_MESSAGE,
+    MAX_MESSAGE,
+    InvalidInput,
+    MeshError,
+    from_status,
+    truncate,
+)
 from services.common.grpc import codec, triton
-from services.common.observability.logs import request_id_var
+from services.common.observability.logs import REQUEST_ID_HEADER, request_id_var
 from services.common.triton import params
 from services.common.types import InferRequest, InferResult
 
 log = logging.getLogger(__name__)
 
-INTERNAL_MESSAGE = "internal error; the server log has the details"
 #: Requests of one ModelStreamInfer stream running at once; the stream waits beyond that.
 STREAM_IN_FLIGHT = 64
 #: Triton's RPCs this node answers with a refusal: (status name, message).
@@ -54,7 +60,6 @@ REFUSED["RepositoryModelUnload"] = REFUSED["RepositoryModelLoad"]
 #: Routine outcomes, logged at INFO: client mistakes, and load shed on purpose (counted by the
 #: requests metric; a WARNING per refused call would add work exactly when there is too much).
 _ROUTINE_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"})
-REQUEST_ID_HEADER = "x-request-id"
 #: Request ids longer than this are cut in the logs (they come from clients).
 _MAX_ID = 128
 
@@ -74,10 +79,10 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 def status(method: str, exc: BaseException, **context: str) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed RPC answers with; logs the failure with its code,
     its reason and `context` (e.g. the model or graph called). Messages are bounded
-    (`errors.bounded`): they may echo client input of any size."""
+    (`errors.truncate`): they may echo client input of any size."""
     if isinstance(exc, MeshError):
         code = grpc.StatusCode[exc.code]
-        message = bounded(exc.message, MAX_MESSAGE)
+        message = truncate(exc.message, MAX_MESSAGE)
         if not exc.public:
             log.error("internal error in %s: %s", method, message, extra={"code": code.name, **context})
             return code, INTERNAL_MESSAGE
@@ -147,7 +152,7 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @wraps(method)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        token = request_id_var.set(bounded(getattr(request, "id", "") or _request_id(context), _MAX_ID))
+        token = request_id_var.set(truncate(getattr(request, "id", "") or _request_id(context), _MAX_ID))
         try:
             if isinstance(request, Undecodable):
                 raise request.error()
@@ -183,55 +188,38 @@ def infer_response(result: InferResult) -> pb.ModelInferResponse:
     return response
 
 
-def _param(value: pb.InferParameter) -> params.Param:
-    choice = value.WhichOneof("parameter_choice")
-    return "" if choice is None else getattr(value, choice)
-
-
-def _params(params: Mapping[str, pb.InferParameter]) -> dict[str, params.Param]:
-    return {key: _param(value) for key, value in params.items()}
-
-
 def uses_extensions(request: pb.ModelInferRequest) -> bool:
-    """True when any parameter is set: the request needs `extended_infer`, not the fast path."""
+    """True when any parameter is set: the request needs Triton's extensions, not the fast path."""
     if request.parameters:
         return True
     return any(t.parameters for t in request.inputs) or any(o.parameters for o in request.outputs)
 
 
-def extended_request(
+def infer_request(
     dataplane: DataPlane, request: pb.ModelInferRequest, request_id: str, deadline: float | None
-) -> tuple[InferRequest, dict[str, params.OutputOptions]]:
-    """An InferRequest from a ModelInferRequest with extension parameters (shared-memory
-    inputs, classification and shared-memory outputs, a timeout); the output options by name."""
-    deadline = params.request_deadline(_params(request.parameters), deadline)
-    regions = [params.input_region(t.name, _params(t.parameters)) for t in request.inputs]
-    raw = list(request.raw_input_contents)
-    inline = sum(region is None for region in regions)
-    if raw and len(raw) != inline:
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries but the request has {inline} inputs outside "
-            "shared memory; expected one raw entry per such input, in order"
-        )
-    inputs = {}
-    raw_index = 0
-    for tensor, region in zip(request.inputs, regions, strict=True):
-        if tensor.name in inputs:
-            raise InvalidInput(f"input '{tensor.name}' appears more than once")
-        shape = list(tensor.shape)
-        if region is not None:
-            data = dataplane.shared_memory.read(region.name, region.offset, region.byte_size, tensor.name)
-            inputs[tensor.name] = tensors.decode_raw(tensor.name, tensor.datatype, shape, data)
-        elif raw:
-            inputs[tensor.name] = tensors.decode_raw(tensor.name, tensor.datatype, shape, raw[raw_index])
-            raw_index += 1
-        else:
-            inputs[tensor.name] = codec.decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
-    options = {o.name: params.output_options(o.name, _params(o.parameters)) for o in request.outputs}
+) -> tuple[InferRequest, dict[str, params.OutputOptions] | None]:
+    """The one InferRequest of a ModelInferRequest; with extension parameters (shared-memory
+    inputs, classification and shared-memory outputs, a timeout), the output options by name
+    too (None on the fast path, which has none)."""
+    options = None
+    shared: list[bytes | None] = []
+    if uses_extensions(request):
+        deadline = params.request_deadline(codec.parameter_values(request.parameters), deadline)
+        for tensor in request.inputs:
+            region = params.input_region(tensor.name, codec.parameter_values(tensor.parameters))
+            shared.append(
+                None
+                if region is None
+                else dataplane.shared_memory.read(region.name, region.offset, region.byte_size, tensor.name)
+            )
+        options = {
+            o.name: params.output_options(o.name, codec.parameter_values(o.parameters))
+            for o in request.outputs
+        }
     infer = InferRequest(
         model=request.model_name,
-        inputs=inputs,
-        outputs=tuple(o.name for o in request.outputs),
+        inputs=codec.decode_request_inputs(request, shared),
+        outputs=tuple([o.name for o in request.outputs]) if request.outputs else (),
         version=request.model_version,
         request_id=request_id,
         deadline=deadline,
@@ -317,29 +305,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if isinstance(request, Undecodable):
             code, message = status("ModelInfer", request.error())
             await context.abort(code, message)
-        request_id = bounded(request.id or _request_id(context), _MAX_ID)
+        request_id = truncate(request.id or _request_id(context), _MAX_ID)
         token = request_id_var.set(request_id)
         try:
             remaining = context.time_remaining()
-            if uses_extensions(request):
-                deadline = None if remaining is None else time.monotonic() + remaining
-                response = await self.infer_extended(request, request_id, deadline)
-                response.id = request.id
-                return response
-            try:
-                inputs = codec.decode_request_inputs(request)
-            except Exception as exc:
-                raise self.dataplane.refused(request.model_name, request.model_version, exc) from None
-            response = await self.dataplane.infer(
-                InferRequest(
-                    model=request.model_name,
-                    inputs=inputs,
-                    outputs=tuple([o.name for o in request.outputs]) if request.outputs else (),
-                    version=request.model_version,
-                    request_id=request_id,
-                    deadline=None if remaining is None else time.monotonic() + remaining,
-                ),
-                infer_response,
+            response = await self.infer(
+                request, request_id, None if remaining is None else time.monotonic() + remaining
             )
             response.id = request.id
             return response
@@ -350,36 +321,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
-    async def infer_extended(
+    async def infer(
         self, request: pb.ModelInferRequest, request_id: str, deadline: float | None
     ) -> pb.ModelInferResponse:
+        """One ModelInferRequest (a call, or one request of a stream), fast path or extended."""
         try:
-            infer, options = extended_request(self.dataplane, request, request_id, deadline)
+            infer, options = infer_request(self.dataplane, request, request_id, deadline)
         except Exception as exc:
             raise self.dataplane.refused(request.model_name, request.model_version, exc) from None
-        encode = functools.partial(extended_response, self.dataplane, options)
-        response: pb.ModelInferResponse = await self.dataplane.infer(infer, encode)
-        return response
-
-    async def infer_any(
-        self, request: pb.ModelInferRequest, request_id: str, deadline: float | None
-    ) -> pb.ModelInferResponse:
-        """One request of a stream, fast path or extended."""
-        if uses_extensions(request):
-            return await self.infer_extended(request, request_id, deadline)
-        try:
-            inputs = codec.decode_request_inputs(request)
-        except Exception as exc:
-            raise self.dataplane.refused(request.model_name, request.model_version, exc) from None
-        infer = InferRequest(
-            model=request.model_name,
-            inputs=inputs,
-            outputs=tuple(o.name for o in request.outputs),
-            version=request.model_version,
-            request_id=request_id,
-            deadline=deadline,
-        )
-        response: pb.ModelInferResponse = await self.dataplane.infer(infer, infer_response)
+        if options is None:
+            response: pb.ModelInferResponse = await self.dataplane.infer(infer, infer_response)
+        else:
+            encode = functools.partial(extended_response, self.dataplane, options)
+            response = await self.dataplane.infer(infer, encode)
         return response
 
     async def ModelStreamInfer(
@@ -398,7 +352,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             request_id = request.id or f"{random.getrandbits(64):016x}"
             token = request_id_var.set(request_id)
             try:
-                response = await self.infer_any(request, request_id, deadline)
+                response = await self.infer(request, request_id, deadline)
                 response.id = request.id
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:

@@ -17,11 +17,7 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.grpc.client import OipClient
 from services.common.grpc.servicer import InferenceServicer
 from services.common.observability import tracing
-
-
-def _rows(message: Any) -> int:
-    inputs = message.inputs
-    return int(inputs[0].shape[0]) if inputs and inputs[0].shape else 0
+from services.common.types import rows_of
 
 
 class TracedInferenceServicer(InferenceServicer):
@@ -30,7 +26,7 @@ class TracedInferenceServicer(InferenceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        span, token = tracing.server_start(context.invocation_metadata(), _rows(request))
+        span, token = tracing.server_start(context.invocation_metadata(), rows_of(request.inputs))
         code, status, message = "OK", 0, ""
         try:
             response: pb.ModelInferResponse = await super().ModelInfer(request, context)

@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+#: The header (gRPC metadata or HTTP) a caller may send its request id in.
+REQUEST_ID_HEADER = "x-request-id"
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 

@@ -200,14 +200,6 @@ def exemplar() -> dict[str, str] | None:
     return None if found is None else {"trace_id": found}
 
 
-def rows_of(inputs: Mapping[str, Any]) -> int:
-    """The rows of a request: the first dimension of its first input (0 when it has none)."""
-    for array in inputs.values():
-        shape = getattr(array, "shape", ())
-        return int(shape[0]) if shape else 0
-    return 0
-
-
 # -- spans ------------------------------------------------------------------------------------
 
 Attributes = Mapping[str, str | int | float | bool]

@@ -37,16 +37,15 @@ from google.protobuf import json_format
 
 from services.common import tensors
 from services.common.dataplane import DataPlane
-from services.common.errors import InvalidInput, MeshError
+from services.common.errors import INTERNAL_MESSAGE, InvalidInput, MeshError
 from services.common.grpc import triton
-from services.common.observability.logs import request_id_var
+from services.common.observability.logs import REQUEST_ID_HEADER, request_id_var
 from services.common.triton import params
 from services.common.types import DATATYPE_TO_NUMPY, InferRequest, InferResult
 
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-INTERNAL_MESSAGE = "internal error; the server log has the details"
 #: HTTP status of each error code.
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -76,7 +75,7 @@ def error_response(exc: BaseException) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request_id_var.set(request.headers.get("x-request-id", ""))
+    token = request_id_var.set(request.headers.get(REQUEST_ID_HEADER, ""))
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -294,7 +293,7 @@ class RestServer:
                 raise InvalidInput("every requested output needs a 'name'")
             out_params = _mapping(out.get("parameters", {}), f"output '{out_name}' parameters")
             options[out_name] = params.output_options(out_name, out_params, rest=True)
-        request_id = str(document.get("id", "")) or request.headers.get("x-request-id", "")
+        request_id = str(document.get("id", "")) or request.headers.get(REQUEST_ID_HEADER, "")
         infer = InferRequest(
             model=name,
             inputs=inputs,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from services.common.observability import tracing
+from services.common.types import rows_of
 
 #: The engine's step call: (compiled model step, the request's run, the step's inputs) -> outputs.
 StepCall = Callable[[Any, Any, Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
@@ -30,7 +31,7 @@ def traced(call: StepCall) -> StepCall:
             "onnxmesh.step": spec.name,
             "onnxmesh.service": spec.service,
             "onnxmesh.model": spec.model,
-            "onnxmesh.rows": tracing.rows_of(inputs),
+            "onnxmesh.rows": rows_of(inputs.values()),
         }
         span, token = tracing.start(f"step {spec.name}", attributes)
         code, message = "OK", ""

@@ -39,7 +39,7 @@ from typing import Protocol
 import numpy as np
 
 from orchestrator.spec import CacheSpec, GraphSpec, MeshSpec, ModelStep, SignatureKey
-from orchestrator.stage import Stage
+from orchestrator.stages.base import Stage
 from services.common.errors import MeshError
 from services.common.types import InferRequest, InferResult, ModelSignature
 

@@ -33,15 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import procstat
+from bench.load import procstat
 
 #: (area, substring of a frame) in match order: the first that matches the leaf names the area.
 AREAS: tuple[tuple[str, str], ...] = (
-    ("ours: engine (orchestrator/engine.py)", "orchestrator/engine.py"),
-    ("ours: compiled steps (orchestrator/nodes.py)", "orchestrator/nodes.py"),
-    ("ours: graph servable (orchestrator/service.py)", "orchestrator/service.py"),
-    ("ours: aggregators", "orchestrator/aggregators.py"),
-    ("ours: coalescing (orchestrator/coalescing.py)", "orchestrator/coalescing.py"),
+    ("ours: engine (orchestrator/graph/engine.py)", "orchestrator/graph/engine.py"),
+    ("ours: compiled steps (orchestrator/graph/plan.py)", "orchestrator/graph/plan.py"),
+    ("ours: graph servable (orchestrator/node.py)", "orchestrator/node.py"),
+    ("ours: aggregators", "orchestrator/graph/aggregators.py"),
+    ("ours: coalescing (orchestrator/stages/coalescing.py)", "orchestrator/stages/coalescing.py"),
     ("ours: other orchestrator/", "orchestrator/"),
     ("ours: OIP client (services/common/grpc/client.py)", "services/common/grpc/client.py"),
     ("ours: codec (services/common/grpc/codec.py)", "services/common/grpc/codec.py"),

@@ -1,7 +1,7 @@
-"""`python -m bench.tls`: what mTLS costs, a plaintext and an mTLS mesh side by side.
+"""`python -m bench.probes.tls`: what mTLS costs, a plaintext and an mTLS mesh side by side.
 
 Two local meshes run at once, one plaintext and one on mTLS with a token (`make run ARGS=--tls`);
-the load generator (`bench.loadgen`, its own process) measures digits-serial through each in
+the load generator (`bench.load.loadgen`, its own process) measures digits-serial through each in
 turn, alternating mesh and concurrency for `--rounds` rounds so drift on a shared machine hits
 both alike. digits-serial is four sequential hops (client -> orchestrator -> preprocess ->
 model_a -> model_b), so the c=1 p50 difference over four is the cost of one hop. Reported:
@@ -30,7 +30,7 @@ HOPS = 4
 
 
 def loadgen(target: str, concurrency: int, duration: float, env: Mapping[str, str]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.loadgen", "--target", target, "--model", GRAPH]
+    command = [sys.executable, "-m", "bench.load.loadgen", "--target", target, "--model", GRAPH]
     command += ["--concurrency", str(concurrency), "--duration", str(duration), "--warmup", "1", "--json"]
     done = subprocess.run(
         command, capture_output=True, text=True, env=dict(env), timeout=duration + 120, check=True
@@ -86,7 +86,7 @@ def report(figures: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.probes.tls", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per run (default: 4)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")

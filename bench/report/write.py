@@ -13,8 +13,8 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 
 import matplotlib.pyplot as plt
 
-from bench import costs
-from bench.analysis import (
+from bench.report import costs
+from bench.report.analysis import (
     ALL_IN_ONE,
     FLOOR,
     GROWTH,
@@ -26,7 +26,7 @@ from bench.analysis import (
     MODEL_A,
     SMALL,
 )
-from bench.tables import _ms, _num, _pct, _x, table
+from bench.report.tables import ms, num, pct, ratio, table
 
 JSON_NAME, MD_NAME, PNG_NAME = "report.json", "report.md", "latency_throughput.png"
 #: A load generator above this share of one core may be limiting the load it offers.
@@ -90,24 +90,24 @@ POINT_HEADERS = (
 
 def point_cells(p: Mapping[str, Any]) -> list[str]:
     lg = p["loadgen_cpu_per_request_s"]
-    loadgen = "in-process" if lg is None else f"{_ms(lg)} ({_pct(p['loadgen_cpu_share'])})"
+    loadgen = "in-process" if lg is None else f"{ms(lg)} ({pct(p['loadgen_cpu_share'])})"
     return [
         p["config"],
         p["model"],
         p["mode"],
         str(p["concurrency"]),
         f"{p['rps']:.0f}",
-        _num(p["p50_ms"], 3),
-        _num(p["p90_ms"], 3),
-        _num(p["p99_ms"], 3),
+        num(p["p50_ms"], 3),
+        num(p["p90_ms"], 3),
+        num(p["p99_ms"], 3),
         str(p["errors"]),
         f"{p['wrong']} ({p['accuracy']:.1%} ok)",
-        _ms(p["server_cpu_per_request_s"]),
-        _num(p["orchestrator_overhead_ms"], 3),
-        _ms(p["orchestrator_cpu_per_request_s"]),
+        ms(p["server_cpu_per_request_s"]),
+        num(p["orchestrator_overhead_ms"], 3),
+        ms(p["orchestrator_cpu_per_request_s"]),
         loadgen,
-        _pct(p["machine_busy"]),
-        _pct(p.get("other_load")),
+        pct(p["machine_busy"]),
+        pct(p.get("other_load")),
     ]
 
 
@@ -132,10 +132,10 @@ def _header(data: Mapping[str, Any]) -> list[str]:
         f"{s['duration_s']:g} s measured per point; one held-out digit per request (batch size 1), round "
         f"robin; loopback {s['loopback']} only. Graphs: {', '.join(s['graphs'])}.",
         "- **Modes**: *floor* = the graph's `predict` calls in one process, N threads, one request per call, no "
-        "network, no batching; *all-in-one* = one gRPC server (`bench.all_in_one`) running the same `Engine`, "
+        "network, no batching; *all-in-one* = one gRPC server (`bench.targets.all_in_one`) running the same `Engine`, "
         "spec and models in-process, its stages wrapped like the orchestrator's (coalescing of concurrent calls "
         "of a step, same default), no model batching; *minimal* = the all-in-one a user would write by hand "
-        "(`bench.minimal`: one synchronous grpcio server, 32 threads, onnxruntime sessions, the graph's steps "
+        "(`bench.targets.minimal`: one synchronous grpcio server, 32 threads, onnxruntime sessions, the graph's steps "
         "as plain function calls, the same OIP request and response, nothing else): the baseline of the "
         "targets; *mesh* = preprocess, model_a, model_b and the orchestrator as separate processes "
         "(`LocalMesh`), each with its defaults.",
@@ -189,9 +189,9 @@ def _ratios(data: Mapping[str, Any]) -> list[str]:
                 config,
                 r["model"],
                 str(r["concurrency"]),
-                *(_x(m.get(k)) for k in keys),
-                *(_x(a.get(k)) for k in keys),
-                *(_x(f.get(k)) for k in ("p50", "throughput")),
+                *(ratio(m.get(k)) for k in keys),
+                *(ratio(a.get(k)) for k in keys),
+                *(ratio(f.get(k)) for k in ("p50", "throughput")),
             ]
         )
     headers = ["config", "graph", "c", "mesh/minimal p50", "mesh/minimal p99", "mesh/minimal req/s"]
@@ -221,13 +221,13 @@ def _hops(data: Mapping[str, Any]) -> list[str]:
             str(h["concurrency"]),
             str(h["extra_calls"]),
             str(h["sequential"]),
-            _num(h["mesh_p50_ms"], 3),
-            _num(h["all_in_one_p50_ms"], 3),
-            _num(h["added_p50_ms"], 3),
-            _num(h["per_extra_call_ms"], 3),
-            _num(h["per_sequential_hop_ms"], 3),
-            _num(h["orchestrator_overhead_ms"], 3),
-            _num(h["orchestrator_cpu_per_request_ms"], 3),
+            num(h["mesh_p50_ms"], 3),
+            num(h["all_in_one_p50_ms"], 3),
+            num(h["added_p50_ms"], 3),
+            num(h["per_extra_call_ms"], 3),
+            num(h["per_sequential_hop_ms"], 3),
+            num(h["orchestrator_overhead_ms"], 3),
+            num(h["orchestrator_cpu_per_request_ms"], 3),
         ]
         for h in data["hops"]
     ]
@@ -273,10 +273,10 @@ def _large(data: Mapping[str, Any]) -> list[str]:
                 str(b["concurrency"]),
                 f"{b['off_rps']:.0f}",
                 f"{b['on_rps']:.0f}",
-                _x(b["throughput_ratio"]),
-                f"{_num(b['off_p50_ms'])} / {_num(b['on_p50_ms'])}",
-                f"{_num(b['off_p99_ms'])} / {_num(b['on_p99_ms'])}",
-                f"{_num(b['off_cpu_per_request_ms'], 3)} / {_num(b['on_cpu_per_request_ms'], 3)}",
+                ratio(b["throughput_ratio"]),
+                f"{num(b['off_p50_ms'])} / {num(b['on_p50_ms'])}",
+                f"{num(b['off_p99_ms'])} / {num(b['on_p99_ms'])}",
+                f"{num(b['off_cpu_per_request_ms'], 3)} / {num(b['on_cpu_per_request_ms'], 3)}",
             ]
             for b in data["batching"]
         ]
@@ -305,7 +305,7 @@ def _quality(data: Mapping[str, Any]) -> list[str]:
     disturbed = disturbed_points(data)
     if disturbed:
         names = ", ".join(
-            f"{p['config']} {p['mode']} {p['model']} c={p['concurrency']} ({_pct(p['other_load'])})"
+            f"{p['config']} {p['mode']} {p['model']} c={p['concurrency']} ({pct(p['other_load'])})"
             for p in disturbed
         )
         lines.append(
@@ -340,7 +340,7 @@ def _loadgen(data: Mapping[str, Any]) -> list[str]:
         )
         lines.append(
             f"It was **CPU-bound** (>= {LOADGEN_BUSY:.0%} of one core) at: {names}; up to "
-            f"{worst['loadgen_core_utilization']:.0%} of a core and {_pct(worst['loadgen_cpu_share'])} of the CPU "
+            f"{worst['loadgen_core_utilization']:.0%} of a core and {pct(worst['loadgen_cpu_share'])} of the CPU "
             "used. At those points the offered load is limited by the client as much as by the servers, and "
             "the client takes CPU the servers would otherwise get."
         )
@@ -368,8 +368,8 @@ def _profile(data: Mapping[str, Any]) -> list[str]:
         "",
         f"py-spy on the orchestrator (pid {prof['pid']}), {prof['seconds']:g} s per recording, during an extra "
         f"{prof['model']} c={prof['concurrency']} point (kept out of the tables above: sampling slows the "
-        f"process; that point ran {point['rps']:.0f} req/s, p50 {_num(point['p50_ms'])} ms, orchestrator CPU "
-        f"{_ms(point['orchestrator_cpu_per_request_s'])} ms/request). Flame graph (Python frames): "
+        f"process; that point ran {point['rps']:.0f} req/s, p50 {num(point['p50_ms'])} ms, orchestrator CPU "
+        f"{ms(point['orchestrator_cpu_per_request_s'])} ms/request). Flame graph (Python frames): "
         f"`{prof['svg']}`; native stacks of the thread holding the GIL (`--native --gil`): `{prof['raw']}` "
         f"({s['samples']} samples). Time in grpc's Cython/C core and in system calls made while holding the GIL "
         "shows up as such; C-core threads that never take the GIL are covered by the thread split below.",
@@ -432,7 +432,7 @@ def console_summary(data: Mapping[str, Any]) -> list[str]:
         m, a, f = r.get("mesh_vs_minimal") or {}, r["mesh_vs_all_in_one"] or {}, r["mesh_vs_floor"] or {}
         lines.append(
             f"  {r['config']:<14} {r['model']:<16} c={r['concurrency']:<3} "
-            + " | ".join(" ".join(_x(d.get(k)) for k in keys) for d in (m, a, f))
+            + " | ".join(" ".join(ratio(d.get(k)) for k in keys) for d in (m, a, f))
         )
     lines += costs.console(data)
     for h in data["hops"]:
@@ -440,7 +440,7 @@ def console_summary(data: Mapping[str, Any]) -> list[str]:
             f"  hop cost {h['model']} c={h['concurrency']}: +{h['added_p50_ms']:.3f} ms p50 over all-in-one = "
             f"{h['per_extra_call_ms']:.3f} ms per extra call ({h['extra_calls']}), "
             f"{h['per_sequential_hop_ms']:.3f} ms per sequential hop ({h['sequential']}); orchestrator own "
-            f"{_num(h['orchestrator_overhead_ms'], 3)} ms, CPU {_num(h['orchestrator_cpu_per_request_ms'], 3)} ms/request"
+            f"{num(h['orchestrator_overhead_ms'], 3)} ms, CPU {num(h['orchestrator_cpu_per_request_ms'], 3)} ms/request"
         )
     disturbed = disturbed_points(data)
     if disturbed:
@@ -454,7 +454,7 @@ def console_summary(data: Mapping[str, Any]) -> list[str]:
         )
     for b in data["batching"]:
         lines.append(
-            f"  batching on/off {b['mode']} {b['model']} c={b['concurrency']}: {_x(b['throughput_ratio'])} throughput"
+            f"  batching on/off {b['mode']} {b['model']} c={b['concurrency']}: {ratio(b['throughput_ratio'])} throughput"
         )
     return lines
 

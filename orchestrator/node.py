@@ -21,13 +21,13 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from orchestrator.budget import RetryBudget
-from orchestrator.cache import ResponseCaches
-from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
-from orchestrator.engine import Engine
-from orchestrator.replicas import ReplicaSet
+from orchestrator.graph.engine import Engine
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
-from orchestrator.stage import Stage
+from orchestrator.stages.base import Stage
+from orchestrator.stages.cache import ResponseCaches
+from orchestrator.stages.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
+from orchestrator.stages.replicas import ReplicaSet
+from orchestrator.stages.retry_budget import RetryBudget
 from services.common.errors import MeshError, Unavailable
 from services.common.grpc import traced
 from services.common.grpc.security import ClientSecurity
@@ -100,7 +100,7 @@ class OrchestratorMetrics:
         )
 
 
-class Graph(Servable):
+class GraphServable(Servable):
     """One graph of a spec, served as an OIP model by the engine of its spec generation.
 
     In-flight requests finish on the engine they started with, whatever a reload does meanwhile.
@@ -150,7 +150,7 @@ class Graph(Servable):
         return result
 
 
-class Pending(Servable):
+class PendingGraph(Servable):
     """A graph of the spec before the services have answered: known, but still loading, so that a
     client calling a starting orchestrator gets UNAVAILABLE (retry) rather than NOT_FOUND."""
 
@@ -168,13 +168,13 @@ class Pending(Servable):
 
 
 @dataclass
-class Loaded:
+class SpecGeneration:
     """One consistent generation of the spec: its engine and graph servables."""
 
     spec: MeshSpec
     digest: str
     engine: Engine
-    graphs: list[Graph]
+    graphs: list[GraphServable]
     hard_models: dict[str, set[ModelKey]]
 
 
@@ -210,13 +210,13 @@ class Orchestrator:
         self._step_series: dict[tuple[str, ...], Any] = {}
         self._overhead_series: dict[str, Any] = {}
         self._downstream_series: dict[tuple[str, str], Any] = {}
-        self.current: Loaded | None = None
+        self.current: SpecGeneration | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
         text = spec_path.read_text()
         self.pending_spec = parse_spec(text)  # a bad spec fails here, before anything starts
         self.pending_digest = hashlib.sha256(text.encode()).hexdigest()
-        repository.replace(Pending(name) for name in self.pending_spec.graphs)
+        repository.replace(PendingGraph(name) for name in self.pending_spec.graphs)
 
     def graph_ready(self, graph: str) -> bool:
         if self.current is None:
@@ -261,7 +261,9 @@ class Orchestrator:
         found = await asyncio.gather(*(stages[svc].metadata(model, ver) for svc, model, ver in keys))
         return dict(zip(keys, found, strict=True))
 
-    def build(self, spec: MeshSpec, digest: str, signatures: Mapping[ModelKey, ModelSignature]) -> Loaded:
+    def build(
+        self, spec: MeshSpec, digest: str, signatures: Mapping[ModelKey, ModelSignature]
+    ) -> SpecGeneration:
         graph_signatures = validate_against_signatures(spec, signatures)
         stages = self.stages(spec)
         caches = ResponseCaches(spec, stages, on_lookup=self._on_cache_lookup, environ=self.environ)
@@ -275,7 +277,7 @@ class Orchestrator:
             caches=caches,
         )
         graphs = [
-            Graph(
+            GraphServable(
                 name,
                 sig,
                 engine,
@@ -284,7 +286,7 @@ class Orchestrator:
             )
             for name, sig in graph_signatures.items()
         ]
-        return Loaded(spec, digest, engine, graphs, {g: spec.hard_model_keys(g) for g in spec.graphs})
+        return SpecGeneration(spec, digest, engine, graphs, {g: spec.hard_model_keys(g) for g in spec.graphs})
 
     async def load(self) -> None:
         """Wait for every service's metadata, check the spec against it, then serve the graphs."""
@@ -303,7 +305,7 @@ class Orchestrator:
         await self.refresh_readiness()
         self._tasks = [asyncio.create_task(self._watch_readiness()), asyncio.create_task(self._watch_spec())]
 
-    def activate(self, loaded: Loaded) -> None:
+    def activate(self, loaded: SpecGeneration) -> None:
         self.current = loaded
         self.repository.replace([*loaded.graphs])
         log.info("graphs active", extra={"graphs": sorted(loaded.spec.graphs), "digest": loaded.digest[:12]})

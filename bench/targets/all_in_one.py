@@ -1,4 +1,4 @@
-"""`python -m bench.all_in_one`: every step of every graph in ONE gRPC server process.
+"""`python -m bench.targets.all_in_one`: every step of every graph in ONE gRPC server process.
 
 This is the "one server does everything" baseline that the mesh replaces, built from the mesh's
 own pieces so that the comparison measures only the network hops and the process split:
@@ -27,11 +27,11 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 from bench.models import DEFAULT_DIRS, local_repositories, model_dirs, service_dir
-from orchestrator.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
-from orchestrator.engine import Engine
-from orchestrator.service import Graph
+from orchestrator.graph.engine import Engine
+from orchestrator.node import GraphServable
 from orchestrator.spec import MeshSpec, SignatureKey, SpecError, load_spec, validate_against_signatures
-from orchestrator.stage import Stage
+from orchestrator.stages.base import Stage
+from orchestrator.stages.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from services.common.dataplane import DataPlane
 from services.common.errors import MeshError, NotFound
 from services.common.model import Servable
@@ -45,7 +45,7 @@ from services.common.types import InferRequest, InferResult, ModelSignature
 SERVICE = "all_in_one"
 #: The orchestrator's `--coalesce` default; the env var is shared too.
 COALESCE_IN_FLIGHT = DEFAULT_IN_FLIGHT
-DEFAULT_GRAPHS = Path(__file__).resolve().parent.parent / "orchestrator" / "graphs.yaml"
+DEFAULT_GRAPHS = Path(__file__).resolve().parents[2] / "orchestrator" / "graphs.yaml"
 log = logging.getLogger(SERVICE)
 
 
@@ -120,7 +120,7 @@ class AllInOne:
         graph_signatures = validate_against_signatures(self.spec, signatures)
         self.engine = Engine(self.spec, stages)
         # The orchestrator's own graph servable: only the network hops differ from the mesh.
-        graphs = [Graph(name, sig, self.engine) for name, sig in graph_signatures.items()]
+        graphs = [GraphServable(name, sig, self.engine) for name, sig in graph_signatures.items()]
         self.served.replace([*models, *graphs])
         log.info("graphs active", extra={"graphs": sorted(graph_signatures)})
 

@@ -1,4 +1,4 @@
-"""`python -m bench.calls`: Python function calls per request on each node, counted by cProfile.
+"""`python -m bench.probes.calls`: Python function calls per request on each node, counted by cProfile.
 
 Latency and CPU figures move with the machine's load; call counts do not. This runs the local
 mesh with every node under cProfile, sends N1 and then N2 sequential requests (two separate
@@ -33,7 +33,7 @@ from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: The project's own code: the packages of the nodes and the tooling (not bench, not proto/gen).
 OURS = tuple(str(ROOT / name) + "/" for name in ("services", "orchestrator", "meshctl", "jobs"))
 
@@ -137,7 +137,7 @@ def count(point: Point, low: int, high: int) -> list[Count]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.calls", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="python -m bench.probes.calls", description=__doc__.splitlines()[0] if __doc__ else None
     )
     parser.add_argument("--low", type=int, default=50, help="requests in the first mesh (default: 50)")
     parser.add_argument("--high", type=int, default=250, help="requests in the second mesh (default: 250)")

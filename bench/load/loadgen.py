@@ -1,6 +1,6 @@
-"""`python -m bench.loadgen`: a closed-loop OIP load generator for any endpoint.
+"""`python -m bench.load.loadgen`: a closed-loop OIP load generator for any endpoint.
 
-    python -m bench.loadgen --target 127.0.0.1:8001 --model digits-serial \\
+    python -m bench.load.loadgen --target 127.0.0.1:8001 --model digits-serial \\
         --concurrency 32 --duration 4 --warmup 2 --json
 
 N workers on one asyncio event loop share one long-lived `OipClient` channel; each sends a
@@ -12,7 +12,7 @@ wrong answer is not a result).
 What is sent follows the model's metadata: an `image` input gets the raw UINT8 [1,8,8] image; a
 `features` input (e.g. model_a's `digits-mlp`) gets the preprocessed FP32 [1,64] row. Only one
 output is asked for: `label` when the model has it, else `probabilities`, else (an identity-like
-model, `bench.growth`'s echo graphs) its only output, which must answer the input back.
+model, `bench.targets.growth`'s echo graphs) its only output, which must answer the input back.
 
 It runs in a process of its own so that its CPU can be measured apart from the servers'; it
 shares the machine's cores with them, so the driver reports its CPU share too.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.measure import (
+from bench.load.measure import (
     MEASURED,
     MEASURING,
     Samples,
@@ -170,7 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.load.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="OIP endpoint, HOST:PORT (any gRPC target)")
     parser.add_argument("--model", required=True, help="model or graph name")
     add_run_options(parser, "workers")

@@ -4,11 +4,11 @@ Every gRPC call costs a few hundred microseconds of CPU on each side, far more t
 models' compute. Under load, the orchestrator holds many requests at the same step at once;
 sending them as one call with their rows stacked divides that cost by the batch size.
 
-    step calls --> per (model, version, outputs, input layout): at most `AdaptiveLimit` calls
+    step calls --> per (model, version, outputs, input layout): at most `LaneLimit` calls
                    running; the rest wait and leave together, as one call, when one returns
 
 No timer: a call goes out at once while fewer calls than the limit are running, so a lone
-request (concurrency 1) never waits. The limit adapts to load (`AdaptiveLimit`): up to
+request (concurrency 1) never waits. The limit adapts to load (`LaneLimit`): up to
 `max_in_flight` while calls answer as fast as they do unloaded, down to one as their latency
 grows, so that under load every caller that arrives while a call runs leaves in the next one. Stacking, splitting and re-running alone are
 `services.common.batching.stacking`'s, shared with the model services' adaptive batching: each caller
@@ -30,11 +30,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.stage import Stage
+from orchestrator.stages.base import Stage
 from services.common.batching import stacking
 from services.common.errors import DeadlineExceeded, MeshError
 from services.common.observability import tracing
-from services.common.types import InferRequest, InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class CoalescingStage:
         self.max_in_flight = max_in_flight
         self.max_rows = max_rows
         self._lanes: dict[CallKey, _Lane] = {}
-        self._limits = Limits(max_in_flight, adaptive=adaptive, on_call=on_call)
+        self._limits = LaneLimits(max_in_flight, adaptive=adaptive, on_call=on_call)
         #: Downstream calls made, and how many callers they answered, with rows or with an error
         #: (for tests and metrics).
         self.calls_sent = 0
@@ -109,7 +109,7 @@ class CoalescingStage:
             self.calls_sent += 1
             self.callers_served += 1
             if self.on_call is not None:
-                self.on_call(request.model, stacking.rows(request))
+                self.on_call(request.model, rows_of(request.inputs.values()))
             started = time.monotonic()
             try:
                 result = await self.inner.call(request)
@@ -119,7 +119,7 @@ class CoalescingStage:
             return result
         call = _Call(
             request,
-            stacking.rows(request),
+            rows_of(request.inputs.values()),
             asyncio.get_running_loop().create_future(),
             tracing.current() if tracing.enabled else None,
         )
@@ -142,7 +142,7 @@ class CoalescingStage:
         self.calls_sent += 1
         self.callers_served += 1
         if self.on_call is not None:  # calls that cannot stack skip the limits: count them here
-            self.on_call(request.model, _rows(request))
+            self.on_call(request.model, rows_of(request.inputs.values()))
         return await self.inner.call(request)
 
     def _finished(self, key: CallKey, lane: _Lane) -> None:
@@ -208,13 +208,6 @@ def _settle(call: _Call, answer: InferResult | BaseException) -> None:
         call.future.set_result(answer)
 
 
-def _rows(request: InferRequest) -> int:
-    """The rows of a call that cannot be stacked (0 when it has no batch dimension)."""
-    for array in request.inputs.values():
-        return int(array.shape[0]) if array.ndim else 0
-    return 0
-
-
 def _key(request: InferRequest) -> CallKey | None:
     """The coalescing key, or None for calls that cannot be stacked (scalars, ragged, empty, BYTES)."""
     stackable = stacking.layout(request.inputs, bytes_tensors=False)
@@ -226,7 +219,7 @@ def _key(request: InferRequest) -> CallKey | None:
 # -- the in-flight limit of each lane, and the rows-per-call metric ----------------------------
 
 
-class AdaptiveLimit:
+class LaneLimit:
     """How many calls of one lane may be in flight before further callers wait to leave stacked.
 
     A call costs the same few hundred microseconds of CPU on each side whatever rows it carries,
@@ -271,19 +264,19 @@ class AdaptiveLimit:
             self.value = min(float(self.maximum), max(1.0, target))
 
 
-class Limits:
-    """Every lane's `AdaptiveLimit` (kept while a lane is idle), and the calls' timing and metric."""
+class LaneLimits:
+    """Every lane's `LaneLimit` (kept while a lane is idle), and the calls' timing and metric."""
 
     def __init__(self, maximum: int, *, adaptive: bool = True, on_call: CallHook | None = None) -> None:
         self.maximum = maximum
         self.adaptive = adaptive
         self.on_call = on_call
-        self._limits: dict[CallKey, AdaptiveLimit] = {}
+        self._limits: dict[CallKey, LaneLimit] = {}
 
-    def of(self, key: CallKey) -> AdaptiveLimit:
+    def of(self, key: CallKey) -> LaneLimit:
         limit = self._limits.get(key)
         if limit is None:
-            limit = self._limits[key] = AdaptiveLimit(self.maximum, adaptive=self.adaptive)
+            limit = self._limits[key] = LaneLimit(self.maximum, adaptive=self.adaptive)
         return limit
 
     def allows(self, key: CallKey, running: int) -> bool:
@@ -294,7 +287,7 @@ class Limits:
     ) -> InferResult:
         """Make one downstream call; its latency (when it answered) moves the lane's limit."""
         if self.on_call is not None:
-            self.on_call(key[0], stacking.rows(request))
+            self.on_call(key[0], rows_of(request.inputs.values()))
         started = time.monotonic()
         result = await call(request)
         self.of(key).observe(time.monotonic() - started)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from orchestrator.budget import RetryBudget
+from orchestrator.stages.retry_budget import RetryBudget
 from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
 from services.common.types import InferRequest, InferResult, ModelSignature
 
@@ -188,10 +188,6 @@ class ReplicaSet:
         now = self._clock()
         return [r.address for r in self._replicas if r.ejected_until > now]
 
-    @property
-    def hedge_delay(self) -> float:
-        return self._hedge_delay
-
     # -- the Stage protocol -----------------------------------------------------------------------
 
     async def call(self, request: InferRequest) -> InferResult:
@@ -304,8 +300,6 @@ class ReplicaSet:
             result = await replica.client.call(request)
         except (Unavailable, DeadlineExceeded) as err:
             self._failed(replica, err.code)
-            raise
-        except asyncio.CancelledError:
             raise
         finally:
             replica.in_flight -= 1

@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.aggregators import AGGREGATORS
-from orchestrator.cache import GraphCache, ResponseCaches
+from orchestrator.graph.aggregators import AGGREGATORS
 from orchestrator.spec import (
     REQUEST,
     EnsembleStep,
@@ -36,10 +35,11 @@ from orchestrator.spec import (
     iter_steps,
     storage_name,
 )
-from orchestrator.stage import Stage
+from orchestrator.stages.base import Stage
+from orchestrator.stages.cache import GraphCache, ResponseCaches
 from services.common.errors import MeshError
 
-logger = logging.getLogger("orchestrator.engine")
+logger = logging.getLogger("orchestrator.graph.engine")
 
 #: What ``parameters`` reports for the model steps of a mirror's shadow: the answer doesn't wait for
 #: them, their outcome goes to the on_step / on_mirror hooks.
@@ -72,14 +72,14 @@ class StepContext:
     #: Drives the splitter's choices.
     rng: random.Random
     #: One model step: its attempts, status, version and report.
-    call: Callable[[ModelNode, Run, Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+    call: Callable[[ModelNode, RequestState, Mapping[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
     #: Runs a coroutine in the background (a mirror's shadow), tied to the request.
-    spawn: Callable[[Run, Coroutine[Any, Any, None]], asyncio.Task[None]]
+    spawn: Callable[[RequestState, Coroutine[Any, Any, None]], asyncio.Task[None]]
     #: Reports a shadow's comparison with the primary.
     mirrored: Callable[[str, str, bool, float], None]
 
 
-class Run:
+class RequestState:
     """The state of one request: produced tensors, failures, per-step statuses, shadow tasks."""
 
     def __init__(self, ctx: StepContext, plan: Plan, deadline: float, margin: float, request_id: str) -> None:
@@ -110,7 +110,7 @@ class Run:
             return MeshError(f"{consumer} needs '{source}.{tensor}', which was not produced")
         return cause.with_prefix(f"{consumer} needs '{source}.{tensor}'")
 
-    def skip(self, node: Node, reason: str, cause: MeshError) -> None:
+    def skip(self, node: CompiledStep, reason: str, cause: MeshError) -> None:
         """Record that ``node`` (or what of it had not finished) did not run."""
         for name in node.model_steps:
             self.status.setdefault(name, f"skipped: {reason}")
@@ -122,7 +122,7 @@ class Run:
 # Compiled steps
 
 
-class Node:
+class CompiledStep:
     """A compiled step. ``execute`` returns its outputs, or None when it forwards another step's."""
 
     def __init__(self, step: Step) -> None:
@@ -132,11 +132,11 @@ class Node:
         self.names = tuple(s.name for s in subtree)
         self.model_steps = tuple(s.name for s in subtree if s.kind == ModelStep.kind)
 
-    async def execute(self, run: Run) -> Mapping[str, np.ndarray] | None:
+    async def execute(self, run: RequestState) -> Mapping[str, np.ndarray] | None:
         raise NotImplementedError
 
 
-async def _run_node(node: Node, run: Run) -> None:
+async def _run_node(node: CompiledStep, run: RequestState) -> None:
     """Run one step; a soft step's failure is recorded instead of raised."""
     try:
         outputs = await node.execute(run)
@@ -151,7 +151,7 @@ async def _run_node(node: Node, run: Run) -> None:
         run.values[node.name] = outputs
 
 
-async def run_sequence(nodes: Sequence[Node], run: Run) -> None:
+async def run_sequence(nodes: Sequence[CompiledStep], run: RequestState) -> None:
     for i, node in enumerate(nodes):
         try:
             await _run_node(node, run)
@@ -181,7 +181,7 @@ async def _all_or_cancel(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
             raise error
 
 
-class ModelNode(Node):
+class ModelNode(CompiledStep):
     def __init__(
         self, step: ModelStep, stage: Stage, requested: tuple[str, ...], storage: Mapping[str, str]
     ) -> None:
@@ -193,7 +193,7 @@ class ModelNode(Node):
         # input name -> (step whose outputs hold the tensor, tensor name)
         self.bindings = tuple((name, storage[ref.step], ref.tensor) for name, ref in step.inputs.items())
 
-    async def execute(self, run: Run) -> Mapping[str, np.ndarray]:
+    async def execute(self, run: RequestState) -> Mapping[str, np.ndarray]:
         inputs: dict[str, np.ndarray] = {}
         for name, source, tensor in self.bindings:
             array = run.get(source, tensor)
@@ -206,18 +206,20 @@ class ModelNode(Node):
         return await run.ctx.call(self, run, inputs)
 
 
-class _SequenceNode(Node):
-    def __init__(self, step: SequenceStep, nodes: tuple[Node, ...]) -> None:
+class _SequenceNode(CompiledStep):
+    def __init__(self, step: SequenceStep, nodes: tuple[CompiledStep, ...]) -> None:
         super().__init__(step)
         self.nodes = nodes
 
-    async def execute(self, run: Run) -> None:
+    async def execute(self, run: RequestState) -> None:
         await run_sequence(self.nodes, run)
         return None  # its outputs are its last step's, read there directly
 
 
-class _EnsembleNode(Node):
-    def __init__(self, step: EnsembleStep, branches: tuple[Node, ...], storage: Mapping[str, str]) -> None:
+class _EnsembleNode(CompiledStep):
+    def __init__(
+        self, step: EnsembleStep, branches: tuple[CompiledStep, ...], storage: Mapping[str, str]
+    ) -> None:
         super().__init__(step)
         self.branches = branches
         self.sources = tuple(storage[b.name] for b in branches)
@@ -228,7 +230,7 @@ class _EnsembleNode(Node):
         self.weights = tuple(weights.get(b.name, 1.0) for b in branches)
         self.quorum = step.quorum if step.quorum is not None else 1
 
-    async def execute(self, run: Run) -> Mapping[str, np.ndarray]:
+    async def execute(self, run: RequestState) -> Mapping[str, np.ndarray]:
         try:
             await _all_or_cancel([_run_node(b, run) for b in self.branches])
         except MeshError as err:
@@ -268,7 +270,7 @@ class _Outputs:
             for name, expr in outputs.items()
         )
 
-    def evaluate(self, run: Run, consumer: str) -> dict[str, np.ndarray]:
+    def evaluate(self, run: RequestState, consumer: str) -> dict[str, np.ndarray]:
         values: dict[str, np.ndarray] = {}
         for name, alternatives, argmax in self.items:
             array = next((a for s, t in alternatives if (a := run.get(s, t)) is not None), None)
@@ -279,12 +281,12 @@ class _Outputs:
         return values
 
 
-class _SwitchNode(Node):
+class _SwitchNode(CompiledStep):
     def __init__(
         self,
         step: SwitchStep,
-        then: tuple[Node, ...],
-        else_: tuple[Node, ...],
+        then: tuple[CompiledStep, ...],
+        else_: tuple[CompiledStep, ...],
         storage: Mapping[str, str],
     ) -> None:
         super().__init__(step)
@@ -294,7 +296,7 @@ class _SwitchNode(Node):
         self.else_ = else_
         self.outputs = _Outputs(step.outputs, storage)
 
-    async def execute(self, run: Run) -> Mapping[str, np.ndarray]:
+    async def execute(self, run: RequestState) -> Mapping[str, np.ndarray]:
         ref = self.condition.ref
         array = run.get(self.source, ref.tensor)
         if array is None:
@@ -312,7 +314,7 @@ class _SwitchNode(Node):
         return self.outputs.evaluate(run, f"output {{name!r}} of switch {self.name!r}")
 
 
-class _SplitterNode(Node):
+class _SplitterNode(CompiledStep):
     def __init__(self, step: SplitterStep, branches: tuple[ModelNode, ...]) -> None:
         super().__init__(step)
         self.branches = branches
@@ -323,7 +325,7 @@ class _SplitterNode(Node):
             self.cumulative.append(total)
         self.total = total
 
-    async def execute(self, run: Run) -> Mapping[str, np.ndarray]:
+    async def execute(self, run: RequestState) -> Mapping[str, np.ndarray]:
         # bisect_right never lands on a 0-weight branch: its cumulative equals its predecessor's.
         chosen = bisect.bisect_right(self.cumulative, run.ctx.rng.random() * self.total)
         cause = MeshError(f"splitter {self.name!r} chose another branch")
@@ -333,8 +335,10 @@ class _SplitterNode(Node):
         return await self.branches[chosen].execute(run)
 
 
-class _MirrorNode(Node):
-    def __init__(self, step: MirrorStep, primary: Node, shadow: Node, storage: Mapping[str, str]) -> None:
+class _MirrorNode(CompiledStep):
+    def __init__(
+        self, step: MirrorStep, primary: CompiledStep, shadow: CompiledStep, storage: Mapping[str, str]
+    ) -> None:
         super().__init__(step)
         self.primary = primary
         self.shadow = shadow
@@ -342,7 +346,7 @@ class _MirrorNode(Node):
         self.primary_source = storage[step.primary.name]
         self.shadow_source = storage[step.shadow.name]
 
-    async def execute(self, run: Run) -> None:
+    async def execute(self, run: RequestState) -> None:
         primary_answer: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
         shadow = run.ctx.spawn(run, self._shadow(run, primary_answer))
         try:
@@ -353,7 +357,7 @@ class _MirrorNode(Node):
         primary_answer.set_result(run.get(self.primary_source, self.compare))
         return None  # its outputs are the primary's, read there directly
 
-    async def _shadow(self, run: Run, primary_answer: Awaitable[np.ndarray | None]) -> None:
+    async def _shadow(self, run: RequestState, primary_answer: Awaitable[np.ndarray | None]) -> None:
         try:
             # Bounded by the request's deadline even though nobody waits for it.
             async with asyncio.timeout(max(0.0, run.deadline - run.ctx.clock())):
@@ -381,13 +385,13 @@ class _MirrorNode(Node):
 class Plan:
     name: str
     timeout: float
-    root: tuple[Node, ...]
+    root: tuple[CompiledStep, ...]
     outputs: _Outputs
     model_steps: tuple[str, ...]
     shadow_steps: frozenset[str]
     cache: GraphCache | None = None
 
-    def parameters(self, run: Run) -> dict[str, str | int | float | bool]:
+    def parameters(self, run: RequestState) -> dict[str, str | int | float | bool]:
         params: dict[str, str | int | float | bool] = {"graph": self.name}
         for name in self.model_steps:
             if name in self.shadow_steps:
@@ -408,7 +412,7 @@ class Compiler:
         self.caches = caches
         self.storage = {s.name: storage_name(s) for s in graph.all_steps()}
         self.storage[REQUEST] = REQUEST
-        self._by_kind: dict[str, Callable[[Any], Node]] = {
+        self._by_kind: dict[str, Callable[[Any], CompiledStep]] = {
             ModelStep.kind: self._model,
             SequenceStep.kind: self._sequence,
             EnsembleStep.kind: self._ensemble,
@@ -417,10 +421,10 @@ class Compiler:
             MirrorStep.kind: self._mirror,
         }
 
-    def node(self, step: Step) -> Node:
+    def node(self, step: Step) -> CompiledStep:
         return self._by_kind[step.kind](step)
 
-    def nodes(self, steps: Sequence[Step]) -> tuple[Node, ...]:
+    def nodes(self, steps: Sequence[Step]) -> tuple[CompiledStep, ...]:
         return tuple(map(self.node, steps))
 
     def plan(self) -> Plan:
@@ -446,17 +450,17 @@ class Compiler:
         stage = self.caches.stage(self.graph.name, step, self.stages[step.service])
         return ModelNode(step, stage, requested, self.storage)
 
-    def _sequence(self, step: SequenceStep) -> Node:
+    def _sequence(self, step: SequenceStep) -> CompiledStep:
         return _SequenceNode(step, self.nodes(step.steps))
 
-    def _ensemble(self, step: EnsembleStep) -> Node:
+    def _ensemble(self, step: EnsembleStep) -> CompiledStep:
         return _EnsembleNode(step, self.nodes(step.branches), self.storage)
 
-    def _switch(self, step: SwitchStep) -> Node:
+    def _switch(self, step: SwitchStep) -> CompiledStep:
         return _SwitchNode(step, self.nodes(step.then), self.nodes(step.else_), self.storage)
 
-    def _splitter(self, step: SplitterStep) -> Node:
+    def _splitter(self, step: SplitterStep) -> CompiledStep:
         return _SplitterNode(step, tuple(self._model(b.step) for b in step.branches))
 
-    def _mirror(self, step: MirrorStep) -> Node:
+    def _mirror(self, step: MirrorStep) -> CompiledStep:
         return _MirrorNode(step, self.node(step.primary), self.node(step.shadow), self.storage)

@@ -1,6 +1,7 @@
 """From the points of one run to what the report states: ratios, cost per hop, batching, targets.
 
-Pure functions over the point rows `bench.runner.point_row` returns; no I/O.
+Pure functions over the point rows `bench.runner.point_row` returns (no I/O); a target's checks
+carry the sentence the report prints for them.
 
 Hops: the mesh's *extra gRPC calls* per request are the calls the orchestrator makes to the
 services, one per model step of the graph (the client's own call to the orchestrator has its
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from bench.report.tables import pct
 from orchestrator.spec import EnsembleStep, GraphSpec, MeshSpec, ModelStep, SequenceStep, Step, iter_steps
 
 Row = Mapping[str, Any]
@@ -202,7 +204,7 @@ def coalescing(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
 
 def grpc_servers(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """The sync grpcio server against grpc.aio, the same handlers (bench.minimal and --aio)."""
+    """The sync grpcio server against grpc.aio, the same handlers (bench.targets.minimal and --aio)."""
     out = []
     for aio in (r for r in rows if r["mode"] == MINIMAL_AIO):
         sync = find(rows, MINIMAL, aio["config"], aio["model"], aio["concurrency"])
@@ -304,6 +306,9 @@ def _verdict(checks: Sequence[dict[str, Any]]) -> bool | None:
     return None if not checks else all(c["met"] for c in checks)
 
 
+Check = dict[str, Any]
+
+
 def targets(
     rows: Sequence[Row],
     spec: MeshSpec,
@@ -315,11 +320,51 @@ def targets(
 ) -> list[dict[str, Any]]:
     """Each project target, met or missed, with the numbers it was judged on (at `low` and `high` c).
 
-    Latency and scale targets are against the minimal all-in-one (`bench.minimal`), on every
+    Latency and scale targets are against the minimal all-in-one (`bench.targets.minimal`), on every
     benchmarked graph; the hop budget uses the raw hop measured in the same run.
     """
     raw = raw_hop(rows)
     hop = None if raw is None else raw["hop_p50_ms"]
+    latency, scale, cpu = _against_minimal(rows, spec, low, high, hop)
+    hits = _cache_checks(cached, low)
+    batch = _batching_checks(batch_rows)
+    return [
+        _target(
+            1,
+            f"c={low}: mesh p50 <= minimal all-in-one p50 + {EXTRA_CALLS} x (raw hop p50 + {HOP_SLACK_MS} ms)",
+            latency,
+        ),
+        _target(
+            2,
+            f"c={high}: mesh throughput >= {THROUGHPUT_FLOOR}x the minimal all-in-one's and mesh p99 <= "
+            f"{P99_CEILING}x its p99",
+            scale,
+        ),
+        _target(3, f"c={high}: mesh CPU s/request <= {CPU_CEILING}x the minimal all-in-one's", cpu),
+        _target(
+            4, f"each extra serial step adds <= {STEP_CEILING}x a raw hop at p50", _step_checks(grown, hop)
+        ),
+        _target(5, f"each extra parallel branch adds <= {BRANCH_CEILING:.0%} p50", _branch_checks(grown)),
+        _target(6, f"c={low}: a cache hit's p50 <= {CACHE_CEILING}x the minimal all-in-one's p50", hits),
+        _target(
+            7,
+            f"c={high}: batching on vs off >= {BATCHING_GAIN}x throughput (compute-dominant model, "
+            "model_a endpoint)",
+            batch,
+        ),
+    ]
+
+
+def _target(number: int, text: str, checks: list[Check]) -> dict[str, Any]:
+    """A target: met when every check that counts is met (None when nothing was measured)."""
+    counted = [c for c in checks if c.get("counts", True)]
+    return {"id": number, "target": text, "met": _verdict(counted), "checks": checks}
+
+
+def _against_minimal(
+    rows: Sequence[Row], spec: MeshSpec, low: int, high: int, hop: float | None
+) -> tuple[list[Check], list[Check], list[Check]]:
+    """Targets 1-3, per benchmarked graph: latency at `low`, throughput and p99, CPU at `high`."""
     latency, scale, cpu = [], [], []
     for mesh in (r for r in rows if r["mode"] == MESH and r["config"] == SMALL):
         least = find(rows, MINIMAL, SMALL, mesh["model"], mesh["concurrency"])
@@ -347,56 +392,75 @@ def targets(
                     f"(<= {P99_CEILING})",
                 }
             )
-            ratio = mesh["server_cpu_per_request_s"] / least["server_cpu_per_request_s"]
+            cpu_ratio = mesh["server_cpu_per_request_s"] / least["server_cpu_per_request_s"]
             cpu.append(
                 {
                     "model": name,
-                    "met": ratio <= CPU_CEILING,
+                    "met": cpu_ratio <= CPU_CEILING,
                     "text": f"{name} c={c}: {mesh['server_cpu_per_request_s'] * 1e3:.3f} vs "
-                    f"{least['server_cpu_per_request_s'] * 1e3:.3f} ms CPU/request = {ratio:.2f}x (<= {CPU_CEILING})",
+                    f"{least['server_cpu_per_request_s'] * 1e3:.3f} ms CPU/request = {cpu_ratio:.2f}x "
+                    f"(<= {CPU_CEILING})",
                 }
             )
-    steps, branches = [], []
-    chain, fan = (grown or {}).get("chain"), (grown or {}).get("fanout")
-    if chain and chain["p50_ms_per_step"] is not None and hop is not None:
-        per, limit = chain["p50_ms_per_step"], STEP_CEILING * hop
-        added = ", ".join(_num_or_dash(r["added_p50_ms"]) for r in chain["rows"][1:])
-        steps.append(
-            {
-                "model": "chain",
-                "met": per <= limit,
-                "text": f"chain-1..{len(chain['rows'])} c={chain['concurrency']}: {per:.3f} ms p50 per extra step "
-                f"(fitted; each: {added}) vs {STEP_CEILING} x raw hop {hop:.3f} = {limit:.3f} ms",
-            }
-        )
-    if fan and fan["p50_ms_per_step"] is not None:
-        per, share = fan["p50_ms_per_step"], fan["p50_ms_per_step"] / fan["base_p50_ms"]
-        added = ", ".join(_num_or_dash(r["added_p50_ms"]) for r in fan["rows"][1:])
-        branches.append(
-            {
-                "model": "fanout",
-                "met": share <= BRANCH_CEILING,
-                "text": f"fanout-1..{len(fan['rows'])} c={fan['concurrency']}: {per:.3f} ms p50 per extra branch "
-                f"(fitted; each: {added}) = {share:.1%} of fanout-1's {fan['base_p50_ms']:.3f} ms "
-                f"(<= {BRANCH_CEILING:.0%})",
-            }
-        )
-    hits = [
+    return latency, scale, cpu
+
+
+def _step_checks(grown: Mapping[str, Any] | None, hop: float | None) -> list[Check]:
+    """Target 4: the fitted p50 cost of one more serial step, against the raw hop."""
+    chain = (grown or {}).get("chain")
+    if not chain or chain["p50_ms_per_step"] is None or hop is None:
+        return []
+    per, limit = chain["p50_ms_per_step"], STEP_CEILING * hop
+    added = ", ".join(_signed(r["added_p50_ms"]) for r in chain["rows"][1:])
+    return [
+        {
+            "model": "chain",
+            "met": per <= limit,
+            "text": f"chain-1..{len(chain['rows'])} c={chain['concurrency']}: {per:.3f} ms p50 per extra step "
+            f"(fitted; each: {added}) vs {STEP_CEILING} x raw hop {hop:.3f} = {limit:.3f} ms",
+        }
+    ]
+
+
+def _branch_checks(grown: Mapping[str, Any] | None) -> list[Check]:
+    """Target 5: the fitted p50 cost of one more parallel branch, as a share of one branch."""
+    fan = (grown or {}).get("fanout")
+    if not fan or fan["p50_ms_per_step"] is None:
+        return []
+    per, share = fan["p50_ms_per_step"], fan["p50_ms_per_step"] / fan["base_p50_ms"]
+    added = ", ".join(_signed(r["added_p50_ms"]) for r in fan["rows"][1:])
+    return [
+        {
+            "model": "fanout",
+            "met": share <= BRANCH_CEILING,
+            "text": f"fanout-1..{len(fan['rows'])} c={fan['concurrency']}: {per:.3f} ms p50 per extra branch "
+            f"(fitted; each: {added}) = {share:.1%} of fanout-1's {fan['base_p50_ms']:.3f} ms "
+            f"(<= {BRANCH_CEILING:.0%})",
+        }
+    ]
+
+
+def _cache_checks(cached: Sequence[Mapping[str, Any]], low: int) -> list[Check]:
+    """Target 6: a cache hit against the minimal all-in-one (only the `low` row counts)."""
+    return [
         {
             "model": CACHED_GRAPH,
             "met": row["vs_minimal_p50"] <= CACHE_CEILING,
             "counts": row["concurrency"] == low,
             "text": f"{CACHED_GRAPH} c={row['concurrency']}: hit p50 {row['p50_ms']:.3f} ms vs minimal "
             f"{row['minimal_p50_ms']:.3f} ms = {row['vs_minimal_p50']:.2f}x (<= {CACHE_CEILING}); hit ratio "
-            f"{_pct_or_dash(row['hit_ratio'])}",
+            f"{pct(row['hit_ratio'])}",
         }
         for row in cached
         if row["vs_minimal_p50"] is not None
     ]
-    batch = [
+
+
+def _batching_checks(batch_rows: Sequence[Mapping[str, Any]]) -> list[Check]:
+    """Target 7: batching on against off (the model's endpoint counts; the graph's is beside it)."""
+    return [
         {
             "model": f"{b['mode']} {b['model']}",
-            # The target is about the model's endpoint; the graph's ratio is reported beside it.
             "met": b["throughput_ratio"] is not None and b["throughput_ratio"] >= BATCHING_GAIN,
             "counts": b["mode"] == MODEL_A,
             "text": f"{b['mode']} {b['model']} c={b['concurrency']}: {b['on_rps']:.0f} vs {b['off_rps']:.0f} "
@@ -404,58 +468,7 @@ def targets(
         }
         for b in batch_rows
     ]
-    return [
-        {
-            "id": 1,
-            "target": f"c={low}: mesh p50 <= minimal all-in-one p50 + {EXTRA_CALLS} x (raw hop p50 + "
-            f"{HOP_SLACK_MS} ms)",
-            "met": _verdict(latency),
-            "checks": latency,
-        },
-        {
-            "id": 2,
-            "target": f"c={high}: mesh throughput >= {THROUGHPUT_FLOOR}x the minimal all-in-one's and mesh p99 <= "
-            f"{P99_CEILING}x its p99",
-            "met": _verdict(scale),
-            "checks": scale,
-        },
-        {
-            "id": 3,
-            "target": f"c={high}: mesh CPU s/request <= {CPU_CEILING}x the minimal all-in-one's",
-            "met": _verdict(cpu),
-            "checks": cpu,
-        },
-        {
-            "id": 4,
-            "target": f"each extra serial step adds <= {STEP_CEILING}x a raw hop at p50",
-            "met": _verdict(steps),
-            "checks": steps,
-        },
-        {
-            "id": 5,
-            "target": f"each extra parallel branch adds <= {BRANCH_CEILING:.0%} p50",
-            "met": _verdict(branches),
-            "checks": branches,
-        },
-        {
-            "id": 6,
-            "target": f"c={low}: a cache hit's p50 <= {CACHE_CEILING}x the minimal all-in-one's p50",
-            "met": _verdict([h for h in hits if h["counts"]]),
-            "checks": hits,
-        },
-        {
-            "id": 7,
-            "target": f"c={high}: batching on vs off >= {BATCHING_GAIN}x throughput (compute-dominant model, "
-            "model_a endpoint)",
-            "met": _verdict([b for b in batch if b["counts"]]),
-            "checks": batch,
-        },
-    ]
 
 
-def _num_or_dash(value: float | None) -> str:
+def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3f}"
-
-
-def _pct_or_dash(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"

@@ -1,4 +1,4 @@
-"""Batch rows/s against online requests/s on the same graph, in one run (`python -m jobs.throughput`).
+"""Batch rows/s against online requests/s on the same graph, in one run (`python -m bench.probes.throughput`).
 
 Online: closed loop, one held-out image per ModelInfer, at concurrency 1 and 32 (as `make bench`).
 Batch: the held-out digits repeated to `--rows` rows through `BatchRunner` into a fresh SQLite
@@ -72,7 +72,7 @@ async def measure(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.throughput", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.probes.throughput", description=__doc__)
     parser.add_argument("--target", default="127.0.0.1:8001")
     parser.add_argument("--graph", default="digits-parallel")
     parser.add_argument("--rows", type=int, default=7200, help="batch rows (the held-out digits repeated)")

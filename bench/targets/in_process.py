@@ -1,6 +1,6 @@
-"""`python -m bench.floor`: the floor, the same model work in one process with no network at all.
+"""`python -m bench.targets.in_process`: the floor, the same model work in one process with no network at all.
 
-    python -m bench.floor --graph digits-serial --concurrency 8 --duration 4 --warmup 2 --json
+    python -m bench.targets.in_process --graph digits-serial --concurrency 8 --duration 4 --warmup 2 --json
 
 N threads in a closed loop call the models' `predict` directly, in the graph's order, on the
 same held-out images the load generator sends (one per call, round robin):
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from bench.measure import (
+from bench.load.measure import (
     MEASURED,
     MEASURING,
     Samples,
@@ -143,7 +143,9 @@ class Floor:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.targets.in_process", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--graph", choices=GRAPHS, default="digits-serial")
     add_run_options(parser, "threads")
     parser.add_argument(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bench.analysis import CACHED_BASE, CACHED_GRAPH
-from bench.tables import _num, _pct, _x, table
+from bench.report.analysis import CACHED_BASE, CACHED_GRAPH
+from bench.report.tables import num, pct, ratio, table
 
 
 def coalescing(data: Mapping[str, Any]) -> list[str]:
@@ -18,12 +18,12 @@ def coalescing(data: Mapping[str, Any]) -> list[str]:
         "",
         "From the orchestrator's `onnxmesh_downstream_call_rows` histogram over each point's window: every call the "
         "orchestrator made to a service, and the rows it carried (one image per request, so 1.0 = nothing "
-        "stacked). Each step's in-flight limit adapts to load (`orchestrator/coalescing.py`, `AdaptiveLimit`).",
+        "stacked). Each step's in-flight limit adapts to load (`orchestrator/stages/coalescing.py`, `LaneLimit`).",
         "",
         table(
             ["graph", "c", "downstream calls", "mean rows per call"],
             (
-                [r["model"], str(r["concurrency"]), str(r["downstream_calls"]), _num(r["rows_per_call"])]
+                [r["model"], str(r["concurrency"]), str(r["downstream_calls"]), num(r["rows_per_call"])]
                 for r in data["coalescing"]
             ),
         ),
@@ -39,17 +39,17 @@ def grpc_servers(data: Mapping[str, Any]) -> list[str]:
         [
             r["model"],
             str(r["concurrency"]),
-            f"{_num(r['sync_p50_ms'], 3)} / {_num(r['aio_p50_ms'], 3)}",
+            f"{num(r['sync_p50_ms'], 3)} / {num(r['aio_p50_ms'], 3)}",
             f"{r['sync_rps']:.0f} / {r['aio_rps']:.0f}",
             f"{r['sync_cpu_per_request_us']:.0f} / {r['aio_cpu_per_request_us']:.0f}",
-            _x(r["aio_vs_sync_cpu"]),
+            ratio(r["aio_vs_sync_cpu"]),
         ]
         for r in rows
     ]
     return [
         "## gRPC servers: sync grpcio vs grpc.aio",
         "",
-        "The minimal all-in-one's very handlers served by each (`bench.minimal` and `bench.minimal --aio`: models "
+        "The minimal all-in-one's very handlers served by each (`bench.targets.minimal` and `bench.targets.minimal --aio`: models "
         "inline on the handler's thread or on the event loop), so only the server differs. The mesh's nodes "
         "run grpc.aio (`services/common/server.py`).",
         "",
@@ -78,9 +78,9 @@ def growth(data: Mapping[str, Any]) -> list[str]:
         "",
         "Identity models (`echo-k`: one ONNX Identity node on FP32 [1,64], microseconds of compute), so each row "
         "shows the mesh's own cost: `chain-n` = n steps one after another (services alternating model_a, "
-        "model_b), `fanout-n` = one ensemble of n branches, averaged (`bench/growth.py`). Server CPU = all four "
+        "model_b), `fanout-n` = one ensemble of n branches, averaged (`bench/targets/growth.py`). Server CPU = all four "
         "processes. *Added* = this row's p50 minus the previous row's; *per step* = the least-squares slope over "
-        f"n. One raw hop in the same run: {_num(raw.get('hop_p50_ms'), 3)} ms p50.",
+        f"n. One raw hop in the same run: {num(raw.get('hop_p50_ms'), 3)} ms p50.",
         "",
     ]
     for shape, title in (("chain", "serial chain"), ("fanout", "fan-out")):
@@ -91,16 +91,16 @@ def growth(data: Mapping[str, Any]) -> list[str]:
             [
                 f"{shape}-{r['n']}",
                 str(part["concurrency"]),
-                _num(r["p50_ms"], 3),
-                _num(r["p99_ms"], 3),
-                _num(r["added_p50_ms"], 3),
-                _num(r["cpu_per_request_ms"], 3),
-                _num(r["orchestrator_cpu_per_request_ms"], 3),
+                num(r["p50_ms"], 3),
+                num(r["p99_ms"], 3),
+                num(r["added_p50_ms"], 3),
+                num(r["cpu_per_request_ms"], 3),
+                num(r["orchestrator_cpu_per_request_ms"], 3),
             ]
             for r in part["rows"]
         ]
         lines += [
-            f"**{title}**: {_num(part['p50_ms_per_step'], 3)} ms p50 and {_num(part['cpu_ms_per_step'], 3)} ms "
+            f"**{title}**: {num(part['p50_ms_per_step'], 3)} ms p50 and {num(part['cpu_ms_per_step'], 3)} ms "
             "server CPU per extra step.",
             "",
             table(
@@ -120,13 +120,13 @@ def cache(data: Mapping[str, Any]) -> list[str]:
         [
             str(r["concurrency"]),
             f"{r['rps']:.0f}",
-            _num(r["p50_ms"], 3),
-            _num(r["p99_ms"], 3),
-            _num(r["cpu_per_request_ms"], 3),
-            _pct(r["hit_ratio"]),
-            _num(r["uncached_p50_ms"], 3),
-            _num(r["minimal_p50_ms"], 3),
-            _x(r["vs_minimal_p50"]),
+            num(r["p50_ms"], 3),
+            num(r["p99_ms"], 3),
+            num(r["cpu_per_request_ms"], 3),
+            pct(r["hit_ratio"]),
+            num(r["uncached_p50_ms"], 3),
+            num(r["minimal_p50_ms"], 3),
+            ratio(r["vs_minimal_p50"]),
         ]
         for r in rows
     ]
@@ -158,22 +158,22 @@ def cache(data: Mapping[str, Any]) -> list[str]:
 def console(data: Mapping[str, Any]) -> list[str]:
     """One line per coalescing point, growth shape and cache point, for the terminal."""
     lines = [
-        f"  grpc.aio / sync server c={r['concurrency']}: {_x(r['aio_vs_sync_cpu'])} CPU per request, "
-        f"{_x(r['aio_vs_sync_p50'])} p50"
+        f"  grpc.aio / sync server c={r['concurrency']}: {ratio(r['aio_vs_sync_cpu'])} CPU per request, "
+        f"{ratio(r['aio_vs_sync_p50'])} p50"
         for r in data.get("grpc_servers") or []
     ]
     lines += [
-        f"  rows per downstream call {r['model']} c={r['concurrency']}: {_num(r['rows_per_call'])}"
+        f"  rows per downstream call {r['model']} c={r['concurrency']}: {num(r['rows_per_call'])}"
         for r in data.get("coalescing") or []
     ]
     for shape, part in (data.get("growth") or {}).items():
         lines.append(
-            f"  {shape}: +{_num(part['p50_ms_per_step'], 3)} ms p50, +{_num(part['cpu_ms_per_step'], 3)} ms CPU "
+            f"  {shape}: +{num(part['p50_ms_per_step'], 3)} ms p50, +{num(part['cpu_ms_per_step'], 3)} ms CPU "
             "per extra step"
         )
     for r in data.get("cache") or []:
         lines.append(
-            f"  cache hit c={r['concurrency']}: p50 {_num(r['p50_ms'], 3)} ms = {_x(r['vs_minimal_p50'])} the "
-            f"minimal all-in-one's, hit ratio {_pct(r['hit_ratio'])}"
+            f"  cache hit c={r['concurrency']}: p50 {num(r['p50_ms'], 3)} ms = {ratio(r['vs_minimal_p50'])} the "
+            f"minimal all-in-one's, hit ratio {pct(r['hit_ratio'])}"
         )
     return lines

@@ -1,9 +1,11 @@
 """The execution engine: runs a graph of a checked spec over the services' ``Stage`` s.
 
 No protobuf and no sockets: tensors are numpy arrays, services are ``Stage`` objects, and errors are
-the ``services.common.errors`` tree. Each graph is compiled once (``orchestrator.nodes``) in
-``Engine.__init__``; a request only walks the compiled plan. This module holds what a request
-needs beyond its plan: the deadline budget, each model step's attempts, shadows and the reports.
+the ``services.common.errors`` tree. Each graph is compiled once (``orchestrator.graph.plan``) in
+``Engine.__init__``; a request only walks the compiled plan, whose model steps call their Stage
+through ``orchestrator.graph.model_step`` (attempts, retries, status) without coming back here.
+This module holds what a request needs beyond its plan: the deadline budget, shadows, the cache
+of the whole graph and the reports.
 
 Semantics, in short (docs/graphs.md is the user reference):
 
@@ -33,25 +35,24 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator import step_spans
-from orchestrator.budget import RetryBudget
-from orchestrator.cache import ResponseCaches
-from orchestrator.nodes import (
+from orchestrator.graph import step_spans
+from orchestrator.graph.model_step import ModelStepCaller, StepHook
+from orchestrator.graph.plan import (
     Compiler,
-    ModelNode,
-    Run,
+    RequestState,
     StepContext,
     run_sequence,
 )
 from orchestrator.spec import (
     REQUEST,
     MeshSpec,
-    ModelStep,
 )
-from orchestrator.stage import Stage
-from services.common.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
+from orchestrator.stages.base import Stage
+from orchestrator.stages.cache import ResponseCaches
+from orchestrator.stages.retry_budget import RetryBudget
+from services.common.errors import NotFound
 from services.common.observability import tracing
-from services.common.types import InferRequest, InferResult
+from services.common.types import InferResult
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,6 @@ logger = logging.getLogger(__name__)
 MARGIN_SHARE = 0.15
 MARGIN_MIN = 0.005
 MARGIN_MAX = 0.25
-#: Backoff before retry n (n = 1, 2, ...) is uniform in [0, min(RETRY_CAP, RETRY_BASE * 2**(n-1))].
-RETRY_BASE = 0.025
-RETRY_CAP = 0.5
-
-#: on_step(graph, step, service, model, version, status, seconds); status is ok, error, timeout or
-#: cancelled; version is the one that answered (else the spec's, "" = default).
-StepHook = Callable[[str, str, str, str, str, str, float], None]
 #: on_mirror(graph, mirror step, argmax agrees on every row, max abs difference)
 MirrorHook = Callable[[str, str, bool, float], None]
 #: on_request(graph, seconds): the engine's own time for one request, i.e. its duration minus the
@@ -79,20 +73,6 @@ RequestHook = Callable[[str, float], None]
 def deadline_margin(budget: float) -> float:
     """Seconds kept back from each step of a request whose whole budget is ``budget`` seconds."""
     return min(MARGIN_MAX, max(MARGIN_MIN, MARGIN_SHARE * budget))
-
-
-class _Failed(Exception):
-    """A model step failed: the error to raise and its ``step.<name>`` parameter value."""
-
-    def __init__(self, error: MeshError, status: str) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.status = status
-
-
-def _reason(err: MeshError) -> str:
-    # Response parameters reach the client: keep non-public messages out of them.
-    return err.message if err.public else "internal error"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,10 +112,10 @@ class Engine:
         self._budget = retry_budget if retry_budget is not None else RetryBudget(clock=clock)
         self._clock = clock
         self._on_mirror = on_mirror
-        self._on_step = on_step
         self._on_request = on_request
+        caller = ModelStepCaller(clock, self._rng, self._budget, on_step)
         # With tracing on, each step call runs in a span of its own; off, nothing wraps it.
-        call = step_spans.traced(self._call) if tracing.enabled else self._call
+        call = step_spans.traced(caller.call) if tracing.enabled else caller.call
         self._ctx = StepContext(clock, self._rng, call, self._spawn_shadow, self._notify_mirror)
         self._caches = caches if caches is not None else ResponseCaches(spec, stages, clock=clock)
         self._plans = {
@@ -179,7 +159,7 @@ class Engine:
                 self._notify_request(graph, self._clock() - started)  # all of it is the engine's own
             return hit
         deadline = started + plan.timeout if deadline is None else deadline
-        run = Run(self._ctx, plan, deadline, deadline_margin(deadline - started), request_id)
+        run = RequestState(self._ctx, plan, deadline, deadline_margin(deadline - started), request_id)
         run.values[REQUEST] = inputs
         try:
             await run_sequence(plan.root, run)
@@ -206,92 +186,7 @@ class Engine:
         await _cancel(set(self._background))
         await self._caches.close()
 
-    # Called by the compiled nodes.
-
-    async def _call(
-        self, node: ModelNode, run: Run, inputs: Mapping[str, np.ndarray]
-    ) -> Mapping[str, np.ndarray]:
-        """One model step: its attempts, then its status, version and on_step report."""
-        step = node.step
-        started = self._clock()
-        try:
-            try:
-                result = await self._attempts(node, run, inputs)
-            finally:
-                run.spans.append((started, self._clock()))
-            missing = [t for t in node.requested if t not in result.outputs]
-            if missing:
-                error = MeshError(f"{node.label} answered without the output(s) {', '.join(missing)}")
-                raise _Failed(error, f"error: INTERNAL answered without {', '.join(missing)}")
-        except _Failed as failed:
-            run.status[step.name] = failed.status
-            code = failed.error.code
-            level = logging.INFO if code in ("INVALID_ARGUMENT", "NOT_FOUND") else logging.WARNING
-            extra = {"graph": run.graph, "step": step.name, "code": code, "error": failed.error.message}
-            logger.log(level, "step failed", extra=extra)
-            kind = "timeout" if failed.status.startswith("timeout") else "error"
-            self._notify_step(run, step, step.version, kind, self._clock() - started)
-            raise failed.error from failed.__cause__
-        except asyncio.CancelledError:
-            self._notify_step(run, step, step.version, "cancelled", self._clock() - started)
-            raise
-        run.status[step.name] = "ok"
-        run.versions[step.name] = result.model_version
-        version = result.model_version or step.version
-        self._notify_step(run, step, version, "ok", self._clock() - started)
-        return result.outputs
-
-    async def _attempts(self, node: ModelNode, run: Run, inputs: Mapping[str, np.ndarray]) -> InferResult:
-        """Call the stage, retrying UNAVAILABLE within the deadline, retries and retry budget."""
-        step = node.step
-        self._budget.deposit()
-        attempt = 1
-        while True:
-            left = run.deadline - self._clock() - run.margin
-            timeout = min(step.timeout, left)
-            if timeout <= 0:
-                reason = "exceeded the deadline before it could be called"
-                raise _Failed(DeadlineExceeded(f"{node.label} {reason}"), f"timeout: {reason}")
-            limit = (
-                f"exceeded its timeout of {step.timeout:g}s"
-                if step.timeout < left
-                else "exceeded the deadline"
-            )
-            try:
-                # The stage is asked to keep to `timeout` itself; this guard holds when it doesn't.
-                async with asyncio.timeout(timeout):
-                    return await node.stage.call(
-                        InferRequest(
-                            model=step.model,
-                            inputs=inputs,
-                            outputs=node.requested,
-                            version=step.version,
-                            request_id=run.request_id,
-                            deadline=self._clock() + timeout,
-                        )
-                    )
-            except TimeoutError:
-                raise _Failed(DeadlineExceeded(f"{node.label} {limit}"), f"timeout: {limit}") from None
-            except MeshError as err:
-                if isinstance(err, DeadlineExceeded):
-                    status = f"timeout: {limit}: {_reason(err)}"
-                    raise _Failed(err.with_prefix(f"{node.label} {limit}"), status) from err
-                after = f" (after {attempt} attempts)" if attempt > 1 else ""
-                failed = _Failed(
-                    err.with_prefix(f"{node.label}: {err.code}{after}"),
-                    f"error: {err.code} {_reason(err)}{after}",
-                )
-                if not isinstance(err, Unavailable) or attempt > step.retries:
-                    raise failed from err
-                # Full jitter spreads the retries of concurrent requests apart.
-                delay = self._rng.uniform(0.0, min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1)))
-                no_time = self._clock() + delay + run.margin >= run.deadline
-                if no_time or not self._budget.try_spend():
-                    raise failed from err
-            await asyncio.sleep(delay)
-            attempt += 1
-
-    def _spawn_shadow(self, run: Run, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn_shadow(self, run: RequestState, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         # Held here so the loop doesn't drop a running shadow; dropped again when it ends.
         self._background.add(task)
@@ -299,14 +194,6 @@ class Engine:
         task.add_done_callback(self._background.discard)
         task.add_done_callback(run.shadows.discard)
         return task
-
-    def _notify_step(self, run: Run, step: ModelStep, version: str, status: str, seconds: float) -> None:
-        if self._on_step is None:
-            return
-        try:
-            self._on_step(run.graph, step.name, step.service, step.model, version, status, seconds)
-        except Exception:
-            logger.exception("on_step hook failed")
 
     def _notify_request(self, graph: str, seconds: float) -> None:
         try:

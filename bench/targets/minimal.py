@@ -1,4 +1,4 @@
-"""`python -m bench.minimal`: the all-in-one server a user would write by hand, the second baseline.
+"""`python -m bench.targets.minimal`: the all-in-one server a user would write by hand, the second baseline.
 
 The "web single" pattern, written the shortest way that still speaks the same protocol:
 
@@ -9,7 +9,7 @@ The "web single" pattern, written the shortest way that still speaks the same pr
   the load generator can ask what to send, and grpc.health.v1 so that launchers know it is up.
 
 Nothing else: no data plane, no validation beyond what numpy and onnxruntime refuse, no engine,
-no metrics, no batching, no coalescing. `bench.all_in_one` is the other baseline: the mesh's own
+no metrics, no batching, no coalescing. `bench.targets.all_in_one` is the other baseline: the mesh's own
 parts in one process, which costs what those parts cost; this one shows what they cost.
 
 It prints `minimal listening on HOST:PORT` and `minimal ready on HOST:PORT` like every node.
@@ -181,7 +181,9 @@ def serve(host: str, port: int, threads: int, dirs: dict[str, Path]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.minimal", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.targets.minimal", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=32, help="gRPC handler threads (default: 32)")

@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 
-def _num(value: float | None, digits: int = 2) -> str:
+def num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _x(value: float | None) -> str:
+def ratio(value: float | None) -> str:
     # Three significant digits: mesh/floor ratios run from 0.00x to hundreds.
     return "-" if value is None else f"{value:.3g}x"
 
 
-def _ms(seconds: float | None, digits: int = 3) -> str:
+def ms(seconds: float | None, digits: int = 3) -> str:
     return "-" if seconds is None else f"{seconds * 1000.0:.{digits}f}"
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
