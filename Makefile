@@ -5,6 +5,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV     := $(BIN)/uv
 STAMP  := $(VENV)/.installed-stamp
+# What `make run` needs (the mesh, the CLI, the jobs service; grpcio-tools for the stubs): the
+# runtime dependencies and these extras, not the dev tools.
+RUN_EXTRAS := proto jobs
+RUN_STAMP  := $(VENV)/.runtime-stamp
 GEN    := proto/gen/inference/grpc_predict_v2_pb2.py
 PROTOS := $(wildcard proto/*/*.proto)
 # The uv release that makes and installs uv.lock: the one the dev extra pins.
@@ -12,20 +16,35 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup lock proto promtool servers check test faults lint run bench rehearse models images clean certs
+.PHONY: setup runtime lock proto promtool servers check test faults lint run shell bench rehearse models images clean certs
 
+# Everything a checkout needs (tests, lint, benchmarks): the dev extra.
 setup: $(STAMP) $(GEN)
 
-# Installs exactly what uv.lock pins, direct and indirect (uv sync is exact: anything else in
-# the venv goes). When pyproject.toml changed since the lock was made, it re-locks first:
-# `uv lock` keeps every pin that still fits and only resolves what is new.
-$(STAMP): pyproject.toml uv.lock
+# Only what the mesh needs to run (`make run`): a fraction of the dev extra's size.
+runtime: $(RUN_STAMP) $(GEN)
+
+# When pyproject.toml changed since the lock was made, both re-lock first: `uv lock` keeps every
+# pin that still fits and only resolves what is new.
+define bootstrap
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
 	@$(UV) lock --check --quiet 2>/dev/null || { \
 		echo "uv.lock does not match pyproject.toml: re-locking (make lock). Commit the new uv.lock."; \
 		$(UV) lock; }
+endef
+
+# Installs exactly what uv.lock pins for the dev extra, direct and indirect (uv sync is exact:
+# anything else in the venv goes). It holds the runtime's, so that is installed too.
+$(STAMP): pyproject.toml uv.lock
+	$(bootstrap)
 	$(UV) sync --locked --extra dev --python $(BIN)/python --quiet
+	touch $@ $(RUN_STAMP)
+
+# The runtime's pins only; --inexact leaves whatever else is there (a dev install stays whole).
+$(RUN_STAMP): pyproject.toml uv.lock
+	$(bootstrap)
+	$(UV) sync --locked --inexact $(RUN_EXTRAS:%=--extra %) --python $(BIN)/python --quiet
 	touch $@
 
 # Re-resolve after editing the dependencies in pyproject.toml; commit uv.lock with them.
@@ -39,7 +58,7 @@ lock:
 # hand-written code, never edited and never committed.
 proto: $(GEN)
 
-$(GEN): $(STAMP) $(PROTOS) scripts/gen_proto.py
+$(GEN): $(RUN_STAMP) $(PROTOS) scripts/gen_proto.py
 	$(BIN)/python scripts/gen_proto.py
 
 # promtool from Debian's prometheus package, unpacked into the venv (nothing installed system-wide,
@@ -76,17 +95,23 @@ lint: setup
 
 # A local CA, one node certificate (server and client) and a bearer token in certs/ (ignored by
 # git: private keys are never committed), for `make run ARGS=--tls` and manual mTLS checks.
-certs: setup
+certs: runtime
 	$(BIN)/python -m meshctl.certs certs
 
-run: setup
+run: runtime
 	$(BIN)/python -m meshctl.run $(ARGS)
+
+# A shell with the venv first on PATH, so `onnxmesh ...` and `python ...` run as the README prints
+# them; `exit` leaves it.
+shell: runtime
+	@echo "onnxmesh: a shell with $(VENV) active (onnxmesh, python -m ...); 'exit' leaves it"
+	@VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH=$(CURDIR)/$(BIN):$$PATH $${SHELL:-/bin/sh}
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
 
 # A rolling update of model_a with traffic flowing, on local processes.
-rehearse: setup
+rehearse: runtime
 	$(BIN)/python -m meshctl.rehearsal $(ARGS)
 
 models: setup

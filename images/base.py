@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from images.engine import Engine, EngineUnavailable, install_host_packages, missing_host_packages
+from images.engine import ContainerEngine, EngineUnavailable, install_host_packages, missing_host_packages
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -85,7 +85,7 @@ def recipe(packages: tuple[str, ...], apt_sources: list[str]) -> str:
 
 
 def ensure_base_images(
-    engine: Engine,
+    engine: ContainerEngine,
     *,
     mirror: str = DEFAULT_MIRROR,
     security_mirror: str = DEFAULT_SECURITY_MIRROR,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from images.base import BaseImages, ensure_base_images
-from images.engine import Engine, EngineUnavailable
+from images.engine import ContainerEngine, EngineUnavailable
 from services.common.topology import SERVICES, kubernetes_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,7 +162,7 @@ class BuiltImage:
 
 
 def resolve_base(
-    engine: Engine, base: str, python_image: str, log: Callable[[str], None]
+    engine: ContainerEngine, base: str, python_image: str, log: Callable[[str], None]
 ) -> BaseImages | None:
     """The base images to build on; None means the Dockerfile's default (a registry's).
 
@@ -181,7 +181,7 @@ def resolve_base(
 
 
 def build_images(
-    engine: Engine,
+    engine: ContainerEngine,
     *,
     tag: str,
     registry: str = "",
@@ -235,7 +235,7 @@ def build_images(
     return built
 
 
-def save_archives(engine: Engine, images: Sequence[BuiltImage], directory: Path) -> list[Path]:
+def save_archives(engine: ContainerEngine, images: Sequence[BuiltImage], directory: Path) -> list[Path]:
     """One docker-archive tarball per image, for `kind load image-archive` or `minikube image load`."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -33,7 +33,7 @@ class EngineUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Engine:
+class ContainerEngine:
     """One container engine CLI (``docker`` or ``podman``) and the flags it needs here."""
 
     name: str
@@ -159,9 +159,9 @@ def _runc() -> str | None:
     return shutil.which("runc") or ("/usr/sbin/runc" if Path("/usr/sbin/runc").exists() else None)
 
 
-def _podman() -> Engine:
+def _podman() -> ContainerEngine:
     runc = _runc()
-    return Engine("podman", ("podman", "--runtime", runc) if runc else ("podman",))
+    return ContainerEngine("podman", ("podman", "--runtime", runc) if runc else ("podman",))
 
 
 def missing_host_packages() -> list[str]:
@@ -188,7 +188,7 @@ def install_host_packages(packages: Sequence[str]) -> None:
             raise EngineUnavailable(f"`{' '.join(command)}` failed:\n{done.stderr[-2000:]}")
 
 
-def find_engine(prefer: str = "auto", *, install: bool = True) -> Engine:
+def find_engine(prefer: str = "auto", *, install: bool = True) -> ContainerEngine:
     """The engine to use: ``docker`` when its daemon answers, else ``podman``.
 
     With ``install``, podman, runc and mmdebstrap are installed with apt-get when missing (root
@@ -197,7 +197,7 @@ def find_engine(prefer: str = "auto", *, install: bool = True) -> Engine:
     if prefer not in ("auto", "docker", "podman"):
         raise ValueError(f"unknown engine {prefer!r}: auto, docker or podman")
     if prefer in ("auto", "docker") and _docker_answers():
-        return Engine("docker", ("docker",))
+        return ContainerEngine("docker", ("docker",))
     if prefer == "docker":
         raise EngineUnavailable("docker was asked for, but no docker daemon answers `docker info`")
     missing = [p for p in missing_host_packages() if p != "mmdebstrap"]

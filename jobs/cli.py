@@ -8,8 +8,9 @@
 `register(subparsers)` adds them to any argparse parser (the `onnxmesh` CLI); each sets
 `jobs_command`, and `run(args)` executes it and returns the exit code. `python -m jobs` is the
 same commands standalone. Exit codes: 0 done; 1 an error (one line on stderr, no traceback);
-2 `batch` finished with failed rows (recorded, retried next run) or a job FAILED / CANCELLED /
-EXPIRED; 3 `result` without --wait on a job not finished yet.
+2 `batch` finished with failed rows (recorded, retried next run), a job FAILED / CANCELLED /
+EXPIRED, or `jobs --cancel` of a job that had already finished; 3 `result` without --wait on a
+job not finished yet.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from jobs.batch import BatchConfig, run_batch
 from jobs.client import DEFAULT_TARGET as DEFAULT_JOBS_TARGET
 from jobs.client import TARGET_ENV as JOBS_TARGET_ENV
 from jobs.client import JobInfo, JobsClient
-from jobs.datasets import DatasetError
+from jobs.datasets import DatasetError, check_file
 from jobs.store import DB_ENV, STATUSES, Store, default_url, redact
+from meshctl.targets import REFUSED_HINT, explain
 from services.common.digits import load_holdout
-from services.common.errors import MeshError, NotFound, Unavailable
+from services.common.errors import MeshError, NotFound
 from services.common.grpc.client import OipClient
+from services.common.grpc.security import SecurityError
 from services.common.settings import non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,10 +61,14 @@ def _jobs_target(args: argparse.Namespace) -> str:
     return str(args.jobs_target or os.environ.get(JOBS_TARGET_ENV) or DEFAULT_JOBS_TARGET)
 
 
-def _explain(target: str, err: MeshError) -> str:
-    if isinstance(err, Unavailable):
-        return f"cannot reach {target} ({err.code}): {err.message}"
-    return f"{target}: {err.code}: {err.message}"
+#: What to do when the jobs service does not answer.
+JOBS_HINT = (
+    "is the jobs service running? start it with '.venv/bin/python -m jobs.service' (docs/serving-modes.md)"
+)
+
+
+def _explain(target: str, err: MeshError, hint: str = JOBS_HINT) -> str:
+    return explain(target, err, connecting=True, hint=hint)
 
 
 # -- batch ---------------------------------------------------------------------------------------
@@ -69,6 +76,10 @@ def _explain(target: str, err: MeshError) -> str:
 
 async def _batch(args: argparse.Namespace) -> int:
     target = args.target or os.environ.get(ORCHESTRATOR_ENV) or DEFAULT_ORCHESTRATOR
+    try:
+        check_file(args.dataset)  # before the store and the orchestrator: a typo says so first
+    except DatasetError as exc:
+        raise CliError(str(exc)) from None
     config = BatchConfig(
         graph=args.graph,
         path=args.dataset,
@@ -96,7 +107,7 @@ async def _batch(args: argparse.Namespace) -> int:
             except DatasetError as exc:
                 raise CliError(str(exc)) from None
             except MeshError as err:
-                raise CliError(_explain(target, err)) from None
+                raise CliError(_explain(target, err, REFUSED_HINT)) from None
     finally:
         store.close()
     for line in summary.lines():
@@ -189,15 +200,30 @@ async def _result(args: argparse.Namespace) -> int:
     return 0 if job.status == "succeeded" else 2
 
 
+async def _cancel(client: JobsClient, ids: Sequence[str]) -> int:
+    """Cancel each job; one that had already finished says so (exit 2: not every job was cancelled)."""
+    code = 0
+    for job_id in ids:
+        try:
+            job = await client.cancel(job_id)
+        except NotFound as err:
+            raise CliError(err.message) from None
+        if job.status == "cancelled":
+            print(f"{job.id}: cancelled")
+        else:
+            print(
+                f"{job.id}: not cancelled: it had already finished ({job.status} at {_when(job.finished_at)})"
+            )
+            code = 2
+    return code
+
+
 async def _jobs(args: argparse.Namespace) -> int:
     target = _jobs_target(args)
     async with JobsClient(target) as client:
         try:
             if args.cancel:
-                for job_id in args.cancel:
-                    job = await client.cancel(job_id)
-                    print(f"{job.id}: {job.status}")
-                return 0
+                return await _cancel(client, args.cancel)
             jobs, counts = await client.list(args.status or (), args.model, args.limit)
         except MeshError as err:
             raise CliError(_explain(target, err)) from None
@@ -308,7 +334,7 @@ def run(args: argparse.Namespace, prog: str = "onnxmesh") -> int:
     handler: Handler = args.jobs_command
     try:
         return int(asyncio.run(handler(args)))
-    except CliError as exc:
+    except (CliError, SecurityError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

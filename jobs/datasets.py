@@ -68,8 +68,7 @@ def open_dataset(
     mapping: Mapping[str, str] | None = None,
 ) -> Dataset:
     """The dataset at `path` for a graph with these inputs (by file suffix)."""
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
+    check_file(path)
     mapping = dict(mapping or {})
     unknown = set(mapping) - {spec.name for spec in inputs}
     if unknown:
@@ -87,6 +86,22 @@ def open_dataset(
     if suffix == ".parquet":
         return ParquetDataset(path, inputs, key, mapping)
     raise DatasetError(f"{path}: unknown dataset format '{suffix}'; expected one of {', '.join(SUFFIXES)}")
+
+
+def check_file(path: Path) -> None:
+    """DatasetError unless `path` is a readable file of a known format: checked before any
+    connection is made, so a typo is reported as what it is."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    if path.suffix.lower() not in SUFFIXES:
+        raise DatasetError(
+            f"{path}: unknown dataset format '{path.suffix.lower()}'; expected one of {', '.join(SUFFIXES)}"
+        )
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read it ({exc.strerror})") from None
 
 
 def conform(spec: TensorSpec, values: np.ndarray, where: str) -> np.ndarray:

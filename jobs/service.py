@@ -87,7 +87,7 @@ class JobsServicer(jpb_grpc.JobsServicer):  # type: ignore[misc]
         except NotFound:
             raise
         except MeshError as err:  # the orchestrator being down must not stop submissions
-            log.warning("cannot check model %s: %s", key, err.message)
+            log.warning("cannot check model %s: %s", key, err.message, extra={"code": err.code})
             return
         self._known_models.add(key)
 
@@ -192,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         parser, "job-timeout", float, 30.0, "seconds one attempt may take at the orchestrator, by default"
     )
     add_option(
-        parser, "target", str, "", "orchestrator to check graph names against at submit ('' = do not check)"
+        parser,
+        "target",
+        str,
+        "127.0.0.1:8001",
+        "orchestrator to check graph names against at submit: an unknown one is NOT_FOUND at once "
+        "('' = do not check)",
     )
     add_option(parser, "maintain-interval", float, 5.0, "seconds between expiry/purge passes")
     return parser

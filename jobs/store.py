@@ -590,13 +590,21 @@ class Store:
             },
         )
 
-    def release(self, claim: Claim, *, retry_in: float = 0.0, error: tuple[str, str] | None = None) -> bool:
-        """Put a claimed job back in the queue: a retryable error (counts as an attempt) or a
-        worker shutting down (`error` None: the attempt is given back)."""
+    def release(
+        self,
+        claim: Claim,
+        *,
+        retry_in: float = 0.0,
+        error: tuple[str, str] | None = None,
+        attempted: bool = True,
+    ) -> bool:
+        """Put a claimed job back in the queue: a retryable error (counts as an attempt unless
+        `attempted` is False: the orchestrator was never reached) or a worker shutting down
+        (`error` None: the attempt is given back)."""
         values: dict[str, Any] = {"status": QUEUED, "worker": None, "available_at": self.clock() + retry_in}
-        if error is None:
+        if error is None or not attempted:
             values["attempts"] = jobs.c.attempts - 1
-        else:
+        if error is not None:
             values["error_code"], values["error_message"] = error
         return self._finish(claim, values)
 

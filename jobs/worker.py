@@ -10,7 +10,10 @@ renewing; once its lease expires any worker claims the job again, and the lease 
 the first one's late writes match nothing, so every job completes exactly once. A job whose
 workers keep dying fails after `max_attempts` claims instead of taking every worker down.
 UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are retried with backoff; any other
-error fails the job with the orchestrator's code and message. A job cancelled while running
+error fails the job with the orchestrator's code and message. While no orchestrator can be
+reached (down, restarting, every replica draining) a job is not attempted: it waits in the queue,
+retried with backoff (0.5 s doubling to 30 s), until the orchestrator is back or the job's ttl
+runs out (EXPIRED, its last error kept). A job cancelled while running
 has its call cancelled at the next lease renewal. On SIGTERM the worker stops claiming,
 finishes what it holds within `grace` and puts back what it could not finish.
 """
@@ -43,6 +46,7 @@ log = logging.getLogger("jobs.worker")
 DEFAULT_HEALTH_PORT = 8051
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
 IDLE_POLL_MIN, IDLE_POLL_MAX = 0.01, 0.25
+MAX_WAITING = 100_000
 
 
 def worker_id() -> str:
@@ -67,6 +71,8 @@ class Worker:
         self.lease = lease
         self.grace = grace
         self._running: dict[str, tuple[Claim, asyncio.Task[None]]] = {}
+        #: Job id -> how many times in a row it found no orchestrator (its backoff).
+        self._waits: dict[str, int] = {}
         self.completed = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -142,12 +148,26 @@ class Worker:
         stored = await self._store_write(
             self.store.complete, claim, response.SerializeToString(), response.model_version
         )
+        self._waits.pop(claim.id, None)
         if stored:
             self.completed += 1
         log.info("job done", extra={"job": claim.id, "stored": stored, "attempt": claim.attempts})
 
     async def _failed(self, claim: Claim, err: MeshError) -> None:
         message = err.message if err.public else "internal error (see the orchestrator's log)"
+        if err.code == "UNAVAILABLE" and not self.orchestrator.reachable:
+            if len(self._waits) > MAX_WAITING:  # jobs that expired while waiting never come back
+                self._waits.clear()
+            waits = self._waits[claim.id] = self._waits.get(claim.id, 0) + 1
+            backoff = min(30.0, 0.5 * 2 ** (waits - 1))
+            error = (err.code, f"waiting for the orchestrator ({message})")
+            await self._store_write(self.store.release, claim, retry_in=backoff, error=error, attempted=False)
+            log.info(
+                "orchestrator unreachable: job waits",
+                extra={"job": claim.id, "code": err.code, "in_s": backoff},
+            )
+            return
+        self._waits.pop(claim.id, None)
         if err.code in RETRYABLE and claim.attempts < self.store.max_attempts:
             backoff = min(30.0, 0.5 * 2 ** (claim.attempts - 1))
             await self._store_write(self.store.release, claim, retry_in=backoff, error=(err.code, message))

@@ -25,7 +25,6 @@ from pathlib import Path
 from meshctl.launcher import BASE_PORT, probe_models
 from meshctl.predict import DEFAULT_GRAPH, describe_signature, run_predict
 from meshctl.targets import (
-    MESH_HINT,
     TARGET_ENV,
     CliError,
     check_target,
@@ -37,6 +36,7 @@ from meshctl.targets import (
 from services.common.digits import PIXEL_MAX
 from services.common.errors import MeshError, NotFound
 from services.common.grpc.client import OipClient
+from services.common.grpc.security import SecurityError
 from services.common.settings import non_negative_int, positive_int
 from services.common.types import ModelSignature
 
@@ -114,12 +114,15 @@ async def _health(args: argparse.Namespace) -> int:
     targets = _targets(args)
     width = max(len(label) for label in targets)
 
+    why: dict[str, str] = {}  # the first unreachable target's cause and fix
+
     async def check(target: str) -> str:
         async with OipClient(target) as client:
             try:
                 return await client.health(args.service, timeout=args.timeout)
             except MeshError as err:
                 if unreachable(err, connecting=True):
+                    why.setdefault("line", explain(target, err, connecting=True))
                     return f"UNREACHABLE ({err.code})"
                 if isinstance(err, NotFound) and not err.message.strip():
                     return f"NOT_FOUND: no health status for service '{args.service}' ({HEALTH_SERVICES})"
@@ -129,7 +132,7 @@ async def _health(args: argparse.Namespace) -> int:
     for label, status in zip(targets, statuses, strict=True):
         print(f"{label:<{width}}  {status}")
     if any(status.startswith("UNREACHABLE") for status in statuses):
-        print(f"onnxmesh: some endpoints cannot be reached: {MESH_HINT}", file=sys.stderr)
+        print(f"onnxmesh: some endpoints cannot be reached; {why['line']}", file=sys.stderr)
     return 0 if all(status == "SERVING" for status in statuses) else 1
 
 
@@ -225,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in JOB_COMMANDS:
             return _jobs([args.command, *rest])
         raise CliError(f"unknown command {args.command}")
-    except CliError as exc:
+    except (CliError, SecurityError) as exc:
         print(f"onnxmesh: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

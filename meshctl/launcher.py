@@ -16,9 +16,10 @@ ONNXMESH_* variables the launcher itself was given (it drops the per-node port v
 
 Each node is one `meshctl.process.ServiceProcess` (its life cycle is described there): it says
 where it listens once bound (so port 0 works), reports SERVING once its models are warm, and
-drains and exits 0 on SIGTERM. Processes stay
-in the launcher's process group, so a Ctrl-C in the terminal reaches them too, and a launcher
-that fails halfway through starting stops what it started before raising.
+drains and exits 0 on SIGTERM. Each node has a process group of its own, so a Ctrl-C in the
+terminal reaches only the launcher, which stops them in order (`stop()`); a node whose launcher
+dies gets SIGTERM; and a launcher that fails halfway through starting stops what it started
+before raising.
 """
 
 from __future__ import annotations
@@ -224,8 +225,6 @@ class LocalMesh:
         """
         self._closing.set()
         atexit.unregister(self.stop)
-        if self.restarter is not None:
-            self.restarter.stop()
         bound = self.stop_timeout if timeout is None else timeout
         codes: dict[str, int] = {}
         live = [p for p in self.spawned if p.running]
@@ -238,6 +237,9 @@ class LocalMesh:
                 codes[proc.name] = proc.wait(max(0.0, deadline - time.monotonic()))
         for proc in self.spawned:  # reap anything that exited on its own, and join its readers
             proc.wait(bound)
+        # Only now: a node it restarted gets SIGTERM when its thread ends (the parent-death signal).
+        if self.restarter is not None:
+            self.restarter.stop()
         self._procs = []
         self.exit_codes.update(codes)
         return codes

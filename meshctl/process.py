@@ -6,6 +6,12 @@ HOST:PORT` with --http-port (KServe v2 REST), and `<service> ready on
 HOST:PORT` once its models are warm; it reports SERVING on grpc.health.v1 from then on, and drains
 and exits 0 on SIGTERM (services/common/server.py). `ServiceProcess` runs one such process and
 reads those lines; `wait_serving` waits until a group of them answers SERVING.
+
+Each node runs in a process group of its own, so a terminal's Ctrl-C reaches only the launcher,
+which then stops the nodes in order (the orchestrator first); and it gets SIGTERM (a drain) if
+the launcher dies, even by SIGKILL, so no node outlives it: the node asks for that itself
+(`services.common.server.follow_launcher`, from $ONNXMESH_LAUNCHER_PID). Not in a preexec
+function: a fork that runs Python code in a process using gRPC can crash the child.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 import subprocess
 import threading
@@ -25,6 +32,7 @@ from typing import Any, TextIO, TypeVar
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import ClientSecurity
+from services.common.settings import LAUNCHER_ENV
 
 #: Where the nodes run from (the checkout, or site-packages when installed).
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +144,8 @@ class ServiceProcess:
         self.proc = subprocess.Popen(
             self.command,
             cwd=REPO,
-            env=dict(env),
+            # The node follows this process: it gets SIGTERM when the launcher dies.
+            env={**env, LAUNCHER_ENV: str(os.getpid())},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -144,6 +153,7 @@ class ServiceProcess:
             encoding="utf-8",
             errors="replace",
             bufsize=1,
+            process_group=0,
         )
         self._readers = [
             threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,24 +143,44 @@ class RehearsalResult:
     seconds: float
 
 
-def rehearse(*, graph: str = "digits-parallel", step: str = "mlp", concurrency: int = 4) -> RehearsalResult:
-    """Roll model_a from version 1 to version 2 on two replicas while traffic flows."""
+def rehearse(
+    *,
+    graph: str = "digits-parallel",
+    step: str = "mlp",
+    concurrency: int = 4,
+    say: Callable[[str], None] = lambda line: None,
+) -> RehearsalResult:
+    """Roll model_a from version 1 to version 2 on two replicas while traffic flows; `say`
+    hears of each phase as it happens."""
+    started = time.monotonic()
+
+    def phase(line: str) -> None:
+        say(f"[{time.monotonic() - started:5.1f} s] {line}")
+
     with tempfile.TemporaryDirectory(prefix="onnxmesh-v2-") as tmp:
         new_dir = versioned_copy(REPO / "services/model_a/models", "digits-mlp", "2", Path(tmp))
-        with LocalMesh(  # noqa: SIM117 - the traffic needs the started mesh's address
+        phase("starting preprocess, model_a x2 (version 1), model_b and the orchestrator")
+        with LocalMesh(
             ports=EPHEMERAL_PORTS,
             replicas={"model_a": 2},
             extra_args={"model_a": ["--reuse-port", "1"]},
             grace=5.0,
         ) as mesh:
+            phase(f"mesh ready; {concurrency} clients calling {graph} in a closed loop")
             with Traffic(
                 mesh.address("orchestrator"), graph, steps=[step], concurrency=concurrency
             ) as traffic:
                 traffic.wait_for(200)
                 for replica in (1, 2):
+                    phase(f"model_a-{replica}: starting version 2 beside it, then draining version 1")
                     mesh.hand_over("model_a", replica, new_dir)
                     traffic.wait_for(200)
+                    report = traffic.report
+                    phase(
+                        f"model_a-{replica} serves version 2 ({report.sent} requests so far, {report.failed} failed)"
+                    )
                 report = traffic.stop()
+            phase("stopping the mesh")
     tail = [v for _, v in report.versions[-100:]]
     return RehearsalResult(
         requests_sent=report.sent,
@@ -176,10 +196,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meshctl.rehearsal", description=__doc__)
     parser.add_argument("--graph", default="digits-parallel")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON only")
     args = parser.parse_args(argv)
-    result = rehearse(graph=args.graph, concurrency=args.concurrency)
-    print(json.dumps(asdict(result), indent=2))
-    return 0 if result.requests_failed == 0 and result.share_new_version_at_end == 1.0 else 1
+    say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    result = rehearse(graph=args.graph, concurrency=args.concurrency, say=say)
+    passed = result.requests_failed == 0 and result.share_new_version_at_end == 1.0
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(
+            f"rolled model_a from version 1 to 2 under traffic: {result.requests_sent} requests in "
+            f"{result.seconds:.1f} s, {result.requests_failed} failed, "
+            f"{result.seconds_of_mixed_versions:.2f} s of answers from both versions, "
+            f"{result.share_new_version_at_end:.0%} version 2 at the end"
+        )
+        for error, count in result.errors.items():
+            print(f"  {count} x {error}")
+        print("PASS: no request failed" if passed else "FAIL: requests failed or version 1 still answers")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

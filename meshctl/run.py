@@ -11,7 +11,7 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -172,7 +172,7 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
     for p in mesh.processes():
         extra = "".join(
             f"  {label} {host}:{port}"
-            for label, port in (("rest", p.http_port), ("metrics", p.metrics_port))
+            for label, port in (("rest", p.http_port), ("metrics", p.metrics_port), ("health", p.health_port))
             if port is not None
         )
         lines.append(f"  {p.name:<{width}}  grpc {p.address:<21}{extra}  pid {p.pid}")
@@ -187,8 +187,9 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
         target = "" if address == f"127.0.0.1:{DEFAULT_PORTS[ORCHESTRATOR]}" else f" --target {address}"
         example = "digits-parallel" if "digits-parallel" in graphs or not graphs else graphs[0]
         every = layout if layout or not target else ""
+        cli = cli_command()
         lines.append(
-            f"try: onnxmesh predict {example}{target}   (also: onnxmesh models{every}, onnxmesh health{every})"
+            f"try: {cli} predict {example}{target}   (also: {cli} models{every}, {cli} health{every})"
         )
         rest = mesh.process(ORCHESTRATOR).http_port
         if rest is not None:
@@ -200,7 +201,9 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
         env = ""
         if mesh.address(PREPROCESS) != f"127.0.0.1:{DEFAULT_PORTS[PREPROCESS]}":
             env = f"{address_variable(PREPROCESS)}={mesh.address(PREPROCESS)} "
-        lines.append(f"try: {env}onnxmesh predict digits-mlp --target {mesh.address('model_a')}{layout}")
+        lines.append(
+            f"try: {env}{cli_command()} predict digits-mlp --target {mesh.address('model_a')}{layout}"
+        )
     if mesh.tls is not None:
         d = mesh.tls
         lines.append(
@@ -209,6 +212,18 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
         )
     lines.append("Ctrl-C stops the mesh.")
     return lines
+
+
+def cli_command() -> str:
+    """How to run the `onnxmesh` command from here: the venv's script (`.venv/bin/onnxmesh` from
+    the checkout), which works without activating the venv; `python -m meshctl` without it."""
+    script = Path(sys.executable).parent / "onnxmesh"
+    if not script.exists():
+        return f"{sys.executable} -m meshctl"
+    try:
+        return str(script.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script.absolute())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,9 +263,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopping.set()
         print("onnxmesh: stopping", flush=True)
         mesh.stop()
-        codes = ", ".join(f"{name} exit {code}" for name, code in mesh.exit_codes.items())
-        print(f"onnxmesh: stopped ({codes or 'nothing was running'})", flush=True)
+        print(stopped_line(mesh.exit_codes), flush=True)
+    if code == 0 and any(mesh.exit_codes.values()):
+        code = 1
     return code
+
+
+def stopped_line(codes: Mapping[str, int]) -> str:
+    """The last line: whether every node drained and exited 0, else which did not and how."""
+    if not codes:
+        return "onnxmesh: stopped (nothing was running)"
+    unclean = {name: code for name, code in codes.items() if code != 0}
+    if not unclean:
+        return f"onnxmesh: stopped cleanly ({', '.join(codes)}: drained, exit 0)"
+    return "onnxmesh: stopped, not cleanly: " + ", ".join(
+        f"{name} {exit_reason(code)}" for name, code in unclean.items()
+    )
+
+
+def exit_reason(code: int) -> str:
+    """`exit 3`, or `killed by SIGKILL` for a negative code (Popen's way to say a signal)."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def _watch(mesh: LocalMesh, stopping: threading.Event) -> None:

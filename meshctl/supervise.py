@@ -74,10 +74,12 @@ class Restarter:
         return float(min(self.cap, self.base * 2 ** self._count.get(name, 0)))
 
     def _watch(self) -> None:
+        # The thread lives until `stop()`, even once the mesh is closing: the nodes it started
+        # get their parent-death signal when it ends (meshctl/process.py).
         while not self._stopping.wait(POLL_S):
             for proc in self.mesh.processes():
                 if self._stopping.is_set() or self.mesh.closing:
-                    return
+                    break
                 self._started_at.setdefault(proc.pid, time.monotonic())
                 if not proc.running and not self.mesh.stopped_on_purpose(proc):
                     self._restart(proc)

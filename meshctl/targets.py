@@ -88,9 +88,20 @@ def service_address(service: str, layout: Mapping[str, str] | None = None) -> st
 
 
 #: What gRPC says when no connection could be made (as opposed to a server answering UNAVAILABLE).
-_CONNECT_FAILURES = ("failed to connect", "connection refused", "all backends failing", "errors resolving")
+_CONNECT_FAILURES = (
+    "failed to connect",
+    "connection refused",
+    "all backends failing",
+    "errors resolving",
+    "socket closed",
+    "handshake failed",
+    "http1.x server",
+)
 _DNS_FAILURES = ("errors resolving", "dns resolution failed", "name resolution", "could not resolve")
 MESH_HINT = "is the mesh running? start it with 'make run'"
+#: A refused connection: where else the mesh may be.
+REFUSED_HINT = f"{MESH_HINT} (or pass --target/--base-port)"
+TLS_VARIABLES = "ONNXMESH_TLS_CERT, ONNXMESH_TLS_KEY and ONNXMESH_TLS_CA"
 
 
 def unreachable(err: MeshError, *, connecting: bool = False) -> bool:
@@ -105,11 +116,45 @@ def detail(err: MeshError) -> str:
     return err.message.strip() or f"the server gave no detail for {err.code}"
 
 
-def explain(target: str, err: MeshError, *, connecting: bool = False) -> str:
-    """One line for a failed call; an unreachable target gets a hint (a DNS problem, or the mesh down)."""
+def diagnose(target: str, err: MeshError, hint: str = REFUSED_HINT) -> str | None:
+    """Why a connection to `target` failed and what to do, in one line; None when nothing is
+    known beyond "it did not answer". gRPC says it in its last error: a refused connection, an
+    HTTP/1 server (a REST port), a socket closed during set-up (a TLS server, called in
+    plaintext), a TLS handshake that failed (a plaintext server, or the wrong CA)."""
+    text = err.message.lower()
+    if "connection refused" in text:
+        return f"nothing listens on {target} (connection refused): {hint}"
+    if "http1.x server" in text or "failed parsing http/2" in text:
+        return (
+            f"{target} answers HTTP/1.x, not gRPC: that is a REST port (make run serves REST at the gRPC "
+            "port + 100); give the gRPC port, e.g. 127.0.0.1:8001"
+        )
+    if "handshake failed" in text and "wrong_version_number" in text:
+        return f"{target} does not speak TLS (handshake refused): the mesh runs without --tls; unset {TLS_VARIABLES}"
+    if "handshake failed" in text:
+        return (
+            f"the TLS handshake with {target} failed: check that ONNXMESH_TLS_CA is the CA that signed the "
+            "node's certificate and that ONNXMESH_TLS_CERT/KEY are its pair ('make certs' makes all three)"
+        )
+    if "socket closed" in text:
+        return (
+            f"{target} closed the connection during set-up: it likely serves TLS only (make run --tls); "
+            f"export {TLS_VARIABLES} as its ready line prints them"
+        )
+    return None
+
+
+def explain(target: str, err: MeshError, *, connecting: bool = False, hint: str = REFUSED_HINT) -> str:
+    """One line for a failed call; an unreachable target gets its cause and fix when gRPC says it,
+    else a hint (a DNS problem, or `hint`: the mesh down)."""
     if any(s in err.message.lower() for s in _DNS_FAILURES):
         host = target.rpartition(":")[0] or target
         return f"cannot resolve '{host}' ({err.code}): check the host name in {target}"
     if unreachable(err, connecting=connecting):
-        return f"cannot reach {target} ({err.code}): {MESH_HINT}"
+        return diagnose(target, err, hint) or f"cannot reach {target} ({err.code}): {hint}"
+    if err.code == "UNAUTHENTICATED":
+        return (
+            f"{target}: UNAUTHENTICATED: {detail(err)}; export ONNXMESH_TOKEN_FILE=<the token file> "
+            "(make run --tls prints it)"
+        )
     return f"{target}: {err.code}: {detail(err)}"

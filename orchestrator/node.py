@@ -214,7 +214,8 @@ class Orchestrator:
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
         text = spec_path.read_text()
-        self.pending_spec = parse_spec(text)  # a bad spec fails here, before anything starts
+        # A bad spec fails here, before anything starts.
+        self.pending_spec = parse_spec(text, origin=str(spec_path))
         self.pending_digest = hashlib.sha256(text.encode()).hexdigest()
         repository.replace(PendingGraph(name) for name in self.pending_spec.graphs)
 
@@ -342,7 +343,7 @@ class Orchestrator:
         if self.current is not None and digest == self.current.digest:
             return False
         try:
-            spec = parse_spec(text)
+            spec = parse_spec(text, origin=str(self.spec_path))
             loaded = self.build(spec, digest, await self.signatures(spec, self.stages(spec)))
         except (SpecError, MeshError) as exc:
             self.metrics.reloads.labels("rejected").inc()

@@ -6,11 +6,51 @@ without the checkers importing the parser.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+#: The most problems one SpecError lists (the rest are counted): a spec with a hundred broken
+#: steps needs its first fixes, not a page of text.
+MAX_REPORTED = 20
 
 
 class SpecError(Exception):
-    """The spec is invalid. The message says where, what is wrong and what was expected."""
+    """The spec is invalid. The message says where, what is wrong and what was expected; with
+    several problems (`problems`), one line each."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+
+    @classmethod
+    def of(cls, problems: Sequence[str]) -> SpecError:
+        if len(problems) == 1:
+            return cls(problems[0])
+        shown = [f"  - {p}" for p in problems[:MAX_REPORTED]]
+        if len(problems) > MAX_REPORTED:
+            shown.append(f"  ... and {len(problems) - MAX_REPORTED} more")
+        return cls(f"{len(problems)} problems:\n" + "\n".join(shown), problems)
+
+
+class Problems:
+    """The problems of independent parts of a spec (each service, graph, step of a list), so
+    that one pass reports them all: `with problems.part(): ...` for each, then `check()`."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    @contextmanager
+    def part(self) -> Iterator[None]:
+        try:
+            yield
+        except SpecError as exc:
+            self.found.extend(exc.problems)
+
+    def check(self) -> None:
+        """Raise one SpecError listing every problem found, if any."""
+        if self.found:
+            raise SpecError.of(self.found)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ mapping; model steps, told apart by their ``service``/``model`` keys, have ``_mo
 from __future__ import annotations
 
 import difflib
+import io
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any, TypeAlias
 import yaml
 
 from orchestrator.graph.aggregators import AGGREGATORS
-from orchestrator.spec.errors import SpecError, _At
+from orchestrator.spec.errors import Problems, SpecError, _At
 from orchestrator.spec.scope import check_scope
 from orchestrator.spec.steps import (
     CONDITION_FUNCTIONS,
@@ -72,16 +73,19 @@ def load_spec(path: str | Path) -> MeshSpec:
     except OSError as exc:
         raise SpecError(f"cannot read the spec {str(path)!r}: {exc.strerror or exc}") from exc
     try:
-        return parse_spec(text)
+        return parse_spec(text, origin=str(path))
     except SpecError as exc:
-        raise SpecError(f"{path}: {exc}") from None
+        raise SpecError(f"{path}: {exc}", [f"{path}: {p}" for p in exc.problems]) from None
 
 
-def parse_spec(source: str | Mapping[str, Any]) -> MeshSpec:
-    """Check a spec given as YAML text or as the already-loaded mapping."""
+def parse_spec(source: str | Mapping[str, Any], *, origin: str | None = None) -> MeshSpec:
+    """Check a spec given as YAML text or as the already-loaded mapping; every problem found is
+    reported in one SpecError. `origin`: the file the text came from, named by YAML errors."""
     if isinstance(source, str):
+        stream = io.StringIO(source)
+        stream.name = origin or "the spec"  # what YAML's messages say instead of "<unicode string>"
         try:
-            raw: Any = yaml.safe_load(source)
+            raw: Any = yaml.safe_load(stream)
         except yaml.YAMLError as exc:
             raise SpecError(f"the spec is not valid YAML: {exc}") from None
     else:
@@ -228,28 +232,35 @@ def _parse_mesh(raw: Any) -> MeshSpec:
     )
     cache_store = _cache_store(raw.get("cache_store", "local"), top.key("cache_store"))
 
+    problems = Problems()
     services: dict[str, ServiceSpec] = {}
     for name, body in _mapping(raw["services"], top.key("services"), "services").items():
-        at = top.key("services").key(str(name))
-        _name(name, at, "a service name")
-        _check_keys(_mapping(body, at, f"service {name!r}"), at, ("address",), ("address",), "a service")
-        services[name] = ServiceSpec(name, _string(body["address"], at.key("address"), "address"))
+        with problems.part():
+            at = top.key("services").key(str(name))
+            _name(name, at, "a service name")
+            _check_keys(_mapping(body, at, f"service {name!r}"), at, ("address",), ("address",), "a service")
+            services[name] = ServiceSpec(name, _string(body["address"], at.key("address"), "address"))
 
     defaults = Defaults()
     if "defaults" in raw:
-        at = top.key("defaults")
-        body = _mapping(raw["defaults"], at, "defaults", non_empty=False)
-        _check_keys(body, at, ("timeout", "retries"), (), "defaults")
-        defaults = Defaults(
-            _timeout(body.get("timeout", defaults.timeout), at.key("timeout")),
-            _retries(body.get("retries", defaults.retries), at.key("retries")),
-        )
+        with problems.part():
+            at = top.key("defaults")
+            body = _mapping(raw["defaults"], at, "defaults", non_empty=False)
+            _check_keys(body, at, ("timeout", "retries"), (), "defaults")
+            defaults = Defaults(
+                _timeout(body.get("timeout", defaults.timeout), at.key("timeout")),
+                _retries(body.get("retries", defaults.retries), at.key("retries")),
+            )
 
     graphs: dict[str, GraphSpec] = {}
     for name, body in _mapping(raw["graphs"], top.key("graphs"), "graphs").items():
-        if not isinstance(name, str) or not _GRAPH_NAME.match(name):
-            raise top.key("graphs").error(f"bad graph name {name!r}: use letters, digits, '_', '.' and '-'")
-        graphs[name] = _GraphParser(name, services, defaults).parse(body)
+        with problems.part():
+            if not isinstance(name, str) or not _GRAPH_NAME.match(name):
+                raise top.key("graphs").error(
+                    f"bad graph name {name!r}: use letters, digits, '_', '.' and '-'"
+                )
+            graphs[name] = _GraphParser(name, services, defaults).parse(body)
+    problems.check()
     return MeshSpec(MappingProxyType(services), defaults, MappingProxyType(graphs), cache_store)
 
 
@@ -274,14 +285,25 @@ class _GraphParser:
         for key, what in (("inputs", "the graph inputs"), ("outputs", "the graph outputs")):
             if not body.get(key):
                 raise at.error(f"{what} are missing; expected a non-empty {key!r}")
-        timeout = _timeout(body.get("timeout", self.defaults.timeout), at.key("timeout"))
-        inputs = self._inputs(body["inputs"], at.key("inputs"))
-        steps = self._steps(body["steps"], at.key("steps"), "steps")
+        # Independent parts, each reported; the scope checks need them all.
+        problems = Problems()
+        timeout = self.defaults.timeout
+        inputs: tuple[TensorSpec, ...] = ()
+        steps: tuple[Step, ...] = ()
+        with problems.part():
+            timeout = _timeout(body.get("timeout", self.defaults.timeout), at.key("timeout"))
+        with problems.part():
+            inputs = self._inputs(body["inputs"], at.key("inputs"))
+        with problems.part():
+            steps = self._steps(body["steps"], at.key("steps"), "steps")
         outputs: dict[str, OutputExpr] = {}
-        for name, text in _mapping(body["outputs"], at.key("outputs"), "outputs").items():
-            out_at = at.key("outputs").key(str(name))
-            _string(name, out_at, "an output name")
-            outputs[name] = _parse_output(text, out_at, f"graph output {name!r}")
+        with problems.part():
+            for name, text in _mapping(body["outputs"], at.key("outputs"), "outputs").items():
+                out_at = at.key("outputs").key(str(name))
+                with problems.part():
+                    _string(name, out_at, "an output name")
+                    outputs[name] = _parse_output(text, out_at, f"graph output {name!r}")
+        problems.check()
         requested = check_scope(self.graph, inputs, steps, outputs)
         return GraphSpec(
             self.graph,
@@ -320,7 +342,14 @@ class _GraphParser:
         return tuple(specs)
 
     def _steps(self, raw: Any, at: _At, what: str) -> tuple[Step, ...]:
-        return tuple(self._step(item, at.index(i)) for i, item in enumerate(_list(raw, at, what)))
+        """Every step of a list, or one SpecError with the problems of each that has any."""
+        problems = Problems()
+        steps: list[Step] = []
+        for i, item in enumerate(_list(raw, at, what)):
+            with problems.part():
+                steps.append(self._step(item, at.index(i)))
+        problems.check()
+        return tuple(steps)
 
     def _register(self, raw: Mapping[Any, Any], at: _At) -> tuple[str, _At]:
         if "name" not in raw:

@@ -101,9 +101,11 @@ class IndexEntry:
 class DataPlane:
     """Lookup, readiness, validation, metrics and inference over one node's repository.
 
-    `draining` is set once the node begins to shut down (`MeshServer.begin_drain`): from then on
-    the node and its models report not ready, and new inference calls get UNAVAILABLE so that
-    clients retry on another replica.
+    Shutting down has two steps. `draining` (`MeshServer.begin_drain`): the node and its models
+    report not ready so balancers and health-watching clients move away, but calls are still
+    answered (clients that have not noticed yet must not fail). `refusing` (`MeshServer.stop`,
+    after the drain delay): new inference calls get UNAVAILABLE so that clients retry on another
+    replica, while the ones in flight finish.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class DataPlane:
         #: Regions of the system shared-memory extension, registered by clients on this host.
         self.shared_memory = SharedMemory()
         self.draining = False
+        self.refusing = False
         #: Load shedding (`--max-inflight`): None admits every call.
         self.limiter: ConcurrencyLimiter | None = None
 
@@ -243,7 +246,7 @@ class DataPlane:
     async def infer(self, request: InferRequest, encode: Callable[[InferResult], Any] | None = None) -> Any:
         """Run `request` on the servable it names, after checking that it may run and is valid.
 
-        Raises NotFound (unknown model or version), Unavailable (draining, or still loading),
+        Raises NotFound (unknown model or version), Unavailable (refusing, or still loading),
         InvalidInput (see the module docstring), or whatever the servable raises. The result
         names the model and version that answered. `encode`, when given, turns the result into
         the transport's answer inside the call, so that the request metrics time and count it
@@ -263,7 +266,7 @@ class DataPlane:
                 if not limiter.try_acquire():
                     raise limiter.refusal(model)
                 admitted = True
-            if self.draining or not servable.loaded:
+            if self.refusing or not servable.loaded:
                 raise self._not_serving(servable)
             validate(model, servable.signature, request.inputs, request.outputs)
             running = time.perf_counter()
@@ -306,13 +309,13 @@ class DataPlane:
     def refused(self, model: str, version: str, error: BaseException) -> BaseException:
         """Count an inference call the transport could not turn into an InferRequest (e.g. its
         tensors do not decode; latency 0, nothing ran), and return the error to answer it with:
-        the one `infer` would have raised first (unknown model, draining, still loading) if
+        the one `infer` would have raised first (unknown model, refusing, still loading) if
         any, else `error`."""
         label, label_version = "unknown", ""
         try:
             servable = self.repository.get(model, version)
             label, label_version = servable.name, servable.version
-            if self.draining or not servable.loaded:
+            if self.refusing or not servable.loaded:
                 raise self._not_serving(servable)
         except MeshError as err:
             error = err
@@ -323,7 +326,7 @@ class DataPlane:
         return error
 
     def _not_serving(self, servable: Servable) -> Unavailable:
-        if self.draining:
+        if self.refusing:
             return Unavailable(f"server is shutting down; retry on another replica of '{servable.name}'")
         return Unavailable(f"model '{servable.name}' version {servable.version} is still loading")
 

@@ -12,8 +12,10 @@ Life cycle of a node (what Kubernetes probes and the orchestrator rely on):
      that fails to load or warm up is logged and reported UNAVAILABLE with its reason
      (RepositoryIndex, ModelReady false) while the others serve; a node none of whose models
      loaded exits with every reason;
-  3. on SIGTERM/SIGINT: NOT_SERVING at once, new calls get UNAVAILABLE, in-flight calls
-     finish within `grace` seconds, then the process exits.
+  3. on SIGTERM/SIGINT: NOT_SERVING at once (health, ServerReady, ModelReady) while every call
+     is still answered for `drain_delay` seconds, so balancers and clients move away without
+     losing one; then new calls get UNAVAILABLE, in-flight calls finish within `grace`
+     seconds, and the process exits.
 
 Beside its own services (OIP gRPC with Triton's extensions, on a MeshServer) a process serves
 grpc.health.v1, reflection (v1 and v1alpha), Prometheus on `--metrics-port` and, on a
@@ -24,11 +26,13 @@ stops the process with a message naming it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.metadata
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import grpc
@@ -50,7 +54,7 @@ from services.common.observability.logs import configure_logging
 from services.common.observability.metrics import NodeMetrics, ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.rest.server import RestServer
-from services.common.settings import ServerSettings
+from services.common.settings import LAUNCHER_ENV, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +120,7 @@ class NodeServer:
 
     @property
     def draining(self) -> bool:
-        """True once `begin_drain` ran: NOT_SERVING, and new calls get UNAVAILABLE."""
+        """True once `begin_drain` ran: NOT_SERVING, though calls are still answered until `stop`."""
         return self._draining
 
     def services(self, server: grpc.aio.Server) -> list[str]:
@@ -131,6 +135,9 @@ class NodeServer:
 
     async def stop_more(self) -> None:
         """Close what `start_more` opened."""
+
+    def refuse(self) -> None:
+        """Refuse new calls from now on (in-flight ones finish): the drain delay is over."""
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING); returns the bound port."""
@@ -203,10 +210,11 @@ class NodeServer:
             await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING now, finish in-flight calls within `grace`, then stop."""
+        """NOT_SERVING (if not yet), refuse new calls, finish in-flight ones within `grace`, stop."""
         if self._server is None or self._stopped.is_set():
             return
         await self.begin_drain()
+        self.refuse()
         log.info("draining", extra={"grace_s": self.settings.grace if grace is None else grace})
         await self._close_ports(self.settings.grace if grace is None else grace)
         await self.close()
@@ -234,6 +242,7 @@ class NodeServer:
     ) -> None:
         """Start, load, and serve (running `work`, if any) until SIGTERM or SIGINT, or until
         `work` returns; then drain and return."""
+        follow_launcher()
         say = announce or _announce
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
@@ -264,7 +273,7 @@ class NodeServer:
         say(f"{self.settings.service} draining")
         await self.begin_drain()
         try:
-            # Keep answering while clients watching health move away, then close the port.
+            # Keep answering while balancers and clients watching health move away; then refuse.
             await asyncio.sleep(self.settings.drain_delay)
             if working is not None:
                 await working
@@ -311,8 +320,11 @@ class MeshServer(NodeServer):
 
     @property
     def draining(self) -> bool:
-        """True once `begin_drain` ran: NOT_SERVING, and new inference calls get UNAVAILABLE."""
+        """True once `begin_drain` ran: NOT_SERVING, though calls are still answered until `stop`."""
         return self.dataplane.draining
+
+    def refuse(self) -> None:
+        self.dataplane.refusing = True
 
     def services(self, server: grpc.aio.Server) -> list[str]:
         servicer = traced.servicer_class()(self.dataplane)
@@ -368,7 +380,8 @@ class MeshServer(NodeServer):
         self.repository.fail(name, version, reason)
 
     async def begin_drain(self) -> None:
-        """Report NOT_SERVING (health and ServerReady) so balancers and probes move away."""
+        """Report NOT_SERVING (health, ServerReady, ModelReady) so balancers and probes move
+        away; calls are still answered until `stop`."""
         if not self.draining:
             self.dataplane.draining = True
             await super().begin_drain()
@@ -377,6 +390,20 @@ class MeshServer(NodeServer):
         await asyncio.gather(*(servable.close() for servable in self.repository.all()))
         await super().close()
         self.dataplane.shared_memory.close()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def follow_launcher(environ: Mapping[str, str] = os.environ) -> None:
+    """A node started by a launcher gets SIGTERM (and drains) when the launcher dies, even by
+    SIGKILL, so that none outlives it (Linux's parent-death signal; elsewhere nothing)."""
+    launcher = environ.get(LAUNCHER_ENV)
+    if not launcher or sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(launcher):  # it died before the signal was asked for
+        sys.exit(f"the launcher (pid {launcher}) is gone")
 
 
 def run_process(settings: ServerSettings, serve: Callable[[], Coroutine[Any, Any, None]]) -> None:

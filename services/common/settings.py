@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "ONNXMESH_"
+#: Set by a launcher (meshctl/process.py) to its pid: its nodes stop when it dies
+#: (`services.common.server.follow_launcher`).
+LAUNCHER_ENV = "ONNXMESH_LAUNCHER_PID"
 MIB = 1024 * 1024
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from images.build import BuiltImage, build_images
 from images.cli import default_ca_bundle
-from images.engine import Engine, EngineUnavailable, find_engine
+from images.engine import ContainerEngine, EngineUnavailable, find_engine
 from tests.support import kustomize_overlay
 
 Obj = dict[str, Any]
@@ -39,7 +39,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture(scope="session")
-def engine() -> Engine:
+def engine() -> ContainerEngine:
     if os.environ.get("ONNXMESH_CONTAINER_TESTS") == "0":
         pytest.skip("container tests turned off (ONNXMESH_CONTAINER_TESTS=0)")
     try:
@@ -93,7 +93,7 @@ def manifest_tag(manifests: Manifests) -> str:
 
 @pytest.fixture(scope="session")
 def images(
-    engine: Engine, manifests: Manifests, tmp_path_factory: pytest.TempPathFactory
+    engine: ContainerEngine, manifests: Manifests, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, BuiltImage]]:
     """Every image, by Dockerfile SERVICE, with the manifests' tag: built unless up to date."""
     log_path = tmp_path_factory.mktemp("images") / "build.log"

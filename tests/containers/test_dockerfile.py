@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from images.build import IMAGES, JOBS, REPO, context_files, source_digest, uv_version
-from images.engine import Engine
+from images.engine import ContainerEngine
 from services.common.topology import SERVICES
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -151,7 +151,7 @@ def test_the_lock_matches_pyproject() -> None:
 
 
 def test_podman_names_images_as_the_manifests_do_for_kind() -> None:
-    podman, docker = Engine("podman", ("podman",)), Engine("docker", ("docker",))
+    podman, docker = ContainerEngine("podman", ("podman",)), ContainerEngine("docker", ("docker",))
     assert podman.qualified("onnxmesh/model-a:0.1.0") == "docker.io/onnxmesh/model-a:0.1.0"
     assert (
         podman.qualified("localhost:5000/onnxmesh/model-a:0.1.0") == "localhost:5000/onnxmesh/model-a:0.1.0"

@@ -20,7 +20,7 @@ import pytest
 
 from images.build import JOBS, BuiltImage
 from images.cli import default_ca_bundle
-from images.engine import Engine
+from images.engine import ContainerEngine
 from services.common.topology import MODULES, ORCHESTRATOR, SERVICES, kubernetes_name
 from tests.containers.conftest import FIGURES, Manifests
 from tests.containers.pods import ContainerSpec
@@ -54,19 +54,19 @@ print(json.dumps({
 """
 
 
-def config(engine: Engine, image: BuiltImage) -> dict[str, Any]:
+def config(engine: ContainerEngine, image: BuiltImage) -> dict[str, Any]:
     info = engine.inspect_image(image.ref)
     assert info is not None, f"{image.ref} is not there"
     found: dict[str, Any] = info["Config"]  # type: ignore[assignment]
     return found
 
 
-def image_env(engine: Engine, image: BuiltImage) -> dict[str, str]:
+def image_env(engine: ContainerEngine, image: BuiltImage) -> dict[str, str]:
     return dict(item.split("=", 1) for item in config(engine, image).get("Env") or [])
 
 
 def run_in(
-    engine: Engine, image: BuiltImage, *command: str, user: str | None = None
+    engine: ContainerEngine, image: BuiltImage, *command: str, user: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     as_user = ["--user", user] if user is not None else []
     return subprocess.run(
@@ -95,7 +95,7 @@ def test_every_image_the_manifests_name_is_built_under_that_name(
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_each_node_image_matches_its_deployment(
-    service: str, engine: Engine, images: dict[str, BuiltImage], manifests: Manifests
+    service: str, engine: ContainerEngine, images: dict[str, BuiltImage], manifests: Manifests
 ) -> None:
     spec = ContainerSpec.from_deployment(manifests.get("Deployment", kubernetes_name(service)))
     image = images[service]
@@ -122,7 +122,7 @@ def test_each_node_image_matches_its_deployment(
 
 
 def test_the_jobs_workloads_commands_run_in_the_jobs_image(
-    engine: Engine, images: dict[str, BuiltImage], manifests: Manifests
+    engine: ContainerEngine, images: dict[str, BuiltImage], manifests: Manifests
 ) -> None:
     image = images[JOBS]
     workloads = [manifests.get("Deployment", "jobs"), manifests.get("Deployment", "jobs-worker")]
@@ -138,7 +138,7 @@ def test_the_jobs_workloads_commands_run_in_the_jobs_image(
 
 
 @pytest.mark.parametrize("service", [*SERVICES, JOBS])
-def test_the_image_is_lean(service: str, engine: Engine, images: dict[str, BuiltImage]) -> None:
+def test_the_image_is_lean(service: str, engine: ContainerEngine, images: dict[str, BuiltImage]) -> None:
     image = images[service]
     modules = NEVER + JOBS_EXTRA
     done = run_in(engine, image, "python", "-c", PROBE, ",".join(modules), ",".join(PROGRAMS))
@@ -149,7 +149,7 @@ def test_the_image_is_lean(service: str, engine: Engine, images: dict[str, Built
     assert found["modules"] == expected, f"{image.ref} has {found['modules']}"
 
 
-def test_the_build_ca_bundle_is_in_no_image(engine: Engine, images: dict[str, BuiltImage]) -> None:
+def test_the_build_ca_bundle_is_in_no_image(engine: ContainerEngine, images: dict[str, BuiltImage]) -> None:
     bundle = default_ca_bundle()
     if bundle is None:
         pytest.skip("no host CA bundle was given to the build")

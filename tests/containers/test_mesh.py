@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from images.build import BuiltImage
-from images.engine import Engine
+from images.engine import ContainerEngine
 from meshctl.rehearsal import Traffic, versioned_copy
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,
@@ -109,7 +109,7 @@ def container_name(what: str) -> str:
 
 
 def start_node(
-    engine: Engine,
+    engine: ContainerEngine,
     manifests: Manifests,
     service: str,
     *,
@@ -133,7 +133,7 @@ def start_node(
 
 
 @pytest.fixture(scope="module")
-def mesh(engine: Engine, images: dict[str, BuiltImage], manifests: Manifests) -> Iterator[Mesh]:
+def mesh(engine: ContainerEngine, images: dict[str, BuiltImage], manifests: Manifests) -> Iterator[Mesh]:
     ports = {service: free_port() for service in SERVICES}
     addresses = {address_variable(s): f"127.0.0.1:{ports[s]}" for s in MODEL_SERVICES}
     # The second address is where model_a's next version will come up.
@@ -200,7 +200,7 @@ def test_the_three_graphs_answer_a_stock_client_with_their_accuracy(mesh: Mesh) 
     )
 
 
-def build_v2_image(engine: Engine, v1: BuiltImage) -> list[str]:
+def build_v2_image(engine: ContainerEngine, v1: BuiltImage) -> list[str]:
     """model_a's image plus a version-2 model directory, nothing else: returns its layers."""
     info = engine.inspect_image(v1.ref) or {}
     env = dict(item.split("=", 1) for item in info["Config"]["Env"])  # type: ignore[index]
@@ -221,7 +221,7 @@ def build_v2_image(engine: Engine, v1: BuiltImage) -> list[str]:
 
 
 def test_model_a_is_replaced_by_version_2_with_traffic_flowing_and_no_request_fails(
-    mesh: Mesh, engine: Engine, images: dict[str, BuiltImage]
+    mesh: Mesh, engine: ContainerEngine, images: dict[str, BuiltImage]
 ) -> None:
     v1_layers = (engine.inspect_image(images[MODEL_A].ref) or {})["RootFS"]["Layers"]  # type: ignore[index]
     v2_layers = build_v2_image(engine, images[MODEL_A])

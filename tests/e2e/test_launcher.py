@@ -232,7 +232,7 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
     finally:
         kill_group(proc)  # failed or not: the launcher and the services it started
     assert proc.returncode == 0, "".join(lines) + rest
-    assert "onnxmesh: stopped (preprocess-1 exit 0, model_a-1 exit 0, model_b-1 exit 0)" in rest
+    assert "onnxmesh: stopped cleanly (preprocess-1, model_a-1, model_b-1: drained, exit 0)" in rest
     assert orphans == []
 
 

@@ -8,12 +8,14 @@ own process, as a real client would.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ import pytest
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.perf_data import perf_analyzer_data
 from services.common.digits import load_holdout
-from tests.support import metric_total
+from tests.support import ROOT, metric_total
 
 TRITON = textwrap.dedent(
     """
@@ -269,3 +271,16 @@ def test_a_fixed_metrics_port_in_the_environment_is_not_given_to_every_node(
         ports = [p.metrics_port for p in m.processes()]
         assert None not in ports and len(set(ports)) == len(ports) and 1 not in ports
         assert all(p.http_port is None for p in m.processes())
+
+
+def test_the_readme_tritonclient_snippet_runs_from_any_directory(mesh: LocalMesh, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"\*\*tritonclient\*\*.*?```python\n(.*?)```", readme, re.S)
+    assert snippet, "the README's tritonclient snippet is gone"
+    code = snippet[1].replace("127.0.0.1:8001", mesh.address("orchestrator"))
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("[0] [[1. 0."), run.stdout  # the digit shown is a zero
+    assert "step.mlp" in run.stdout

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshctl.targets import explain
+from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.model import Model
 from services.common.repository import ModelRepository
+from services.common.settings import ServerSettings
 from services.common.types import ModelSignature, TensorSpec
 from tests.support import ServerThread
 
@@ -84,3 +90,34 @@ def test_not_serving_until_loaded_then_serving_then_draining() -> None:
             model.load_gate.set()
             model.predict_gate.set()
             server.stop()
+
+
+def test_a_grpc_client_on_the_rest_port_is_told_so_and_logs_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with ThreadPoolExecutor(2) as executor:
+        model = GatedModelDouble(executor)
+        model.load_gate.set()
+        settings = ServerSettings(service="test", host="127.0.0.1", port=0, http_port=0, grace=2.0)
+        server = ServerThread(ModelRepository([model]), settings)
+        try:
+            server.start()
+            rest = f"127.0.0.1:{server.server.http_port}"
+
+            async def health() -> MeshError:
+                async with OipClient(rest) as client:
+                    try:
+                        await client.health(timeout=5)
+                    except MeshError as err:
+                        return err
+                raise AssertionError("a gRPC call on the REST port succeeded")
+
+            with caplog.at_level(logging.INFO):
+                err = asyncio.run(health())
+        finally:
+            server.stop()
+    assert explain(rest, err, connecting=True).startswith(f"{rest} answers HTTP/1.x, not gRPC")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    refused = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert refused and refused[0].getMessage().startswith("refused an HTTP/2 (gRPC?) connection")
+    assert all(r.exc_info is None for r in refused)

@@ -6,6 +6,7 @@ the CLI. Every test runs on SQLite and on a real PostgreSQL server."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -17,14 +18,16 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from jobs import service as jobs_service
 from jobs.client import JobsClient
 from jobs.store import RUNNING, SUCCEEDED, JobRecord, Store
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import NotFound, ResourceExhausted
 from services.common.grpc import codec
+from services.common.grpc.client import OipClient
 from tests.jobs.conftest import GRAPH
 from tests.jobs.support import REPO, Node, holdout
-from tests.support import until
+from tests.support import free_port, until
 
 JOBS = 1000
 
@@ -238,3 +241,41 @@ def test_a_full_queue_refuses_and_accepted_jobs_survive_a_crash_of_the_service(
             check=False,
         )
         assert missing.returncode == 1 and "no job 'nope'" in missing.stderr
+        # Cancelling a job that already succeeded says so, and that nothing was cancelled.
+        late = subprocess.run(
+            [*cli, "jobs", "--cancel", job_id, *target], capture_output=True, text=True, timeout=30, cwd=REPO
+        )
+        assert late.returncode == 2, late.stdout + late.stderr
+        assert f"{job_id}: not cancelled: it had already finished (succeeded at " in late.stdout
+        # A typo'd graph is refused at submit, naming what is served.
+        typo = subprocess.run(
+            [*cli, "submit", GRAPH[:-1], *target], capture_output=True, text=True, timeout=30, cwd=REPO
+        )
+        assert typo.returncode == 1 and not typo.stdout, typo.stdout
+        assert "NOT_FOUND" in typo.stderr and "available: " in typo.stderr and GRAPH in typo.stderr, (
+            typo.stderr
+        )
+
+
+def test_the_service_checks_graph_names_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONNXMESH_TARGET", raising=False)
+    assert jobs_service.build_parser().parse_args([]).target == "127.0.0.1:8001"
+
+
+def test_a_job_waits_with_backoff_while_no_orchestrator_answers(db_url: str) -> None:
+    images, _ = holdout()
+    with Store(db_url) as store:
+        request = OipClient.build_request(GRAPH, {"image": images[:1]}).SerializeToString()
+        job = store.submit(GRAPH, request, ttl=600, timeout=5)
+        nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
+        with nodes(worker(db_url, nowhere)) as (pool,):
+            pool.wait_ready()
+
+            def waited_long() -> bool:
+                found = (re.search(r"job waits .*in_s=([0-9.]+)", line) for line in list(pool.lines))
+                return any(m is not None and float(m[1]) >= 2.0 for m in found)
+
+            until(waited_long, "a third wait of the job, 2 s long", 60)
+            record = store.get(job.id)
+        assert record.status == "queued" and record.attempts == 0, record
+        assert (record.error_message or "").startswith("waiting for the orchestrator ("), record.error_message

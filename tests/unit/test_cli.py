@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from meshctl import cli, predict, targets
-from services.common.errors import DeadlineExceeded, NotFound, Unavailable
+from services.common.errors import DeadlineExceeded, NotFound, Unavailable, from_status
 from tests.support import free_port
 
 REFUSED = "unavailable: connections to all backends failing; last error: Connection refused"
@@ -40,7 +40,8 @@ def test_predict_without_a_mesh_exits_1_with_a_hint(
     out, err = capsys.readouterr()
     assert code == 1
     assert err.strip() == (
-        f"onnxmesh: cannot reach {dead_target} (UNAVAILABLE): is the mesh running? start it with 'make run'"
+        f"onnxmesh: nothing listens on {dead_target} (connection refused): is the mesh running? "
+        "start it with 'make run' (or pass --target/--base-port)"
     )
     assert "Traceback" not in out + err
 
@@ -57,7 +58,7 @@ def test_health_without_a_mesh_reports_each_target_and_exits_1(
 
 def test_models_without_a_mesh_exits_1(dead_target: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["models", "--target", dead_target, "--timeout", "2"]) == 1
-    assert f"cannot reach {dead_target} (UNAVAILABLE)" in capsys.readouterr().out
+    assert f"nothing listens on {dead_target} (connection refused)" in capsys.readouterr().out
 
 
 def test_predict_with_a_bad_image_file_fails_before_calling(
@@ -171,8 +172,8 @@ def test_default_target_is_the_local_node_serving_the_name(monkeypatch: pytest.M
 
 def test_explain_adds_the_hint_only_when_nothing_answered() -> None:
     hint = "is the mesh running? start it with 'make run'"
-    assert targets.explain("h:1", Unavailable(f"h:1 {REFUSED}")).endswith(hint)
-    assert targets.explain("h:1", DeadlineExceeded("h:1: deadline exceeded"), connecting=True).endswith(hint)
+    assert hint in targets.explain("h:1", Unavailable(f"h:1 {REFUSED}"))
+    assert hint in targets.explain("h:1", DeadlineExceeded("h:1: deadline exceeded"), connecting=True)
     # A server that answered (draining, loading, slow) is not "the mesh is not running".
     assert targets.explain("h:1", Unavailable("server is shutting down")) == (
         "h:1: UNAVAILABLE: server is shutting down"
@@ -304,9 +305,65 @@ def test_a_url_target_is_refused_with_the_address_to_use(capsys: pytest.CaptureF
     )
 
 
+# What gRPC's last error says in each case (grpcio 1.7x), as the client reports it.
+_LAST_ERROR = "h:1 unavailable: connections to all backends failing; last error: "
+
+
+@pytest.mark.parametrize(
+    ("last_error", "says"),
+    [
+        (
+            "UNKNOWN: ipv4:h:1: Failed to connect to remote host: Connection refused",
+            "nothing listens on h:1 (connection refused): is the mesh running?",
+        ),
+        (
+            "INTERNAL: ipv4:h:1: Failed parsing HTTP/2 (Expected SETTINGS frame as the first frame, got "
+            "frame type 80) (Trying to connect an http1.x server (HTTP status 400))",
+            "h:1 answers HTTP/1.x, not gRPC: that is a REST port",
+        ),
+        (
+            "UNAVAILABLE: ipv4:h:1: Socket closed",
+            "h:1 closed the connection during set-up: it likely serves TLS only (make run --tls); export "
+            "ONNXMESH_TLS_CERT",
+        ),
+        (
+            "UNKNOWN: ipv4:h:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:"
+            "SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification context: OK",
+            "h:1 does not speak TLS (handshake refused): the mesh runs without --tls; unset ONNXMESH_TLS_CERT",
+        ),
+        (
+            "UNKNOWN: ipv4:h:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: "
+            "CERTIFICATE_VERIFY_FAILED",
+            "the TLS handshake with h:1 failed: check that ONNXMESH_TLS_CA is the CA",
+        ),
+    ],
+)
+def test_each_connection_failure_gets_its_cause_and_fix(last_error: str, says: str) -> None:
+    line = targets.explain("h:1", Unavailable(_LAST_ERROR + last_error), connecting=True)
+    assert line.startswith(says) and "\n" not in line
+
+
+def test_a_missing_token_says_which_variable_to_set() -> None:
+    line = targets.explain("h:1", from_status("UNAUTHENTICATED", "missing or invalid bearer token"))
+    assert line.startswith(
+        "h:1: UNAUTHENTICATED: missing or invalid bearer token; export ONNXMESH_TOKEN_FILE="
+    )
+
+
 def test_messages_are_never_empty_and_dns_failures_say_so() -> None:
     assert targets.explain("x:1", NotFound("")) == "x:1: NOT_FOUND: the server gave no detail for NOT_FOUND"
     dns = Unavailable("DNS resolution failed for nowhere.invalid:8001: C-ares status is not ARES_SUCCESS")
     assert targets.explain("nowhere.invalid:8001", dns, connecting=True) == (
         "cannot resolve 'nowhere.invalid' (UNAVAILABLE): check the host name in nowhere.invalid:8001"
     )
+
+
+def test_batch_checks_its_dataset_before_connecting(
+    dead_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.npz"
+    db = tmp_path / "jobs.sqlite"
+    assert cli.main(["batch", "digits-parallel", str(missing), "--target", dead_target, "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"onnxmesh: {missing}: no such file"
+    assert not db.exists()  # nothing was opened either

@@ -81,11 +81,14 @@ def test_a_loading_model_and_a_draining_node_are_unavailable() -> None:
     assert not dataplane.ready() and not dataplane.model_ready("double")
     run(model.load())
     assert dataplane.ready() and dataplane.model_ready("double")
-    dataplane.draining = True
+    dataplane.draining = True  # the drain delay: not ready, but calls are still answered
     assert not dataplane.ready() and not dataplane.model_ready("double")
+    run(dataplane.infer(InferRequest("double", {"x": X})))
+    assert len(model.calls) == 1
+    dataplane.refusing = True  # after it: new calls are refused
     with pytest.raises(Unavailable, match="shutting down; retry on another replica of 'double'"):
         run(dataplane.infer(InferRequest("double", {"x": X})))
-    assert not model.calls
+    assert len(model.calls) == 1
 
 
 def test_metadata_names_the_versions() -> None:

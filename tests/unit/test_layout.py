@@ -31,6 +31,7 @@ RUNTIME_MAINS = {"services/common/model_node.py"}
 WIRE_OUTSIDE_THE_RUNTIME = {
     "bench/load/loadgen.py",
     "bench/targets/minimal.py",
+    "meshctl/grpcurl.py",
     "jobs/client.py",
     "jobs/service.py",
     "jobs/worker.py",

@@ -35,6 +35,8 @@ def test_every_accepted_token_is_compared() -> None:
 
 def test_client_security_from_the_environment_never_shows_the_token(tmp_path: Path) -> None:
     (tmp_path / "tokens").write_text("s3cret-token\n")
+    for name in ("c.pem", "k.pem", "ca.pem"):
+        (tmp_path / name).write_text("PEM")
     env = {
         "ONNXMESH_TLS_CERT": str(tmp_path / "c.pem"),
         "ONNXMESH_TLS_KEY": str(tmp_path / "k.pem"),
@@ -47,7 +49,7 @@ def test_client_security_from_the_environment_never_shows_the_token(tmp_path: Pa
     assert "s3cret" not in repr(security)
     assert environ_security({}).tls is None and environ_security({}).metadata == ()
     with pytest.raises(SecurityError, match="go together"):
-        environ_security({"ONNXMESH_TLS_CERT": "c.pem"})
+        environ_security({"ONNXMESH_TLS_CERT": str(tmp_path / "c.pem")})
     # The CA alone: TLS that verifies the server, no client certificate (orchestrator callers).
     trusting = environ_security({"ONNXMESH_TLS_CA": str(tmp_path / "ca.pem")})
     assert trusting.tls is None and trusting.ca == tmp_path / "ca.pem"
@@ -63,3 +65,20 @@ def test_the_tls_cost_is_the_median_difference_spread_over_the_hops() -> None:
     assert summary["plain_p50_c1_ms"] == 2.2 and summary["mtls_p50_c1_ms"] == 2.5
     assert summary["per_hop_ms"] == pytest.approx(0.3 / HOPS)
     assert summary["rps_c32_ratio"] == pytest.approx(380.0 / 450.0)
+
+
+def test_client_paths_are_made_absolute_or_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "tokens").write_text("t0k3n\n")
+    monkeypatch.chdir(tmp_path)
+    security = environ_security({"ONNXMESH_TLS_CA": "certs/tokens", "ONNXMESH_TOKEN_FILE": "certs/tokens"})
+    assert security.ca == tmp_path / "certs" / "tokens"  # absolute: the same file from anywhere
+    monkeypatch.chdir(tmp_path / "certs")
+    with pytest.raises(SecurityError) as refused:
+        environ_security({"ONNXMESH_TOKEN_FILE": "certs/tokens"})
+    assert str(refused.value) == (
+        f"ONNXMESH_TOKEN_FILE=certs/tokens: no such file (relative to {tmp_path / 'certs'}); "
+        "give the file's absolute path"
+    )

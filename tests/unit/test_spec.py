@@ -154,9 +154,49 @@ def test_load_spec_reads_a_file_and_names_it_in_errors(tmp_path: Path) -> None:
         load_spec(tmp_path / "missing.yaml")
 
 
-def test_yaml_syntax_errors_are_spec_errors() -> None:
+def test_yaml_syntax_errors_are_spec_errors_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="not valid YAML"):
         parse_spec("graphs: [unclosed")
+    path = tmp_path / "graphs.yaml"
+    path.write_text("graphs: [unclosed")
+    with pytest.raises(SpecError) as bad:
+        load_spec(path)
+    assert f'in "{path}", line 1' in str(bad.value) and "<unicode string>" not in str(bad.value)
+
+
+def test_every_problem_is_reported_in_one_pass(tmp_path: Path) -> None:
+    """Three typos in three places: three lines, not three edit-and-wait cycles."""
+    spec = example()
+    graph = spec["graphs"]["digits-parallel"]
+    graph["timeout"] = -1
+    graph["steps"][0]["modle"] = "digits-preprocess"
+    graph["steps"][1]["ensemble"]["branches"][1]["dependency"] = "sfot"
+    spec["graphs"]["second"] = copy.deepcopy(graph)
+    spec["graphs"]["second"]["steps"][1]["ensemble"]["branches"][0]["service"] = "model_c"
+    with pytest.raises(SpecError) as bad:
+        parse_spec(spec)
+    problems = bad.value.problems
+    assert len(problems) == 7, problems
+    assert str(bad.value).startswith("7 problems:\n  - graph 'digits-parallel' at timeout: timeout must be")
+    assert any("unknown key 'modle'" in p for p in problems)
+    assert any("bad dependency 'sfot'" in p for p in problems)
+    assert any(p.startswith("graph 'second'") and "model_c" in p for p in problems)
+    path = tmp_path / "graphs.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as from_file:
+        load_spec(path)
+    assert all(p.startswith(f"{path}: graph ") for p in from_file.value.problems)
+
+
+def test_a_long_list_of_problems_is_bounded() -> None:
+    spec = example()
+    steps = spec["graphs"]["digits-parallel"]["steps"]
+    steps += [{"name": f"s{i}", "service": "model_a", "modle": "x"} for i in range(40)]
+    with pytest.raises(SpecError) as bad:
+        parse_spec(spec)
+    assert len(bad.value.problems) == 40
+    lines = str(bad.value).splitlines()
+    assert lines[0] == "40 problems:" and lines[-1] == "  ... and 20 more" and len(lines) == 22
 
 
 # ---------------------------------------------------------------------------------------------

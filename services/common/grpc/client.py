@@ -191,13 +191,16 @@ class OipClient(GrpcClient):
             request_id=request.request_id,
         )
         timeout = None if request.deadline is None else request.deadline - time.monotonic()
-        return await self.infer_request(message, timeout=timeout)
+        return self._result(await self.model_infer(message, timeout=timeout))
 
     async def infer_request(
         self, message: pb.ModelInferRequest, *, timeout: float | None = None
     ) -> InferResult:
         """One RPC of a ready-made message (the load generator prebuilds them)."""
-        response = await self.model_infer(message, timeout=timeout)
+        return self._result(await self.model_infer(message, timeout=timeout))
+
+    @staticmethod
+    def _result(response: pb.ModelInferResponse) -> InferResult:
         return InferResult(
             outputs=codec.decode_response_outputs(response),
             model_name=response.model_name,

@@ -121,4 +121,6 @@ def parameter_value(param: pb.InferParameter) -> Param:
 
 def parameter_values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Param]:
     """The values of a message's `parameters` map, by name."""
+    if not parameters:  # most messages have none: no comprehension to run
+        return {}
     return {key: parameter_value(value) for key, value in parameters.items()}

@@ -259,7 +259,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = details.method or ""
         if handler is None or method.startswith(HEALTH_PREFIX) or self.allowed(details.invocation_metadata):
             return handler
-        log.warning("unauthenticated call refused", extra={"method": method[:200]})
+        log.warning("unauthenticated call refused", extra={"code": "UNAUTHENTICATED", "method": method[:200]})
         return _refusal(handler)
 
 
@@ -290,7 +290,14 @@ def environ_security(environ: Mapping[str, str]) -> ClientSecurity:
 
     def path(name: str) -> Path | None:
         value = environ.get(name)
-        return Path(value) if value else None
+        if not value:
+            return None
+        # Resolved now, so a relative path names the same file wherever the tool runs next.
+        resolved = Path(value).expanduser().absolute()
+        if not resolved.is_file():
+            where = "" if Path(value).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+            raise SecurityError(f"{name}={value}: no such file{where}; give the file's absolute path")
+        return resolved
 
     cert, key, ca = path("ONNXMESH_TLS_CERT"), path("ONNXMESH_TLS_KEY"), path("ONNXMESH_TLS_CA")
     # A CA alone is TLS without a client certificate (a caller of an orchestrator that wants tokens).

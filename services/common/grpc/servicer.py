@@ -321,20 +321,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
-    async def infer(
+    def infer(
         self, request: pb.ModelInferRequest, request_id: str, deadline: float | None
-    ) -> pb.ModelInferResponse:
-        """One ModelInferRequest (a call, or one request of a stream), fast path or extended."""
+    ) -> Awaitable[pb.ModelInferResponse]:
+        """One ModelInferRequest (a call, or one request of a stream), fast path or extended: its
+        InferRequest built (or refused) now, the data plane's answer to await (not a coroutine
+        of its own: one frame less on the hot path)."""
         try:
             infer, options = infer_request(self.dataplane, request, request_id, deadline)
         except Exception as exc:
             raise self.dataplane.refused(request.model_name, request.model_version, exc) from None
         if options is None:
-            response: pb.ModelInferResponse = await self.dataplane.infer(infer, infer_response)
-        else:
-            encode = functools.partial(extended_response, self.dataplane, options)
-            response = await self.dataplane.infer(infer, encode)
-        return response
+            return self.dataplane.infer(infer, infer_response)
+        return self.dataplane.infer(infer, functools.partial(extended_response, self.dataplane, options))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -65,10 +66,47 @@ def _text_value(value: Any) -> str:
     return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
 
 
+class Throttle(logging.Filter):
+    """At most one line per kind of failed call per `interval` seconds.
+
+    A failed call is a record below ERROR with a `code` field (a refusal, a client's mistake, a
+    step that failed); its kind is (logger, message, code). A node refusing thousands of calls a
+    second while it drains, or a client looping on a bad request, would otherwise flood the log.
+    The next line of a kind says how many were left out (`suppressed`). Errors always pass.
+    """
+
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self._clock = clock
+        self._kinds: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        code = getattr(record, "code", None)
+        if code is None or record.levelno >= logging.ERROR:
+            return True
+        kind = (record.name, str(record.msg), str(code))
+        now = self._clock()
+        last, suppressed = self._kinds.get(kind, (-self.interval, 0))
+        if now - last < self.interval:
+            self._kinds[kind] = (last, suppressed + 1)
+            return False
+        if len(self._kinds) >= _MAX_KINDS:  # kinds are few; never let them grow without bound
+            self._kinds.clear()
+        self._kinds[kind] = (now, 0)
+        if suppressed:
+            record.suppressed = suppressed
+        return True
+
+
+_MAX_KINDS = 1024
+
+
 def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
-    """Send every log line to stderr in the chosen format (idempotent)."""
+    """Send every log line to stderr in the chosen format (idempotent), failed calls throttled."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service) if fmt == "json" else TextFormatter(service))
+    handler.addFilter(Throttle())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

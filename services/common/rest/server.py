@@ -14,8 +14,8 @@
 Errors answer `{"error": message}` with the HTTP status of the error's code (INVALID_ARGUMENT
 400, NOT_FOUND 404, UNAVAILABLE 503, ...): the same message gRPC sends. Inference runs through
 `DataPlane.infer`, so REST requests are validated, counted in the metrics and statistics,
-and refused while draining exactly as gRPC ones are. The server is aiohttp, on the node's
-event loop beside grpc.aio.
+and refused once the node refuses calls (after its drain delay) exactly as gRPC ones are. The
+server is aiohttp, on the node's event loop beside grpc.aio.
 
 Binary data (Triton's extension): the body is the JSON header followed by raw tensor bytes;
 the header `Inference-Header-Content-Length` gives the JSON's length; an input's bytes are
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 
 from services.common import tensors
@@ -44,6 +45,30 @@ from services.common.triton import params
 from services.common.types import DATATYPE_TO_NUMPY, InferRequest, InferResult
 
 log = logging.getLogger(__name__)
+
+
+class ClientMistakes(logging.Filter):
+    """aiohttp logs a request it cannot parse as an ERROR with a traceback; that is the client's
+    mistake (most often a gRPC client on the REST port: its HTTP/2 preface starts `PRI *`), so it
+    becomes one INFO line saying so, throttled like every failed call (`logs.Throttle`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            http2 = "PRI" in str(error)
+            record.msg = (
+                "refused an HTTP/2 (gRPC?) connection: this port serves KServe v2 REST over HTTP/1.1"
+                if http2
+                else "refused a request that is not valid HTTP/1.1"
+            )
+            record.args = ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.code = "INVALID_ARGUMENT"
+        return True
+
+
+_client_mistakes = ClientMistakes()
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: HTTP status of each error code.
@@ -146,6 +171,9 @@ class RestServer:
         self.port = 0
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        server_log = logging.getLogger("aiohttp.server")
+        if _client_mistakes not in server_log.filters:
+            server_log.addFilter(_client_mistakes)
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=self.grace)
         await runner.setup()
         try:
