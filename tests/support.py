@@ -18,23 +18,26 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import numpy as np
 import promql_parser
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.common.model import Model
 from services.common.model_node import build_repository
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings
+from services.common.types import ModelSignature, TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -118,6 +121,35 @@ class ServerThread:
             self.thread.join(10)
             if not self.thread.is_alive():
                 self.loop.close()
+
+
+GATED_SIGNATURE = ModelSignature(
+    "gated", ("1",), "test", (TensorSpec("x", "FP32", (-1,)),), (TensorSpec("y", "FP32", (-1,)),)
+)
+
+
+class GatedModelDouble(Model):
+    """A test double whose load and predict wait for the test to open a gate."""
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        super().__init__("gated", "1", executor)
+        self.signature = GATED_SIGNATURE
+        self.load_gate = threading.Event()
+        self.predict_gate = threading.Event()
+        self.predict_started = threading.Event()
+
+    def load_sync(self) -> None:
+        assert self.load_gate.wait(20)
+
+    def warmup_inputs(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def predict(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        if not inputs:  # warm-up
+            return {}
+        self.predict_started.set()
+        assert self.predict_gate.wait(20)
+        return {"y": inputs["x"] * 2}
 
 
 def model_repository(*model_dirs: Path, executor: ThreadPoolExecutor) -> ModelRepository:
