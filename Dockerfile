@@ -98,36 +98,44 @@ COPY --from=venv-nodes /opt/venv /opt/venv
 FROM runtime-base AS runtime-jobs
 COPY --from=venv-jobs /opt/venv /opt/venv
 
+# The runtime of any mesh's services (`onnxmesh images`, meshctl/images.py): each service's image
+# is this plus its model directory and settings; `python -m orchestrator` with a mesh file for
+# the orchestrator.
+FROM runtime AS svc-node
+ENTRYPOINT ["python", "-m", "services.common.model_node"]
+
 # ---------------------------------------------------------------------------------------
-# One final stage per image. Exec-form ENTRYPOINT cannot expand variables, so each service
-# gets a literal one; `FROM svc-${SERVICE}` at the end picks the stage (BuildKit and buildah
-# build only the stages the chosen one needs). Ports and modules are those of
-# services/common/topology.py (tests/unit/test_topology.py keeps them equal).
-FROM runtime AS svc-preprocess
+# One final stage per image: the demo's services are svc-node with their model directory, name
+# and runtime (what `onnxmesh images demo/mesh.yaml` makes of them); exec-form ENTRYPOINT cannot
+# expand variables, so the others get a literal one. `FROM svc-${SERVICE}` at the end picks the
+# stage (BuildKit and buildah build only the stages the chosen one needs). Ports, names and
+# runtimes are demo/mesh.yaml's (tests/unit/test_topology.py keeps them equal).
+FROM svc-node AS svc-preprocess
 COPY --chown=0:0 services/preprocess/models /opt/onnxmesh/models
-ENV ONNXMESH_PORT=8011 ONNXMESH_MODEL_DIR=/opt/onnxmesh/models
+ENV ONNXMESH_NAME=preprocess ONNXMESH_RUNTIME=python ONNXMESH_PORT=8011 ONNXMESH_MODEL_DIR=/opt/onnxmesh/models
 EXPOSE 8011 9090
-ENTRYPOINT ["python", "-m", "services.preprocess"]
 
-FROM runtime AS svc-model_a
+FROM svc-node AS svc-model_a
 COPY --chown=0:0 services/model_a/models /opt/onnxmesh/models
-ENV ONNXMESH_PORT=8021 ONNXMESH_MODEL_DIR=/opt/onnxmesh/models
+ENV ONNXMESH_NAME=model_a ONNXMESH_RUNTIME=onnx ONNXMESH_PORT=8021 ONNXMESH_MODEL_DIR=/opt/onnxmesh/models
 EXPOSE 8021 9090
-ENTRYPOINT ["python", "-m", "services.model_a"]
 
-FROM runtime AS svc-model_b
+FROM svc-node AS svc-model_b
 COPY --chown=0:0 services/model_b/models /opt/onnxmesh/models
-ENV ONNXMESH_PORT=8031 ONNXMESH_MODEL_DIR=/opt/onnxmesh/models
+ENV ONNXMESH_NAME=model_b ONNXMESH_RUNTIME=onnx ONNXMESH_PORT=8031 ONNXMESH_MODEL_DIR=/opt/onnxmesh/models
 EXPOSE 8031 9090
-ENTRYPOINT ["python", "-m", "services.model_b"]
 
-# The orchestrator has no models; it bakes the repo's graph spec at the path where
+# The orchestrator has no models; it bakes the demo's mesh file (its graphs) at the path where
 # Kubernetes mounts the ConfigMap, so `docker run` and the cluster read the same path.
 FROM runtime AS svc-orchestrator
-COPY --chown=0:0 orchestrator/graphs.yaml /etc/onnxmesh/graphs.yaml
+COPY --chown=0:0 demo/mesh.yaml /etc/onnxmesh/graphs.yaml
 ENV ONNXMESH_PORT=8001 ONNXMESH_GRAPHS=/etc/onnxmesh/graphs.yaml
 EXPOSE 8001 9090
 ENTRYPOINT ["python", "-m", "orchestrator"]
+
+# uv and the nodes' venv: where `onnxmesh images` installs a Python service's extra requirements
+# before copying the venv onto svc-node (a runtime image never carries pip or uv).
+FROM venv-nodes AS svc-node-builder
 
 # Batch and asynchronous serving (jobs/): the jobs service by default; the worker and the
 # batch CronJob set their own command (k8s/components/jobs/).

@@ -1,7 +1,7 @@
 """The models and data every benchmark mode shares: the same files, the same servables, the same inputs.
 
 The floor and the all-in-one server build each service's servables here, from the same model
-directories the mesh's services read, with the same classes (`DigitsPreprocess`, `OnnxModel`)
+directories the mesh's services read, with the same runtimes (`PythonModel`, `OnnxModel`)
 and without batching, so the three modes run exactly the same model code.
 """
 
@@ -17,10 +17,10 @@ import numpy as np
 from meshctl.process import REPO
 from services.common.model import Model, Servable
 from services.common.onnx_model import OnnxModel
+from services.common.python_model import PythonModel
 from services.common.repository import ModelRepository, ModelVersionDir, scan
 from services.common.settings import ServerSettings
 from services.common.topology import MODEL_SERVICES, PREPROCESS
-from services.preprocess.model import DigitsPreprocess, preprocess_servable
 
 #: The model directory each service reads by default (`services/<name>/models`).
 DEFAULT_DIRS: dict[str, Path] = {
@@ -46,7 +46,7 @@ def bare_servable(
 ) -> Servable:
     """The servable a service would build for `entry`, never wrapped in batching."""
     if service == PREPROCESS:
-        return preprocess_servable(entry, settings, executor)
+        return PythonModel(entry.name, entry.version, entry.path, entry.config, executor)
     return OnnxModel(entry.name, entry.version, entry.path, executor, threads=settings.ort_threads)
 
 
@@ -54,10 +54,10 @@ def service_repository(
     service: str, directory: Path, settings: ServerSettings, executor: Executor
 ) -> ModelRepository:
     """Every model version under `directory`, as `service` serves it (minus batching)."""
-    filename = "stats.json" if service == PREPROCESS else "model.onnx"
+    filename = None if service == PREPROCESS else "model.onnx"
     entries = list(scan(directory, filename))
     if not entries:
-        raise FileNotFoundError(f"{service}: no <model>/<version>/{filename} under {directory}")
+        raise FileNotFoundError(f"{service}: no <model>/<version>/{filename or ''} under {directory}")
     return ModelRepository(bare_servable(service, entry, settings, executor) for entry in entries)
 
 
@@ -85,8 +85,8 @@ def load_models_sync(repositories: Mapping[str, ModelRepository]) -> dict[str, M
 def features_of(images: np.ndarray, preprocess_dir: Path | None = None) -> np.ndarray:
     """What the preprocess service answers for `images`, computed by the same class in-process."""
     directory = preprocess_dir or DEFAULT_DIRS[PREPROCESS]
-    entry = next(iter(scan(directory, "stats.json")))
-    model = DigitsPreprocess(entry, _NoExecutor())
+    entry = next(iter(scan(directory, None)))
+    model = PythonModel(entry.name, entry.version, entry.path, entry.config, _NoExecutor())
     model.load_sync()
     return model.predict({"image": images}, ())["features"]
 

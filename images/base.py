@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from images.engine import ContainerEngine, EngineUnavailable, install_host_packages, missing_host_packages
+from meshctl.engine import ContainerEngine, EngineUnavailable, install_host_packages, missing_host_packages
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"

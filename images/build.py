@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import IO
 
 from images.base import BaseImages, ensure_base_images
-from images.engine import ContainerEngine, EngineUnavailable
-from services.common.topology import SERVICES, kubernetes_name
+from meshctl.engine import ContainerEngine, EngineUnavailable
+from meshctl.mesh import kubernetes_name
+from services.common.topology import SERVICES
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -41,9 +42,14 @@ class ImageSpec:
         return f"{registry.rstrip('/')}/{self.repository}:{tag}" if registry else f"{self.repository}:{tag}"
 
 
-#: Every image `make images` builds, nodes first (k8s/base), then jobs (k8s/components/jobs).
+#: The runtime images any mesh's service images are built on (meshctl/images.py).
+NODE = "node"
+NODE_BUILDER = "node-builder"
+#: Every image `make images` builds: the demo's nodes (k8s/base), jobs (k8s/components/jobs), and
+#: the runtime images `onnxmesh images` builds a mesh's services on.
 IMAGES: tuple[ImageSpec, ...] = tuple(
-    ImageSpec(service, f"onnxmesh/{kubernetes_name(service)}") for service in (*SERVICES, JOBS)
+    ImageSpec(service, f"onnxmesh/{kubernetes_name(service)}")
+    for service in (*SERVICES, JOBS, NODE, NODE_BUILDER)
 )
 
 

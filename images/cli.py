@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from images.build import IMAGES, REGISTRY_BASE, build_images, project_version, save_archives
-from images.engine import EngineUnavailable, find_engine
+from meshctl.engine import EngineUnavailable, find_engine
 
 #: Where the host keeps its CA bundle on Debian; passed to the build when it exists.
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

@@ -4,6 +4,10 @@
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
     onnxmesh health  [--target HOST:PORT ...] [--service NAME]
     (each also takes --base-port N: the local mesh's layout, as `make run ARGS=--base-port N`)
+    onnxmesh up [MESH] [--base-port N ...]  run a mesh file's services and orchestrator locally (meshctl.run)
+    onnxmesh check MESH  the mesh file, its model directories and graphs, without starting anything
+    onnxmesh k8s MESH --out DIR  a kustomize base for the mesh (meshctl/k8s.py)
+    onnxmesh images MESH  one image per service of the mesh (meshctl/images.py)
     onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
     onnxmesh batch|submit|result|jobs ... (batch and asynchronous serving: jobs.cli, jobs extra)
 
@@ -17,14 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshctl.launcher import BASE_PORT, probe_models
+from meshctl.launcher import probe_models
 from meshctl.predict import DEFAULT_GRAPH, describe_signature, run_predict
 from meshctl.targets import (
+    MESH_ENV,
     TARGET_ENV,
     CliError,
     check_target,
@@ -41,6 +47,8 @@ from services.common.settings import non_negative_int, positive_int
 from services.common.types import ModelSignature
 
 ROLLOUT = "rollout"
+#: Run a mesh locally: meshctl.run parses its arguments.
+UP = "up"
 #: Batch and asynchronous serving (jobs.cli, with the jobs extra): handed over unparsed, like rollout.
 JOB_COMMANDS = {
     "batch": "run a graph over a dataset, predictions into a database",
@@ -179,6 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="health service name (default: the whole server)")
     _add_timeouts(health, call=2.0)
 
+    commands.add_parser(UP, help="run a mesh file locally until Ctrl-C (onnxmesh up --help)", add_help=False)
+    check = commands.add_parser(
+        "check", help="check a mesh file, every model directory and every graph, starting nothing"
+    )
+    check.add_argument("mesh", type=Path, help="the mesh file (YAML)")
+
+    k8s = commands.add_parser("k8s", help="render a mesh file as a kustomize base")
+    k8s.add_argument("mesh", type=Path, help="the mesh file (YAML)")
+    k8s.add_argument("--out", type=Path, required=True, help="directory to write the base into")
+
+    images = commands.add_parser("images", help="build one image per service of a mesh file")
+    images.add_argument("mesh", type=Path, help="the mesh file (YAML)")
+    images.add_argument(
+        "--engine", choices=("auto", "docker", "podman"), default="auto", help="(default: %(default)s)"
+    )
+    images.add_argument(
+        "--ca-bundle", type=Path, default=None, help="CA bundle the build trusts for PyPI (a build secret)"
+    )
+
     # Only this command needs meshctl.rollout (and the Kubernetes client, an optional extra), so it
     # is imported when the command runs, and parses everything after `rollout` itself.
     commands.add_parser(
@@ -194,10 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_target(parser: argparse.ArgumentParser, help: str, *, repeat: bool = False) -> None:
     parser.add_argument("--target", action="append" if repeat else "store", help=help)
     parser.add_argument(
+        "--mesh",
+        type=Path,
+        default=None,
+        help=f"the local mesh's file, for its endpoints (default: ${MESH_ENV}, else ./mesh.yaml, else the demo's)",
+    )
+    parser.add_argument(
         "--base-port",
         type=positive_int,
         default=None,
-        help=f"the local mesh's base port, as given to the launcher (default: {BASE_PORT})",
+        help="the local mesh's base port, as given to the launcher (default: the mesh file's)",
     )
 
 
@@ -212,8 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnxmesh` console script; returns the exit code."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != ROLLOUT and args.command not in JOB_COMMANDS and rest:
+    if args.command not in (ROLLOUT, UP) and args.command not in JOB_COMMANDS and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "mesh", None) is not None and args.command in ("predict", "models", "health"):
+        os.environ[MESH_ENV] = str(args.mesh)  # the layout every address of this run comes from
     try:
         if args.command == "predict":
             if args.image is not None and args.count > 1:
@@ -223,6 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_models(args))
         if args.command == "health":
             return asyncio.run(_health(args))
+        if args.command == UP:
+            from meshctl import run
+
+            return run.main(rest, prog=f"onnxmesh {UP}")
+        if args.command == "images":
+            return _images(args.mesh, args.engine, args.ca_bundle)
+        if args.command == "k8s":
+            return _k8s(args.mesh, args.out)
+        if args.command == "check":
+            return _check(args.mesh)
         if args.command == ROLLOUT:
             return _rollout(rest)
         if args.command in JOB_COMMANDS:
@@ -238,6 +283,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         # final flush does not fail again, and stop quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _check(path: Path) -> int:
+    """Exit 0 when the mesh file, every model and every graph are fine; else list every problem."""
+    from meshctl.check import check_models
+    from meshctl.mesh import MeshFileError, load_mesh
+
+    try:
+        mesh = load_mesh(path)
+    except MeshFileError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        print(f"onnxmesh check: {len(exc.problems)} problem(s) in {path}", file=sys.stderr)
+        return 1
+    print(f"{path}: {len(mesh.services)} service(s), {len(mesh.spec.graphs)} graph(s)")
+    report = check_models(mesh)
+    if report.problems:
+        print("\n".join(report.problems), file=sys.stderr)
+        print(f"onnxmesh check: {len(report.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
+
+
+def _images(path: Path, engine: str, ca_bundle: Path | None) -> int:
+    import subprocess
+
+    from meshctl import images
+    from meshctl.engine import EngineUnavailable
+    from meshctl.mesh import MeshFileError, load_mesh
+
+    try:
+        # Progress on stderr; stdout lists the images built, one per line.
+        say = functools.partial(print, file=sys.stderr, flush=True)
+        built = images.build(load_mesh(path), engine_name=engine, ca_bundle=ca_bundle, log=say)
+    except MeshFileError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except EngineUnavailable as exc:
+        print(f"onnxmesh images: {exc}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as exc:
+        print(f"onnxmesh images: the build failed:\n{(exc.stderr or '')[-3000:]}", file=sys.stderr)
+        return 1
+    print("\n".join(built))
+    return 0
+
+
+def _k8s(path: Path, out: Path) -> int:
+    from meshctl import k8s
+    from meshctl.mesh import MeshFileError, load_mesh
+
+    try:
+        mesh = load_mesh(path)
+    except MeshFileError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    for written in k8s.write(mesh, out):
+        print(written)
+    print(f"apply with: kubectl apply -k {out}")
+    return 0
 
 
 def _rollout(argv: Sequence[str]) -> int:

@@ -1,16 +1,16 @@
 """The local mesh: every node as its own process on one machine (`make run`, e2e tests, benchmarks).
 
-`python -m meshctl.run` (meshctl/run.py) starts preprocess, model_a, model_b and the orchestrator as
-separate processes, the same way Kubernetes runs them as separate Deployments, waits until
+`onnxmesh up MESH` (meshctl/run.py) starts every service of a mesh file (meshctl/mesh.py) and the
+orchestrator as separate processes, the same way Kubernetes runs them as separate Deployments, waits until
 each answers grpc.health.v1 SERVING, streams their logs prefixed with their name, and stops
 them all on Ctrl-C or SIGTERM. `LocalMesh` is the same thing as a class:
 
-    with LocalMesh(ports=EPHEMERAL_PORTS, include_orchestrator=False) as mesh:
-        address = mesh.address("model_a")          # "127.0.0.1:<port>"
-        mesh.stop_service("model_b")               # e.g. a fault-tolerance test
+    with LocalMesh(load_mesh("mesh.yaml"), ports=EPHEMERAL_PORTS) as mesh:
+        address = mesh.address("features")         # "127.0.0.1:<port>"
+        mesh.stop_service("features")              # e.g. a fault-tolerance test
 
-Every node gets its ports from one layout: gRPC on its port (base + 1, 11, 21, 31; replica i
-on port + i - 1), KServe v2 REST on that port + HTTP_OFFSET and, with `metrics=True`
+Every node gets its ports from one layout, the mesh file's: gRPC on its port (the orchestrator at
+base + 1, the services at base + 11, 21, 31, ...; replica i on port + i - 1), KServe v2 REST on that port + HTTP_OFFSET and, with `metrics=True`
 (`--metrics`), Prometheus on that port + METRICS_OFFSET: no two nodes share one, whatever
 ONNXMESH_* variables the launcher itself was given (it drops the per-node port variables).
 
@@ -34,8 +34,10 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TextIO
 
+from meshctl.mesh import HTTP_OFFSET, METRICS_OFFSET, ORCHESTRATOR, Mesh, load_mesh
 from meshctl.process import (
     POLL_S,
     REPO,
@@ -48,31 +50,21 @@ from meshctl.process import (
     wait_serving,
 )
 from meshctl.supervise import Restarter
+from orchestrator.addresses import address_variable
 from orchestrator.spec import SpecError, load_spec
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import ClientSecurity, TlsFiles, read_token
-from services.common.topology import (
-    DEFAULT_GRAPH_NAMES,
-    DEFAULT_PORTS,
-    MODEL_SERVICES,
-    MODULES,
-    ORCHESTRATOR,
-    SERVICES,
-    address_variable,
-)
 from services.common.types import ModelSignature
 
-#: Every service on a free port chosen by the OS (tests): the launcher reads the bound port back.
-EPHEMERAL_PORTS = dict.fromkeys(SERVICES, 0)
-#: The orchestrator's default spec: what it serves when the mesh is started without `graphs`.
-DEFAULT_GRAPHS = REPO / "orchestrator" / "graphs.yaml"
-
-#: The default ports are this plus a fixed offset per service (8001, 8011, ...): `--base-port`.
-BASE_PORT = 8000
-#: A node's REST and metrics ports: its gRPC port plus these (8001 -> 8101, 8201).
-HTTP_OFFSET = 100
-METRICS_OFFSET = 200
+#: `ports=EPHEMERAL_PORTS`: every node on a free port chosen by the OS (tests); the launcher reads
+#: the bound port back.
+EPHEMERAL_PORTS: Mapping[str, int] = MappingProxyType({})
+#: The mesh `make run` starts when given no mesh file: the digits demo.
+DEMO_MESH = REPO / "demo" / "mesh.yaml"
+#: What each node runs: `python -m` of these.
+NODE_MODULE = "services.common.model_node"
+ORCHESTRATOR_MODULE = "orchestrator"
 #: Port variables that name one node's port: a launcher given one would hand it to every node.
 PER_NODE_VARIABLES = ("ONNXMESH_PORT", "ONNXMESH_HTTP_PORT", "ONNXMESH_METRICS_PORT", "ONNXMESH_HEALTH_PORT")
 #: Where `--tls` keeps the local CA, node certificate and token (`make certs`; ignored by git).
@@ -80,11 +72,14 @@ CERTS_DIR = REPO / "certs"
 STARTUP_TIMEOUT = 60.0
 
 
-def ports_from_base(base: int) -> dict[str, int]:
-    """Ports laid out like the defaults around another base (9000 -> 9001, 9011, ...); 0 = all free."""
-    if base == 0:
-        return dict(EPHEMERAL_PORTS)
-    return {service: base + port - BASE_PORT for service, port in DEFAULT_PORTS.items()}
+def demo_mesh() -> Mesh:
+    """The digits demo's mesh file, checked."""
+    return load_mesh(DEMO_MESH)
+
+
+def ports_from_base(base: int, mesh: Mesh | None = None) -> dict[str, int]:
+    """A mesh's ports laid out around another base (9000 -> 9001, 9011, ...); 0 = all free."""
+    return (mesh or demo_mesh()).ports(base)
 
 
 async def probe_models(
@@ -113,11 +108,14 @@ def spec_graph_names(path: Path) -> list[str]:
 
 
 class LocalMesh:
-    """preprocess, model_a, model_b and (optionally) the orchestrator as local processes.
+    """The services of a mesh file (the demo's by default) and, optionally, its orchestrator, as
+    local processes.
 
-    `ports` maps a service to its first replica's port (missing services use DEFAULT_PORTS;
-    0 = a free port); replica i listens on port + i - 1. `replicas` maps a service to its
-    replica count. `model_dirs` and `extra_args` pass per-service `--model-dir` and flags.
+    `ports` maps a service to its first replica's port (missing services use the mesh file's
+    layout; 0 = a free port; EPHEMERAL_PORTS: every one free); replica i listens on port + i - 1.
+    `replicas` maps a service to its replica count (default: the file's). `model_dirs` and
+    `extra_args` pass per-service `--model-dir` and flags (after the file's `settings`).
+    `graphs` is the orchestrator's spec (default: the mesh file itself).
     `echo` receives every log line as `[name] line` (None: only kept for error messages).
     `http` serves KServe v2 REST on every node, `metrics` Prometheus (ports: the module docstring).
     `tls`: a directory made by `meshctl.certs` (ca.pem, node.pem, node-key.pem, tokens): every
@@ -128,6 +126,7 @@ class LocalMesh:
 
     def __init__(
         self,
+        mesh: Mesh | None = None,
         *,
         host: str = "127.0.0.1",
         ports: Mapping[str, int] | None = None,
@@ -162,20 +161,28 @@ class LocalMesh:
                 "ONNXMESH_TLS_KEY": str(files.key),
                 "ONNXMESH_TLS_CA": str(tls / "ca.pem"),
             }
+        self.mesh = mesh or demo_mesh()
+        #: The services the mesh runs, in start order, and every node (the orchestrator last).
+        self.model_services = tuple(self.mesh.services)
+        self.all_services = (*self.model_services, ORCHESTRATOR)
         self.include_orchestrator = include_orchestrator
         self.http = http
         self.metrics = metrics
-        self.services = SERVICES if include_orchestrator else MODEL_SERVICES
+        self.services = self.all_services if include_orchestrator else self.model_services
         for label, mapping in (("ports", ports), ("replicas", replicas), ("model_dirs", model_dirs)):
-            _check_names(label, mapping or {})
-        _check_names("extra_args", extra_args or {})
-        self.ports = {**DEFAULT_PORTS, **(ports or {})}
-        self.replicas = {service: 1 for service in SERVICES} | dict(replicas or {})
+            self._check_names(label, mapping or {})
+        self._check_names("extra_args", extra_args or {})
+        laid_out = dict.fromkeys(self.all_services, 0) if ports is EPHEMERAL_PORTS else self.mesh.ports()
+        self.ports = {**laid_out, **(ports or {})}
+        self.replicas = {node.name: node.replicas for node in self.mesh.nodes} | dict(replicas or {})
         if any(count < 1 for count in self.replicas.values()):
             raise ValueError(f"replica counts must be at least 1: {self.replicas}")
         _check_port_ranges({s: (self.ports[s], self.replicas[s]) for s in self.services})
         self.graphs = graphs
-        self.model_dirs = dict(model_dirs or {})
+        self.model_dirs = {
+            n.name: n.model_dir for n in self.mesh.services.values() if n.model_dir is not None
+        }
+        self.model_dirs.update(model_dirs or {})
         self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
         self.env = dict(env or {})
         self.log_format = log_format
@@ -206,7 +213,9 @@ class LocalMesh:
         self._closing.clear()
         atexit.register(self.stop)
         try:
-            backends = [self._spawn(s, i) for s in MODEL_SERVICES for i in range(1, self.replicas[s] + 1)]
+            backends = [
+                self._spawn(s, i) for s in self.model_services for i in range(1, self.replicas[s] + 1)
+            ]
             self._wait_serving(backends)
             if self.include_orchestrator:
                 replicas = range(1, self.replicas[ORCHESTRATOR] + 1)
@@ -369,7 +378,7 @@ class LocalMesh:
 
     def served_graphs(self, timeout: float = 2.0) -> list[str]:
         """The graphs the orchestrator answers ModelMetadata for (known names and the spec's)."""
-        names = dict.fromkeys([*DEFAULT_GRAPH_NAMES, *spec_graph_names(self.graphs or DEFAULT_GRAPHS)])
+        names = dict.fromkeys([*self.mesh.graph_names(), *spec_graph_names(self.graphs or self.mesh.path)])
         target = self.target(ORCHESTRATOR)
         answers = run_async(
             lambda: probe_models(target, names, timeout=timeout, security=self.client_security)
@@ -404,7 +413,13 @@ class LocalMesh:
         return procs
 
     def _command(self, service: str, port: int) -> list[str]:
-        command = [self.python, "-m", MODULES[service], "--host", self.host, "--port", str(port)]
+        if service == ORCHESTRATOR:
+            command = [self.python, "-m", ORCHESTRATOR_MODULE, "--graphs", str(self.graphs or self.mesh.path)]
+        else:
+            node = self.mesh.services[service]
+            command = [self.python, "-m", NODE_MODULE, "--name", service, "--runtime", node.runtime]
+            command += ["--model-dir", str(self.model_dirs[service])]
+        command += ["--host", self.host, "--port", str(port)]
         command += ["--log-format", self.log_format, "--log-level", self.log_level]
         command += ["--http-port", str(side_port(port, HTTP_OFFSET)) if self.http else "off"]
         command += ["--metrics-port", str(side_port(port, METRICS_OFFSET)) if self.metrics else "off"]
@@ -412,11 +427,7 @@ class LocalMesh:
             command += ["--health-port", "0"]
         if self.grace is not None:
             command += ["--grace", str(self.grace)]
-        if service in self.model_dirs:
-            command += ["--model-dir", str(self.model_dirs[service])]
-        if service == ORCHESTRATOR and self.graphs is not None:
-            command += ["--graphs", str(self.graphs)]
-        return command + self.extra_args.get(service, [])
+        return command + self.mesh.node(service).flags() + self.extra_args.get(service, [])
 
     def _child_env(self, service: str) -> dict[str, str]:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
@@ -427,7 +438,7 @@ class LocalMesh:
             env["ONNXMESH_TOKEN_FILE"] = str(self.tls / "tokens")
         if service == ORCHESTRATOR:
             # The orchestrator reads addresses from its spec; point it at this mesh's replicas.
-            for backend in MODEL_SERVICES:
+            for backend in self.model_services:
                 env[address_variable(backend)] = self.target(backend)
         return env
 
@@ -487,6 +498,13 @@ class LocalMesh:
     def _wait_serving(self, procs: Sequence[ServiceProcess]) -> None:
         wait_serving(procs, self.startup_timeout, self._closing, self.client_security)
 
+    def _check_names(self, label: str, mapping: Mapping[str, object]) -> None:
+        unknown = sorted(set(mapping) - set(self.all_services))
+        if unknown:
+            raise ValueError(
+                f"{label}: unknown service(s) {', '.join(unknown)}; {self.mesh.path} has {', '.join(self.all_services)}"
+            )
+
 
 def side_port(port: int, offset: int) -> int:
     """A node's REST or metrics port beside its gRPC `port` (0 = a free one, like the gRPC port)."""
@@ -497,14 +515,9 @@ def side_port(port: int, offset: int) -> int:
     return port + offset
 
 
-def _check_names(label: str, mapping: Mapping[str, object]) -> None:
-    unknown = sorted(set(mapping) - set(SERVICES))
-    if unknown:
-        raise ValueError(f"{label}: unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
-
-
 def _check_port_ranges(plan: Mapping[str, tuple[int, int]]) -> None:
-    """Fixed port ranges (first port, replica count) must not overlap: model_a=12 would reach model_b."""
+    """Fixed port ranges (first port, replica count) must not overlap: one service of 12 replicas would
+    reach the next one's ports."""
     taken: dict[int, str] = {}
     for service, (first, count) in plan.items():
         if first == 0:

@@ -1,6 +1,6 @@
-"""`python -m meshctl.run` (`make run`): the local mesh from a terminal.
+"""`onnxmesh up [MESH]` (`python -m meshctl.run`, `make run`): a mesh file's services, locally.
 
-Starts every node as its own process (`meshctl.launcher.LocalMesh`), prints one ready line with
+Starts every node of the mesh file (the digits demo's, demo/mesh.yaml, by default) as its own process (`meshctl.launcher.LocalMesh`), prints one ready line with
 where everything listens, restarts a node that exits on its own (unless `--no-restart`), and
 stops them all on Ctrl-C or SIGTERM. `--help` lists every option.
 """
@@ -16,49 +16,40 @@ from pathlib import Path
 from typing import TextIO
 
 from meshctl.certs import make_local
-from meshctl.launcher import (
-    BASE_PORT,
-    CERTS_DIR,
-    DEFAULT_GRAPHS,
-    HTTP_OFFSET,
-    METRICS_OFFSET,
-    STARTUP_TIMEOUT,
-    LocalMesh,
-    ports_from_base,
-)
+from meshctl.launcher import CERTS_DIR, DEMO_MESH, STARTUP_TIMEOUT, LocalMesh
+from meshctl.mesh import HTTP_OFFSET, METRICS_OFFSET, ORCHESTRATOR, MeshFileError, load_mesh
 from meshctl.process import (
     MeshStartupError,
     MeshStopped,
     connect_host,
 )
-from services.common.topology import (
-    DEFAULT_PORTS,
-    MODEL_SERVICES,
-    ORCHESTRATOR,
-    PREPROCESS,
-    SERVICES,
-    address_variable,
-)
 
 
 def _service_counts(text: str) -> tuple[str, int]:
     name, _, value = text.partition("=")
-    if name not in SERVICES or not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected SERVICE=N with SERVICE one of {', '.join(SERVICES)}")
+    if not name or not value.isdigit():
+        raise argparse.ArgumentTypeError("expected SERVICE=N, e.g. features=2")
     return name, int(value)
 
 
 def _service_path(text: str) -> tuple[str, Path]:
     name, _, value = text.partition("=")
-    if name not in SERVICES or not value:
-        raise argparse.ArgumentTypeError(f"expected SERVICE=PATH with SERVICE one of {', '.join(SERVICES)}")
+    if not name or not value:
+        raise argparse.ArgumentTypeError("expected SERVICE=PATH")
     return name, Path(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m meshctl.run") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m meshctl.run",
-        description="Run the onnxmesh services and the orchestrator as local processes until Ctrl-C.",
+        prog=prog,
+        description="Run a mesh file's services and its orchestrator as local processes until Ctrl-C.",
+    )
+    parser.add_argument(
+        "mesh",
+        nargs="?",
+        type=Path,
+        default=DEMO_MESH,
+        help="the mesh file (default: the demo's, demo/mesh.yaml)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address every node listens on (default: %(default)s)"
@@ -66,10 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base-port",
         type=int,
-        default=BASE_PORT,
-        help="ports are base"
-        + ", ".join(f"+{port - BASE_PORT} ({service})" for service, port in DEFAULT_PORTS.items())
-        + "; 0 = free ports (default: %(default)s)",
+        default=None,
+        help="lay the ports out around this base instead of the mesh file's: the orchestrator at "
+        "base+1, the services at base+11, +21, ...; 0 = free ports",
     )
     parser.add_argument(
         "--port",
@@ -77,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SERVICE=PORT",
-        help="first port of one service, e.g. model_a=9021 (repeatable)",
+        help="first port of one service, e.g. features=9021 (repeatable)",
     )
     parser.add_argument(
         "--replicas",
@@ -85,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SERVICE=N",
-        help="replicas of one service on consecutive ports, e.g. model_a=2 (repeatable)",
+        help="replicas of one service on consecutive ports, e.g. features=2 (repeatable)",
     )
     parser.add_argument(
         "--model-dir",
@@ -95,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SERVICE=PATH",
         help="model directory of one service (repeatable)",
     )
-    parser.add_argument("--graphs", type=Path, default=None, help=f"graph spec (default: {DEFAULT_GRAPHS})")
+    parser.add_argument(
+        "--graphs", type=Path, default=None, help="graph spec (default: the mesh file's graphs)"
+    )
     parser.add_argument("--no-orchestrator", action="store_true", help="start only the services")
     parser.add_argument(
         "--metrics",
@@ -136,9 +128,12 @@ def mesh_from_args(args: argparse.Namespace, echo: TextIO | None) -> LocalMesh:
     for service, count in replicas.items():
         if count < 1:
             raise ValueError(f"--replicas {service}={count}: at least 1")
+    mesh = load_mesh(args.mesh)
+    ports = mesh.ports(args.base_port) if args.base_port is not None else {}
     return LocalMesh(
+        mesh,
         host=args.host,
-        ports={**ports_from_base(args.base_port), **dict(args.port)},
+        ports={**ports, **dict(args.port)},
         replicas=replicas,
         include_orchestrator=not args.no_orchestrator,
         http=not args.no_http,
@@ -166,6 +161,7 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
 
     `base_port`: the layout the mesh was started with, for the hint (None: the default).
     """
+    default_base = mesh.mesh.base_port
     lines = ["onnxmesh endpoints:"]
     width = max(len(p.name) for p in mesh.processes())
     host = connect_host(mesh.host)
@@ -176,7 +172,9 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
             if port is not None
         )
         lines.append(f"  {p.name:<{width}}  grpc {p.address:<21}{extra}  pid {p.pid}")
-    layout = "" if base_port in (None, BASE_PORT) else f" --base-port {base_port}"
+    layout = "" if base_port in (None, default_base) else f" --base-port {base_port}"
+    if mesh.mesh.path != DEMO_MESH.resolve():
+        layout += f" --mesh {mesh.mesh.path}"
     if mesh.include_orchestrator:
         address = mesh.address(ORCHESTRATOR)
         metrics = [f"{host}:{p.metrics_port}" for p in mesh.processes() if p.metrics_port is not None]
@@ -184,26 +182,25 @@ def ready_lines(mesh: LocalMesh, graphs: Sequence[str], base_port: int | None = 
             f"onnxmesh ready: orchestrator {address} (graphs: {', '.join(graphs) or 'none answered'})"
             + (f"; metrics: {', '.join(metrics)}" if metrics else "")
         )
-        target = "" if address == f"127.0.0.1:{DEFAULT_PORTS[ORCHESTRATOR]}" else f" --target {address}"
-        example = "digits-parallel" if "digits-parallel" in graphs or not graphs else graphs[0]
+        target = "" if address == f"127.0.0.1:{mesh.mesh.ports()[ORCHESTRATOR]}" else f" --target {address}"
+        example = graphs[0] if graphs else mesh.mesh.graph_names()[0]
         every = layout if layout or not target else ""
         cli = cli_command()
-        lines.append(
-            f"try: {cli} predict {example}{target}   (also: {cli} models{every}, {cli} health{every})"
-        )
+        if mesh.mesh.path == DEMO_MESH.resolve():
+            lines.append(
+                f"try: {cli} predict {example}{target}   (also: {cli} models{every}, {cli} health{every})"
+            )
+        else:  # predict sends digits: any other mesh is asked what it serves
+            # Free ports (--base-port 0) lay out nothing a flag could name: point at the orchestrator.
+            where = f" --target {address}" if base_port == 0 else layout
+            lines.append(f"try: {cli} models{where}   (also: {cli} health{where})")
         rest = mesh.process(ORCHESTRATOR).http_port
         if rest is not None:
             lines.append(f"     curl {host}:{rest}/v2/models/{example}   (KServe v2 REST)")
     else:
-        services = ", ".join(f"{s} {mesh.target(s)}" for s in MODEL_SERVICES)
+        services = ", ".join(f"{s} {mesh.target(s)}" for s in mesh.model_services)
         lines.append(f"onnxmesh ready: {services} (no orchestrator)")
-        # predict sends a model its image through preprocess: say where preprocess is if not at home.
-        env = ""
-        if mesh.address(PREPROCESS) != f"127.0.0.1:{DEFAULT_PORTS[PREPROCESS]}":
-            env = f"{address_variable(PREPROCESS)}={mesh.address(PREPROCESS)} "
-        lines.append(
-            f"try: {env}{cli_command()} predict digits-mlp --target {mesh.address('model_a')}{layout}"
-        )
+        lines.append(f"try: {cli_command()} models{layout}")
     if mesh.tls is not None:
         d = mesh.tls
         lines.append(
@@ -226,11 +223,14 @@ def cli_command() -> str:
         return str(script.absolute())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m meshctl.run") -> int:
     """Start the mesh, print where it listens, and keep it running until Ctrl-C or SIGTERM."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         mesh = mesh_from_args(args, echo=sys.stdout)
+    except MeshFileError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"onnxmesh: {exc}", file=sys.stderr)
         return 2

@@ -1,44 +1,72 @@
 """Where the CLI's calls go, and what it says when they fail.
 
 Every address comes from one layout: `--target`, else $ONNXMESH_TARGET, else the local node
-serving the name at `--base-port` (default 8000). Calls `predict` chains to build a model's
+serving the name in the mesh file (`--mesh`, else $ONNXMESH_MESH, else ./mesh.yaml, else the demo's), laid
+out from `--base-port` (default: the file's). Calls `predict` chains to build a model's
 inputs (preprocess, model_a) go to $ONNXMESH_SERVICE_<NAME>_ADDRESS, else to the same layout
 as the target (its host, and the base its port implies for the service it names).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
-from meshctl.launcher import BASE_PORT, ports_from_base
+from meshctl.launcher import DEMO_MESH
+from meshctl.mesh import ORCHESTRATOR, Mesh, MeshFileError, load_mesh
+from orchestrator.addresses import address_variable
 from services.common.errors import DeadlineExceeded, MeshError, Unavailable
-from services.common.topology import (
-    DEFAULT_GRAPH_NAMES,
-    DEFAULT_PORTS,
-    MODEL_A,
-    ORCHESTRATOR,
-    PREPROCESS,
-    SERVICE_MODELS,
-    address_variable,
-)
+from services.common.topology import MODEL_A, PREPROCESS
 
 TARGET_ENV = "ONNXMESH_TARGET"
+MESH_ENV = "ONNXMESH_MESH"
 LOCAL_HOST = "127.0.0.1"
 
 
+#: The mesh file the CLI reads when none is named and the folder it runs in has one.
+LOCAL_MESH = Path("mesh.yaml")
+
+
+def mesh_path() -> Path:
+    """The mesh file the CLI lays addresses out from: $ONNXMESH_MESH, else ./mesh.yaml, else the demo's."""
+    named = os.environ.get(MESH_ENV)
+    if named:
+        return Path(named)
+    return LOCAL_MESH.resolve() if LOCAL_MESH.is_file() else DEMO_MESH
+
+
+@functools.cache
+def _mesh(path: Path) -> Mesh:
+    try:
+        return load_mesh(path)
+    except MeshFileError as exc:
+        raise CliError(f"cannot use the mesh file {path} (--mesh, ${MESH_ENV}):\n{exc}") from None
+
+
+def current_mesh() -> Mesh:
+    return _mesh(mesh_path())
+
+
 def local_endpoints(base: int | None = None, host: str = LOCAL_HOST) -> dict[str, str]:
-    """Each node's address in a local mesh laid out from `base` (the launcher's --base-port)."""
-    ports = ports_from_base(BASE_PORT if base is None else base)
-    return {service: f"{host}:{port}" for service, port in ports.items()}
+    """Each node's address in the local mesh laid out from `base` (the launcher's --base-port)."""
+    return {service: f"{host}:{port}" for service, port in current_mesh().ports(base).items()}
 
 
-#: Each local endpoint `health` and `models` look at when no --target is given.
-LOCAL_ENDPOINTS = local_endpoints()
-#: Model name -> the service that serves it in the local mesh (graphs are the orchestrator's).
-MODEL_SERVICE = {model: service for service, models in SERVICE_MODELS.items() for model in models} | {
-    graph: ORCHESTRATOR for graph in DEFAULT_GRAPH_NAMES
-}
+def model_services() -> dict[str, str]:
+    """Model name -> the service that serves it in the mesh file (graphs are the orchestrator's)."""
+    mesh = current_mesh()
+    served = {
+        model.name: service.name
+        for service in mesh.services.values()
+        if service.model_dir is not None and service.model_dir.is_dir()
+        for model in service.model_dir.iterdir()
+        if model.is_dir()
+    }
+    return served | dict.fromkeys(mesh.graph_names(), ORCHESTRATOR)
+
+
 #: How `predict` builds an input other than the image when it calls a model directly:
 #: input name -> (model that outputs it, that model's input, service serving it).
 PRODUCERS = {
@@ -59,7 +87,7 @@ def default_target(name: str, base: int | None = None) -> str:
     env = os.environ.get(TARGET_ENV)
     if env:
         return check_target(env)
-    return local_endpoints(base)[MODEL_SERVICE.get(name, ORCHESTRATOR)]
+    return local_endpoints(base)[model_services().get(name, ORCHESTRATOR)]
 
 
 def check_target(target: str) -> str:
@@ -76,15 +104,17 @@ def layout_near(target: str, name: str, base: int | None) -> dict[str, str]:
     """The local layout a call of `name` at `target` belongs to: --base-port if given, else the
     base that target's port implies for the service serving `name` (its host kept)."""
     host, _, port = target.rpartition(":")
-    if base is None and port.isdigit() and name in MODEL_SERVICE:
-        implied = int(port) - (DEFAULT_PORTS[MODEL_SERVICE[name]] - BASE_PORT)
+    served_by = model_services()
+    if base is None and port.isdigit() and name in served_by:
+        mesh = current_mesh()
+        implied = int(port) - (mesh.ports()[served_by[name]] - mesh.base_port)
         base = implied if implied > 0 else None
     return local_endpoints(base, host if base is not None and host else LOCAL_HOST)
 
 
 def service_address(service: str, layout: Mapping[str, str] | None = None) -> str:
     """A service's address for chained calls: the orchestrator's env override, else the layout's."""
-    return os.environ.get(address_variable(service)) or (layout or LOCAL_ENDPOINTS)[service]
+    return os.environ.get(address_variable(service)) or (layout or local_endpoints())[service]
 
 
 #: What gRPC says when no connection could be made (as opposed to a server answering UNAVAILABLE).

@@ -17,20 +17,27 @@ from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import add_option, server_parser, settings_from_args
-from services.common.topology import DEFAULT_PORTS, ORCHESTRATOR
 
-DEFAULT_GRAPHS = Path(__file__).parent / "graphs.yaml"
 log = logging.getLogger("orchestrator")
+ORCHESTRATOR = "orchestrator"
+#: Where it listens unless told otherwise (a container's port; the launcher gives each its own).
+DEFAULT_PORT = 8001
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = server_parser(
         ORCHESTRATOR,
-        port=DEFAULT_PORTS[ORCHESTRATOR],
+        port=DEFAULT_PORT,
         model_dir=None,
         description="Run the inference graphs of a spec over the mesh's services; each graph is served as a model.",
     )
-    add_option(parser, "graphs", Path, DEFAULT_GRAPHS, "graph spec (YAML); watched and reloaded on change")
+    add_option(
+        parser,
+        "graphs",
+        Path,
+        None,
+        "graph spec or mesh file (YAML), required; watched and reloaded on change",
+    )
     add_option(parser, "reload-interval", float, 2.0, "seconds between checks of the graph spec file")
     add_option(
         parser,
@@ -41,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "under load the limit falls to 1 (0 = never stack)",
     )
     args = parser.parse_args(argv)
+    if args.graphs is None:
+        parser.error("no graph spec: give --graphs FILE (or ONNXMESH_GRAPHS), a spec or a mesh file")
     settings = settings_from_args("orchestrator", args)
     configure_logging("orchestrator", settings.log_level, settings.log_format)
     repository = ModelRepository()

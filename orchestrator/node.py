@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
+from orchestrator.addresses import address_variable
 from orchestrator.graph.engine import Engine
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stages.base import Stage
@@ -35,7 +36,6 @@ from services.common.model import Servable
 from services.common.observability import tracing
 from services.common.observability.metrics import LATENCY_BUCKETS, ROW_BUCKETS, ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.topology import address_variable
 from services.common.types import InferRequest, InferResult, ModelSignature
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,13 @@ def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -
     """Each service's address from the spec, overridden by ONNXMESH_SERVICE_<NAME>_ADDRESS."""
     out = {}
     for name, service in spec.services.items():
-        out[name] = environ.get(address_variable(name), service.address)
+        address = environ.get(address_variable(name), service.address)
+        if not address:
+            raise SpecError(
+                f"service {name!r} has no address: the mesh's launcher sets {address_variable(name)} "
+                "(`onnxmesh up`, or the rendered Kubernetes manifests)"
+            )
+        out[name] = address
     return out
 
 
@@ -234,17 +240,19 @@ class Orchestrator:
 
     def stages(self, spec: MeshSpec) -> dict[str, Stage]:
         """One stage per service, kept across reloads: a replica set per address (a long-lived,
-        health-checked channel per replica), under coalescing."""
+        health-checked channel per replica, and one that ignores health for its drain), under
+        coalescing."""
         stages: dict[str, Stage] = {}
         for service, address in service_addresses(spec, self.environ).items():
             stage = self._stages.get((service, address))
             if stage is None:
                 if address not in self.replica_sets:
+                    client = traced.client_class()
                     self.replica_sets[address] = ReplicaSet(
                         address,
-                        functools.partial(
-                            traced.client_class(), health_checked=True, security=self.client_security
-                        ),
+                        functools.partial(client, health_checked=True, security=self.client_security),
+                        # A draining replica, when no other serves, is still called: until it closes.
+                        connect_draining=functools.partial(client, security=self.client_security),
                         service=service,
                         budget=self.budget,
                         on_event=self._on_replica_event,

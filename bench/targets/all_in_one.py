@@ -4,7 +4,7 @@ This is the "one server does everything" baseline that the mesh replaces, built 
 own pieces so that the comparison measures only the network hops and the process split:
 
 - the same model classes on the same files (`bench.models`; no batching),
-- the same `Engine` running the same graph spec (orchestrator/graphs.yaml by default), its
+- the same `Engine` running the same graph spec (the demo mesh file's by default), its
   services mapped to `InProcessStage`s that call each service's own `DataPlane` directly (the
   lookup, readiness, validation and metrics a model service does, with no codec, no channel,
   no copy), wrapped like the orchestrator wraps its gRPC stages (`CoalescingStage`, same
@@ -45,7 +45,7 @@ from services.common.types import InferRequest, InferResult, ModelSignature
 SERVICE = "all_in_one"
 #: The orchestrator's `--coalesce` default; the env var is shared too.
 COALESCE_IN_FLIGHT = DEFAULT_IN_FLIGHT
-DEFAULT_GRAPHS = Path(__file__).resolve().parents[2] / "orchestrator" / "graphs.yaml"
+DEFAULT_GRAPHS = Path(__file__).resolve().parents[2] / "demo" / "mesh.yaml"
 log = logging.getLogger(SERVICE)
 
 

@@ -10,7 +10,7 @@ same held-out images the load generator sends (one per call, round robin):
 - `digits-mlp`:      one digits-mlp predict on preprocessed features (one model call, the
   reference for what a single gRPC hop adds)
 
-These mirror orchestrator/graphs.yaml. There is no codec, no event loop, no executor hand-off:
+These mirror demo/mesh.yaml. There is no codec, no event loop, no executor hand-off:
 whatever the other modes spend above this is the cost of serving. onnxruntime releases the GIL,
 so the threads overlap inside the models as a server's inference pool would.
 """

@@ -55,7 +55,7 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def graphs(dirs: dict[str, Path]) -> dict[str, tuple[str, Pipeline]]:
-    """Each graph of orchestrator/graphs.yaml it serves: (input name, pipeline)."""
+    """Each graph of demo/mesh.yaml it serves: (input name, pipeline)."""
     stats = json.loads((dirs["preprocess"] / "digits-preprocess" / "1" / "stats.json").read_text())
     mean = np.asarray(stats["mean"], np.float32)
     inv_scale = (1.0 / np.asarray(stats["scale"], np.float32)).astype(np.float32)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
+from meshctl.mesh import kubernetes_name
 from meshctl.rollout.cluster import Clock, ClusterApi, Obj
 from meshctl.rollout.deployments import (
     CHANGE_CAUSE,
@@ -56,7 +57,6 @@ from meshctl.rollout.weights import (
     splitter_branches,
 )
 from orchestrator.spec import MeshSpec
-from services.common.topology import kubernetes_name
 
 # --------------------------------------------------------------------------------------------
 # canary, promote, abort: the weights of one splitter in the ConfigMap

@@ -11,16 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from meshctl.mesh import ORCHESTRATOR, kubernetes_name
 from meshctl.rollout.cluster import ClusterApi, Obj
 from meshctl.rollout.deployments import pod_containers
 from meshctl.rollout.errors import NotFoundError, RolloutError
+from orchestrator.addresses import address_variable, service_of_address_variable
 from orchestrator.spec import MeshSpec, MirrorStep, ModelStep, SpecError, SplitterStep, Step, parse_spec
-from services.common.topology import (
-    ORCHESTRATOR,
-    address_variable,
-    kubernetes_name,
-    service_of_address_variable,
-)
 
 DEFAULT_CONFIGMAP = "onnxmesh-graphs"
 DEFAULT_GRAPHS_KEY = "graphs.yaml"

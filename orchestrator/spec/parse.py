@@ -50,6 +50,11 @@ from orchestrator.spec.steps import (
 )
 from services.common.types import DATATYPE_TO_NUMPY, TensorSpec
 
+#: Keys of a mesh file (meshctl/mesh.py) beside the spec's, at the top and per service: the
+#: orchestrator reads a mesh file as its spec and leaves these to `onnxmesh check` and the launcher.
+MESH_KEYS = ("base_port", "images", "orchestrator")
+MESH_SERVICE_KEYS = ("runtime", "model_dir", "replicas", "resources", "settings", "requirements", "port")
+
 #: Upper bound on ``retries``: more would turn an outage into a retry storm.
 MAX_RETRIES = 10
 
@@ -228,7 +233,11 @@ def _parse_mesh(raw: Any) -> MeshSpec:
             f"the spec must be a mapping with keys services, defaults, graphs; got {_type_name(raw)}"
         )
     _check_keys(
-        raw, top, ("services", "defaults", "graphs", "cache_store"), ("services", "graphs"), "the spec"
+        raw,
+        top,
+        ("services", "defaults", "graphs", "cache_store", *MESH_KEYS),
+        ("services", "graphs"),
+        "the spec",
     )
     cache_store = _cache_store(raw.get("cache_store", "local"), top.key("cache_store"))
 
@@ -238,8 +247,18 @@ def _parse_mesh(raw: Any) -> MeshSpec:
         with problems.part():
             at = top.key("services").key(str(name))
             _name(name, at, "a service name")
-            _check_keys(_mapping(body, at, f"service {name!r}"), at, ("address",), ("address",), "a service")
-            services[name] = ServiceSpec(name, _string(body["address"], at.key("address"), "address"))
+            _check_keys(
+                _mapping(body, at, f"service {name!r}"), at, ("address", *MESH_SERVICE_KEYS), (), "a service"
+            )
+            if "address" in body:
+                services[name] = ServiceSpec(name, _string(body["address"], at.key("address"), "address"))
+            elif "runtime" in body:
+                # A service the mesh runs: whoever starts it tells the orchestrator where it is.
+                services[name] = ServiceSpec(name, "")
+            else:
+                raise at.error(
+                    "a service needs an address (one the mesh only calls) or a runtime (one it runs)"
+                )
 
     defaults = Defaults()
     if "defaults" in raw:

@@ -21,6 +21,12 @@ replica, and decides per call:
                  on probation: its next failure ejects it again at once, a success clears it.
                  At most half of the replicas are ever ejected, and a lone replica never.
 
+    draining --> a replica reporting NOT_SERVING (after SIGTERM) leaves the pick at once, and a
+                 DNS name is resolved again at once (a rolling update's new pod is found now,
+                 not at the next refresh). While no other replica serves, calls still go to the
+                 draining one through a second client that ignores its health, until its port
+                 closes: a lone replica's drain delay fails no call.
+
 Inference is idempotent (a model call has no side effect), so running a request twice on two
 replicas, or again on another, changes nothing but the load; the shared `RetryBudget` bounds that
 load. Targets are what gRPC takes: `host:port` (one replica, resolved by gRPC), `ipv4:a:p,b:q` or
@@ -66,6 +72,8 @@ class Replica(Protocol):
 
 #: Builds the client of one replica from its single-address target.
 Connect = Callable[[str], Replica]
+#: The DNS name ("host:port") -> single-address targets.
+Resolver = Callable[[str], Coroutine[Any, Any, list[str]]]
 #: on_event(service, replica address, event): event is "hedged", "failover", "ejected" or "restored".
 EventHook = Callable[[str, str, str], None]
 
@@ -131,12 +139,21 @@ class _State:
         self.ejections = 0  # in a row, for the back-off
         self.ejected_until = 0.0
         self.probation = False
+        self.serving = True  # as last seen: a change to NOT_SERVING re-resolves the name
+        #: A client that ignores health, for calls while it drains and no other replica serves.
+        self.draining_client: Replica | None = None
+
+    async def close(self) -> None:
+        clients = [self.client] if self.draining_client is None else [self.client, self.draining_client]
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
 class ReplicaSet:
     """A Stage over every replica of `target` (see the module docstring).
 
     `connect` builds one replica's client (the orchestrator: a health-checked `OipClient`);
+    `connect_draining` one that ignores health, for a draining replica when no other serves
+    (None: a draining replica gets no calls); `resolver` resolves a DNS target (a seam for tests);
     `budget` pays for fail-overs and hedges (share the engine's); `clock` and `rng` are seams
     for tests; `on_event` is a metric hook, called on the event loop.
     """
@@ -150,6 +167,8 @@ class ReplicaSet:
         budget: RetryBudget | None = None,
         policy: OutlierPolicy | None = None,
         resolve_interval: float = 10.0,
+        connect_draining: Connect | None = None,
+        resolver: Resolver = resolve,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_event: EventHook | None = None,
@@ -157,6 +176,8 @@ class ReplicaSet:
         self.target = target
         self.service = service or target
         self._connect = connect
+        self._connect_draining = connect_draining
+        self._resolver = resolver
         self._budget = budget if budget is not None else RetryBudget(clock=clock)
         self.policy = policy or OutlierPolicy()
         self._resolve_interval = resolve_interval
@@ -226,7 +247,7 @@ class ReplicaSet:
         for task in self._closing:
             task.cancel()  # closes at once
         await asyncio.gather(*self._closing, return_exceptions=True)
-        await asyncio.gather(*(r.client.close() for r in self._replicas), return_exceptions=True)
+        await asyncio.gather(*(r.close() for r in self._replicas))
 
     # -- one call -------------------------------------------------------------------------------
 
@@ -297,7 +318,7 @@ class ReplicaSet:
         started = self._clock()
         replica.in_flight += 1
         try:
-            result = await replica.client.call(request)
+            result = await self._call(replica, request)
         except (Unavailable, DeadlineExceeded) as err:
             self._failed(replica, err.code)
             raise
@@ -373,6 +394,41 @@ class ReplicaSet:
         a, b = self._rng.sample(pool, 2)
         return a if a.in_flight <= b.in_flight else b
 
+    async def _call(self, replica: _State, request: InferRequest) -> InferResult:
+        client = self._client_for(replica)
+        try:
+            return await client.call(request)
+        except Unavailable:
+            if client is not replica.client or client.reachable or self._connect_draining is None:
+                raise
+            # It turned NOT_SERVING under this call (a health-checked channel fails it at once):
+            # once more, on a replica that serves now (a re-resolved name may have one), else
+            # through its draining client.
+            others = [r for r in self._replicas if r is not replica and r.client.reachable]
+            again = self._pick(others, ()).client if others else self._client_for(replica)
+            return await again.call(request)
+
+    def _client_for(self, replica: _State) -> Replica:
+        """The replica's client; its draining client while it reports NOT_SERVING and no other
+        replica serves. A change to NOT_SERVING resolves a DNS name again at once."""
+        client = replica.client
+        serving = client.reachable
+        if serving != replica.serving:
+            replica.serving = serving
+            if not serving and self._dns_name is not None:
+                self._resolve_soon()
+        if serving or self._connect_draining is None:
+            return client
+        if any(r.client.reachable for r in self._replicas if r is not replica):
+            return client  # another replica serves: this call was a fail-over or a hedge
+        if replica.draining_client is None:
+            replica.draining_client = self._connect_draining(replica.address)
+        return replica.draining_client
+
+    def _resolve_soon(self) -> None:
+        if self._resolving is None or self._resolving.done():
+            self._resolving = asyncio.ensure_future(self._resolve())
+
     def _by_preference(self, replicas: list[_State]) -> list[_State]:
         now = self._clock()
         return sorted(replicas, key=lambda r: (not r.client.reachable, r.ejected_until > now))
@@ -382,8 +438,8 @@ class ReplicaSet:
         if self._dns_name is not None and self._clock() - self._resolved_at > self._resolve_interval:
             if not self._replicas:
                 await self._resolve()
-            elif self._resolving is None or self._resolving.done():
-                self._resolving = asyncio.ensure_future(self._resolve())
+            else:
+                self._resolve_soon()
         if not self._replicas:
             raise Unavailable(f"{self.target}: no replica resolved")
         return self._replicas
@@ -392,7 +448,7 @@ class ReplicaSet:
         assert self._dns_name is not None
         self._resolved_at = self._clock()
         try:
-            addresses = await resolve(self._dns_name)
+            addresses = await self._resolver(self._dns_name)
         except Unavailable as err:
             if not self._replicas:
                 raise
@@ -406,7 +462,7 @@ class ReplicaSet:
         kept = [known.pop(a) if a in known else _State(a, self._connect(a)) for a in addresses]
         self._replicas = kept
         for gone in known.values():
-            task = asyncio.ensure_future(_close_later(gone.client))
+            task = asyncio.ensure_future(_close_later(gone))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         if len(kept) > 1 or known:
@@ -420,10 +476,10 @@ def _start(attempt: Coroutine[Any, Any, InferResult]) -> asyncio.Task[InferResul
     return task
 
 
-async def _close_later(client: Replica, grace: float = 30.0) -> None:
+async def _close_later(replica: _State, grace: float = 30.0) -> None:
     """Close a replica that left the name's answers once its calls are over (each is bounded by
     its step's timeout)."""
     try:
         await asyncio.sleep(grace)
     finally:
-        await client.close()
+        await replica.close()

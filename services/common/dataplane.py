@@ -164,7 +164,7 @@ class DataPlane:
         if batching is not None:
             return ModelDescription(
                 servable.signature,
-                config.platform,
+                servable.signature.platform,
                 batching.max_batch_size,
                 batching.max_queue_delay_us,
                 batching.max_queue_size,
@@ -172,7 +172,7 @@ class DataPlane:
                 config.warmup,
             )
         return ModelDescription(
-            servable.signature, config.platform, 0, 0, 0, config.description, config.warmup
+            servable.signature, servable.signature.platform, 0, 0, 0, config.description, config.warmup
         )
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:

@@ -7,6 +7,9 @@
         1/model.onnx
         2/model.onnx         versions are positive integers; the highest is the default
 
+The Python runtime (services.common.python_model) reads the same layout with `<version>/model.py`
+and a config.json that declares the signature (`inputs`, `outputs`) an ONNX file carries itself.
+
 Requests name a model and optionally a version; an empty version means the latest that loaded.
 A model that fails to load (a bad config.json, a file onnxruntime rejects, a failed warm-up)
 is kept apart with its reason, as Triton does: it is reported UNAVAILABLE (RepositoryIndex,
@@ -17,13 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from services.common.errors import NotFound, Unavailable
 from services.common.model import Servable
+from services.common.types import DATATYPE_TO_NUMPY, TensorSpec
 from services.common.warmup import WarmupSample, parse_warmup
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,16 @@ class ModelConfig:
     max_queue_size: int = 1024
     #: None: one row of zeros per input; (): no warm-up; else these samples (services.common.warmup).
     warmup: tuple[WarmupSample, ...] | None = None
+    #: The signature of a Python model (an ONNX model's comes from its graph).
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    #: A Python model's class: its name in `<version>/model.py` ("" = the only class there with
+    #: a `predict`), or an importable "package.module:Class".
+    python_class: str = ""
+    #: Free-form settings handed to a Python model's `load` (with the rest of config.json).
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    #: config.json as read, for a Python model's `load`; not a key of its own.
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def load(cls, model_path: Path) -> ModelConfig:
@@ -53,12 +67,42 @@ class ModelConfig:
             raise ValueError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"source"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(known)}")
-        data["warmup"] = parse_warmup(data.get("warmup"), model_path)
-        return cls(**data)
+        values = dict(data, source=data)
+        values["warmup"] = parse_warmup(data.get("warmup"), model_path)
+        for key in ("inputs", "outputs"):
+            values[key] = parse_tensors(data.get(key, []), f"{path}: {key}")
+        if not isinstance(data.get("parameters", {}), dict):
+            raise ValueError(f"{path}: parameters must be an object")
+        return cls(**values)
+
+
+def parse_tensors(data: Any, where: str) -> tuple[TensorSpec, ...]:
+    """`[{"name", "datatype", "shape"}, ...]` (shape with -1 for any size) as TensorSpecs."""
+    if not isinstance(data, list):
+        raise ValueError(f"{where} must be a list of {{name, datatype, shape}}")
+    specs = []
+    for index, item in enumerate(data):
+        at = f"{where}[{index}]"
+        if not isinstance(item, dict) or set(item) != {"name", "datatype", "shape"}:
+            raise ValueError(f"{at} must be an object with exactly name, datatype and shape")
+        name, datatype, shape = item["name"], item["datatype"], item["shape"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{at}: name must be a non-empty string")
+        if datatype not in DATATYPE_TO_NUMPY:
+            raise ValueError(
+                f"{at} ('{name}'): datatype {datatype!r} is not one of {', '.join(DATATYPE_TO_NUMPY)}"
+            )
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= -1 for d in shape):
+            raise ValueError(f"{at} ('{name}'): shape must be a list of sizes, -1 for any, got {shape!r}")
+        specs.append(TensorSpec(name, datatype, tuple(shape)))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: a tensor name appears twice in {names}")
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -78,9 +122,9 @@ class LoadFailure:
     reason: str
 
 
-def scan(model_dir: Path, filename: str = "model.onnx") -> Iterator[ModelVersionDir]:
-    """Every `<model>/<version>/` under model_dir that holds `filename`, sorted by name, version;
-    a bad config.json raises."""
+def scan(model_dir: Path, filename: str | None = "model.onnx") -> Iterator[ModelVersionDir]:
+    """Every `<model>/<version>/` under model_dir that holds `filename` (any version directory for
+    None), sorted by name, version; a bad config.json raises."""
     entries, failures = scan_repository(model_dir, filename)
     if failures:
         raise ValueError(failures[0].reason)
@@ -88,7 +132,7 @@ def scan(model_dir: Path, filename: str = "model.onnx") -> Iterator[ModelVersion
 
 
 def scan_repository(
-    model_dir: Path, filename: str = "model.onnx"
+    model_dir: Path, filename: str | None = "model.onnx"
 ) -> tuple[list[ModelVersionDir], list[LoadFailure]]:
     """Like `scan`, but a model whose config.json is bad becomes a LoadFailure, not an error."""
     if not model_dir.is_dir():
@@ -97,7 +141,11 @@ def scan_repository(
     failures: list[LoadFailure] = []
     for model_path in sorted(p for p in model_dir.iterdir() if p.is_dir()):
         versions = [p for p in model_path.iterdir() if p.is_dir() and p.name.isdigit()]
-        found = [p for p in sorted(versions, key=lambda p: int(p.name)) if (p / filename).exists()]
+        found = [
+            p
+            for p in sorted(versions, key=lambda p: int(p.name))
+            if filename is None or (p / filename).exists()
+        ]
         if not found:
             continue
         try:
@@ -105,7 +153,9 @@ def scan_repository(
         except (ValueError, TypeError, OSError) as exc:
             failures += [LoadFailure(model_path.name, p.name, str(exc)) for p in found]
             continue
-        entries += [ModelVersionDir(model_path.name, p.name, p / filename, config) for p in found]
+        entries += [
+            ModelVersionDir(model_path.name, p.name, p / filename if filename else p, config) for p in found
+        ]
     return entries, failures
 
 

@@ -31,6 +31,7 @@ import importlib.metadata
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
@@ -44,6 +45,7 @@ from services.common.batching import adaptive as batching
 from services.common.dataplane import DataPlane
 from services.common.errors import MeshError
 from services.common.grpc import traced
+from services.common.grpc.admission import Admission, LoopLag
 from services.common.grpc.reflection import enable_reflection
 from services.common.grpc.security import SecurityError, TlsFiles, TokenInterceptor, server_credentials
 from services.common.grpc.servicer import EXTENSIONS, DecodingGuard
@@ -79,8 +81,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", age_ms),
         ("grpc.max_connection_age_grace_ms", int(settings.grace * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Off unless asked: otherwise a second node silently shares a busy port.
-        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+        # Off unless asked or needed by the acceptors (`NodeServer.start` checks the port is free
+        # first): otherwise a second node silently shares a busy port.
+        ("grpc.so_reuseport", 1 if settings.reuse_port or settings.acceptors > 1 else 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
 
@@ -114,6 +117,7 @@ class NodeServer:
         self._closer = closer
         self._services: list[str] = []
         self._server: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
         self._health_server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._draining = False
@@ -126,6 +130,10 @@ class NodeServer:
     def services(self, server: grpc.aio.Server) -> list[str]:
         """Add the process's own services to `server`; their names."""
         return self._add_services(server) if self._add_services is not None else []
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """What every call passes through before its handler: bearer tokens, when asked."""
+        return [TokenInterceptor(self.settings.token_file)] if self.settings.token_file else []
 
     def check_security(self, secured: bool) -> None:
         """Refuse settings that would open a way around TLS and tokens."""
@@ -143,20 +151,30 @@ class NodeServer:
         """Bind and start serving (health NOT_SERVING); returns the bound port."""
         tls = TlsFiles.of(self.settings.tls_cert, self.settings.tls_key, self.settings.tls_ca)
         self.check_security(tls is not None or self.settings.token_file is not None)
-        interceptors = [TokenInterceptor(self.settings.token_file)] if self.settings.token_file else []
-        server = grpc.aio.server(
-            options=server_options(self.settings),
-            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
-            interceptors=interceptors,
-        )
-        self._services = self.services(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection([*self._services, HEALTH_SERVICE], server)
+        interceptors = self.interceptors()
+        if self.settings.acceptors > 1 and not self.settings.reuse_port:
+            _check_free(self.settings.service, self.settings.host, self.settings.port)
+        # Acceptors: grpc.aio takes in one call per event-loop turn and server; under overload
+        # the rest wait inside gRPC, unseen by admission. Several servers on the port (the
+        # kernel spreads connections over them) take in several calls per turn.
+        port = self.settings.port
+        for _ in range(max(1, self.settings.acceptors)):
+            server = grpc.aio.server(
+                options=server_options(self.settings),
+                maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
+                interceptors=interceptors,
+            )
+            self._services = self.services(server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            enable_reflection([*self._services, HEALTH_SERVICE], server)
+            port = self._bind(server, port, tls, "--port")
+            self._servers.append(server)
         for service in ("", *self._services):
             await self.health.set(service, NOT_SERVING)
-        self.port = self._bind(server, self.settings.port, tls, "--port")
-        await server.start()
-        self._server = server
+        for server in self._servers:
+            await server.start()
+        self.port = port
+        self._server = self._servers[0]
         try:
             if self.settings.health_port is not None:
                 self._health_server = grpc.aio.server(options=server_options(self.settings))
@@ -227,8 +245,8 @@ class NodeServer:
             await self._closer()
 
     async def _close_ports(self, grace: float) -> None:
-        if self._server is not None:
-            await asyncio.gather(self._server.stop(grace), self.stop_more())
+        if self._servers:
+            await asyncio.gather(*(server.stop(grace) for server in self._servers), self.stop_more())
         if self._health_server is not None:
             await self._health_server.stop(0)
         self.metrics.stop_http()
@@ -313,6 +331,13 @@ class MeshServer(NodeServer):
             extensions=EXTENSIONS,
         )
         self.dataplane.limiter = limiter_from_setting(settings.max_inflight, settings.service)
+        self.loop_lag = LoopLag()
+        self.metrics.loop_lag.set_function(lambda: self.loop_lag.seconds)
+        self.admission: Admission | None = None
+        if self.dataplane.limiter is not None and settings.max_loop_lag > 0:
+            self.admission = Admission(self.dataplane.limiter, self.loop_lag, max_lag=settings.max_loop_lag)
+            refusals = self.metrics.admission_refusals
+            self.admission.on_refusal(lambda reason: refusals.labels(reason).inc())
         self.http_port: int | None = None
         self.rest = RestServer(
             self.dataplane, settings.service, max_body_bytes=settings.max_message_bytes, grace=settings.grace
@@ -332,19 +357,26 @@ class MeshServer(NodeServer):
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server))
         return [INFERENCE_SERVICE]
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        # The front door after the tokens: an unauthenticated call is refused as such.
+        door = [self.admission] if self.admission is not None else []
+        return [*super().interceptors(), *door]
+
     def check_security(self, secured: bool) -> None:
         if secured and self.settings.http_port is not None:
             # REST would be a way around TLS and tokens.
             raise SecurityError("--http-port serves plaintext without tokens: turn it off with TLS or tokens")
 
     async def start_more(self) -> None:
+        if self.admission is not None:
+            self.loop_lag.start()
         if self.settings.http_port is not None:
             self.http_port = await self.rest.start(
                 self.settings.host, self.settings.http_port, reuse_port=self.settings.reuse_port
             )
 
     async def stop_more(self) -> None:
-        await self.rest.stop()
+        await asyncio.gather(self.rest.stop(), self.loop_lag.stop())
 
     def ports(self) -> dict[str, int | None]:
         return {**super().ports(), "http": self.http_port}
@@ -416,6 +448,23 @@ def run_process(settings: ServerSettings, serve: Callable[[], Coroutine[Any, Any
         sys.exit(f"{settings.service}: {exc}")
     except MeshError as exc:
         sys.exit(f"{settings.service}: {exc.message}")
+
+
+def _check_free(service: str, host: str, port: int) -> None:
+    """Refuse a port another process listens on, although the acceptors set SO_REUSEPORT."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: connections of a previous process in TIME_WAIT do not count; a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise OSError(
+                f"{service}: cannot listen on {host}:{port}: is another process using the port? "
+                "(--port 0 picks a free one)"
+            ) from exc
 
 
 def _announce(line: str) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "ONNXMESH_"
+#: The runtimes a model node can run (services.common.model_node.RUNTIMES).
+RUNTIME_NAMES = ("onnx", "python")
 #: Set by a launcher (meshctl/process.py) to its pid: its nodes stop when it dies
 #: (`services.common.server.follow_launcher`).
 LAUNCHER_ENV = "ONNXMESH_LAUNCHER_PID"
@@ -56,6 +58,12 @@ def _optional_int(text: str) -> int | None:
     return None if text in ("", "none", "off") else int(text)
 
 
+def _runtime(text: str) -> str:
+    if text not in RUNTIME_NAMES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(RUNTIME_NAMES)}, got {text!r}")
+    return text
+
+
 def _optional_path(text: str) -> Path | None:
     return None if text in ("", "none", "off") else Path(text)
 
@@ -79,6 +87,12 @@ class ServerSettings:
     model_dir: Path | None = field(
         default=None, metadata=option("model repository: <model>/<version>/model.onnx", Path)
     )
+    runtime: str = field(
+        default="onnx",
+        metadata=option(
+            "what serves the model directory: onnx (model.onnx files) or python (model.py)", _runtime
+        ),
+    )
     ort_threads: int = field(
         default=1, metadata=option("onnxruntime intra-op threads per session (match the CPU limit)", int)
     )
@@ -93,6 +107,23 @@ class ServerSettings:
         default="adaptive",
         metadata=option(
             "inference calls run at once before RESOURCE_EXHAUSTED: adaptive (a gradient limit), a number, or off"
+        ),
+    )
+    max_loop_lag: float = field(
+        default=0.005,
+        metadata=option(
+            "seconds the event loop may lag (calls waiting before any handler) before new inference "
+            "calls are refused at once, undecoded, as are calls over --max-inflight; 0 = off (the "
+            "data plane refuses those after decoding)",
+            float,
+        ),
+    )
+    acceptors: int = field(
+        default=8,
+        metadata=option(
+            "gRPC servers sharing the port in this process: each takes in one call per event-loop "
+            "turn, so more keep calls from queueing inside gRPC, out of admission's sight",
+            int,
         ),
     )
     max_connection_age: float = field(
@@ -165,7 +196,7 @@ class ServerSettings:
 SETTINGS_FIELDS = tuple(f for f in fields(ServerSettings) if "parse" in f.metadata)
 #: The flags only a process serving models (OIP, REST) has; the jobs service and workers do not.
 MODEL_SERVING_FIELDS = frozenset(
-    {"http_port", "model_dir", "ort_threads", "inference_workers", "max_inflight"}
+    {"http_port", "model_dir", "runtime", "ort_threads", "inference_workers", "max_inflight"}
 )
 
 
@@ -230,7 +261,15 @@ def settings_from_args(service: str, args: argparse.Namespace) -> ServerSettings
 
 
 def parse_server_settings(
-    service: str, argv: Sequence[str] | None, *, port: int, model_dir: Path | None, description: str
+    service: str,
+    argv: Sequence[str] | None,
+    *,
+    port: int,
+    model_dir: Path | None,
+    description: str,
+    runtime: str = "onnx",
 ) -> ServerSettings:
-    parser = server_parser(service, port=port, model_dir=model_dir, description=description)
+    parser = server_parser(
+        service, port=port, model_dir=model_dir, description=description, defaults={"runtime": runtime}
+    )
     return settings_from_args(service, parser.parse_args(argv))

@@ -2,7 +2,7 @@
 
 The tests need root (podman with runc, as CI has) or a docker daemon; elsewhere they skip and
 say why. As root on Debian, podman, runc and mmdebstrap are installed with apt-get when missing
-(images/engine.py). The images are built by ``make images``' own code; an image whose source
+(meshctl/engine.py). The images are built by ``make images``' own code; an image whose source
 digest is unchanged is reused, so only the first run pays for the build. Figures the tests
 measure (sizes, build time, rollout counts) are printed at the end of the run.
 """
@@ -21,7 +21,7 @@ import pytest
 
 from images.build import BuiltImage, build_images
 from images.cli import default_ca_bundle
-from images.engine import ContainerEngine, EngineUnavailable, find_engine
+from meshctl.engine import ContainerEngine, EngineUnavailable, find_engine
 from tests.support import kustomize_overlay
 
 Obj = dict[str, Any]

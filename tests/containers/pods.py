@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from images.engine import ContainerEngine
+from meshctl.engine import ContainerEngine
 
 Obj = dict[str, Any]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from images.build import IMAGES, JOBS, REPO, context_files, source_digest, uv_version
-from images.engine import ContainerEngine
+from images.build import IMAGES, JOBS, NODE, NODE_BUILDER, REPO, context_files, source_digest, uv_version
+from meshctl.engine import ContainerEngine
 from services.common.topology import SERVICES
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -80,7 +80,7 @@ def test_every_copied_file_is_in_the_build_context() -> None:
 
 def test_one_final_stage_per_image() -> None:
     stages = set(re.findall(r"^FROM \S+ AS svc-(\S+)$", DOCKERFILE, re.MULTILINE))
-    assert stages == {spec.service for spec in IMAGES} == {*SERVICES, JOBS}
+    assert stages == {spec.service for spec in IMAGES} == {*SERVICES, JOBS, NODE, NODE_BUILDER}
 
 
 def test_the_context_leaves_out_generated_and_cached_files(tmp_path: Path) -> None:

@@ -31,17 +31,11 @@ from pathlib import Path
 import pytest
 
 from images.build import BuiltImage
-from images.engine import ContainerEngine
+from meshctl.engine import ContainerEngine
+from meshctl.mesh import kubernetes_name
 from meshctl.rehearsal import Traffic, versioned_copy
-from services.common.topology import (
-    DEFAULT_GRAPH_NAMES,
-    MODEL_A,
-    MODEL_SERVICES,
-    ORCHESTRATOR,
-    SERVICES,
-    address_variable,
-    kubernetes_name,
-)
+from orchestrator.addresses import address_variable
+from services.common.topology import DEFAULT_GRAPH_NAMES, MODEL_A, MODEL_SERVICES, ORCHESTRATOR, SERVICES
 from tests.containers.conftest import FIGURES, REPO, Manifests
 from tests.containers.pods import Container, ContainerSpec
 from tests.support import free_port

@@ -23,7 +23,7 @@ import pytest
 from bench.load import procstat
 from bench.load.pyspy import parse_collapsed, summarize
 from bench.report import analysis
-from meshctl.launcher import DEFAULT_GRAPHS
+from meshctl.launcher import DEMO_MESH as DEFAULT_GRAPHS
 from orchestrator.spec import load_spec
 from tests.support import ROOT, kill_group
 

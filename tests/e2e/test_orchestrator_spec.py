@@ -17,7 +17,7 @@ from services.common.errors import NotFound
 from services.common.grpc.client import OipClient
 from tests.support import ROOT, metric_total, until
 
-SPEC = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
+SPEC = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
 IMAGE = load_holdout().images[:1]
 
 

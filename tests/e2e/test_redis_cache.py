@@ -17,7 +17,7 @@ import pytest
 import redis
 import yaml
 
-from meshctl.launcher import DEFAULT_GRAPHS, EPHEMERAL_PORTS, LocalMesh
+from meshctl.launcher import DEMO_MESH, EPHEMERAL_PORTS, LocalMesh
 from orchestrator.stages.cache import HIT, Entry, RedisStore
 from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
@@ -84,7 +84,7 @@ def test_a_store_gone_mid_run_is_a_miss_and_stores_nothing(
 
 
 def test_the_orchestrator_answers_without_its_redis_cache(server: RedisServer, tmp_path: Path) -> None:
-    spec = yaml.safe_load(DEFAULT_GRAPHS.read_text())
+    spec = yaml.safe_load(DEMO_MESH.read_text())
     spec["cache_store"] = server.url
     spec["graphs"]["digits-serial"]["cache"] = True
     path = tmp_path / "graphs.yaml"

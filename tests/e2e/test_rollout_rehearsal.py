@@ -21,7 +21,7 @@ def test_rolling_update_loses_no_request_and_moves_to_the_new_version() -> None:
 
 
 def canary_spec(stable: int, canary: int) -> str:
-    spec = yaml.safe_load((ROOT / "orchestrator/graphs.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
     graph = spec["graphs"]["digits-serial"]
     mlp = graph["steps"][1]
     branch = {key: mlp[key] for key in ("service", "model", "inputs")}

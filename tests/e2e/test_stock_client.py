@@ -52,7 +52,11 @@ TRITON_SCRIPT = textwrap.dedent(
 @pytest.fixture
 def model_a() -> Iterator[tuple[subprocess.Popen[str], str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.model_a", "--port", "0", "--grace", "2"],
+        [
+            sys.executable,
+            *("-m", "services.common.model_node", "--name", "model_a"),
+            *("--model-dir", str(ROOT / "services/model_a/models"), "--port", "0", "--grace", "2"),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -1,8 +1,9 @@
 """Overload, a short soak and an orchestrator restart, each under closed-loop load.
 
 Overload: 256 concurrent clients on digits-serial (252 of them in four processes of their own).
-The orchestrator's adaptive limit refuses what it cannot run with RESOURCE_EXHAUSTED; every other
-request is answered, correctly. A refused client backs off before its next try (exponential
+The orchestrator refuses what it cannot run with RESOURCE_EXHAUSTED at its front door (its
+in-flight limit, its event loop's lag); every other request is answered, correctly; refusal
+latency, accepted p99 and good-put are held to bounds (see below). A refused client backs off before its next try (exponential
 with jitter from 50 ms, as a client with a retry policy does). The soak sends a few thousand requests and prints the
 orchestrator's memory, threads and fds before and after. The orchestrator restart kills it
 (SIGKILL) under load: the launcher starts it again and it answers again, the services untouched.
@@ -21,10 +22,26 @@ import pytest
 
 from meshctl.launcher import LocalMesh
 from tests.faults.conftest import IMAGES
-from tests.faults.load import Load, process_figures, say
+from tests.faults.load import Load, Outcome, process_figures, say
 from tests.support import ROOT, kill_group, until
 
 pytestmark = pytest.mark.timeout(180)
+
+
+#: The overload scenario's goals (docs/reliability.md) are refusals p99 <= 10 ms, accepted p99
+#: <= 5x the unloaded p99 and a good-put of at least the throughput at c=32. The bounds below are
+#: loosened for this 2-core machine, which runs the five nodes, the 256 clients in five Python
+#: processes and other engineers' tests at once (load average 8-19 while measuring): every
+#: figure includes the wait for a core, on the server and in the clients' own event loops. With
+#: the front door, six runs measured refusals p50 21-80 ms (before: 140-258) and p99 108-430 ms,
+#: accepted p99 9-56x an unloaded p99 that itself moved from 5 to 22 ms, good-put 0.29-0.57 of
+#: c=32's (before: 0.43-0.96); one more run at load average 15 took 141 ms p50. The bounds keep
+#: about 2x room over the worst of those, so they catch a door that stopped working (calls
+#: queueing for seconds), not this machine's noise.
+REFUSED_P50_MS = 300.0
+REFUSED_P99_MS = 1000.0
+ACCEPTED_P99_RATIO = 100.0
+GOODPUT_RATIO = 0.15
 
 
 def test_overload_is_refused_fast_and_the_accepted_are_answered(
@@ -32,9 +49,16 @@ def test_overload_is_refused_fast_and_the_accepted_are_answered(
 ) -> None:
     target = mesh.address("orchestrator")
     pid = mesh.process("orchestrator").pid
+    assert mesh.restarter is not None
+    restarts = len(mesh.restarter.restarts)
     with Load(target, "digits-serial", IMAGES, concurrency=1) as calm:
         calm.wait_for(300)
     calm_p99 = calm.figures()[0].p99_ms
+    with Load(target, "digits-serial", IMAGES, concurrency=32) as c32:
+        c32.wait_for(100)
+        c32.mark("measured")
+        c32.wait_for(700)
+    c32_rate = rate(c32.in_phase("measured"))
     before = process_figures(pid)
     # 252 clients in 4 processes of their own, and 4 in this one (whose outcomes are checked
     # one by one): no client's own event loop is what limits the load.
@@ -59,7 +83,7 @@ def test_overload_is_refused_fast_and_the_accepted_are_answered(
             refused_pause=0.05,
         ) as probe:
             probe.wait_for(200, timeout=60.0)
-        outputs = [proc.communicate(timeout=120)[0] for proc in heavy]
+        outputs = [json.loads(proc.communicate(timeout=120)[0]) for proc in heavy]
     finally:
         for proc in heavy:  # on any failure too: no load generator outlives the test
             kill_group(proc)
@@ -69,29 +93,44 @@ def test_overload_is_refused_fast_and_the_accepted_are_answered(
     (phase,) = probe.report("256 concurrent clients (overload): the 4 in this process")
     assert phase.sent >= 200
     by_code: dict[str, list[float]] = {}
-    for line in outputs:
-        for code, values in json.loads(line).items():
+    for output in outputs:
+        for code, values in output["latencies_ms"].items():
             by_code.setdefault(code, []).extend(values)
     for code, values in probe_latencies(probe).items():
         by_code.setdefault(code, []).extend(values)
     ok, refused = by_code.get("OK", []), by_code.get("RESOURCE_EXHAUSTED", [])
+    span = max(o["span"][1] for o in outputs) - min(o["span"][0] for o in outputs)
+    goodput = sum(len(o["latencies_ms"].get("OK", [])) for o in outputs) / span
+    refused_p99 = float(np.percentile(refused, 99)) if refused else 0.0
+    accepted_p99 = float(np.percentile(ok, 99))
     say(
         f"[faults]   all 256: sent {sum(map(len, by_code.values()))}, "
         f"failed {dict((c, len(v)) for c, v in by_code.items() if c != 'OK')}; unloaded p99 {calm_p99:.1f} ms; "
-        f"accepted p50 {np.percentile(ok, 50):.1f} / p99 {np.percentile(ok, 99):.1f} ms "
-        f"({np.percentile(ok, 99) / calm_p99:.1f}x the unloaded p99); refused in p50 "
-        f"{np.percentile(refused, 50) if refused else float('nan'):.1f} / p99 "
-        f"{np.percentile(refused, 99) if refused else float('nan'):.1f} ms; orchestrator {before} -> {after}"
+        f"accepted p50 {np.percentile(ok, 50):.1f} / p99 {accepted_p99:.1f} ms "
+        f"({accepted_p99 / calm_p99:.1f}x the unloaded p99); refused in p50 "
+        f"{np.percentile(refused, 50) if refused else float('nan'):.1f} / p99 {refused_p99:.1f} ms; "
+        f"good-put {goodput:.0f}/s (the 252, against {c32_rate:.0f}/s at c=32); "
+        f"orchestrator {before} -> {after}"
     )
     assert set(by_code) <= {"OK", "RESOURCE_EXHAUSTED"}, {c: len(v) for c, v in by_code.items()}
     assert phase.wrong == 0
-    # Whether and how much is refused depends on the machine (it is measured, not asserted);
-    # what is refused says why.
+    # What is refused says why.
     assert all("overloaded" in o.detail for o in probe.outcomes if o.code == "RESOURCE_EXHAUSTED")
+    assert len(mesh.restarter.restarts) == restarts, "a node died under overload"
+    refused_p50 = float(np.percentile(refused, 50)) if refused else 0.0
+    assert refused_p50 <= REFUSED_P50_MS and refused_p99 <= REFUSED_P99_MS
+    assert accepted_p99 <= ACCEPTED_P99_RATIO * calm_p99
+    assert goodput >= GOODPUT_RATIO * c32_rate
     with Load(target, "digits-serial", IMAGES, concurrency=8) as recovered:
         recovered.wait_for(300)
     (calm_again,) = recovered.report("after the overload")
     assert calm_again.sent >= 300 and calm_again.failed == {}
+
+
+def rate(outcomes: list[Outcome]) -> float:
+    """Answers per second over the span of `outcomes`."""
+    answered = [o for o in outcomes if o.code == "OK"]
+    return len(answered) / (max(o.end for o in answered) - min(o.start for o in answered))
 
 
 def probe_latencies(load: Load) -> dict[str, list[float]]:

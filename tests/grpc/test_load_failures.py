@@ -156,7 +156,9 @@ def test_a_node_with_no_loadable_model_exits_with_every_reason(tmp_path: Path) -
         [
             sys.executable,
             "-m",
-            "services.model_a",
+            "services.common.model_node",
+            "--name",
+            "model_a",
             "--port",
             "0",
             "--model-dir",

@@ -17,7 +17,6 @@ from services.common.grpc.client import OipClient
 from services.common.grpc.codec import decode_response_outputs
 from services.common.model_node import build_repository
 from services.common.settings import ServerSettings
-from services.preprocess.model import preprocess_servable
 from tests.support import ROOT, ServerThread, model_repository, serving, stub
 
 HOLDOUT = load_holdout()
@@ -30,10 +29,8 @@ def server() -> Iterator[ServerThread]:
             ROOT / "services/model_a/models", ROOT / "services/model_b/models", executor=executor
         )
         pre = build_repository(
-            ServerSettings(service="test", model_dir=ROOT / "services/preprocess/models"),
+            ServerSettings(service="test", model_dir=ROOT / "services/preprocess/models", runtime="python"),
             executor,
-            preprocess_servable,
-            "stats.json",
         )
         for servable in pre.all():
             repo.add(servable)

@@ -25,6 +25,7 @@ from services.common.grpc.client import OipClient
 from services.common.grpc.codec import decode_response_outputs
 from services.common.model_node import build_repository
 from services.common.settings import ServerSettings
+from services.common.triton import params
 from tests.support import ROOT, ServerThread, serving, stub
 
 
@@ -124,26 +125,88 @@ def test_classification_answers_the_top_classes_as_bytes(api: pb_grpc.GRPCInfere
     ("where", "key", "value", "expected"),
     [
         ("request", "sequence_id", 3, "parameter 'sequence_id' is not supported (sequence batching"),
-        ("request", "priority", 1, "parameter 'priority' is not supported"),
+        ("request", "sequence_start", True, "parameter 'sequence_start' is not supported (sequence batching"),
+        ("request", "sequence_end", True, "parameter 'sequence_end' is not supported (sequence batching"),
+        ("request", "timeout", "soon", "parameter 'timeout' must be an integer, got 'soon'"),
         ("output", "classification", 0, "'classification' must be at least 1"),
-        ("output", "colour", "red", "output 'probabilities': parameter 'colour' is not supported"),
         ("input", "shared_memory_region", "nowhere", "needs 'shared_memory_byte_size'"),
     ],
 )
-def test_unserved_or_bad_parameters_are_refused_by_name(
+def test_parameters_that_cannot_be_ignored_are_refused_by_name(
     api: pb_grpc.GRPCInferenceServiceStub, where: str, key: str, value: object, expected: str
 ) -> None:
     request = OipClient.build_request("digits-logreg", {"features": features(1)}, ["probabilities"])
-    params = {"request": request.parameters, "output": request.outputs[0].parameters}.get(
+    given = {"request": request.parameters, "output": request.outputs[0].parameters}.get(
         where, request.inputs[0].parameters
     )
-    if isinstance(value, str):
-        params[key].string_param = value
-    else:
-        params[key].int64_param = int(value)  # type: ignore[call-overload]
+    _set(given[key], value)
     code, message = error(api.ModelInfer, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in message
+
+
+def _set(param: pb.InferParameter, value: object) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, str):
+        param.string_param = value
+    else:
+        param.int64_param = int(value)  # type: ignore[call-overload]
+
+
+def test_a_shared_memory_region_that_is_not_registered_is_refused(
+    api: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = OipClient.build_request("digits-logreg", {"features": features(1)}, ["probabilities"])
+    del request.raw_input_contents[:]
+    given = request.inputs[0].parameters
+    given["shared_memory_region"].string_param = "nowhere"
+    given["shared_memory_byte_size"].int64_param = 256
+    code, message = error(api.ModelInfer, request)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "'nowhere'" in message
+
+
+#: What stock clients send unasked (their sources: tritonclient 2.73 grpc/_utils.py, _client.py
+#: async_stream_infer, http/_utils.py; perf_analyzer 2.60 on every gRPC call; MLServer's codecs),
+#: and parameters of extensions nodes do not serve whose absence changes no answer.
+ACCEPTED = [
+    ("request", "triton_enable_empty_final_response", True),  # perf_analyzer; tritonclient streams
+    ("request", "priority", 1),  # tritonclient/perf_analyzer when a priority is given
+    ("request", "binary_data_output", True),  # tritonclient HTTP's request, ported to gRPC
+    ("request", "timeout", 0),  # tritonclient client_timeout (0: none)
+    ("input", "content_type", "np"),  # MLServer's codecs
+    ("input", "binary_data_size", 256),
+    ("output", "binary_data", True),  # tritonclient HTTP outputs
+    ("output", "colour", "red"),  # a name no client knows: counted as "other"
+]
+
+
+@pytest.mark.parametrize(("where", "key", "value"), ACCEPTED)
+def test_parameters_stock_clients_send_are_accepted_ignored_and_counted(
+    server: ServerThread, api: pb_grpc.GRPCInferenceServiceStub, where: str, key: str, value: object
+) -> None:
+    x = features(2)
+    plain = decode_response_outputs(
+        api.ModelInfer(
+            OipClient.build_request("digits-logreg", {"features": x}, ["probabilities"]), timeout=10
+        )
+    )
+    request = OipClient.build_request("digits-logreg", {"features": x}, ["probabilities"])
+    given = {"request": request.parameters, "output": request.outputs[0].parameters}.get(
+        where, request.inputs[0].parameters
+    )
+    _set(given[key], value)
+    registry = server.server.metrics.registry
+    label = key if key in params.IGNORED else params.OTHER
+
+    def ignored() -> float:
+        return registry.get_sample_value("onnxmesh_ignored_parameters_total", {"parameter": label}) or 0.0
+
+    before = ignored()
+    answer = decode_response_outputs(api.ModelInfer(request, timeout=10))
+    np.testing.assert_allclose(answer["probabilities"], plain["probabilities"], rtol=1e-6)
+    assert ignored() == before + (0 if key == "timeout" else 1)
 
 
 @pytest.fixture

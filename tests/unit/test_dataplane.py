@@ -32,7 +32,7 @@ from tests.unit.fakes import (
     requests_counted,
 )
 
-GRAPHS = Path(__file__).resolve().parents[2] / "orchestrator" / "graphs.yaml"
+GRAPHS = Path(__file__).resolve().parents[2] / "demo" / "mesh.yaml"
 IMAGES = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
 
 

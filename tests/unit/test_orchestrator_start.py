@@ -16,7 +16,7 @@ from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
 from services.common.types import InferRequest
 
-GRAPHS = Path(__file__).resolve().parents[2] / "orchestrator" / "graphs.yaml"
+GRAPHS = Path(__file__).resolve().parents[2] / "demo" / "mesh.yaml"
 
 
 def test_graphs_are_unavailable_until_loaded() -> None:

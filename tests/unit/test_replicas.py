@@ -210,6 +210,56 @@ def test_an_unreachable_replica_is_not_picked() -> None:
     assert {a.model_version for a in answers} == {"ipv4:10.0.0.2:1"}
 
 
+def test_a_lone_draining_replica_is_called_through_its_draining_client_until_another_serves() -> None:
+    draining: dict[str, FakeReplica] = {}
+
+    def connect_draining(address: str) -> FakeReplica:
+        draining[address] = FakeReplica(address + " (draining)")
+        return draining[address]
+
+    lone = FakeReplica("ipv4:10.0.0.1:1")
+    replicas = ReplicaSet("ipv4:10.0.0.1:1", lambda _: lone, connect_draining=connect_draining)
+    assert {a.model_version for a in calls(replicas, 3)} == {"ipv4:10.0.0.1:1"}
+    assert draining == {}  # serving: no second client
+    lone.reachable = False  # NOT_SERVING: it drains
+    assert {a.model_version for a in calls(replicas, 3)} == {"ipv4:10.0.0.1:1 (draining)"}
+    lone.reachable = True
+    assert {a.model_version for a in calls(replicas, 3)} == {"ipv4:10.0.0.1:1"}
+
+
+def test_a_replica_that_starts_draining_has_the_name_resolved_again_at_once() -> None:
+    answers = [["ipv4:10.0.0.1:1"], ["ipv4:10.0.0.2:1"]]  # a rolling update: the new pod replaces the old
+    asked: list[str] = []
+
+    async def resolver(name: str) -> list[str]:
+        asked.append(name)
+        return answers[min(len(asked), len(answers)) - 1]
+
+    fakes: dict[str, FakeReplica] = {}
+
+    def connect(address: str) -> FakeReplica:
+        fakes[address] = FakeReplica(address)
+        return fakes[address]
+
+    replicas = ReplicaSet(
+        "dns:///model-a:8021", connect, resolver=resolver, connect_draining=FakeReplica, clock=FakeClock()
+    )
+
+    async def main() -> list[InferResult]:
+        out = [await replicas.call(REQUEST)]
+        fakes["ipv4:10.0.0.1:1"].reachable = False  # SIGTERM: NOT_SERVING
+        out.append(await replicas.call(REQUEST))  # still answered (by the draining replica)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the resolution started by the change runs
+        out.append(await replicas.call(REQUEST))
+        return out
+
+    first, during, after = (a.model_version for a in asyncio.run(main()))
+    # The fake clock never moved: the 10 s refresh was not due, the change alone resolved again.
+    assert asked == ["model-a:8021", "model-a:8021"]
+    assert (first, during, after) == ("ipv4:10.0.0.1:1", "ipv4:10.0.0.1:1", "ipv4:10.0.0.2:1")
+
+
 def test_client_errors_are_the_callers_and_never_retried() -> None:
     replicas, fakes = replica_set()
     for fake in fakes.values():

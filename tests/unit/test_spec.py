@@ -26,7 +26,7 @@ from orchestrator.spec import (
 from services.common.types import ModelSignature, TensorSpec
 from tests.unit.fakes import DIGITS_SIGNATURES, digits_signatures
 
-GRAPHS = Path(__file__).resolve().parents[2] / "orchestrator" / "graphs.yaml"
+GRAPHS = Path(__file__).resolve().parents[2] / "demo" / "mesh.yaml"
 
 EXAMPLE = """
 services:

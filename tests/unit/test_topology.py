@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from meshctl.mesh import kubernetes_name, load_mesh
+from orchestrator.addresses import address_variable, service_of_address_variable
 from orchestrator.spec import load_spec
 from services.common.topology import (
     DEFAULT_GRAPH_NAMES,
@@ -23,15 +25,13 @@ from services.common.topology import (
     MODEL_SERVICES,
     MODULES,
     ORCHESTRATOR,
+    RUNTIMES,
     SERVICE_MODELS,
     SERVICES,
-    address_variable,
-    kubernetes_name,
-    service_of_address_variable,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SPECS = ["orchestrator/graphs.yaml", "k8s/base/graphs.yaml", "k8s/components/canary/graphs.yaml"]
+SPECS = ["k8s/components/canary/graphs.yaml"]
 NAMESPACE = "onnxmesh"
 METRICS_PORT = 9090
 DNS_PORT = 53
@@ -79,7 +79,7 @@ def test_every_service_has_a_port_a_module_and_models() -> None:
     assert set(SERVICE_MODELS) == set(MODEL_SERVICES)
     assert len(set(DEFAULT_PORTS.values())) == len(DEFAULT_PORTS)
     for service, module in MODULES.items():
-        assert importlib.util.find_spec(f"{module}.__main__") is not None, service
+        assert importlib.util.find_spec(module) is not None, service
 
 
 def test_service_models_are_the_model_directories() -> None:
@@ -135,8 +135,12 @@ def test_graph_specs_address_every_service_on_its_default_port(path: str) -> Non
         assert spec.services[service].address == f"127.0.0.1:{DEFAULT_PORTS[service]}", (path, service)
 
 
+def test_the_demo_mesh_lays_out_the_default_ports() -> None:
+    assert load_mesh(REPO / "demo" / "mesh.yaml").ports() == dict(DEFAULT_PORTS)
+
+
 def test_the_default_spec_serves_the_default_graphs_from_the_services_models() -> None:
-    spec = load_spec(REPO / "orchestrator" / "graphs.yaml")
+    spec = load_spec(REPO / "demo" / "mesh.yaml")
     assert tuple(spec.graphs) == DEFAULT_GRAPH_NAMES
     assert set(spec.services) == set(MODEL_SERVICES)
     for graph in spec.graphs.values():
@@ -153,8 +157,8 @@ def dockerfile_stages() -> dict[str, str]:
     stages = re.split(r"^(?=FROM )", text, flags=re.MULTILINE)
     found = {}
     for stage in stages:
-        m = re.match(r"FROM runtime AS svc-(\S+)\n", stage)
-        if m:
+        m = re.match(r"FROM (?:runtime|svc-node) AS svc-(\S+)\n", stage)
+        if m and m[1] != "node":
             found[m[1]] = stage
     return found
 
@@ -164,9 +168,13 @@ def test_dockerfile_has_one_stage_per_service_on_its_port_running_its_module() -
     assert set(stages) == set(SERVICES)
     for service, stage in stages.items():
         port = DEFAULT_PORTS[service]
-        assert re.search(rf"^ENV ONNXMESH_PORT={port}\b", stage, re.MULTILINE), service
+        assert re.search(rf"^ENV .*\bONNXMESH_PORT={port}\b", stage, re.MULTILINE), service
         assert re.search(rf"^EXPOSE {port} {METRICS_PORT}$", stage, re.MULTILINE), service
-        assert f'ENTRYPOINT ["python", "-m", "{MODULES[service]}"]' in stage, service
+        if service == ORCHESTRATOR:
+            assert f'ENTRYPOINT ["python", "-m", "{MODULES[service]}"]' in stage, service
+        else:  # the node's entrypoint (python -m services.common.model_node), told what to serve
+            assert stage.startswith("FROM svc-node AS"), service
+            assert f"ONNXMESH_NAME={service} ONNXMESH_RUNTIME={RUNTIMES[service]} " in stage, service
 
 
 # -- Kubernetes manifests ------------------------------------------------------------------------------

@@ -198,24 +198,27 @@ def uses_extensions(request: pb.ModelInferRequest) -> bool:
 def infer_request(
     dataplane: DataPlane, request: pb.ModelInferRequest, request_id: str, deadline: float | None
 ) -> tuple[InferRequest, dict[str, params.OutputOptions] | None]:
-    """The one InferRequest of a ModelInferRequest; with extension parameters (shared-memory
-    inputs, classification and shared-memory outputs, a timeout), the output options by name
-    too (None on the fast path, which has none)."""
+    """The one InferRequest of a ModelInferRequest; with parameters (shared-memory inputs,
+    classification and shared-memory outputs, a timeout; others counted and ignored, or refused:
+    `triton.params`), the output options by name too (None on the fast path, which has none)."""
     options = None
     shared: list[bytes | None] = []
     if uses_extensions(request):
-        deadline = params.request_deadline(codec.parameter_values(request.parameters), deadline)
+        ignored: list[str] = []
+        deadline = params.request_deadline(codec.parameter_values(request.parameters), deadline, ignored)
         for tensor in request.inputs:
-            region = params.input_region(tensor.name, codec.parameter_values(tensor.parameters))
+            region = params.input_region(tensor.name, codec.parameter_values(tensor.parameters), ignored)
             shared.append(
                 None
                 if region is None
                 else dataplane.shared_memory.read(region.name, region.offset, region.byte_size, tensor.name)
             )
         options = {
-            o.name: params.output_options(o.name, codec.parameter_values(o.parameters))
+            o.name: params.output_options(o.name, codec.parameter_values(o.parameters), ignored)
             for o in request.outputs
         }
+        if ignored:
+            dataplane.metrics.ignored_parameters(ignored)
     infer = InferRequest(
         model=request.model_name,
         inputs=codec.decode_request_inputs(request, shared),

@@ -17,7 +17,7 @@ from services.common.triton.statistics import Duration, ModelStats
 from services.common.types import TensorSpec
 
 #: Triton's backend for each platform onnxmesh knows.
-BACKENDS = {"onnxruntime_onnx": "onnxruntime"}
+BACKENDS = {"onnxruntime_onnx": "onnxruntime", "python": "python"}
 
 
 def data_type(datatype: str) -> mc.DataType:

@@ -117,8 +117,34 @@ class ServerMetrics(NodeMetrics):
         )
         self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.batching = BatchingMetrics(self.registry)
+        self._ignored = Counter(
+            "onnxmesh_ignored_parameters",
+            "Request, input and output parameters accepted without being interpreted, by name "
+            "(names outside the known list as 'other').",
+            ["parameter"],
+            registry=self.registry,
+        )
+        self.admission_refusals = Counter(
+            "onnxmesh_admission_refusals",
+            "ModelInfer calls refused before they were decoded: over the in-flight limit ('limit') "
+            "or while the event loop lagged ('lag').",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.loop_lag = Gauge(
+            "onnxmesh_event_loop_lag_seconds",
+            "How late the event loop fires a timer: how long a call arriving now waits before its "
+            "handler runs (front-door admission refuses above --max-loop-lag).",
+            registry=self.registry,
+        )
         #: Count one ModelInfer call: model, version, status code, seconds.
         self.observe_request: ObserveRequest = self._observe_request
+
+    def ignored_parameters(self, labels: Iterable[str]) -> None:
+        """Count parameters a request carried that this node does not interpret, by label
+        (`triton.params` bounds them: known names, else "other")."""
+        for label in labels:
+            self._ignored.labels(label).inc()
 
     def use_exemplars(self) -> None:
         """From now on each latency observation carries the current trace id (tracing is on)."""

@@ -292,7 +292,8 @@ class RestServer:
             header, binary = body, memoryview(b"")
         document = _parse_json(header)
         given = _mapping(document.get("parameters", {}), "request parameters")
-        deadline = params.request_deadline(given, None, rest=True)
+        ignored: list[str] = []
+        deadline = params.request_deadline(given, None, ignored, rest=True)
         binary_output = bool(given.get(params.BINARY_OUTPUT, False))
         tensors = document.get("inputs")
         if not isinstance(tensors, list) or not tensors:
@@ -300,7 +301,7 @@ class RestServer:
         inputs: dict[str, np.ndarray] = {}
         offset = 0
         for tensor in tensors:
-            array, used = self._input(tensor, binary[offset:])
+            array, used = self._input(tensor, binary[offset:], ignored)
             offset += used
             if array[0] in inputs:
                 raise InvalidInput(f"input '{array[0]}' appears more than once")
@@ -320,7 +321,9 @@ class RestServer:
             if not isinstance(out_name, str):
                 raise InvalidInput("every requested output needs a 'name'")
             out_params = _mapping(out.get("parameters", {}), f"output '{out_name}' parameters")
-            options[out_name] = params.output_options(out_name, out_params, rest=True)
+            options[out_name] = params.output_options(out_name, out_params, ignored, rest=True)
+        if ignored:
+            self.dataplane.metrics.ignored_parameters(ignored)
         request_id = str(document.get("id", "")) or request.headers.get(REQUEST_ID_HEADER, "")
         infer = InferRequest(
             model=name,
@@ -332,7 +335,9 @@ class RestServer:
         )
         return infer, options, binary_output
 
-    def _input(self, tensor: Any, binary: memoryview) -> tuple[tuple[str, np.ndarray], int]:
+    def _input(
+        self, tensor: Any, binary: memoryview, ignored: list[str]
+    ) -> tuple[tuple[str, np.ndarray], int]:
         spec = _mapping(tensor, "an input")
         name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str):
@@ -342,7 +347,7 @@ class RestServer:
         ):
             raise InvalidInput(f"input '{name}': 'shape' must be a list of integers")
         given = _mapping(spec.get("parameters", {}), f"input '{name}' parameters")
-        region = params.input_region(name, given, rest=True)
+        region = params.input_region(name, given, ignored, rest=True)
         if region is not None:
             data = self.dataplane.shared_memory.read(region.name, region.offset, region.byte_size, name)
             return (name, tensors.decode_raw(name, datatype, shape, data)), 0

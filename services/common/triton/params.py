@@ -6,8 +6,14 @@
              shared_memory_region, _offset, _byte_size        write the tensor into a region
     REST     binary_data_size (input), binary_data (output), binary_data_output (request)
 
-Any other parameter is refused with INVALID_ARGUMENT naming it: an extension that is not
-served is never silently ignored (e.g. `sequence_id`: sequence batching; `priority`).
+Triton's rule for any other parameter: accepted and not interpreted (Triton hands it to the
+model, KServe ignores it), so stock clients work as they are: perf_analyzer sends
+`triton_enable_empty_final_response` on every call, tritonclient `priority` when asked. Each is
+counted (`onnxmesh_ignored_parameters_total{parameter}`, names outside `IGNORED` as "other").
+Refused with INVALID_ARGUMENT naming it is only what ignoring would answer wrongly: sequence
+batching (`sequence_id`, `sequence_start`, `sequence_end`: the model keeps no state between
+requests); a bad value of a parameter that is interpreted (a malformed `timeout`, a
+shared-memory region that is not registered) is refused as well.
 """
 
 from __future__ import annotations
@@ -32,12 +38,24 @@ BINARY_OUTPUT = "binary_data_output"
 TIMEOUT = "timeout"
 
 _SHM = (SHM_REGION, SHM_OFFSET, SHM_SIZE)
+#: Not interpreted, and ignoring them would give a wrong answer: refused, with the reason.
 _WHY_NOT = {
     "sequence_id": "sequence batching is not served",
     "sequence_start": "sequence batching is not served",
     "sequence_end": "sequence batching is not served",
-    "priority": "request priorities are not served",
 }
+#: Parameters stock clients send that nodes accept without interpreting them, each counted under
+#: its own name; any other name is counted as OTHER (clients cannot grow the metric's series).
+IGNORED = (
+    "triton_enable_empty_final_response",  # perf_analyzer, tritonclient streams: decoupled models only
+    "priority",  # tritonclient, perf_analyzer --request-parameter: scheduling order only
+    BINARY_OUTPUT,  # tritonclient HTTP's habit, sent over gRPC by ports of it (gRPC is binary)
+    BINARY,
+    BINARY_SIZE,
+    "content_type",  # MLServer's codecs name the tensor's encoding; the datatype already says it
+    "headers",  # MLServer and KServe copy HTTP headers into parameters
+)
+OTHER = "other"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +75,31 @@ class OutputOptions:
 
 
 def _refuse(where: str, key: str, allowed: Sequence[str]) -> InvalidInput:
-    why = _WHY_NOT.get(key, "not a parameter this server knows")
+    why = _WHY_NOT[key]
     return InvalidInput(
         f"{where}: parameter '{key}' is not supported ({why}); supported: {', '.join(allowed)}"
     )
 
 
-def request_deadline(
-    params: Mapping[str, Param], deadline: float | None, *, rest: bool = False
-) -> float | None:
-    """The request's deadline once its parameters are checked: the sooner of `deadline` and `timeout`."""
-    allowed = (TIMEOUT, BINARY_OUTPUT) if rest else (TIMEOUT,)
+def _check(where: str, params: Mapping[str, Param], allowed: Sequence[str], ignored: list[str]) -> None:
+    """Refuse what must not be ignored; add the rest of what is not `allowed` to `ignored`, by its
+    metric label (its name if in IGNORED, else OTHER)."""
     for key in params:
-        if key not in allowed:
-            raise _refuse("request", key, allowed)
+        if key in allowed:
+            continue
+        if key in _WHY_NOT:
+            raise _refuse(where, key, allowed)
+        ignored.append(key if key in IGNORED else OTHER)
+
+
+def request_deadline(
+    params: Mapping[str, Param], deadline: float | None, ignored: list[str], *, rest: bool = False
+) -> float | None:
+    """The request's deadline once its parameters are checked: the sooner of `deadline` and
+    `timeout`. Parameters that are not interpreted are added to `ignored` by their metric label
+    (as in the others)."""
+    allowed = (TIMEOUT, BINARY_OUTPUT) if rest else (TIMEOUT,)
+    _check("request", params, allowed, ignored)
     if TIMEOUT not in params:
         return deadline
     timeout = _integer("request", TIMEOUT, params[TIMEOUT])
@@ -80,20 +109,20 @@ def request_deadline(
     return mine if deadline is None else min(deadline, mine)
 
 
-def input_region(name: str, params: Mapping[str, Param], *, rest: bool = False) -> Region | None:
+def input_region(
+    name: str, params: Mapping[str, Param], ignored: list[str], *, rest: bool = False
+) -> Region | None:
     """The region an input is read from, if its parameters name one."""
     allowed = (*_SHM, BINARY_SIZE) if rest else _SHM
-    for key in params:
-        if key not in allowed:
-            raise _refuse(f"input '{name}'", key, allowed)
+    _check(f"input '{name}'", params, allowed, ignored)
     return _region(f"input '{name}'", params)
 
 
-def output_options(name: str, params: Mapping[str, Param], *, rest: bool = False) -> OutputOptions:
+def output_options(
+    name: str, params: Mapping[str, Param], ignored: list[str], *, rest: bool = False
+) -> OutputOptions:
     allowed = (CLASSIFICATION, *_SHM, BINARY) if rest else (CLASSIFICATION, *_SHM)
-    for key in params:
-        if key not in allowed:
-            raise _refuse(f"output '{name}'", key, allowed)
+    _check(f"output '{name}'", params, allowed, ignored)
     count = 0
     if CLASSIFICATION in params:
         count = _integer(f"output '{name}'", CLASSIFICATION, params[CLASSIFICATION])
