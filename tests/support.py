@@ -40,6 +40,8 @@ from services.common.settings import ServerSettings
 from services.common.types import ModelSignature, TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The Kubernetes version every rendered object is validated against (kubernetes-validate, strict).
+K8S_VERSION = "1.34"
 T = TypeVar("T")
 #: How long `run` lets one test's coroutine take before failing it (a bug must not hang the run).
 RUN_TIMEOUT = 60.0
