@@ -3,6 +3,7 @@ the installed `onnxmesh`, and `onnxmesh up` as a process; shared by the tests th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -49,7 +50,8 @@ class Mesh:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -75,8 +77,11 @@ class Mesh:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its group is left
+        self.proc.wait(10)
+        self._reader.join(10)  # it reads to the end of the output, then the pipe can close
+        if not self._reader.is_alive() and self.proc.stdout is not None:
+            self.proc.stdout.close()
