@@ -37,7 +37,8 @@ from meshctl.rehearsal import Traffic, versioned_copy
 from orchestrator.addresses import address_variable
 from services.common.topology import DEFAULT_GRAPH_NAMES, MODEL_A, MODEL_SERVICES, ORCHESTRATOR, SERVICES
 from tests.containers.conftest import FIGURES, REPO, Manifests
-from tests.containers.pods import Container, ContainerSpec, free_port
+from tests.containers.pods import Container, ContainerSpec
+from tests.support import free_port
 
 # The first run of the suite builds the images inside the `images` fixture.
 pytestmark = pytest.mark.timeout(1800)
