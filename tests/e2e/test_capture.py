@@ -21,8 +21,7 @@ from jobs.store import Store
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common import digits
 from services.common.grpc.client import OipClient
-from tests.jobs.support import wait_until
-from tests.support import ROOT, metric_total
+from tests.support import ROOT, metric_total, until
 
 HOLDOUT = digits.load_holdout()
 SAMPLED_RATE = 0.3
@@ -91,8 +90,8 @@ def test_records_equal_what_the_client_sent_and_received(mesh: tuple[LocalMesh, 
     running, db = mesh
     images = list(HOLDOUT.images[:40])
     answers = send(running.address("orchestrator"), "digits-serial", images)
-    wait_until(lambda: count(db, "digits-serial") >= 40, 30, "the graph's records")
-    wait_until(lambda: count(db, "digits-serial", "mlp") >= 40, 30, "the step's records")
+    until(lambda: count(db, "digits-serial") >= 40, "the graph's records", timeout=30)
+    until(lambda: count(db, "digits-serial", "mlp") >= 40, "the step's records", timeout=30)
     with Store(str(db)) as store:
         records = {r.request_id: r for r in store.read_captures(graph="digits-serial", step="")}
         steps = store.read_captures(graph="digits-serial", step="mlp")
@@ -119,7 +118,7 @@ def test_the_sampled_share_is_within_binomial_bounds(mesh: tuple[LocalMesh, Path
     port = running.process("orchestrator").metrics_port
     assert port is not None
     # Every record accepted has been written before the count is read.
-    wait_until(lambda: metric_total(port, "onnxmesh_capture_pending") == 0, 30, "the writer to catch up")
+    until(lambda: metric_total(port, "onnxmesh_capture_pending") == 0, "the writer to catch up", timeout=30)
     captured = count(db, "digits-parallel")
     sigma = math.sqrt(n * SAMPLED_RATE * (1 - SAMPLED_RATE))
     # 5 sigma: a false failure about once in 3.5 million runs.
@@ -131,7 +130,7 @@ def test_export_to_parquet_reads_back(mesh: tuple[LocalMesh, Path], tmp_path: Pa
     running, db = mesh
     images = list(HOLDOUT.images[100:110])
     send(running.address("orchestrator"), "digits-serial", images, prefix="export")
-    wait_until(lambda: count(db, "digits-serial") >= 50, 30, "the graph's records")
+    until(lambda: count(db, "digits-serial") >= 50, "the graph's records", timeout=30)
     out = tmp_path / "window.parquet"
     code = jobs_cli.main(
         ["capture", "export", "--db", str(db), "--graph", "digits-serial", "--step", "", "--out", str(out)]
@@ -159,7 +158,7 @@ def test_a_full_queue_drops_and_counts_without_failing_requests_and_a_kill_loses
         port = running.process("orchestrator").metrics_port
         assert port is not None
         send(address, "digits-serial", list(HOLDOUT.images[:2]), concurrency=1)  # creates the schema
-        wait_until(lambda: count(db, "digits-serial") == 2, 30, "the first records")
+        until(lambda: count(db, "digits-serial") == 2, "the first records", timeout=30)
         # Another writer holds the database: the capture writer blocks and its queue fills.
         lock = sqlite3.connect(db, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")

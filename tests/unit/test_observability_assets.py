@@ -204,7 +204,7 @@ def test_the_drift_alert_fires_in_promtools_rule_test(tmp_path: Path) -> None:
     }
     (tmp_path / "drift.test.yml").write_text(yaml.safe_dump(test))
     done = subprocess.run(
-        [promtool(), "test", "rules", "drift.test.yml"],
+        [tool("promtool", "make promtool"), "test", "rules", "drift.test.yml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
