@@ -5,7 +5,6 @@ Every node runs as its own process (LocalMesh); the fixtures always stop them.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sqlite3
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from jobs import cli as jobs_cli
 from jobs.store import Store
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common import digits
-from services.common.grpc.client import OipClient
+from tests.e2e.capture_support import count, send
 from tests.support import ROOT, metric_total, until
 
 HOLDOUT = digits.load_holdout()
@@ -58,32 +57,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, 
         yield running, tmp / "captures.sqlite"
     finally:
         running.stop()
-
-
-def send(
-    address: str, graph: str, images: list[np.ndarray], concurrency: int = 8, prefix: str = "r"
-) -> list[dict[str, np.ndarray]]:
-    """Each image as its own request (request id "<prefix><i>"); the answers in order."""
-
-    async def run() -> list[dict[str, np.ndarray]]:
-        gate = asyncio.Semaphore(concurrency)
-        async with OipClient(address) as client:
-
-            async def one(i: int, image: np.ndarray) -> dict[str, np.ndarray]:
-                async with gate:
-                    result = await client.infer(
-                        graph, {"image": image[None]}, timeout=20, request_id=f"{prefix}{i}"
-                    )
-                return dict(result.outputs)
-
-            return list(await asyncio.gather(*(one(i, im) for i, im in enumerate(images))))
-
-    return asyncio.run(run())
-
-
-def count(db: Path, graph: str, step: str = "") -> int:
-    with Store(str(db)) as store:
-        return len(store.read_captures(graph=graph, step=step))
 
 
 def test_records_equal_what_the_client_sent_and_received(mesh: tuple[LocalMesh, Path]) -> None:

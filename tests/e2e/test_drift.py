@@ -14,7 +14,7 @@ import yaml
 from jobs import cli as jobs_cli
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common import digits
-from tests.e2e.test_capture import count, send
+from tests.e2e.capture_support import count, send
 from tests.support import ROOT, metric_total, until
 
 HOLDOUT = digits.load_holdout()
