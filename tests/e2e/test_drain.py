@@ -45,7 +45,8 @@ class Node:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "services.model_a", "--port", "0", "--grace", "2"),
+                *(sys.executable, "-m", "services.common.model_node", "--name", "model_a"),
+                *("--model-dir", str(ROOT / "services/model_a/models"), "--port", "0", "--grace", "2"),
                 *("--drain-delay", str(DRAIN_DELAY), "--log-level", "WARNING"),
             ],
             cwd=ROOT,
