@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from demo.digits import load_holdout
 from jobs.batch import BatchConfig, run_batch
 from jobs.client import DEFAULT_TARGET as DEFAULT_JOBS_TARGET
 from jobs.client import TARGET_ENV as JOBS_TARGET_ENV
@@ -33,7 +34,6 @@ from jobs.client import JobInfo, JobsClient
 from jobs.datasets import DatasetError, check_file
 from jobs.store import DB_ENV, STATUSES, Store, default_url, redact
 from meshctl.targets import REFUSED_HINT, explain
-from services.common.digits import load_holdout
 from services.common.errors import MeshError, NotFound
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import SecurityError

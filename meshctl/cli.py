@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from demo.digits import PIXEL_MAX
 from meshctl.launcher import probe_models
 from meshctl.predict import DEFAULT_GRAPH, describe_signature, run_predict
 from meshctl.targets import (
@@ -39,7 +40,6 @@ from meshctl.targets import (
     local_endpoints,
     unreachable,
 )
-from services.common.digits import PIXEL_MAX
 from services.common.errors import MeshError, NotFound
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import SecurityError

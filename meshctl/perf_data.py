@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from services.common.digits import load_holdout
+from demo.digits import load_holdout
 
 
 def perf_analyzer_data(count: int, input_name: str = "image") -> dict[str, Any]:

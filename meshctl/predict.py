@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from demo.digits import IMAGE_SHAPE, PIXEL_MAX, load_holdout
 from meshctl.targets import (
     PRODUCERS,
     CliError,
@@ -23,7 +24,6 @@ from meshctl.targets import (
     layout_near,
     service_address,
 )
-from services.common.digits import IMAGE_SHAPE, PIXEL_MAX, load_holdout
 from services.common.errors import MeshError, NotFound
 from services.common.grpc.client import OipClient
 from services.common.types import InferResult, ModelSignature

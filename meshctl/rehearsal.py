@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from demo.digits import load_holdout
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.process import REPO
-from services.common.digits import load_holdout
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 

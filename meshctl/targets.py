@@ -14,11 +14,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from demo.topology import MODEL_A, PREPROCESS
 from meshctl.launcher import DEMO_MESH
 from meshctl.mesh import ORCHESTRATOR, Mesh, MeshFileError, load_mesh
 from orchestrator.addresses import address_variable
 from services.common.errors import DeadlineExceeded, MeshError, Unavailable
-from services.common.topology import MODEL_A, PREPROCESS
 
 TARGET_ENV = "ONNXMESH_TARGET"
 MESH_ENV = "ONNXMESH_MESH"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common import digits
+from demo import digits
 from services.common.grpc.client import OipClient
 
 REPO = Path(__file__).resolve().parents[2]

@@ -33,9 +33,9 @@ GENERIC = sorted(
             )
         ),
     }
-    - {ROOT / "services/common/topology.py", ROOT / "services/common/digits.py"}
+    - {ROOT / "demo/topology.py", ROOT / "demo/digits.py"}
 )
-DEMO_MODULES = ("services.common.topology", "services.common.digits")
+DEMO_MODULES = ("demo.topology", "demo.digits")
 DEMO_NAMES = re.compile(r"\b(preprocess|model[_-][ab]|digits?)\b", re.IGNORECASE)
 
 

@@ -19,8 +19,8 @@ import onnxruntime as ort
 import pytest
 from numpy.typing import NDArray
 
+from demo import digits
 from scripts.train_digits import HOLDOUT_PATH
-from services.common import digits
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "train_digits.py"
@@ -28,7 +28,7 @@ STATS = Path("services/preprocess/models/digits-preprocess/1/stats.json")
 MLP = Path("services/model_a/models/digits-mlp/1/model.onnx")
 LOGREG = Path("services/model_b/models/digits-logreg/1/model.onnx")
 HEAD = Path("services/model_b/models/digits-head/1/model.onnx")
-HOLDOUT = Path("services/common/data/digits-holdout.npz")
+HOLDOUT = Path("demo/data/digits-holdout.npz")
 CONFIGS = [p.parent.parent / "config.json" for p in (MLP, LOGREG, HEAD)]
 GENERATED = [STATS, MLP, LOGREG, HEAD, HOLDOUT, *CONFIGS]
 
