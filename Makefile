@@ -16,7 +16,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup runtime lock proto promtool perf_analyzer test faults lint run shell bench rehearse models images clean certs dist
+.PHONY: setup runtime lock proto promtool perf_analyzer test faults lint run shell bench rehearse models images clean certs dist ocr ocr-models bench-ocr
 
 # Everything a checkout needs (tests, lint, benchmarks): the dev extra.
 setup: $(STAMP) $(GEN)
@@ -85,7 +85,7 @@ $(PERF_ANALYZER): scripts/perf_analyzer_setup.sh | $(STAMP)
 	@PYTHON=$(CURDIR)/$(BIN)/python bash scripts/perf_analyzer_setup.sh $(CURDIR)/$(VENV)/perf_analyzer >/dev/null 2>&1 \
 		|| { rm -f $@; echo "perf_analyzer unavailable (scripts/perf_analyzer_setup.sh failed): its tests are skipped"; }
 
-test: setup promtool perf_analyzer
+test: setup promtool perf_analyzer ocr-models
 	$(BIN)/python -m pytest
 
 # The fault suite alone (`make test` runs it too): replicas killed, drained and frozen under
@@ -112,6 +112,24 @@ dist: setup
 # The digits demo's mesh file, every node its own process: `onnxmesh up demo/mesh.yaml`.
 run: runtime
 	$(BIN)/python -m meshctl.cli up demo/mesh.yaml $(ARGS)
+
+# The OCR example (examples/ocr): PaddleOCR's PP-OCRv4 ONNX models and character set, out of the
+# rapidocr-onnxruntime wheel (Apache-2.0, downloaded with pip, checked by its SHA-256, git-ignored);
+# then its mesh, every step its own process: `onnxmesh up examples/ocr/mesh.yaml`.
+OCR_MODELS := examples/ocr/recognize/ppocr-rec/1/model.onnx
+
+ocr-models: $(OCR_MODELS)
+
+$(OCR_MODELS): examples/ocr/fetch_models.py | $(STAMP)
+	$(BIN)/python examples/ocr/fetch_models.py
+
+ocr: setup ocr-models
+	$(BIN)/python -m meshctl.cli up examples/ocr/mesh.yaml $(ARGS)
+
+# The OCR mesh against the same steps in one process and RapidOCR() in-process (bench/ocr.py):
+# a few minutes, so not part of `make bench`. ARGS="--rounds 1 --duration 4" for a quick look.
+bench-ocr: setup ocr-models
+	$(BIN)/python -m bench.ocr $(ARGS)
 
 # A shell with the venv first on PATH, so `onnxmesh ...` and `python ...` run as the README prints
 # them; `exit` leaves it.

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,13 +88,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def scrape(url: str) -> Scrape:
-    """The orchestrator's samples of the SCRAPED families (histogram sums and counts, counters)."""
+def scrape(url: str, families: Sequence[str] = SCRAPED) -> Scrape:
+    """A node's samples of `families` (histogram sums and counts, counters); by default the
+    orchestrator's that the suite reads."""
     with urllib.request.urlopen(url, timeout=5.0) as response:
         text = response.read().decode()
     out: Scrape = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in SCRAPED:
+        if family.name not in families:
             continue
         for sample in family.samples:
             if sample.name.endswith(("_sum", "_count", "_total")):

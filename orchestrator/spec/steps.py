@@ -85,9 +85,10 @@ class Condition:
 
     def holds(self, array: np.ndarray) -> bool:
         """Evaluate on a tensor whose first axis is the batch; an empty batch is False."""
-        rows = array.reshape(1, -1) if array.ndim == 0 else array.reshape(array.shape[0], -1)
-        if rows.size == 0:
+        if array.size == 0:
+            # No rows (a step upstream found nothing), or rows of nothing: never reshaped, false.
             return False
+        rows = array.reshape(1, -1) if array.ndim == 0 else array.reshape(array.shape[0], -1)
         per_row = CONDITION_FUNCTIONS[self.fn](rows, axis=1)
         return bool(np.any(CONDITION_OPERATORS[self.op](per_row, self.value)))
 

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 #: The most calls of one step in flight before further ones wait to leave stacked (`--coalesce`).
 DEFAULT_IN_FLIGHT = 4
+#: The most input bytes one stacked call carries: half the 64 MiB gRPC message limit of the
+#: channels, leaving room for framing, so that stacking large tensors (pages of an image) never
+#: makes a message the channel refuses. A call over it alone still goes alone.
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 #: on_call(model, rows): one downstream call left carrying `rows` rows (the rows-per-call metric).
 CallHook = Callable[[str, int], None]
 
@@ -52,6 +56,8 @@ CallKey = tuple[str, str, tuple[str, ...], stacking.Layout]
 class _Call:
     request: InferRequest
     rows: int
+    #: Its input tensors' bytes.
+    nbytes: int
     future: asyncio.Future[InferResult]
     #: The caller's trace context (tracing on), so the call that carries its rows links to it.
     trace: Any = None
@@ -74,6 +80,7 @@ class CoalescingStage:
         *,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
         max_rows: int = 64,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         on_call: CallHook | None = None,
         adaptive: bool = True,
     ) -> None:
@@ -84,6 +91,7 @@ class CoalescingStage:
         self.on_call = on_call
         self.max_in_flight = max_in_flight
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self._lanes: dict[CallKey, _Lane] = {}
         self._limits = LaneLimits(max_in_flight, adaptive=adaptive, on_call=on_call)
         #: Downstream calls made, and how many callers they answered, with rows or with an error
@@ -120,6 +128,7 @@ class CoalescingStage:
         call = _Call(
             request,
             rows_of(request.inputs.values()),
+            sum(array.nbytes for array in request.inputs.values()),
             asyncio.get_running_loop().create_future(),
             tracing.current() if tracing.enabled else None,
         )
@@ -150,11 +159,18 @@ class CoalescingStage:
         lane.running -= 1
         while lane.waiting and self._limits.allows(key, lane.running):
             batch: list[_Call] = []
-            rows = 0
-            while lane.waiting and (not batch or rows + lane.waiting[0].rows <= self.max_rows):
+            rows = nbytes = 0
+            while lane.waiting and (
+                not batch
+                or (
+                    rows + lane.waiting[0].rows <= self.max_rows
+                    and nbytes + lane.waiting[0].nbytes <= self.max_bytes
+                )
+            ):
                 call = lane.waiting.pop(0)
                 batch.append(call)
                 rows += call.rows
+                nbytes += call.nbytes
             lane.running += 1
             # A fresh context: the shared call belongs to no single request (its log context included);
             # traced, it gets a span of its own linked to each caller's.

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from services.common.errors import InvalidInput
 from services.common.model import Model
-from services.common.types import ModelSignature, TensorSpec
+from services.common.types import DATATYPE_TO_NUMPY, ModelSignature, TensorSpec
 from services.common.warmup import WarmupSample
 
 #: onnxruntime's type strings -> OIP datatypes.
@@ -63,6 +63,8 @@ class OnnxModel(Model):
         self._session: ort.InferenceSession | None = None
         self._all_outputs: list[str] = []
         self._string_inputs: frozenset[str] = frozenset()
+        #: Output name -> its spec, when every input and output has a dynamic first (batch) dim.
+        self._batch_outputs: dict[str, TensorSpec] = {}
 
     def load_sync(self) -> None:
         options = ort.SessionOptions()
@@ -75,11 +77,17 @@ class OnnxModel(Model):
         self.signature = ModelSignature(self.name, (self.version,), self.platform, inputs, outputs)
         self._all_outputs = [spec.name for spec in outputs]
         self._string_inputs = frozenset(spec.name for spec in inputs if spec.datatype == "BYTES")
+        if all(spec.shape[:1] == (-1,) for spec in inputs + outputs):
+            self._batch_outputs = {spec.name: spec for spec in outputs}
         self._session = session
 
     def predict(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         assert self._session is not None, "predict before load"
         names = list(outputs) or self._all_outputs
+        if self._batch_outputs and inputs and all(a.ndim and not a.shape[0] for a in inputs.values()):
+            # No rows in, no rows out: onnxruntime fails on many graphs given an empty batch (a
+            # Reshape of zero elements), and a step upstream may well find nothing (no text boxes).
+            return {name: _empty(self._batch_outputs[name]) for name in names}
         feed = dict(inputs)
         for name in self._string_inputs:
             # OIP BYTES arrive as bytes objects; onnxruntime string tensors want str.
@@ -93,6 +101,11 @@ class OnnxModel(Model):
             # Shapes that pass metadata checks can still be wrong for the graph (e.g. a Reshape).
             raise InvalidInput(f"model '{self.name}' rejected the input: {exc}") from exc
         return dict(zip(names, results, strict=True))
+
+
+def _empty(spec: TensorSpec) -> np.ndarray:
+    """Zero rows of an output; its other dynamic dimensions are 0 as well."""
+    return np.zeros((0, *(max(d, 0) for d in spec.shape[1:])), dtype=DATATYPE_TO_NUMPY[spec.datatype])
 
 
 def _to_str(value: object) -> str:

@@ -453,3 +453,36 @@ def test_a_request_whose_deadline_passed_is_not_run(executor: ThreadPoolExecutor
     assert isinstance(expired, DeadlineExceeded)
     assert isinstance(timed_out, DeadlineExceeded)
     assert inner.gate.calls == [(1, 3)], "a request past its deadline ran"
+
+
+def rows_onnx(path: Path) -> Path:
+    """y = x reshaped to [n, 2, -1], x FP32[n, 4]: a Reshape that onnxruntime refuses on zero rows."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, "k"])],
+        initializer=[helper.make_tensor("shape", TensorProto.INT64, [3], [0, 2, -1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_zero_rows_answer_zero_rows_without_running_the_model(
+    executor: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    # A step upstream that finds nothing (no text boxes on a page) sends an empty batch on.
+    model = batching(OnnxModel("rows", "1", rows_onnx(tmp_path / "model.onnx"), executor))
+
+    async def main() -> tuple[InferResult, InferResult]:
+        async with serving(model) as client:
+            empty = await client.infer("rows", {"x": np.zeros((0, 4), np.float32)})
+            full = await client.infer("rows", {"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
+            return empty, full
+
+    empty, full = run(main())
+    assert empty.outputs["y"].shape[:2] == (0, 2)
+    assert empty.outputs["y"].dtype == np.float32
+    np.testing.assert_array_equal(full.outputs["y"], np.arange(8, dtype=np.float32).reshape(2, 2, 2))

@@ -73,6 +73,24 @@ def test_one_bad_caller_fails_alone() -> None:
     np.testing.assert_array_equal(other["y"], np.full((1, 3), 6.0))  # type: ignore[index]
 
 
+def test_a_stacked_call_carries_at_most_max_bytes_of_inputs() -> None:
+    # Large tensors (pages of an image) must not stack into a message the channel refuses.
+    fake = FakeStage({"m": double}, sleep={"m": 0.01})
+    one = rows(1.0)["x"].nbytes
+    stage = CoalescingStage(fake, max_in_flight=1, adaptive=False, max_bytes=2 * one)
+
+    async def scenario() -> list[dict[str, np.ndarray]]:
+        first = asyncio.create_task(call(stage, rows(0.0)))
+        await fake.wait_for_calls(1)  # the five others queue behind it
+        return [await first, *await asyncio.gather(*(call(stage, rows(float(i))) for i in range(1, 6)))]
+
+    answers = asyncio.run(scenario())
+    for i, out in enumerate(answers):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0 * i))
+    sizes = [len(c.inputs["x"]) for c in fake.calls]
+    assert max(sizes) == 2 and sum(sizes) == 6  # stacked, never past two rows' bytes
+
+
 def test_a_service_failure_reaches_every_caller_of_the_shared_call() -> None:
     fake = FakeStage({"m": double}, sleep={"m": 0.01})
     stage = CoalescingStage(fake, max_in_flight=1)

@@ -201,6 +201,25 @@ outputs: {p: sw.p}
     np.testing.assert_array_equal(result.outputs["p"], [[0.0, 1.0], [0.0, 1.0]])
 
 
+def test_switch_condition_on_an_empty_batch_is_false() -> None:
+    # A step upstream that finds nothing (no text boxes on a page) answers zero rows.
+    stages = {"s": FakeStage({"m": lambda i: {"scores": np.zeros((0, 3), np.float32)}, "n": constant([1.0])})}
+    graph = """
+inputs: [{name: x, datatype: FP32, shape: [-1, 4]}]
+steps:
+  - {name: a, service: s, model: m, inputs: {x: request.x}}
+  - name: sw
+    switch:
+      condition: "max(a.scores) > 0"
+      then: [{name: b, service: s, model: n, inputs: {x: request.x}}]
+      outputs: {p: b.scores|a.scores}
+outputs: {p: sw.p}
+"""
+    result = go(engine_for(graph, stages))
+    assert result.outputs["p"].shape == (0, 3)
+    assert result.parameters["step.b"].startswith("skipped: switch 'sw' took its 'else' branch")
+
+
 def test_nesting_ensemble_inside_sequence_inside_switch() -> None:
     stages = {
         "s": FakeStage(
