@@ -16,7 +16,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup runtime lock proto promtool perf_analyzer test faults lint run shell bench rehearse models images clean certs dist ocr ocr-models bench-ocr
+.PHONY: setup runtime lock proto promtool perf_analyzer test faults lint run shell bench bench-capture rehearse models images clean certs dist ocr ocr-models bench-ocr
 
 # Everything a checkout needs (tests, lint, benchmarks): the dev extra.
 setup: $(STAMP) $(GEN)
@@ -139,6 +139,10 @@ shell: runtime
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
+
+# What payload capture costs: p50 and throughput at 0 %, 1 % and 100 % (short runs).
+bench-capture: runtime
+	$(BIN)/python -m bench.probes.capture $(ARGS)
 
 # A rolling update of model_a with traffic flowing, on local processes.
 rehearse: runtime

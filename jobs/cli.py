@@ -4,6 +4,7 @@
     submit [GRAPH] [--index N] [--count K | --input NAME=FILE.npy ...] [--ttl S]   -> job ids
     result ID [--wait] [--timeout S]
     jobs [--status S ...] [--model GRAPH] [--limit N] [--cancel ID]
+    capture export|prune ...   (payload capture records: jobs/capture_cli.py)
 
 `register(subparsers)` adds them to any argparse parser (the `onnxmesh` CLI); each sets
 `jobs_command`, and `run(args)` executes it and returns the exit code. `python -m jobs` is the
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs import capture_cli
 from jobs.batch import BatchConfig, run_batch
 from jobs.client import DEFAULT_TARGET as DEFAULT_JOBS_TARGET
 from jobs.client import TARGET_ENV as JOBS_TARGET_ENV
@@ -43,7 +45,7 @@ from services.common.settings import non_negative_int, positive_int
 REPO = Path(__file__).resolve().parent.parent
 ORCHESTRATOR_ENV = "ONNXMESH_TARGET"
 DEFAULT_ORCHESTRATOR = "127.0.0.1:8001"
-COMMANDS = ("batch", "submit", "result", "jobs")
+COMMANDS = ("batch", "submit", "result", "jobs", "capture")
 
 
 class CliError(Exception):
@@ -333,6 +335,7 @@ def register(subparsers: Any) -> None:
     _jobs_target_option(result)
     result.set_defaults(jobs_command=_result)
 
+    capture_cli.register(subparsers)
     jobs = subparsers.add_parser("jobs", help="recent jobs and counts per status; --cancel ID")
     jobs.add_argument("--status", action="append", choices=STATUSES, help="only jobs in this status")
     jobs.add_argument("--model", default="", help="only jobs of this graph")
@@ -353,8 +356,11 @@ def run(args: argparse.Namespace, prog: str = "onnxmesh") -> int:
     handler: Handler = args.jobs_command
     try:
         return int(asyncio.run(handler(args)))
-    except (CliError, SecurityError) as exc:
+    except (CliError, SecurityError, capture_cli.CaptureCliError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except MeshError as exc:  # the store: unreachable database, ...
+        print(f"{prog}: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

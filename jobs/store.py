@@ -2,6 +2,8 @@
 
     predictions   one row per (dataset, graph, row key): written by `batch`, read by anyone
     jobs          one row per asynchronous job: written by the jobs service, claimed by workers
+    captures      one row per captured request or step call: written by the orchestrator off the
+                  request path (orchestrator/capture.py), read by `onnxmesh capture` and drift
 
 Any SQLAlchemy URL works; a bare path means a SQLite file. SQLite (WAL, every transaction
 `BEGIN IMMEDIATE`, so writers queue on its one lock instead of failing) serves one machine;
@@ -66,6 +68,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from orchestrator.capture.record import Capture, as_lists
 from services.common.errors import MeshError, NotFound, ResourceExhausted, Unavailable
 
 DB_ENV = "ONNXMESH_JOBS_DB"
@@ -136,6 +139,28 @@ jobs = Table(
     Column("expires_at", Float, nullable=False),
     Index("jobs_claim", "status", "available_at"),
     Index("jobs_expiry", "expires_at"),
+)
+
+
+captures = Table(
+    "captures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("graph", String(200), nullable=False),
+    Column("step", String(200), nullable=False, default=""),  # "" = the whole graph
+    Column("service", String(200), nullable=False, default=""),
+    Column("model", String(200), nullable=False, default=""),
+    Column("version", String(64), nullable=False, default=""),
+    Column("request_id", String(200), nullable=False, default=""),
+    Column("trace_id", String(32), nullable=False, default=""),
+    Column("captured_at", Float, nullable=False),  # Unix seconds
+    Column("latency", Float, nullable=False),  # seconds
+    Column("status_code", String(32), nullable=False),  # "OK" or the gRPC status name
+    # True when the tensors were left out because they exceeded the spec's max_bytes.
+    Column("truncated", Integer, nullable=False, default=0),
+    # "input.<name>" / "output.<name>" -> the tensor as nested lists.
+    Column("tensors", JSON, nullable=False),
+    Index("captures_time", "captured_at"),
 )
 
 
@@ -291,6 +316,65 @@ class Store:
             if self.dialect == "postgresql":  # several replicas may start at once
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_SCHEMA})
             metadata.create_all(conn, checkfirst=True)
+
+    # -- captures (payload capture) ---------------------------------------------------------------
+
+    def write_captures(self, rows: Sequence[Capture]) -> None:
+        """Insert captured records in one transaction."""
+        if not rows:
+            return
+        with self.transaction() as conn:
+            conn.execute(insert(captures), [_capture_values(r) for r in rows])
+
+    def read_captures(
+        self,
+        since: float = 0.0,
+        until: float = float("inf"),
+        graph: str | None = None,
+        step: str | None = None,
+    ) -> list[Capture]:
+        """Records captured in [since, until), oldest first; optionally of one graph (and step)."""
+        query = select(captures).where(captures.c.captured_at >= since)
+        if until != float("inf"):
+            query = query.where(captures.c.captured_at < until)
+        if graph is not None:
+            query = query.where(captures.c.graph == graph)
+        if step is not None:
+            query = query.where(captures.c.step == step)
+        with self.reading() as conn:
+            rows = conn.execute(query.order_by(captures.c.captured_at, captures.c.id)).all()
+        return [_capture(r) for r in rows]
+
+    def latest_captures(self, graph: str, limit: int, step: str = "") -> list[Capture]:
+        """The newest `limit` records of a graph (its own by default, else one step's), oldest first."""
+        query = (
+            select(captures)
+            .where(captures.c.graph == graph, captures.c.step == step)
+            .order_by(captures.c.id.desc())
+            .limit(limit)
+        )
+        with self.reading() as conn:
+            rows = conn.execute(query).all()
+        return [_capture(r) for r in reversed(rows)]
+
+    def count_captures(self) -> int:
+        with self.reading() as conn:
+            return int(conn.execute(select(func.count()).select_from(captures)).scalar_one())
+
+    def prune_captures(self, *, max_age: float | None = None, max_records: int | None = None) -> int:
+        """Retention: delete records older than `max_age` seconds, then all but the newest
+        `max_records`. Returns how many were deleted."""
+        deleted = 0
+        with self.transaction() as conn:
+            if max_age is not None:
+                deleted += conn.execute(
+                    delete(captures).where(captures.c.captured_at < self.clock() - max_age)
+                ).rowcount
+            if max_records is not None:
+                newest = select(captures.c.id).order_by(captures.c.id.desc()).limit(max_records)
+                keep = select(newest.subquery().c.id)
+                deleted += conn.execute(delete(captures).where(captures.c.id.not_in(keep))).rowcount
+        return deleted
 
     # -- predictions (batch) -----------------------------------------------------------------------
 
@@ -638,6 +722,41 @@ class Store:
                 delete(jobs).where(jobs.c.status.in_(FINISHED), jobs.c.expires_at <= now)
             ).rowcount
         return Maintenance(expired=expired, lost=lost, purged=purged)
+
+
+def _capture(r: Any) -> Capture:
+    return Capture(
+        r.graph,
+        r.step,
+        r.service,
+        r.model,
+        r.version,
+        r.request_id,
+        r.trace_id,
+        r.captured_at,
+        r.latency,
+        r.status_code,
+        dict(r.tensors),
+        bool(r.truncated),
+    )
+
+
+def _capture_values(r: Capture) -> dict[str, Any]:
+    return {
+        "graph": r.graph,
+        "step": r.step,
+        "service": r.service,
+        "model": r.model,
+        "version": r.version,
+        "request_id": r.request_id,
+        "trace_id": r.trace_id,
+        "captured_at": r.captured_at,
+        "latency": r.latency,
+        "status_code": r.status_code,
+        "truncated": int(r.truncated),
+        # Off the request path (the capture writer's thread): arrays become lists here.
+        "tensors": as_lists(r.tensors),
+    }
 
 
 def _job(row: Any, *, with_payload: bool = True) -> JobRecord:

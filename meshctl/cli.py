@@ -10,6 +10,7 @@
     onnxmesh images MESH  one image per service of the mesh (meshctl/images.py)
     onnxmesh rollout SUBCOMMAND ... (Kubernetes: meshctl.rollout, with the k8s extra)
     onnxmesh batch|submit|result|jobs ... (batch and asynchronous serving: jobs.cli, jobs extra)
+    onnxmesh capture export|prune ... (payload capture records: jobs.capture_cli, jobs extra)
 
 Every call goes through the shared OipClient with short timeouts. When nothing answers, the
 CLI says so in one line and exits 1 (never a traceback): start the mesh with `make run`.
@@ -56,6 +57,7 @@ JOB_COMMANDS = {
     "submit": "submit asynchronous jobs; prints their ids",
     "result": "status and answer of an asynchronous job",
     "jobs": "recent asynchronous jobs; --cancel ID",
+    "capture": "export (Parquet) or prune payload capture records",
 }
 JOBS_EXTRA = "pip install 'onnxmesh[jobs]'"
 # -- models and health ---------------------------------------------------------------------------------

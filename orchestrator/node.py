@@ -19,9 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from orchestrator.addresses import address_variable
+from orchestrator.capture import (
+    CAPTURE_DB_ENV,
+    CAPTURE_MAX_AGE_ENV,
+    CAPTURE_MAX_RECORDS_ENV,
+    CAPTURE_QUEUE_ENV,
+    Capture,
+    CaptureWriter,
+    StoreSink,
+)
+from orchestrator.capture.drift import DriftMonitor
+from orchestrator.capture.writer import open_store
 from orchestrator.graph.engine import Engine
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
 from orchestrator.stages.base import Stage
@@ -41,6 +52,8 @@ from services.common.types import InferRequest, InferResult, ModelSignature
 log = logging.getLogger(__name__)
 
 ModelKey = tuple[str, str, str]  # (service, model, version)
+#: Seconds between two drift evaluations (each reads the watched tensors' windows from the store).
+DRIFT_INTERVAL_ENV = "ONNXMESH_DRIFT_INTERVAL"
 
 
 def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -55,6 +68,11 @@ def service_addresses(spec: MeshSpec, environ: Mapping[str, str] = os.environ) -
             )
         out[name] = address
     return out
+
+
+def _number(text: str | None, kind: Callable[[str], Any]) -> Any:
+    """An optional numeric setting from the environment (None when unset or empty)."""
+    return kind(text) if text else None
 
 
 class OrchestratorMetrics:
@@ -102,6 +120,26 @@ class OrchestratorMetrics:
             "onnxmesh_cache_lookups",
             "Response cache lookups by cache (graph, or graph/step) and result (hit, miss).",
             ["cache", "result"],
+            registry=registry,
+        )
+        self.captured = Counter(
+            "onnxmesh_capture_records", "Captured records written to the store.", registry=registry
+        )
+        self.capture_dropped = Counter(
+            "onnxmesh_capture_dropped",
+            "Captured records dropped, by reason: queue_full (the writer is behind), store (a write failed).",
+            ["reason"],
+            registry=registry,
+        )
+        self.capture_pending = Gauge(
+            "onnxmesh_capture_pending",
+            "Captured records accepted and not yet written: the writer's backlog.",
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "onnxmesh_drift_psi",
+            "Population stability index of a graph tensor's newest captured values against its reference.",
+            ["graph", "tensor"],
             registry=registry,
         )
 
@@ -219,6 +257,9 @@ class Orchestrator:
         self.current: SpecGeneration | None = None
         self.model_ready: dict[ModelKey, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: Made when a spec first captures (watches drift); kept across reloads.
+        self.capture: CaptureWriter | None = None
+        self.drift: DriftMonitor | None = None
         text = spec_path.read_text()
         # A bad spec fails here, before anything starts.
         self.pending_spec = parse_spec(text, origin=str(spec_path))
@@ -284,6 +325,7 @@ class Orchestrator:
             on_mirror=self._on_mirror,
             on_request=self._on_request,
             caches=caches,
+            on_capture=self._capture_writer(spec),
         )
         graphs = [
             GraphServable(
@@ -316,6 +358,14 @@ class Orchestrator:
 
     def activate(self, loaded: SpecGeneration) -> None:
         self.current = loaded
+        if self.drift is None and any(g.drift for g in loaded.spec.graphs.values()):
+            self.drift = DriftMonitor(
+                self._open_capture_store,
+                lambda: self.current.spec if self.current is not None else None,
+                self.spec_path.parent,
+                lambda graph, tensor, value: self.metrics.drift.labels(graph, tensor).set(value),
+                interval=float(self.environ.get(DRIFT_INTERVAL_ENV, "15")),
+            ).start()
         self.repository.replace([*loaded.graphs])
         log.info("graphs active", extra={"graphs": sorted(loaded.spec.graphs), "digest": loaded.digest[:12]})
 
@@ -371,6 +421,36 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(replicas.close() for replicas in self.replica_sets.values()))
+        if self.drift is not None:
+            await asyncio.to_thread(self.drift.close)
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
+
+    def _capture_writer(self, spec: MeshSpec) -> Callable[[Capture], bool] | None:
+        captures = any(
+            g.capture is not None or any(s.capture is not None for s in g.model_steps())
+            for g in spec.graphs.values()
+        )
+        if not captures:
+            return None
+        if self.capture is None:
+            capacity = int(self.environ.get(CAPTURE_QUEUE_ENV, "10000"))
+            self.capture = CaptureWriter(
+                StoreSink(
+                    self.environ.get(CAPTURE_DB_ENV) or None,
+                    max_age=_number(self.environ.get(CAPTURE_MAX_AGE_ENV), float),
+                    max_records=_number(self.environ.get(CAPTURE_MAX_RECORDS_ENV), int),
+                ),
+                capacity=capacity,
+                on_drop=lambda reason, n: self.metrics.capture_dropped.labels(reason).inc(n),
+                on_written=self.metrics.captured.inc,
+            )
+            writer = self.capture
+            self.metrics.capture_pending.set_function(lambda: writer.pending)
+        return self.capture.offer
+
+    def _open_capture_store(self) -> Any:
+        return open_store(self.environ.get(CAPTURE_DB_ENV) or None)
 
     def _on_step(
         self, graph: str, step: str, service: str, model: str, version: str, status: str, seconds: float

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from meshctl.rollout.cluster import Clock, ClusterApi, KubernetesClusterApi, SystemClock
@@ -19,6 +20,15 @@ from meshctl.rollout.graphs import (
     DEFAULT_GRAPHS_KEY,
     DEFAULT_ORCHESTRATOR,
     RolloutSettings,
+)
+from meshctl.rollout.progressive import (
+    DEFAULT_STEPS,
+    ConfigMapWeights,
+    Gates,
+    SpecFile,
+    WeightStore,
+    run_progressive,
+    scrape,
 )
 
 DEFAULT_NAMESPACE = "onnxmesh"
@@ -81,6 +91,55 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     abort.add_argument("graph", metavar="GRAPH")
     abort.add_argument("step", metavar="STEP")
 
+    gates = Gates()
+    progressive = sub.add_parser(
+        "progressive",
+        parents=[common],
+        help="move a splitter's canary through weights, gated on errors, p99 and agreement; promote or abort",
+    )
+    progressive.add_argument("graph", metavar="GRAPH")
+    progressive.add_argument("step", metavar="STEP")
+    progressive.add_argument(
+        "--spec",
+        type=Path,
+        default=None,
+        help="the local mesh's spec file (default: the cluster's ConfigMap)",
+    )
+    progressive.add_argument(
+        "--metrics",
+        action="append",
+        required=True,
+        help="an orchestrator's /metrics URL (repeat for each replica), e.g. http://127.0.0.1:9101/metrics",
+    )
+    progressive.add_argument(
+        "--steps", type=_steps, default=DEFAULT_STEPS, help="canary weights before 100%% (default: 5,25,50)"
+    )
+    progressive.add_argument(
+        "--window", type=_positive_float, default=60.0, help="seconds per step (default: 60)"
+    )
+    progressive.add_argument(
+        "--max-wait",
+        type=_positive_float,
+        default=600.0,
+        help="longest wait for --min-requests (default: 600)",
+    )
+    progressive.add_argument(
+        "--min-requests", type=int, default=gates.min_requests, help="per branch and step"
+    )
+    progressive.add_argument("--max-error-increase", type=float, default=gates.max_error_increase)
+    progressive.add_argument("--max-p99-ratio", type=float, default=gates.max_p99_ratio)
+    progressive.add_argument("--min-agreement", type=float, default=gates.min_agreement)
+    progressive.add_argument(
+        "--mirror", default=None, help="GRAPH/STEP of a mirror shadowing stable with the canary"
+    )
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected weights such as 5,25,50, got {text!r}") from None
+
 
 def _positive_float(text: str) -> float:
     try:
@@ -109,10 +168,12 @@ def run_rollout(
     err = err if err is not None else sys.stderr
     settings = RolloutSettings(args.configmap, args.graphs_key, args.orchestrator)
     try:
+        command = args.rollout_command
+        if command == "progressive" and args.spec is not None:
+            return _progressive(args, SpecFile(args.spec, args.graph, args.step), out)
         cluster = (
             api if api is not None else KubernetesClusterApi(args.namespace, args.context, args.kubeconfig)
         )
-        command = args.rollout_command
         if command == "status":
             return cmd_status(cluster, settings, args.output, out)
         if command == "set-image":
@@ -133,6 +194,8 @@ def run_rollout(
             return cmd_promote(cluster, settings, args.graph, args.step, args.branch, out)
         if command == "abort":
             return cmd_abort(cluster, settings, args.graph, args.step, out)
+        if command == "progressive":
+            return _progressive(args, ConfigMapWeights(cluster, settings, args.graph, args.step), out)
         raise UsageError(f"unknown rollout command {command!r}")
     except RolloutError as exc:
         print(f"error: {exc}", file=err)
@@ -140,6 +203,30 @@ def run_rollout(
     except ClusterApiError as exc:
         print(f"error: {exc}", file=err)
         return EXIT_FAILURE
+
+
+def _progressive(args: argparse.Namespace, weights: WeightStore, out: TextIO) -> int:
+    gates = Gates(args.max_error_increase, args.max_p99_ratio, args.min_agreement, args.min_requests)
+    try:
+        return run_progressive(
+            weights,
+            lambda: scrape(args.metrics),
+            args.graph,
+            args.step,
+            steps=args.steps,
+            window=args.window,
+            max_wait=args.max_wait,
+            gates=gates,
+            mirror=args.mirror,
+            out=out,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"{args.graph}/{args.step}: interrupted; the weights stay as they are. Run the same command "
+            f"again to resume, or `rollout abort {args.graph} {args.step}`.",
+            file=out,
+        )
+        return 130
 
 
 def build_parser(prog: str = "python -m meshctl.rollout") -> argparse.ArgumentParser:

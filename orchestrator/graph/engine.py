@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.capture.record import Capture, make_record
 from orchestrator.graph import step_spans
 from orchestrator.graph.model_step import ModelStepCaller, StepHook
 from orchestrator.graph.plan import (
@@ -50,7 +51,7 @@ from orchestrator.spec import (
 from orchestrator.stages.base import Stage
 from orchestrator.stages.cache import ResponseCaches
 from orchestrator.stages.retry_budget import RetryBudget
-from services.common.errors import NotFound
+from services.common.errors import MeshError, NotFound
 from services.common.observability import tracing
 from services.common.types import InferResult
 
@@ -68,6 +69,8 @@ MirrorHook = Callable[[str, str, bool, float], None]
 #: on_request(graph, seconds): the engine's own time for one request, i.e. its duration minus the
 #: time at least one model step was in flight (queueing for coalescing included).
 RequestHook = Callable[[str, float], None]
+#: on_capture(record): hands a sampled record to the capture writer; must not block.
+CaptureHook = Callable[[Capture], object]
 
 
 def deadline_margin(budget: float) -> float:
@@ -102,8 +105,10 @@ class Engine:
         on_step: StepHook | None = None,
         on_request: RequestHook | None = None,
         caches: ResponseCaches | None = None,
+        on_capture: CaptureHook | None = None,
     ) -> None:
-        """``caches``: the response caches the spec declares (default: local ones, no metrics)."""
+        """``caches``: the response caches the spec declares (default: local ones, no metrics).
+        ``on_capture``: where the records of the spec's ``capture:`` go (None = nothing captured)."""
         missing = sorted({s.service for g in spec.graphs.values() for s in g.model_steps()} - set(stages))
         if missing:
             raise ValueError(f"no Stage for service(s) {', '.join(missing)}")
@@ -113,7 +118,8 @@ class Engine:
         self._clock = clock
         self._on_mirror = on_mirror
         self._on_request = on_request
-        caller = ModelStepCaller(clock, self._rng, self._budget, on_step)
+        self._on_capture = on_capture
+        caller = ModelStepCaller(clock, self._rng, self._budget, on_step, on_capture)
         # With tracing on, each step call runs in a span of its own; off, nothing wraps it.
         call = step_spans.traced(caller.call) if tracing.enabled else caller.call
         self._ctx = StepContext(clock, self._rng, call, self._spawn_shadow, self._notify_mirror)
@@ -129,6 +135,47 @@ class Engine:
         return tuple(self._plans)
 
     async def run(
+        self,
+        graph: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        deadline: float | None,
+        request_id: str = "",
+    ) -> InferResult:
+        """Run ``graph`` (see ``_run``), capturing the request and its answer when the graph's
+        ``capture:`` samples it."""
+        spec = self.spec.graphs[graph].capture if graph in self.spec.graphs else None
+        if spec is None or self._on_capture is None or self._rng.random() >= spec.rate:
+            return await self._run(graph, inputs, deadline=deadline, request_id=request_id)
+        started = self._clock()
+        outputs: Mapping[str, np.ndarray] | None = None
+        code = "OK"
+        try:
+            result = await self._run(graph, inputs, deadline=deadline, request_id=request_id)
+            outputs = result.outputs
+            return result
+        except MeshError as err:
+            code = err.code
+            raise
+        finally:
+            # A cancelled request (the client left) has no answer worth keeping.
+            if outputs is not None or code != "OK":
+                record = make_record(
+                    spec,
+                    inputs,
+                    outputs,
+                    graph=graph,
+                    model=graph,
+                    request_id=request_id,
+                    latency=self._clock() - started,
+                    status_code=code,
+                )
+                try:
+                    self._on_capture(record)
+                except Exception:
+                    logger.exception("on_capture hook failed")
+
+    async def _run(
         self,
         graph: str,
         inputs: dict[str, np.ndarray],

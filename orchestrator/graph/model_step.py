@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from orchestrator.capture.record import Capture, make_record
 from orchestrator.graph.plan import ModelNode, RequestState
 from orchestrator.spec import ModelStep
 from orchestrator.stages.retry_budget import RetryBudget
@@ -56,11 +57,13 @@ class ModelStepCaller:
         rng: random.Random,
         budget: RetryBudget,
         on_step: StepHook | None = None,
+        on_capture: Callable[[Capture], object] | None = None,
     ) -> None:
         self._clock = clock
         self._rng = rng
         self._budget = budget
         self._on_step = on_step
+        self._on_capture = on_capture
 
     async def call(
         self, node: ModelNode, run: RequestState, inputs: Mapping[str, np.ndarray]
@@ -85,6 +88,7 @@ class ModelStepCaller:
             logger.log(level, "step failed", extra=extra)
             kind = "timeout" if failed.status.startswith("timeout") else "error"
             self._report(run, step, step.version, kind, self._clock() - started)
+            self._capture(run, step, step.version, inputs, None, code, started)
             raise failed.error from failed.__cause__
         except asyncio.CancelledError:
             self._report(run, step, step.version, "cancelled", self._clock() - started)
@@ -93,6 +97,7 @@ class ModelStepCaller:
         run.versions[step.name] = result.model_version
         version = result.model_version or step.version
         self._report(run, step, version, "ok", self._clock() - started)
+        self._capture(run, step, version, inputs, result.outputs, "OK", started)
         return result.outputs
 
     async def _attempts(
@@ -146,6 +151,38 @@ class ModelStepCaller:
                     raise failed from err
             await asyncio.sleep(delay)
             attempt += 1
+
+    def _capture(
+        self,
+        run: RequestState,
+        step: ModelStep,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None,
+        code: str,
+        started: float,
+    ) -> None:
+        spec = step.capture
+        if spec is None or self._on_capture is None or self._rng.random() >= spec.rate:
+            return
+        try:
+            self._on_capture(
+                make_record(
+                    spec,
+                    inputs,
+                    outputs,
+                    graph=run.graph,
+                    step=step.name,
+                    service=step.service,
+                    model=step.model,
+                    version=version,
+                    request_id=run.request_id,
+                    latency=self._clock() - started,
+                    status_code=code,
+                )
+            )
+        except Exception:
+            logger.exception("on_capture hook failed")
 
     def _report(self, run: RequestState, step: ModelStep, version: str, status: str, seconds: float) -> None:
         if self._on_step is None:

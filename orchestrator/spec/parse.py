@@ -31,9 +31,11 @@ from orchestrator.spec.steps import (
     STEP_KINDS,
     Aggregate,
     CacheSpec,
+    CaptureSpec,
     Condition,
     Defaults,
     Dependency,
+    DriftSpec,
     EnsembleStep,
     GraphSpec,
     MeshSpec,
@@ -206,6 +208,79 @@ def _cache(value: Any, at: _At) -> CacheSpec | None:
     return CacheSpec(bounds["entries"], bounds["bytes"], float(ttl))
 
 
+_CAPTURE_KEYS = ("rate", "inputs", "outputs", "tensors", "max_bytes")
+
+
+def _capture(value: Any, at: _At) -> CaptureSpec | None:
+    """``capture: true`` (every request, every tensor), ``false``, or
+    ``{rate, inputs, outputs, tensors, max_bytes}``."""
+    if value is True:
+        return CaptureSpec()
+    if value is False or value is None:
+        return None
+    body = _mapping(value, at, "capture", non_empty=False)
+    _check_keys(body, at, _CAPTURE_KEYS, (), "capture")
+    default = CaptureSpec()
+    rate = body.get("rate", default.rate)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+        raise at.key("rate").error(f"rate must be a number from 0 to 1 (the share captured), got {rate!r}")
+    flags = {}
+    for key in ("inputs", "outputs"):
+        flag = body.get(key, getattr(default, key))
+        if not isinstance(flag, bool):
+            raise at.key(key).error(f"{key} must be true or false, got {flag!r}")
+        flags[key] = flag
+    if not (flags["inputs"] or flags["outputs"]):
+        raise at.error("capture keeps neither inputs nor outputs; set one of them to true")
+    tensors: tuple[str, ...] = ()
+    if "tensors" in body:
+        t_at = at.key("tensors")
+        tensors = tuple(_string(t, t_at, "a tensor name") for t in _list(body["tensors"], t_at, "tensors"))
+    max_bytes = body.get("max_bytes", default.max_bytes)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise at.key("max_bytes").error(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    return CaptureSpec(float(rate), flags["inputs"], flags["outputs"], tensors, max_bytes)
+
+
+_DRIFT_KEYS = ("reference", "window")
+
+
+def _drift(
+    raw: Any,
+    at: _At,
+    capture: CaptureSpec | None,
+    inputs: Sequence[TensorSpec],
+    outputs: Mapping[str, OutputExpr],
+) -> tuple[DriftSpec, ...]:
+    """``drift: {input.<name> | output.<name>: {reference: FILE, window: N}, ...}``."""
+    if raw is None:
+        return ()
+    body = _mapping(raw, at, "drift")
+    if capture is None:
+        raise at.error("drift is computed from the captured records: the graph needs 'capture'")
+    drifts = []
+    for tensor, item in body.items():
+        t_at = at.key(str(tensor))
+        side, _, name = str(tensor).partition(".")
+        names = {t.name for t in inputs} if side == "input" else set(outputs) if side == "output" else set()
+        if name not in names:
+            raise t_at.error(
+                f"drift watches 'input.<name>' or 'output.<name>' of the graph, got {tensor!r}; inputs: "
+                f"{', '.join(t.name for t in inputs)}; outputs: {', '.join(outputs)}"
+            )
+        kept = capture.inputs if side == "input" else capture.outputs
+        if not kept or (capture.tensors and name not in capture.tensors):
+            raise t_at.error(f"the graph's capture does not keep {tensor!r}, so its drift cannot be computed")
+        spec = _mapping(item, t_at, f"drift of {tensor}")
+        _check_keys(spec, t_at, _DRIFT_KEYS, ("reference",), f"drift of {tensor}")
+        window = spec.get("window", DriftSpec.window)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise t_at.key("window").error(f"window must be a positive number of records, got {window!r}")
+        reference = _string(spec["reference"], t_at.key("reference"), "reference (a file)")
+        drifts.append(DriftSpec(str(tensor), reference, window))
+    return tuple(drifts)
+
+
 def _cache_store(value: Any, at: _At) -> str:
     if not isinstance(value, str) or not _CACHE_STORE.match(value):
         raise at.error(f"cache_store must be 'local' or a redis://host:port/db URL, got {value!r}")
@@ -283,7 +358,18 @@ def _parse_mesh(raw: Any) -> MeshSpec:
     return MeshSpec(MappingProxyType(services), defaults, MappingProxyType(graphs), cache_store)
 
 
-_MODEL_KEYS = ("name", "service", "model", "version", "inputs", "outputs", "timeout", "retries", "cache")
+_MODEL_KEYS = (
+    "name",
+    "service",
+    "model",
+    "version",
+    "inputs",
+    "outputs",
+    "timeout",
+    "retries",
+    "cache",
+    "capture",
+)
 
 
 class _GraphParser:
@@ -298,7 +384,9 @@ class _GraphParser:
     def parse(self, raw: Any) -> GraphSpec:
         at = _At(self.graph, "")
         body = _mapping(raw, at, "a graph", non_empty=False)
-        _check_keys(body, at, ("timeout", "inputs", "steps", "outputs", "cache"), (), "a graph")
+        _check_keys(
+            body, at, ("timeout", "inputs", "steps", "outputs", "cache", "capture", "drift"), (), "a graph"
+        )
         if not body.get("steps"):
             raise at.error("the graph has no steps; expected a non-empty list under 'steps'")
         for key, what in (("inputs", "the graph inputs"), ("outputs", "the graph outputs")):
@@ -332,7 +420,22 @@ class _GraphParser:
             MappingProxyType(outputs),
             MappingProxyType(requested),
             _cache(body.get("cache"), at.key("cache")),
+            capture := self._graph_capture(body.get("capture"), at.key("capture"), inputs, outputs),
+            _drift(body.get("drift"), at.key("drift"), capture, inputs, outputs),
         )
+
+    def _graph_capture(
+        self, raw: Any, at: _At, inputs: Sequence[TensorSpec], outputs: Mapping[str, OutputExpr]
+    ) -> CaptureSpec | None:
+        capture = _capture(raw, at)
+        known = {t.name for t in inputs} | set(outputs)
+        unknown = [t for t in capture.tensors if t not in known] if capture else []
+        if unknown:
+            raise at.key("tensors").error(
+                f"unknown tensor(s) {', '.join(unknown)}; the graph's inputs and outputs are "
+                f"{', '.join(sorted(known))}"
+            )
+        return capture
 
     def _inputs(self, raw: Any, at: _At) -> tuple[TensorSpec, ...]:
         specs: list[TensorSpec] = []
@@ -459,6 +562,7 @@ class _GraphParser:
             _timeout(raw.get("timeout", self.defaults.timeout), at.key("timeout")),
             _retries(raw.get("retries", self.defaults.retries), at.key("retries")),
             _cache(raw.get("cache"), at.key("cache")),
+            _capture(raw.get("capture"), at.key("capture")),
         )
 
     # The composite kinds: the body under the kind's key, where it is, and the step's name, path

@@ -109,6 +109,38 @@ class CacheSpec:
     ttl: float = 60.0
 
 
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Payload capture on a graph or a model step (``capture:``): which requests are kept, and what
+    of them. Records are written off the request path (orchestrator/capture.py)."""
+
+    #: The share of requests captured, from 0 to 1 (each request drawn independently).
+    rate: float = 1.0
+    #: Keep the request's tensors (a step's: what the step was sent).
+    inputs: bool = True
+    #: Keep the answer's tensors.
+    outputs: bool = True
+    #: Only these tensor names (inputs or outputs); () = all of them.
+    tensors: tuple[str, ...] = ()
+    #: A record's tensors are kept up to this many bytes; past it the tensors are left out and the
+    #: record says so (``truncated``), so one huge request cannot fill the store.
+    max_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """One watched tensor of a graph (``drift:``): its captured values against a reference
+    (orchestrator/capture/drift.py)."""
+
+    #: ``input.<name>`` or ``output.<name>``: a tensor the graph's capture keeps.
+    tensor: str
+    #: The reference distribution's file (``onnxmesh capture reference``), relative to the spec's
+    #: directory.
+    reference: str
+    #: The newest records compared with it.
+    window: int = 500
+
+
 # ---------------------------------------------------------------------------------------------
 # The step kinds
 
@@ -159,6 +191,8 @@ class ModelStep(_StepKind):
     retries: int
     #: A response cache for this step's calls; None = every call goes downstream.
     cache: CacheSpec | None = None
+    #: Payload capture of this step's calls; None = not captured.
+    capture: CaptureSpec | None = None
 
     @property
     def label(self) -> str:
@@ -365,6 +399,10 @@ class GraphSpec:
     requested_outputs: Mapping[str, tuple[str, ...]]
     #: A response cache for whole requests of this graph; None = every request runs the graph.
     cache: CacheSpec | None = None
+    #: Payload capture of this graph's requests and answers; None = not captured.
+    capture: CaptureSpec | None = None
+    #: Tensors watched for drift (they need the graph's capture).
+    drift: tuple[DriftSpec, ...] = ()
 
     def all_steps(self) -> Iterator[Step]:
         """Every step, nested ones included, in spec order."""

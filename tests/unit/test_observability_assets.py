@@ -158,7 +158,7 @@ def test_the_rules_pass_promtool(tmp_path: Path) -> None:
         [promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 4 rules found" in checked.stdout
+    assert "SUCCESS: 5 rules found" in checked.stdout
 
 
 def test_the_component_renders_on_the_base(tmp_path: Path) -> None:
@@ -202,3 +202,57 @@ def test_the_component_renders_on_the_base(tmp_path: Path) -> None:
         assert template["metadata"]["labels"]["app.kubernetes.io/name"] in selected["values"]
         ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", ())}
         assert port in ports, deployment["metadata"]["name"]
+
+
+def test_the_drift_alert_fires_in_promtools_rule_test(tmp_path: Path) -> None:
+    rules = tmp_path / "onnxmesh.rules.yml"
+    rules.write_text(yaml.safe_dump(yaml.safe_load(RULES.read_text())["spec"]))
+    series = 'onnxmesh_drift_psi{namespace="onnxmesh",pod="o-1",graph="digits-serial",tensor="%s"}'
+    test = {
+        "rule_files": [rules.name],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                # input.image drifts from minute 10 on; output.label stays under the threshold.
+                "input_series": [
+                    {"series": series % "input.image", "values": "0.05x9 0.6x30"},
+                    {"series": series % "output.label", "values": "0.05x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "20m", "alertname": "OnnxmeshDrift", "exp_alerts": []},  # not yet 15m
+                    {
+                        "eval_time": "30m",
+                        "alertname": "OnnxmeshDrift",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "namespace": "onnxmesh",
+                                    "graph": "digits-serial",
+                                    "tensor": "input.image",
+                                },
+                                "exp_annotations": {
+                                    "summary": "digits-serial input.image: drift PSI 0.60",
+                                    "description": yaml.safe_load(RULES.read_text())["spec"]["groups"][0][
+                                        "rules"
+                                    ][-1]["annotations"]["description"]
+                                    .replace("{{ $labels.graph }}", "digits-serial")
+                                    .replace("{{ $labels.tensor }}", "input.image"),
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "drift.test.yml").write_text(yaml.safe_dump(test))
+    done = subprocess.run(
+        [promtool(), "test", "rules", "drift.test.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -354,7 +354,7 @@ BAD_SPECS: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
         [
             "(step 'mlp')",
             "unknown key 'sevice' in a model step (did you mean 'service'?); allowed keys: name, service, model, "
-            "version, inputs, outputs, timeout, retries, cache, dependency",
+            "version, inputs, outputs, timeout, retries, cache, capture, dependency",
         ],
     ),
     (
