@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from demo import digits
 from jobs import cli as jobs_cli
 from jobs.store import Store
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common import digits
 from services.common.grpc.client import OipClient
 from tests.jobs.support import wait_until
 from tests.support import ROOT, metric_total
