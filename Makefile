@@ -16,7 +16,7 @@ UV_VERSION := $(shell sed -n 's/^ *"uv==\([^"]*\)".*/\1/p' pyproject.toml)
 # Never download a Python: use the one the venv was made with.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup runtime lock proto promtool perf_analyzer test faults lint run shell bench bench-capture rehearse models images clean certs dist ocr ocr-models bench-ocr
+.PHONY: setup runtime lock proto promtool servers check perf_analyzer test faults lint run shell bench bench-capture rehearse models images clean certs dist ocr ocr-models bench-ocr
 
 # Everything a checkout needs (tests, lint, benchmarks): the dev extra.
 setup: $(STAMP) $(GEN)
@@ -67,12 +67,18 @@ PROMTOOL := $(BIN)/promtool
 
 promtool: $(PROMTOOL)
 
+# A failed download fails the target (and `make test`): the checks must not skip unseen.
 $(PROMTOOL): | $(STAMP)
-	@tmp=$$(mktemp -d) && ( cd $$tmp \
-		&& { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
-		&& dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$@ ) \
-		|| echo "promtool unavailable (apt-get download prometheus failed): its checks are skipped"; \
-		rm -rf $$tmp
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cd $$tmp \
+		&& { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus; }; } \
+		&& dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$@
+
+# PostgreSQL and redis-server for the tests that start their own (installed as root when missing).
+servers:
+	scripts/install_test_servers.sh
+
+# What CI runs (.ci/run) and the README's test command: the lint, then the whole suite.
+check: lint test
 
 # Triton's perf_analyzer (the PyPI wheel's C++ binary, which needs glibc 2.38), made runnable here
 # with the next Debian release's libc unpacked beside it, all under the venv: tests/e2e runs the
@@ -85,7 +91,7 @@ $(PERF_ANALYZER): scripts/perf_analyzer_setup.sh | $(STAMP)
 	@PYTHON=$(CURDIR)/$(BIN)/python bash scripts/perf_analyzer_setup.sh $(CURDIR)/$(VENV)/perf_analyzer >/dev/null 2>&1 \
 		|| { rm -f $@; echo "perf_analyzer unavailable (scripts/perf_analyzer_setup.sh failed): its tests are skipped"; }
 
-test: setup promtool perf_analyzer ocr-models
+test: setup promtool servers perf_analyzer ocr-models
 	$(BIN)/python -m pytest
 
 # The fault suite alone (`make test` runs it too): replicas killed, drained and frozen under

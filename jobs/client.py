@@ -29,7 +29,7 @@ TARGET_ENV = "ONNXMESH_JOBS_TARGET"
 
 def status_name(status: int) -> str:
     """`queued`, `running`, ... for a proto Status (the store's names)."""
-    return str(jpb.Status.Name(status)).lower()  # type: ignore[arg-type]
+    return str(jpb.Status.Name(status)).lower()
 
 
 @dataclass(frozen=True)

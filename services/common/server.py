@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import importlib.metadata
 import logging
 import os
 import signal
@@ -59,7 +60,8 @@ from services.common.settings import LAUNCHER_ENV, ServerSettings
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+# The installed package's version (pyproject.toml), reported in ServerMetadata and traces.
+VERSION = importlib.metadata.version("onnxmesh")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

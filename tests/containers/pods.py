@@ -11,7 +11,6 @@ each container its own ports and the orchestrator 127.0.0.1 addresses instead of
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,14 +27,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshctl.engine import ContainerEngine
 
 Obj = dict[str, Any]
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the container binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _memory(quantity: str) -> str:
@@ -113,7 +104,7 @@ class ContainerSpec:
             },
             probes=probes,
             startup_budget=float(startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)),
-            user=int(security.get("runAsUser", pod_security.get("runAsUser"))),
+            user=int(security.get("runAsUser", pod_security.get("runAsUser", -1))),
             group=int(security.get("runAsGroup", pod_security.get("runAsGroup", 0))),
             read_only=bool(security.get("readOnlyRootFilesystem")),
             drop_all="ALL" in ((security.get("capabilities") or {}).get("drop") or []),

@@ -37,7 +37,8 @@ from meshctl.mesh import kubernetes_name
 from meshctl.rehearsal import Traffic, versioned_copy
 from orchestrator.addresses import address_variable
 from tests.containers.conftest import FIGURES, REPO, Manifests
-from tests.containers.pods import Container, ContainerSpec, free_port
+from tests.containers.pods import Container, ContainerSpec
+from tests.support import free_port
 
 # The first run of the suite builds the images inside the `images` fixture.
 pytestmark = pytest.mark.timeout(1800)

@@ -14,7 +14,7 @@ import yaml
 
 from images.build import BuiltImage
 from meshctl.engine import ContainerEngine
-from tests.e2e.test_your_own_mesh import run, tutorial_files
+from tests.e2e.tutorial import run, tutorial_files
 from tests.support import ROOT, stub
 
 pytestmark = pytest.mark.timeout(1800)

@@ -5,7 +5,6 @@ Every node runs as its own process (LocalMesh); the fixtures always stop them.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sqlite3
 from collections.abc import Iterator
@@ -20,9 +19,8 @@ from demo import digits
 from jobs import cli as jobs_cli
 from jobs.store import Store
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common.grpc.client import OipClient
-from tests.jobs.support import wait_until
-from tests.support import ROOT, metric_total
+from tests.e2e.capture_support import count, send
+from tests.support import ROOT, metric_total, until
 
 HOLDOUT = digits.load_holdout()
 SAMPLED_RATE = 0.3
@@ -61,38 +59,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, 
         running.stop()
 
 
-def send(
-    address: str, graph: str, images: list[np.ndarray], concurrency: int = 8, prefix: str = "r"
-) -> list[dict[str, np.ndarray]]:
-    """Each image as its own request (request id "<prefix><i>"); the answers in order."""
-
-    async def run() -> list[dict[str, np.ndarray]]:
-        gate = asyncio.Semaphore(concurrency)
-        async with OipClient(address) as client:
-
-            async def one(i: int, image: np.ndarray) -> dict[str, np.ndarray]:
-                async with gate:
-                    result = await client.infer(
-                        graph, {"image": image[None]}, timeout=20, request_id=f"{prefix}{i}"
-                    )
-                return dict(result.outputs)
-
-            return list(await asyncio.gather(*(one(i, im) for i, im in enumerate(images))))
-
-    return asyncio.run(run())
-
-
-def count(db: Path, graph: str, step: str = "") -> int:
-    with Store(str(db)) as store:
-        return len(store.read_captures(graph=graph, step=step))
-
-
 def test_records_equal_what_the_client_sent_and_received(mesh: tuple[LocalMesh, Path]) -> None:
     running, db = mesh
     images = list(HOLDOUT.images[:40])
     answers = send(running.address("orchestrator"), "digits-serial", images)
-    wait_until(lambda: count(db, "digits-serial") >= 40, 30, "the graph's records")
-    wait_until(lambda: count(db, "digits-serial", "mlp") >= 40, 30, "the step's records")
+    until(lambda: count(db, "digits-serial") >= 40, "the graph's records", timeout=30)
+    until(lambda: count(db, "digits-serial", "mlp") >= 40, "the step's records", timeout=30)
     with Store(str(db)) as store:
         records = {r.request_id: r for r in store.read_captures(graph="digits-serial", step="")}
         steps = store.read_captures(graph="digits-serial", step="mlp")
@@ -119,7 +91,7 @@ def test_the_sampled_share_is_within_binomial_bounds(mesh: tuple[LocalMesh, Path
     port = running.process("orchestrator").metrics_port
     assert port is not None
     # Every record accepted has been written before the count is read.
-    wait_until(lambda: metric_total(port, "onnxmesh_capture_pending") == 0, 30, "the writer to catch up")
+    until(lambda: metric_total(port, "onnxmesh_capture_pending") == 0, "the writer to catch up", timeout=30)
     captured = count(db, "digits-parallel")
     sigma = math.sqrt(n * SAMPLED_RATE * (1 - SAMPLED_RATE))
     # 5 sigma: a false failure about once in 3.5 million runs.
@@ -131,7 +103,7 @@ def test_export_to_parquet_reads_back(mesh: tuple[LocalMesh, Path], tmp_path: Pa
     running, db = mesh
     images = list(HOLDOUT.images[100:110])
     send(running.address("orchestrator"), "digits-serial", images, prefix="export")
-    wait_until(lambda: count(db, "digits-serial") >= 50, 30, "the graph's records")
+    until(lambda: count(db, "digits-serial") >= 50, "the graph's records", timeout=30)
     out = tmp_path / "window.parquet"
     code = jobs_cli.main(
         ["capture", "export", "--db", str(db), "--graph", "digits-serial", "--step", "", "--out", str(out)]
@@ -159,7 +131,7 @@ def test_a_full_queue_drops_and_counts_without_failing_requests_and_a_kill_loses
         port = running.process("orchestrator").metrics_port
         assert port is not None
         send(address, "digits-serial", list(HOLDOUT.images[:2]), concurrency=1)  # creates the schema
-        wait_until(lambda: count(db, "digits-serial") == 2, 30, "the first records")
+        until(lambda: count(db, "digits-serial") == 2, "the first records", timeout=30)
         # Another writer holds the database: the capture writer blocks and its queue fills.
         lock = sqlite3.connect(db, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")

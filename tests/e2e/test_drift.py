@@ -14,9 +14,8 @@ import yaml
 from demo import digits
 from jobs import cli as jobs_cli
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from tests.e2e.test_capture import count, send
-from tests.jobs.support import wait_until
-from tests.support import ROOT, metric_total
+from tests.e2e.capture_support import count, send
+from tests.support import ROOT, metric_total, until
 
 HOLDOUT = digits.load_holdout()
 THRESHOLD = 0.2  # the alert's (k8s/components/observability/prometheusrule.yaml)
@@ -71,7 +70,7 @@ def test_held_out_traffic_stays_under_the_threshold_and_inverted_images_cross_it
 
         # The reference: the first half of the held-out digits, captured.
         send(address, GRAPH, list(HOLDOUT.images[:180]), prefix="ref")
-        wait_until(lambda: count(db, GRAPH) == 180, 30, "the reference window")
+        until(lambda: count(db, GRAPH) == 180, "the reference window", timeout=30)
         for tensor, name in (("input.image", "image.json"), ("output.label", "label.json")):
             cli(
                 "reference",
@@ -87,19 +86,19 @@ def test_held_out_traffic_stays_under_the_threshold_and_inverted_images_cross_it
 
         # Live: the other half.
         send(address, GRAPH, list(HOLDOUT.images[180:]), prefix="live")
-        wait_until(lambda: count(db, GRAPH) == 360, 30, "the live window")
+        until(lambda: count(db, GRAPH) == 360, "the live window", timeout=30)
         held_out = cli_psi(db, "input.image", tmp_path / "image.json", 100)
         assert held_out < THRESHOLD / 2, held_out
-        wait_until(lambda: 0 < gauge("input.image") < THRESHOLD, 30, "the gauge of held-out traffic")
+        until(lambda: 0 < gauge("input.image") < THRESHOLD, "the gauge of held-out traffic", timeout=30)
 
         # Distorted: the same digits inverted (ink <-> paper).
         inverted = [digits.PIXEL_MAX - image for image in HOLDOUT.images[180:330]]
         send(address, GRAPH, inverted, prefix="inverted")
-        wait_until(lambda: count(db, GRAPH) == 510, 30, "the inverted window")
+        until(lambda: count(db, GRAPH) == 510, "the inverted window", timeout=30)
         assert cli_psi(db, "input.image", tmp_path / "image.json", 100) > THRESHOLD
         assert cli_psi(db, "output.label", tmp_path / "label.json", 150) > THRESHOLD
-        wait_until(lambda: gauge("input.image") > THRESHOLD, 30, "the gauge to cross the threshold")
-        wait_until(lambda: gauge("output.label") > THRESHOLD, 30, "the label gauge to cross the threshold")
+        until(lambda: gauge("input.image") > THRESHOLD, "the gauge to cross the threshold", timeout=30)
+        until(lambda: gauge("output.label") > THRESHOLD, "the label gauge to cross the threshold", timeout=30)
 
         # Noisy: held-out digits with strong pixel noise cross it too.
         rng = np.random.default_rng(7)
@@ -110,5 +109,5 @@ def test_held_out_traffic_stays_under_the_threshold_and_inverted_images_cross_it
             for image in HOLDOUT.images[180:300]
         ]
         send(address, GRAPH, noisy, prefix="noisy")
-        wait_until(lambda: count(db, GRAPH) == 630, 30, "the noisy window")
+        until(lambda: count(db, GRAPH) == 630, "the noisy window", timeout=30)
         assert cli_psi(db, "input.image", tmp_path / "image.json", 100) > THRESHOLD

@@ -28,6 +28,7 @@ from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.process import REPO, MeshStartupError, replica_target
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
+from tests.support import kill_group, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -213,6 +214,7 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     lines: list[str] = []
     try:
@@ -226,13 +228,41 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
         assert len(pids) == 3
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
+        orphans = [pid for pid in pids if _alive(pid)]  # before the cleanup below kills them
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_group(proc)  # failed or not: the launcher and the services it started
     assert proc.returncode == 0, "".join(lines) + rest
     assert "onnxmesh: stopped cleanly (preprocess-1, model_a-1, model_b-1: drained, exit 0)" in rest
-    assert not any(_alive(pid) for pid in pids)
+    assert orphans == []
+
+
+def test_a_launcher_killed_with_sigkill_leaves_no_service_behind() -> None:
+    """SIGKILL gives `python -m meshctl.run` no chance to stop its services: they follow it on
+    their own (the parent-death signal), drain and exit, freeing their ports."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshctl.run", "--no-orchestrator", "--base-port", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("onnxmesh ready:"):
+                break
+        assert lines and lines[-1].startswith("onnxmesh ready:"), "".join(lines)
+        pids = [int(line.split(" pid ")[1]) for line in lines if line.startswith("  ") and " pid " in line]
+        assert len(pids) == 3 and all(_alive(pid) for pid in pids)
+        proc.kill()
+        assert proc.wait(10) == -signal.SIGKILL
+        # Before the cleanup below, which would kill them itself.
+        until(lambda: not any(_alive(pid) for pid in pids), "the services to follow their launcher", 30.0)
+    finally:
+        kill_group(proc)
 
 
 def test_full_mesh_serves_the_graphs_through_the_orchestrator(

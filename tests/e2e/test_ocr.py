@@ -29,9 +29,8 @@ from bench.ocr import page
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import InvalidInput
 from services.common.grpc.client import OipClient
-from tests.e2e.test_your_own_mesh import Mesh, run
-from tests.support import ROOT, stub
-from tests.unit.test_k8s_manifests import K8S_VERSION
+from tests.e2e.tutorial import Mesh, run
+from tests.support import K8S_VERSION, ROOT, stub
 
 # The reference pipeline (the dev extra installs it where its wheel supports the Python).
 RapidOCR = pytest.importorskip("rapidocr_onnxruntime").RapidOCR

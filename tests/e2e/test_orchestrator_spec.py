@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from demo.digits import load_holdout
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.errors import NotFound
 from services.common.grpc.client import OipClient
-from tests.support import ROOT, metric_total
+from tests.support import ROOT, metric_total, until
 
 SPEC = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
 IMAGE = load_holdout().images[:1]
@@ -100,16 +99,12 @@ def call(address: str, graph: str) -> str:
     return asyncio.run(go())
 
 
-def wait_until(predicate: object, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():  # type: ignore[operator]
-                return True
-        except NotFound:
-            pass
-        time.sleep(0.1)  # the poll interval of wait_until
-    return False
+def serves(address: str, graph: str) -> bool:
+    """The orchestrator answers for `graph` (False while it does not know it yet)."""
+    try:
+        return call(address, graph) == graph
+    except NotFound:
+        return False
 
 
 def test_hot_reload_applies_a_good_spec_and_keeps_the_old_one_on_a_bad_one(
@@ -122,7 +117,7 @@ def test_hot_reload_applies_a_good_spec_and_keeps_the_old_one_on_a_bad_one(
     renamed = yaml.safe_load(path.read_text())
     renamed["graphs"]["digits-serial-v2"] = renamed["graphs"].pop("digits-serial")
     path.write_text(yaml.safe_dump(renamed))
-    assert wait_until(lambda: call(address, "digits-serial-v2") == "digits-serial-v2")
+    until(lambda: serves(address, "digits-serial-v2"), "the renamed graph to be served")
     with pytest.raises(NotFound):
         call(address, "digits-serial")
 
@@ -131,6 +126,8 @@ def test_hot_reload_applies_a_good_spec_and_keeps_the_old_one_on_a_bad_one(
     path.write_text(yaml.safe_dump(broken))
     port = mesh.process("orchestrator").metrics_port
     assert port is not None
-    assert wait_until(lambda: metric_total(port, "onnxmesh_spec_reloads_total", result="rejected") >= 1)
+    until(
+        lambda: metric_total(port, "onnxmesh_spec_reloads_total", result="rejected") >= 1, "a rejected reload"
+    )
     assert call(address, "digits-serial-v2") == "digits-serial-v2"
     assert call(address, "digits-parallel") == "digits-parallel"

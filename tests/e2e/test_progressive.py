@@ -24,8 +24,7 @@ from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.rehearsal import Traffic, versioned_copy
 from meshctl.rollout import cli as rollout_cli
 from meshctl.rollout.weights import splitter_branches
-from tests.jobs.support import wait_until
-from tests.support import ROOT
+from tests.support import ROOT, until
 
 # Short windows; the p99 of a hundred calls on a shared 2-core machine is noise, so the latency
 # gate is loose here (its arithmetic is tested in tests/unit/test_progressive.py).
@@ -156,7 +155,7 @@ def test_an_interrupted_run_is_resumed(tmp_path: Path) -> None:
             assert first.stdout is not None
             for line in first.stdout:  # the first step passed: interrupt during the second
                 if "PASS" in line:
-                    wait_until(lambda: canary_weight(spec) == 25, 30, "the second step")
+                    until(lambda: canary_weight(spec) == 25, "the second step", timeout=30)
                     first.send_signal(2)  # SIGINT, as Ctrl-C
                     break
             rest = first.stdout.read()

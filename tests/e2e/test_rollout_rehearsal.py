@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import yaml
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.rehearsal import Traffic, rehearse, versioned_copy
-from tests.support import ROOT
+from tests.support import ROOT, metric_total, until
 
 
 def test_rolling_update_loses_no_request_and_moves_to_the_new_version() -> None:
@@ -59,17 +58,24 @@ def test_canary_weights_change_by_config_without_restart_or_failures(tmp_path: P
         ports=EPHEMERAL_PORTS,
         graphs=spec,
         model_dirs={"model_a": model_dir},
-        extra_args={"orchestrator": ["--reload-interval", "0.2"]},
+        extra_args={"orchestrator": ["--reload-interval", "0.2", "--metrics-port", "0"]},
     ) as mesh:
-        orchestrator_pid = mesh.process("orchestrator").pid
+        orchestrator = mesh.process("orchestrator")
+        metrics_port = orchestrator.metrics_port
+        assert metrics_port is not None
+
+        def applied() -> float:
+            return metric_total(metrics_port, "onnxmesh_spec_reloads_total", result="applied")
+
         target = mesh.address("orchestrator")
         with Traffic(target, "digits-canary", steps=["mlp-stable", "mlp-canary"], concurrency=4) as traffic:
             first = observed_canary_share(traffic, 600)
+            reloads = applied()
             spec.write_text(canary_spec(50, 50))  # what `onnxmesh rollout canary` does to the ConfigMap
-            time.sleep(1.0)  # several reload intervals
+            until(lambda: applied() > reloads, "the orchestrator to apply the new weights")
             second = observed_canary_share(traffic, 600)
             report = traffic.stop()
-        assert mesh.process("orchestrator").pid == orchestrator_pid  # no restart
+        assert mesh.process("orchestrator").pid == orchestrator.pid  # no restart
     assert report.failed == 0, report.errors
     # Binomial standard deviation over 600 draws is about 0.012 at 10% and 0.02 at 50%.
     assert first == pytest.approx(0.10, abs=0.06), first

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, kill_group
 
 TRITON_SCRIPT = textwrap.dedent(
     """
@@ -61,6 +61,7 @@ def model_a() -> Iterator[tuple[subprocess.Popen[str], str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        start_new_session=True,
     )
     try:
         assert proc.stdout is not None
@@ -69,9 +70,7 @@ def model_a() -> Iterator[tuple[subprocess.Popen[str], str]]:
         assert "listening on" in listening and "ready on" in ready, (listening, ready)
         yield proc, ready.split()[-1]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        kill_group(proc)
 
 
 def test_tritonclient_talks_to_model_service(model_a: tuple[subprocess.Popen[str], str]) -> None:

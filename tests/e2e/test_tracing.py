@@ -17,9 +17,8 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from demo.digits import load_holdout
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.grpc.client import OipClient
-from tests.support import ROOT, stub
-from tests.unit.test_observability_assets import expressions, selectors
+from tests.support import ROOT, expressions, selectors, stub, tool, until
 
-TIMEOUT = 30.0
 NODES = ("orchestrator", "preprocess", "model_a", "model_b")
 SERVER, INTERNAL = 2, 1  # opentelemetry-proto's Span.SpanKind
 #: graph -> its model steps: (step, service, model)
@@ -73,7 +70,7 @@ class Span:
     status: int
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP/gRPC trace receiver keeping every span it is sent."""
 
     def __init__(self) -> None:
@@ -112,16 +109,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[mis
 def _value(value: Any) -> Any:
     kind = value.WhichOneof("value")
     return getattr(value, kind) if kind else None
-
-
-def until(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.05)  # the poll interval of until()
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @dataclass
@@ -175,7 +162,8 @@ def caller_traceparent(caller: TracerProvider, name: str) -> tuple[dict[str, str
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     receiver = Receiver()
-    server = grpc.server(ThreadPoolExecutor(4))
+    executor = ThreadPoolExecutor(4)
+    server = grpc.server(executor)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -232,11 +220,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             yield Run(mesh, receiver, console, traces, failed, before, after)
     finally:
         server.stop(0)
+        executor.shutdown()
 
 
 def spans_of(run: Run, trace_id: str, count: int) -> list[Span]:
     """The spans of one trace, once all `count` of them have arrived."""
-    return until(lambda: len(found := run.receiver.trace(trace_id)) >= count and found, f"{count} spans")
+    return until(
+        lambda: found if len(found := run.receiver.trace(trace_id)) >= count else None, f"{count} spans"
+    )
 
 
 def only(spans: list[Span], **match: Any) -> Span:
@@ -332,7 +323,7 @@ def test_the_console_exporter_prints_the_same_spans(run: Run) -> None:
                 found.append(json.loads(text))
         return found
 
-    spans = until(lambda: len(found := printed()) >= 4 and found, "the orchestrator's console spans")
+    spans = until(lambda: found if len(found := printed()) >= 4 else None, "the orchestrator's console spans")
     assert {s["name"] for s in spans} == {"graph digits-serial", "step pre", "step mlp", "step head"}
 
 
@@ -397,9 +388,7 @@ def test_the_failure_is_logged_with_code_reason_graph_step_and_ids(run: Run) -> 
 
 
 def test_the_exposition_passes_promtool(run: Run, tmp_path: Path) -> None:
-    promtool = shutil.which("promtool") or str(ROOT / ".venv/bin/promtool")
-    if not Path(promtool).exists():
-        pytest.skip("promtool is not installed (make promtool)")
+    promtool = tool("promtool", "make promtool")
     for node, text in run.after.items():
         checked = subprocess.run(
             [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30

@@ -179,7 +179,7 @@ def test_rest_api_with_a_plain_http_client(mesh: LocalMesh) -> None:
     assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 8, 8]}]
     holdout = load_holdout()
     image = holdout.images[:2]
-    request = {
+    request: dict[str, Any] = {
         "id": "rest-1",
         "inputs": [
             {"name": "image", "datatype": "UINT8", "shape": [2, 8, 8], "data": image.reshape(-1).tolist()}

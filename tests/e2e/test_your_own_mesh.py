@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import queue
-import re
-import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,14 +24,9 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
-from tests.support import ROOT
-from tests.unit.test_k8s_manifests import K8S_VERSION
+from tests.e2e.tutorial import Mesh, run, tutorial_files
+from tests.support import K8S_VERSION, ROOT
 
-TUTORIAL = ROOT / "docs" / "your-own-mesh.md"
-BIN = Path(sys.executable).parent
-_FILE = re.compile(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```\n", re.DOTALL)
-READY = re.compile(r"onnxmesh ready: orchestrator (\S+) ")
-STARTUP_S = 180.0
 #: Every iris flower through the graph with tritonclient: probabilities and labels to an .npz; a
 #: negative measurement's status and message as JSON on stdout.
 STOCK_CLIENT = """
@@ -62,17 +50,6 @@ except grpcclient.InferenceServerException as exc:
 """
 
 
-def tutorial_files() -> dict[str, str]:
-    return dict(_FILE.findall(TUTORIAL.read_text()))
-
-
-def run(folder: Path, *command: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        command, cwd=folder, capture_output=True, text=True, timeout=300, env=env, check=False
-    )
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("iris-mesh")
@@ -86,55 +63,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert trained.returncode == 0, trained.stderr
     assert "training accuracy" in trained.stdout
     return root
-
-
-class Mesh:
-    """`onnxmesh up` as a process, its output read line by line off a thread."""
-
-    def __init__(self, folder: Path) -> None:
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-        self.proc = subprocess.Popen(
-            [str(BIN / "onnxmesh"), "up", "mesh.yaml", "--base-port", "0", "--no-restart"],
-            cwd=folder,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def ready(self) -> str:
-        """The orchestrator's address, once the ready line is printed."""
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
-            if match := READY.search(line):
-                return match[1]
-        raise AssertionError("onnxmesh up never got ready:\n" + "\n".join(self.seen[-40:]))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ held-out image at a time to a graph through `OipClient` and recording when it st
 ended, its status code, and (for failures) the message or (for answers) one response parameter.
 Phases are marked by name while it runs (`mark("during")`); `figures()` gives, per phase, the
 requests sent, the failures by code and the p50/p99 latency, and `report()` prints them. Waits
-are on outcomes (`wait_for(n)`: n more calls completed), never on the clock alone.
+are on outcomes (`wait_for(n)`: n more calls completed, or the test fails), never on the clock
+alone; a worker dying of an unexpected exception fails the wait at once with that exception.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class Outcome:
     detail: str
     #: The answer was not the label the calm mesh gives for the same image.
     wrong: bool = False
+    #: Which of the load's channels carried the call.
+    channel: int = 0
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Load:
         self.outcomes: list[Outcome] = []
         self.marks: list[tuple[str, float]] = []
         self._done = threading.Condition()
+        self._error: BaseException | None = None
         self._stop = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=f"load-{graph}", daemon=True)
@@ -122,11 +126,26 @@ class Load:
         self.marks.append((phase, time.monotonic()))
 
     def wait_for(self, count: int, timeout: float = 30.0) -> int:
-        """Block until `count` more calls completed (or `timeout` passed); how many did."""
+        """Block until `count` more calls completed, and return how many did; fail after `timeout`."""
         with self._done:
             start = len(self.outcomes)
-            self._done.wait_for(lambda: len(self.outcomes) - start >= count, timeout)
-            return len(self.outcomes) - start
+        self.wait_until(lambda outcomes: len(outcomes) - start >= count, f"{count} more calls", timeout)
+        return len(self.outcomes) - start
+
+    def wait_until(
+        self, condition: Callable[[Sequence[Outcome]], bool], what: str, timeout: float = 30.0
+    ) -> None:
+        """Block until `condition(outcomes)` holds; fail naming `what` after `timeout`, or at once
+        with the exception that stopped the clients."""
+        with self._done:
+            met = self._done.wait_for(lambda: self._error is not None or condition(self.outcomes), timeout)
+            if self._error is not None:
+                raise AssertionError(f"the load on {self.graph} stopped: {self._error!r}") from self._error
+            if not met:
+                raise AssertionError(
+                    f"timed out after {timeout:g} s waiting for {what} on {self.graph} "
+                    f"({len(self.outcomes)} calls completed in all)"
+                )
 
     def stop(self) -> list[Outcome]:
         self._stop.set()
@@ -171,6 +190,11 @@ class Load:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._main())
+        except BaseException as exc:
+            with self._done:  # wakes a waiter, which fails with it
+                self._error = exc
+                self._done.notify_all()
+            raise
         finally:
             self._loop.close()
 
@@ -178,13 +202,13 @@ class Load:
         clients = [OipClient(self.target) for _ in range(self.channels)]
         try:
             # Each worker stops by itself once `stop()` is called.
-            await asyncio.gather(
-                *(self._worker(clients[i % len(clients)], i) for i in range(self.concurrency))
-            )
+            await asyncio.gather(*(self._worker(clients, i) for i in range(self.concurrency)))
         finally:
             await asyncio.gather(*(c.close() for c in clients))
 
-    async def _worker(self, client: OipClient, seed: int) -> None:
+    async def _worker(self, clients: Sequence[OipClient], seed: int) -> None:
+        channel = seed % len(clients)
+        client = clients[channel]
         rng = random.Random(seed)
         index = seed
         refusals = 0  # in a row
@@ -196,7 +220,7 @@ class Load:
                     self.graph, {"image": self.images[index : index + 1]}, timeout=self.timeout
                 )
             except MeshError as err:
-                self._record(Outcome(start, time.monotonic(), err.code, err.message))
+                self._record(Outcome(start, time.monotonic(), err.code, err.message, channel=channel))
                 if err.code == "RESOURCE_EXHAUSTED" and self.refused_pause:
                     # Back off as a gRPC retry policy does: exponential, jittered, capped.
                     await asyncio.sleep(rng.uniform(0.0, min(1.0, self.refused_pause * 2**refusals)))
@@ -209,7 +233,7 @@ class Load:
             label = int(result.outputs["label"][0])
             wrong = self.expected is not None and label != self.expected[index]
             detail = str(result.parameters.get(self.watch, "")) if self.watch else ""
-            self._record(Outcome(start, end, "OK", detail, wrong))
+            self._record(Outcome(start, end, "OK", detail, wrong, channel))
 
     def _record(self, outcome: Outcome) -> None:
         with self._done:

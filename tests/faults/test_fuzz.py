@@ -66,7 +66,8 @@ def requests(draw: st.DrawFn) -> pb.ModelInferRequest:
     raws = [raw for _, raw in drawn if raw is not None]
     for tensor, _ in drawn:
         request.inputs.append(tensor)
-    if raws and draw(st.booleans()):
+    as_raw: bool = draw(st.booleans())
+    if raws and as_raw:
         request.raw_input_contents.extend(raws)
     return request
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mappin
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,26 +35,13 @@ from services.common.repository import ModelConfig, ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings
 from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
+from tests.support import run, until_async
 
 REPO = Path(__file__).resolve().parents[2]
 MLP = REPO / "services/model_a/models/digits-mlp/1/model.onnx"
 MLP_OUTPUTS = {"probabilities", "embedding"}
 TIMEOUT = 30.0
 SENTINEL = -999.0
-
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one test's coroutine on a fresh loop; a bug fails the test instead of hanging it."""
-    return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Poll until `condition` holds; `run`'s timeout bounds the wait."""
-    # Polling, not an Event: the state watched is the server's and the executor threads'.
-    while not condition():  # noqa: ASYNC110
-        await asyncio.sleep(0.002)  # the poll interval of until()
 
 
 @contextlib.asynccontextmanager
@@ -175,9 +162,9 @@ async def lined_up(
     gate.shut()
     try:
         held = asyncio.create_task(client.infer(model.name, blocker))
-        await until(lambda: len(gate.calls) == 1)  # the blocker is inside predict
+        await until_async(lambda: len(gate.calls) == 1)  # the blocker is inside predict
         tasks = [asyncio.create_task(call()) for call in calls]
-        await until(lambda: model.queued_rows == rows)
+        await until_async(lambda: model.queued_rows == rows)
     finally:
         gate.open()
     await held
@@ -338,9 +325,9 @@ def test_a_full_queue_answers_resource_exhausted_at_once(executor: ThreadPoolExe
             inner.gate.shut()
             try:
                 held = asyncio.create_task(client.infer("sentinel", {"x": row}))
-                await until(lambda: len(inner.gate.calls) == 1)
+                await until_async(lambda: len(inner.gate.calls) == 1)
                 queued = [asyncio.create_task(client.infer("sentinel", {"x": row})) for _ in range(3)]
-                await until(lambda: model.queued_rows == 3)
+                await until_async(lambda: model.queued_rows == 3)
                 refused: BaseException | None = None
                 try:
                     await client.infer("sentinel", {"x": row})
@@ -393,13 +380,13 @@ def test_a_caller_that_leaves_is_dropped_before_its_batch_runs(executor: ThreadP
             inner.gate.shut()
             try:
                 held = asyncio.create_task(client.infer("sentinel", {"x": staying[:1]}))
-                await until(lambda: len(inner.gate.calls) == 1)
+                await until_async(lambda: len(inner.gate.calls) == 1)
                 gone = asyncio.create_task(client.infer("sentinel", {"x": leaving}))
-                await until(lambda: model.queued_rows == 3)
+                await until_async(lambda: model.queued_rows == 3)
                 gone.cancel()  # the client goes away; the server sees the call cancelled
-                await until(lambda: model.queued_rows == 0)
+                await until_async(lambda: model.queued_rows == 0)
                 stays = asyncio.create_task(client.infer("sentinel", {"x": staying}))
-                await until(lambda: model.queued_rows == 2)
+                await until_async(lambda: model.queued_rows == 2)
             finally:
                 inner.gate.open()
             await held
@@ -433,12 +420,12 @@ def test_a_request_whose_deadline_passed_is_not_run(executor: ThreadPoolExecutor
             inner.gate.shut()
             try:
                 held = asyncio.create_task(client.infer("sentinel", {"x": late[:1]}))
-                await until(lambda: len(inner.gate.calls) == 1)
+                await until_async(lambda: len(inner.gate.calls) == 1)
                 deadline = time.monotonic() + 0.05
                 waiting = asyncio.create_task(
                     model.infer(InferRequest("sentinel", {"x": late}, deadline=deadline))
                 )
-                await until(lambda: time.monotonic() > deadline)
+                await until_async(lambda: time.monotonic() > deadline)
             finally:
                 inner.gate.open()
             await held

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,7 +21,7 @@ from services.common.repository import ModelConfig, ModelRepository
 from services.common.server import MeshServer
 from services.common.settings import ServerSettings
 from services.common.types import ModelSignature, TensorSpec
-from tests.support import metric_total
+from tests.support import metric_total, until_async
 
 TIMEOUT = 30.0
 
@@ -46,11 +46,6 @@ class GatedDouble(Model):
         if not self.open.wait(TIMEOUT):
             raise TimeoutError("the test never opened the gate")
         return {"y": inputs["x"] * 2}
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    while not condition():  # noqa: ASYNC110 - the state is the executor threads'
-        await asyncio.sleep(0.002)  # the poll interval of until()
 
 
 def test_batch_size_queue_time_and_depth_follow_the_traffic() -> None:
@@ -78,9 +73,9 @@ def test_batch_size_queue_time_and_depth_follow_the_traffic() -> None:
 
                 inner.open.clear()
                 blocker = asyncio.create_task(send(1))
-                await until(lambda: inner.entered == 1)  # the first batch is inside predict
+                await until_async(lambda: inner.entered == 1)  # the first batch is inside predict
                 waiting = [asyncio.create_task(send(rows)) for rows in (1, 2, 3)]
-                await until(lambda: model.queued_rows == 6)
+                await until_async(lambda: model.queued_rows == 6)
                 assert metric("onnxmesh_batch_queue_rows") == 6
                 assert metric("onnxmesh_batch_rows_count") == 0  # nothing has returned yet
                 inner.open.set()

@@ -11,8 +11,7 @@ import pytest
 from meshctl import grpcurl
 from services.common.repository import ModelRepository
 from services.common.settings import ServerSettings
-from tests.grpc.test_health import GatedModelDouble
-from tests.support import ServerThread
+from tests.support import GatedModelDouble, ServerThread
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -16,39 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshctl.targets import explain
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
-from services.common.model import Model
 from services.common.repository import ModelRepository
 from services.common.settings import ServerSettings
-from services.common.types import ModelSignature, TensorSpec
-from tests.support import ServerThread
-
-SIGNATURE = ModelSignature(
-    "gated", ("1",), "test", (TensorSpec("x", "FP32", (-1,)),), (TensorSpec("y", "FP32", (-1,)),)
-)
-
-
-class GatedModelDouble(Model):
-    """A test double whose load and predict wait for the test to open a gate."""
-
-    def __init__(self, executor: ThreadPoolExecutor) -> None:
-        super().__init__("gated", "1", executor)
-        self.signature = SIGNATURE
-        self.load_gate = threading.Event()
-        self.predict_gate = threading.Event()
-        self.predict_started = threading.Event()
-
-    def load_sync(self) -> None:
-        assert self.load_gate.wait(20)
-
-    def warmup_inputs(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def predict(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        if not inputs:  # warm-up
-            return {}
-        self.predict_started.set()
-        assert self.predict_gate.wait(20)
-        return {"y": inputs["x"] * 2}
+from tests.support import GatedModelDouble, ServerThread
 
 
 def health_status(address: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,7 +63,9 @@ def test_server_live_ready_and_metadata(api: pb_grpc.GRPCInferenceServiceStub) -
     assert api.ServerLive(pb.ServerLiveRequest()).live
     assert api.ServerReady(pb.ServerReadyRequest()).ready
     meta = api.ServerMetadata(pb.ServerMetadataRequest())
-    assert meta.name == "onnxmesh-test" and meta.version
+    # The version pyproject.toml gives the package, read from its installed metadata.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta.name == "onnxmesh-test" and meta.version == project["version"]
 
 
 def test_model_metadata_comes_from_the_onnx_graph(api: pb_grpc.GRPCInferenceServiceStub) -> None:

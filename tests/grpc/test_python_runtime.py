@@ -25,6 +25,7 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.batching.adaptive import BatchingModel
 from services.common.grpc.codec import decode_response_outputs
 from services.common.model_node import build_repository
+from services.common.python_model import PythonModel
 from services.common.settings import ServerSettings
 from services.common.tensors import encode_raw
 from tests.support import ServerThread, stub
@@ -194,7 +195,7 @@ def test_any_other_error_is_internal_and_only_the_log_has_the_traceback(
 
 def test_warm_up_runs_before_ready_and_statistics_count_calls(server: ServerThread) -> None:
     model = server.repository.get("scale")
-    assert isinstance(model, BatchingModel)
+    assert isinstance(model, BatchingModel) and isinstance(model.inner, PythonModel)
     # The default warm-up (one row of zeros) ran at load, before the first request.
     assert model.inner._instance.calls[0] == 1
     with stub(server.address) as api:

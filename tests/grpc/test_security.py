@@ -6,6 +6,7 @@ Certificates come from meshctl.certs (the system's openssl), made fresh in a tem
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import shutil
@@ -274,7 +275,8 @@ def test_certificates_rotated_under_load_fail_no_request(
                 await asyncio.sleep(0.01)  # the poll interval: until the new certificate is served
             assert serial == new_serial != old_serial
             # Then as many calls again on the new certificates (a failure shows below).
-            goal, _ = done + 100, reached.clear()
+            goal = done + 100
+            reached.clear()
             await asyncio.wait_for(reached.wait(), 60)
         finally:
             stop.set()
@@ -299,13 +301,13 @@ def test_tokens_missing_wrong_and_right(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     compared: list[int] = []
-    real = security.hmac.compare_digest
+    real = hmac.compare_digest  # what the token check calls
 
     def spy(a: bytes, b: bytes) -> bool:
         compared.append(1)
         return real(a, b)
 
-    monkeypatch.setattr(security.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     caplog.set_level(logging.DEBUG)
     server, tokens = _token_server(executor, tmp_path)
     # Differs from the token in its first character, whatever the token starts with.
@@ -363,8 +365,14 @@ def test_unusable_settings_are_refused_with_the_path_only(
     with pytest.raises(SecurityError) as info:
         _server(executor, tls_cert=pki["node"].cert, tls_key=missing)
     assert str(missing) in str(info.value)
-    # A key passed where the certificate goes: the message names the file, never its contents.
     with pytest.raises(SecurityError, match="plaintext"):
         _server(executor, tls_cert=pki["node"].cert, tls_key=pki["node"].key, http_port=0)
+    # A key passed where the certificate goes: the message names the file, never its contents.
+    with pytest.raises(SecurityError, match="holds no PEM certificate") as swapped:
+        _server(executor, tls_cert=pki["node"].key, tls_key=pki["node"].key)
     key_text = pki["node"].key.read_text()
-    assert "PRIVATE" in key_text and key_text.splitlines()[1] not in repr(info.value)
+    assert str(pki["node"].key) in str(swapped.value)
+    assert "PRIVATE" in key_text and key_text.splitlines()[1] not in repr(swapped.value)
+    # And a certificate where the key goes.
+    with pytest.raises(SecurityError, match="holds no PEM private key"):
+        _server(executor, tls_cert=pki["node"].cert, tls_key=pki["node"].cert)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from tests.jobs.support import Postgres, holdout, online_answers
+from tests.jobs.support import Postgres, holdout, online_answers, postgres_bindir
+from tests.support import server_missing
 
 GRAPH = "digits-parallel"
 
@@ -33,13 +34,12 @@ def online(orchestrator: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres | str]:
-    """A PostgreSQL server started for these tests, or the reason it cannot run here."""
-    try:
-        server = Postgres.start()
-    except RuntimeError as exc:
-        yield str(exc)
-        return
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server started for these tests. Only its absence skips (and fails as root);
+    a server that is installed but does not start is an error of every test that needs it."""
+    if postgres_bindir() is None:
+        server_missing("PostgreSQL")
+    server = Postgres.start()
     try:
         yield server
     finally:
@@ -51,7 +51,5 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh store: a SQLite file, or a new database on the real PostgreSQL server."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.sqlite'}"
-    server = request.getfixturevalue("postgres")
-    if isinstance(server, str):
-        pytest.skip(f"PostgreSQL cannot run here: {server}")
+    server: Postgres = request.getfixturevalue("postgres")
     return server.create_database()

@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from demo import digits
 from services.common.grpc.client import OipClient
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 #: The held-out digits file itself (package data; a regular file in a checkout).
@@ -33,15 +33,6 @@ HOLDOUT = Path(str(digits.HOLDOUT))
 def holdout() -> tuple[np.ndarray, np.ndarray]:
     data = digits.load_holdout()
     return data.images, data.labels
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll a condition (never a bare sleep standing in for it); fail naming it after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def online_answers(target: str, graph: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,12 +56,6 @@ def online_answers(target: str, graph: str, images: np.ndarray) -> tuple[np.ndar
 # -- PostgreSQL ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def postgres_bindir() -> Path | None:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
     if found:
@@ -90,11 +75,19 @@ class Postgres:
 
     @classmethod
     def start(cls) -> Postgres:
-        """Start one; raises RuntimeError with the reason when it cannot run here."""
+        """Start one; RuntimeError saying why when it does not start (installed or not)."""
         bindir = postgres_bindir()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed (no initdb; apt-get install postgresql)")
         root = Path(tempfile.mkdtemp(prefix="onnxmesh-pg-"))
+        try:
+            return cls._start(bindir, root)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _start(cls, bindir: Path, root: Path) -> Postgres:
         as_user: list[str] = []
         if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
             try:
@@ -108,27 +101,37 @@ class Postgres:
                 raise RuntimeError("running as root and runuser is missing: cannot drop to 'postgres'")
             os.chown(root, account.pw_uid, account.pw_gid)
             as_user = [runuser, "-u", "postgres", "--"]
-        server = cls(bindir, root, _free_port(), as_user)
+        server = cls(bindir, root, free_port(), as_user)
         data = root / "data"
         server._run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = (
-            f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        settings = (
+            "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
         )
-        server._run(
-            "pg_ctl",
-            "-D",
-            str(data),
-            "-l",
-            str(root / "server.log"),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            options,
-            "start",
-        )
-        return server
+        attempts = 3
+        while True:
+            options = f"-p {server.port} -k {root} {settings}"
+            try:
+                server._run(
+                    "pg_ctl",
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(root / "server.log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    options,
+                    "start",
+                )
+                return server
+            except RuntimeError as exc:
+                # The port was free when picked, then released: another process may have taken it.
+                attempts -= 1
+                if attempts == 0 or "already in use" not in str(exc):
+                    raise
+                server.port = free_port()
 
     def _run(self, tool: str, *args: str) -> None:
         proc = subprocess.run(
@@ -233,4 +236,6 @@ class Node:
             self.proc.kill()
             code = self.proc.wait()
         self._reader.join(2.0)
+        if not self._reader.is_alive() and self.proc.stdout is not None:
+            self.proc.stdout.close()  # read to its end by the reader
         return code

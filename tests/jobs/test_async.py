@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,8 @@ from services.common.errors import NotFound, ResourceExhausted
 from services.common.grpc import codec
 from services.common.grpc.client import OipClient
 from tests.jobs.conftest import GRAPH
-from tests.jobs.support import REPO, Node, holdout, wait_until
+from tests.jobs.support import REPO, Node, holdout
+from tests.support import free_port, until
 
 JOBS = 1000
 
@@ -103,21 +103,21 @@ def test_a_thousand_jobs_under_load_with_a_worker_killed_all_complete_exactly_on
             def succeeded() -> int:
                 return store.list_jobs(limit=1)[1].get(SUCCEEDED, 0)
 
-            wait_until(lambda: succeeded() >= JOBS // 5, 60, "a fifth of the jobs to succeed")
+            until(lambda: succeeded() >= JOBS // 5, "a fifth of the jobs to succeed", 60)
             victim = pool[0]
             marker = f"-{victim.pid}-"
             held: list[str] = []
             for _ in range(200):  # freeze it while it holds claimed jobs, then kill it
                 victim.signal(signal.SIGSTOP)
                 # Read only once it is stopped: a commit of its own cannot land after our read.
-                wait_until(lambda: stopped(victim.pid), 10, "the worker to stop")
+                until(lambda: stopped(victim.pid), "the worker to stop", 10)
                 running = store.list_jobs([RUNNING], limit=JOBS)[0]
                 held = [j.id for j in running if j.worker and marker in j.worker]
                 if held:
                     break
                 victim.signal(signal.SIGCONT)
                 before = succeeded()
-                wait_until(lambda before=before: succeeded() > before, 10, "more jobs to succeed")
+                until(lambda: succeeded() > before, "more jobs to succeed", 10)  # noqa: B023 - polled at once
             assert held, "the worker never held a job when frozen"
             killed_at = time.monotonic()
             victim.kill()
@@ -129,7 +129,7 @@ def test_a_thousand_jobs_under_load_with_a_worker_killed_all_complete_exactly_on
             counts = store.list_jobs(limit=1)[1]
             return sum(n for s, n in counts.items() if s not in ("queued", "running")) == JOBS
 
-        wait_until(finished, 90, "every job to finish")
+        until(finished, "every job to finish", 90)
         total_s = time.monotonic() - started
         records = [store.get(job_id) for job_id in submitted]
         assert {r.status for r in records} == {SUCCEEDED}
@@ -267,9 +267,7 @@ def test_a_job_waits_with_backoff_while_no_orchestrator_answers(db_url: str) -> 
     with Store(db_url) as store:
         request = OipClient.build_request(GRAPH, {"image": images[:1]}).SerializeToString()
         job = store.submit(GRAPH, request, ttl=600, timeout=5)
-        with socket.socket() as sock:  # a port nothing listens on
-            sock.bind(("127.0.0.1", 0))
-            nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
+        nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
         with nodes(worker(db_url, nowhere)) as (pool,):
             pool.wait_ready()
 
@@ -277,7 +275,7 @@ def test_a_job_waits_with_backoff_while_no_orchestrator_answers(db_url: str) -> 
                 found = (re.search(r"job waits .*in_s=([0-9.]+)", line) for line in list(pool.lines))
                 return any(m is not None and float(m[1]) >= 2.0 for m in found)
 
-            wait_until(waited_long, 60, "a third wait of the job, 2 s long")
+            until(waited_long, "a third wait of the job, 2 s long", 60)
             record = store.get(job.id)
         assert record.status == "queued" and record.attempts == 0, record
         assert (record.error_message or "").startswith("waiting for the orchestrator ("), record.error_message

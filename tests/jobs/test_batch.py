@@ -14,14 +14,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jobs.batch import BatchConfig, BatchRunner, Summary
 from jobs.store import FAILED, OK, Store
-from services.common.errors import InvalidInput, Unavailable
+from meshctl.launcher import LocalMesh
+from services.common.errors import Unavailable
 from services.common.grpc.client import OipClient
-from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 from tests.jobs.conftest import GRAPH
-from tests.jobs.support import HOLDOUT, REPO, holdout, wait_until
+from tests.jobs.support import HOLDOUT, REPO, holdout, online_answers
+from tests.support import free_port, kill_group, until
 
 
 def run(config: BatchConfig, target: str, db_url: str) -> Summary:
@@ -38,54 +40,54 @@ def stored_answers(db_url: str, dataset: str, graph: str = GRAPH) -> dict[str, t
         return {p.row_key: (p.status, p.outputs) for p in store.read_predictions(dataset, graph)}
 
 
-class FakeClient:
-    """A graph at a seam (no sockets): UNAVAILABLE while `down`, else label = pixel sum % 10."""
-
-    def __init__(self) -> None:
-        self.down = True
-        self.calls = 0
-
-    async def metadata(self, model: str, version: str = "", *, timeout: float | None = 5.0) -> ModelSignature:
-        image = TensorSpec("image", "UINT8", (-1, 8, 8))
-        return ModelSignature(model, ("1",), "fake", (image,), (TensorSpec("label", "INT64", (-1,)),))
-
-    async def call(self, request: InferRequest) -> InferResult:
-        model, inputs = request.model, request.inputs
-        self.calls += 1
-        if self.down:
-            raise Unavailable("127.0.0.1:1 unavailable: connection refused")
-        image = inputs["image"]
-        if (image > 16).any():
-            raise InvalidInput("input 'image': pixel values must be 0..16")
-        labels = image.reshape(len(image), -1).sum(axis=1).astype(np.int64) % 10
-        return InferResult({"label": labels}, model, "1", {"version.fake": "1"})
+def answers(target: str) -> bool:
+    """The graph answers one image (False while a step is UNAVAILABLE)."""
+    try:
+        online_answers(target, GRAPH, holdout()[0][:1])
+    except Unavailable:
+        return False
+    return True
 
 
-def test_rows_failed_while_the_mesh_is_down_are_recorded_and_retried(tmp_path: Path, db_url: str) -> None:
+def test_a_batch_with_the_mesh_down_fails_at_once_and_stores_nothing(tmp_path: Path, db_url: str) -> None:
+    images, _ = holdout()
+    np.save(tmp_path / "few.npy", images[:8])
+    config = BatchConfig(GRAPH, tmp_path / "few.npy", progress="off")
+    with pytest.raises(Unavailable, match=r"127\.0\.0\.1"):
+        run(config, f"127.0.0.1:{free_port()}", db_url)  # nothing listens there
+    assert stored_answers(db_url, "few") == {}
+
+
+def test_rows_failed_while_a_step_is_down_are_recorded_and_retried(
+    tmp_path: Path, mesh: LocalMesh, orchestrator: str, online: tuple[np.ndarray, np.ndarray], db_url: str
+) -> None:
     images, _ = holdout()
     images = images[:50].copy()
     images[7, 0, 0] = 17  # a bad row, among good ones
     np.save(tmp_path / "few.npy", images)
-    config = BatchConfig("fake", tmp_path / "few.npy", rows_per_request=8, retries=1, progress="off")
-    client = FakeClient()
-
-    async def once() -> Summary:
-        with Store(db_url) as store:
-            return await BatchRunner(config, client, store).run()
-
-    down = asyncio.run(once())
+    config = BatchConfig(GRAPH, tmp_path / "few.npy", rows_per_request=8, retries=1, progress="off")
+    # The orchestrator answers, but the first step of the graph is gone: every row fails.
+    assert mesh.stop_service("preprocess") == [0]
+    try:
+        down = run(config, orchestrator, db_url)
+    finally:
+        mesh.restart_service("preprocess")  # the session's mesh, as the other tests found it
+    # SERVING is the new process's word; the orchestrator's channel to it reconnects on its own
+    # back-off timer: the next run is once the graph answers again.
+    until(lambda: answers(orchestrator), "the orchestrator to reach preprocess again")
     assert (down.predicted, down.failed) == (0, 50)
-    rows = stored_answers(db_url, "few", "fake")
-    assert len(rows) == 50 and {s for s, _ in rows.values()} == {FAILED}
-    client.down = False
-    up = asyncio.run(once())
+    with Store(db_url) as store:
+        failed = store.read_predictions("few", GRAPH)
+    assert len(failed) == 50 and {(p.status, p.error_code) for p in failed} == {(FAILED, "UNAVAILABLE")}
+    up = run(config, orchestrator, db_url)
     assert (up.already_done, up.predicted, up.failed) == (0, 49, 1)
     with Store(db_url) as store:
-        by_key = {p.row_key: p for p in store.read_predictions("few", "fake")}
+        by_key = {p.row_key: p for p in store.read_predictions("few", GRAPH)}
     assert by_key["7"].status == FAILED and by_key["7"].error_code == "INVALID_ARGUMENT"
-    assert "pixel" in (by_key["7"].error_message or "")
-    assert by_key["8"].status == OK and by_key["8"].attempts == 2 and by_key["8"].versions == {"fake": "1"}
-    assert by_key["8"].outputs == {"label": int(images[8].sum()) % 10}
+    assert "pixel values must be 0..16" in (by_key["7"].error_message or "")
+    row = by_key["8"]
+    assert row.status == OK and row.attempts == 2 and row.versions["mlp"] == "1"
+    assert row.outputs["label"] == online[0][8]  # type: ignore[index]
 
 
 def test_batch_over_the_heldout_digits_equals_the_online_answers(
@@ -129,7 +131,7 @@ def test_a_run_killed_midway_resumes_with_exactly_one_row_per_input(
     # A rate limit makes the run last a few seconds, so the kill lands mid-way.
     first = subprocess.Popen(
         _batch_command(db_url, dataset, orchestrator, "--rate", "2500", "--rows-per-request", "16"),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     store = Store(db_url)
     try:
@@ -137,7 +139,7 @@ def test_a_run_killed_midway_resumes_with_exactly_one_row_per_input(
         def written() -> int:
             return store.prediction_counts("digits-x20", GRAPH).get(OK, 0)
 
-        wait_until(lambda: written() >= total // 4 or first.poll() is not None, 60, "a quarter of the rows")
+        until(lambda: written() >= total // 4 or first.poll() is not None, "a quarter of the rows", 60)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         assert first.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -166,8 +168,7 @@ def test_a_run_killed_midway_resumes_with_exactly_one_row_per_input(
             f"\nkilled at {at_kill}/{total} rows; resume predicted {now} rows in {resume_s:.2f} s (incl. start-up)"
         )
     finally:
-        if first.poll() is None:
-            first.kill()
+        kill_group(first)
         store.close()
 
 

@@ -10,8 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.common.dataplane import DataPlane
 from services.common.errors import MeshError
+from services.common.model import Servable
+from services.common.observability.metrics import ServerMetrics
+from services.common.repository import ModelRepository
 from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
+from tests.support import run
 
 FakeModel = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -226,3 +231,58 @@ def digits_stages(clock: FakeClock | None = None) -> dict[str, FakeStage]:
         "model_a": FakeStage({"digits-mlp": fake_mlp}, clock=clock),
         "model_b": FakeStage({"digits-logreg": fake_logreg, "digits-head": fake_head}, clock=clock),
     }
+
+
+# -- a servable doubling its input, on a data plane of its own ----------------------------------------
+
+SIGNATURE = ModelSignature(
+    "double",
+    ("1",),
+    "test",
+    (TensorSpec("x", "FP32", (-1, 3)),),
+    (TensorSpec("y", "FP32", (-1, 3)), TensorSpec("total", "FP32", (-1,))),
+)
+
+
+class Double(Servable):
+    """y = 2x and total = row sums of x FP32[-1, 3]; records every request it answers."""
+
+    def __init__(self, version: str = "1") -> None:
+        self.name = "double"
+        self.version = version
+        self.signature = SIGNATURE
+        self.calls: list[InferRequest] = []
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def load(self) -> None:
+        self._ready = True
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        self.calls.append(request)
+        x = request.inputs["x"]
+        answers = {"y": x * 2, "total": x.sum(axis=1)}
+        return InferResult({name: answers[name] for name in request.outputs or answers})
+
+
+def plane(*servables: Servable) -> DataPlane:
+    return DataPlane(ModelRepository(servables), ServerMetrics("test"), server_name="onnxmesh-test")
+
+
+def loaded(*models: Double) -> DataPlane:
+    for model in models:
+        run(model.load())
+    return plane(*models)
+
+
+def requests_counted(dataplane: DataPlane, model: str, code: str, version: str = "1") -> float:
+    value = dataplane.metrics.registry.get_sample_value(
+        "onnxmesh_requests_total", {"model": model, "version": version, "code": code}
+    )
+    return value or 0.0
+
+
+X = np.ones((2, 3), dtype=np.float32)

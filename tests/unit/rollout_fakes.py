@@ -353,7 +353,7 @@ def client_over_fake(cluster: FakeCluster) -> Any:
     from kubernetes.client import ApiClient, Configuration
     from kubernetes.client.rest import RESTResponse
 
-    class ClientOverFake(ApiClient):  # type: ignore[misc]
+    class ClientOverFake(ApiClient):
         """An ApiClient whose transport is the fake cluster; `requests` records (method, URL)."""
 
         def __init__(self, cluster: FakeCluster) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
-import fakeredis
 import numpy as np
 import pytest
 
@@ -16,7 +15,6 @@ from orchestrator.spec import SpecError, parse_spec
 from orchestrator.stages.cache import (
     Entry,
     LocalStore,
-    RedisStore,
     ResponseCaches,
     decode_entry,
     encode_entry,
@@ -24,9 +22,8 @@ from orchestrator.stages.cache import (
 )
 from services.common.errors import InvalidInput, Unavailable
 from services.common.types import ModelSignature, TensorSpec
+from tests.support import run
 from tests.unit.fakes import FakeClock, FakeStage
-
-T = TypeVar("T")
 
 HEADER = """
 services:
@@ -35,10 +32,6 @@ services:
 graphs:
 """
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -197,7 +190,7 @@ def test_errors_are_never_cached(graph: str) -> None:
     bad = -np.ones((1, 4), np.float32)
 
     async def scenario() -> list[BaseException]:
-        errors = []
+        errors: list[BaseException] = []
         for _ in range(2):
             try:
                 await ask(e, bad)
@@ -261,30 +254,6 @@ def test_keys_tell_apart_model_version_outputs_and_every_tensor_detail() -> None
         request_key("m", "", ("y",), {"x": x + 1}),
     ]
     assert len({base, *others}) == len(others) + 1
-
-
-def test_entries_travel_through_redis_bit_equal() -> None:
-    store = RedisStore("redis://localhost:6379/0", max_bytes=1 << 20)
-    store.client = fakeredis.FakeAsyncRedis()  # the fake stands in for the server
-    original = Entry(
-        {"y": np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4), "label": np.arange(3, dtype=np.int64)},
-        ((("s", "m", ""), "7"),),
-        {"step.a": "ok", "version.a": "7"},
-        store.clock() + 30.0,
-    )
-
-    async def scenario() -> tuple[Entry | None, Entry | None]:
-        await store.put(b"k", original)
-        found, missing = await store.get(b"k"), await store.get(b"other")
-        await store.close()
-        return found, missing
-
-    found, missing = run(scenario())
-    assert missing is None and found is not None
-    for name, array in original.outputs.items():
-        assert found.outputs[name].tobytes() == array.tobytes() and found.outputs[name].dtype == array.dtype
-    assert found.answered == original.answered and dict(found.parameters) == dict(original.parameters)
-    assert abs(found.expires - original.expires) < 1.0  # Redis keeps the TTL
 
 
 def test_an_encoded_entry_decodes_to_the_same_arrays() -> None:

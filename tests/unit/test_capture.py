@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from tests.support import ROOT
 from tests.unit.fakes import digits_stages
 
 
-def spec_with(capture: object, *, step: bool = False) -> dict[str, object]:
+def spec_with(capture: object, *, step: bool = False) -> dict[str, Any]:
     spec = yaml.safe_load((ROOT / "demo/mesh.yaml").read_text())
     graph = spec["graphs"]["digits-serial"]
     (graph["steps"][1] if step else graph)["capture"] = capture

@@ -6,7 +6,6 @@ No server is started here: the "mesh not running" cases point the CLI at a port 
 from __future__ import annotations
 
 import re
-import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from demo import client as demo_client
 from meshctl import cli, predict, targets
 from services.common.errors import DeadlineExceeded, NotFound, Unavailable, from_status
+from tests.support import free_port
 
 REFUSED = "unavailable: connections to all backends failing; last error: Connection refused"
 
@@ -23,10 +23,7 @@ REFUSED = "unavailable: connections to all backends failing; last error: Connect
 @pytest.fixture
 def dead_target() -> str:
     """A 127.0.0.1 port that was free a moment ago: connections to it are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{free_port()}"
 
 
 @pytest.fixture

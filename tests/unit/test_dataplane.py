@@ -6,10 +6,8 @@ signature), and only here: a bad graph input never reaches the engine's stages.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,70 +17,23 @@ from orchestrator.node import GraphServable
 from orchestrator.spec import load_spec, validate_against_signatures
 from services.common.dataplane import DataPlane, validate
 from services.common.errors import InvalidInput, NotFound, Unavailable
-from services.common.model import Servable
 from services.common.observability.metrics import ServerMetrics
 from services.common.repository import ModelRepository
-from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
-from tests.unit.fakes import digits_signatures, digits_stages
-
-T = TypeVar("T")
-GRAPHS = Path(__file__).resolve().parents[2] / "demo" / "mesh.yaml"
-IMAGES = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
-SIGNATURE = ModelSignature(
-    "double",
-    ("1",),
-    "test",
-    (TensorSpec("x", "FP32", (-1, 3)),),
-    (TensorSpec("y", "FP32", (-1, 3)), TensorSpec("total", "FP32", (-1,))),
+from services.common.types import InferRequest, InferResult
+from tests.support import run
+from tests.unit.fakes import (
+    SIGNATURE,
+    Double,
+    X,
+    digits_signatures,
+    digits_stages,
+    loaded,
+    plane,
+    requests_counted,
 )
 
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-class Double(Servable):
-    """y = 2x and total = row sums of x FP32[-1, 3]; records every request it answers."""
-
-    def __init__(self, version: str = "1") -> None:
-        self.name = "double"
-        self.version = version
-        self.signature = SIGNATURE
-        self.calls: list[InferRequest] = []
-        self._ready = False
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    async def load(self) -> None:
-        self._ready = True
-
-    async def infer(self, request: InferRequest) -> InferResult:
-        self.calls.append(request)
-        x = request.inputs["x"]
-        answers = {"y": x * 2, "total": x.sum(axis=1)}
-        return InferResult({name: answers[name] for name in request.outputs or answers})
-
-
-def plane(*servables: Servable) -> DataPlane:
-    return DataPlane(ModelRepository(servables), ServerMetrics("test"), server_name="onnxmesh-test")
-
-
-def loaded(*models: Double) -> DataPlane:
-    for model in models:
-        run(model.load())
-    return plane(*models)
-
-
-def requests_counted(dataplane: DataPlane, model: str, code: str, version: str = "1") -> float:
-    value = dataplane.metrics.registry.get_sample_value(
-        "onnxmesh_requests_total", {"model": model, "version": version, "code": code}
-    )
-    return value or 0.0
-
-
-X = np.ones((2, 3), dtype=np.float32)
+GRAPHS = Path(__file__).resolve().parents[2] / "demo" / "mesh.yaml"
+IMAGES = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
 
 
 def test_infer_runs_the_latest_version_and_names_who_answered() -> None:

@@ -33,7 +33,7 @@ def test_every_downstream_call_reports_its_rows() -> None:
         await call(5)  # alone again
         # Not stackable (a scalar input): straight through, one call of one row (a request
         # without a batch dimension is one inference, as everywhere: types.rows_of).
-        await stage.call(InferRequest("m", {"x": np.float32(1.0)}))
+        await stage.call(InferRequest("m", {"x": np.array(1.0, np.float32)}))
 
     asyncio.run(run())
     assert seen == [("m", 1), ("m", 9), ("m", 5), ("m", 1)]

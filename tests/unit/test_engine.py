@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
 
 from orchestrator.graph.aggregators import AGGREGATORS
-from orchestrator.graph.engine import Engine, RetryBudget, deadline_margin
+from orchestrator.graph.engine import Engine, deadline_margin
 from orchestrator.graph.plan import SHADOW_STATUS, compare_outputs
 from orchestrator.spec import load_spec, parse_spec
 from orchestrator.stages.base import Stage
+from orchestrator.stages.retry_budget import RetryBudget
 from services.common.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -25,6 +26,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from tests.support import run
 from tests.unit.fakes import (
     FakeClock,
     FakeStage,
@@ -36,13 +38,8 @@ from tests.unit.fakes import (
     rows,
 )
 
-T = TypeVar("T")
 GRAPHS = Path(__file__).resolve().parents[2] / "demo" / "mesh.yaml"
 IMAGES = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def default_engine(stages: Mapping[str, Stage], **kwargs: Any) -> Engine:
@@ -514,11 +511,11 @@ def test_a_hung_soft_branch_is_cut_with_the_margin_left_for_the_answer() -> None
     result = run(
         default_engine(stages).run("digits-parallel", {"image": IMAGES}, deadline=started + deadline)
     )
-    answered = time.monotonic() - started
     assert result.parameters["step.logreg"] == "timeout: exceeded the deadline"
     (call,) = stages["model_b"].calls_to("digits-logreg")
+    # The engine's contract, not a wall-clock bound (a stall of a loaded machine must not fail
+    # it): the hung call was cut with the margin kept back for the answer.
     assert call.cancelled and call.timeout <= deadline - deadline_margin(deadline) + 0.01
-    assert answered < deadline  # the answer left before the client's deadline
 
 
 def test_the_margin_scales_with_the_budget_within_bounds() -> None:

@@ -28,7 +28,7 @@ from meshctl.mesh import kubernetes_name
 from orchestrator.addresses import address_variable
 from orchestrator.spec import parse_spec
 from services.common.settings import ServerSettings
-from tests.support import kustomize
+from tests.support import K8S_VERSION, kustomize
 
 Obj = dict[str, Any]
 
@@ -36,7 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 # The schema version rendered objects are validated against (kubernetes-validate ships
 # 1.25 to 1.37); 1.34 is the first with the preStop `sleep` action GA.
-K8S_VERSION = "1.34"
 NAMESPACE = "onnxmesh"
 TARGETS = ["base", *sorted(f"overlays/{p.name}" for p in (K8S / "overlays").iterdir() if p.is_dir())]
 #: Each node's Kubernetes name (its app label, Deployment and Service) -> its gRPC port.
@@ -45,7 +44,7 @@ METRICS_PORT = 9090
 #: Seconds between the end of the drain and the kubelet's SIGKILL that we insist on.
 GRACE_MARGIN = 5
 #: The nodes' --drain-delay when a manifest does not set ONNXMESH_DRAIN_DELAY.
-DEFAULT_DRAIN_DELAY = next(f.default for f in fields(ServerSettings) if f.name == "drain_delay")
+DEFAULT_DRAIN_DELAY = str(next(f.default for f in fields(ServerSettings) if f.name == "drain_delay"))
 POD_LABELS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/component",

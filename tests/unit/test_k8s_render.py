@@ -16,9 +16,8 @@ import yaml
 from meshctl.cli import main as cli_main
 from meshctl.k8s import render
 from meshctl.mesh import load_mesh
-from tests.support import ROOT, kustomize
+from tests.support import K8S_VERSION, ROOT, kustomize
 from tests.unit.mesh_fakes import mesh, write
-from tests.unit.test_k8s_manifests import K8S_VERSION
 
 
 def test_k8s_base_is_the_demo_mesh_rendered() -> None:

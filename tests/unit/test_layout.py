@@ -43,7 +43,7 @@ WIRE = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "proto")
 
 def imported_modules(path: Path) -> set[str]:
     """Every module a Python file imports, wherever in the file (lazy imports included)."""
-    modules = set()
+    modules: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)

@@ -13,8 +13,7 @@ from services.common.errors import ResourceExhausted, truncate
 from services.common.limits import AdaptiveLimit, ConcurrencyLimiter, FixedLimit, limiter_from_setting
 from services.common.observability.logs import TextFormatter
 from services.common.types import InferRequest, InferResult
-from tests.unit.fakes import FakeClock
-from tests.unit.test_dataplane import Double, X, loaded, requests_counted
+from tests.unit.fakes import Double, FakeClock, X, loaded, requests_counted
 
 
 def test_a_fixed_limit_admits_that_many_and_refuses_the_rest() -> None:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,53 +22,19 @@ import yaml
 
 from orchestrator.node import OrchestratorMetrics
 from services.common.observability.metrics import ServerMetrics
-from tests.support import ROOT
+from tests.support import (
+    COMPONENT,
+    ROOT,
+    RULES,
+    dashboard,
+    expressions,
+    kustomize,
+    rule_groups,
+    selectors,
+    tool,
+)
 
-COMPONENT = ROOT / "k8s/components/observability"
-DASHBOARD = COMPONENT / "dashboard.json"
-RULES = COMPONENT / "prometheusrule.yaml"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-#: Grafana's variables, replaced by what they stand for before an expression is parsed.
-VARIABLES = {"$__rate_interval": "5m", "$graph": "digits-serial|digits-parallel"}
-
-
-def dashboard() -> dict[str, Any]:
-    return dict(json.loads(DASHBOARD.read_text()))
-
-
-def rule_groups() -> list[dict[str, Any]]:
-    return list(yaml.safe_load(RULES.read_text())["spec"]["groups"])
-
-
-def expressions() -> Iterator[tuple[str, str]]:
-    """(where, PromQL) of every query of the dashboard and every rule."""
-    for panel in dashboard()["panels"]:
-        for target in panel.get("targets", ()):
-            yield f"panel {panel['title']!r} {target['refId']}", target["expr"]
-    for group in rule_groups():
-        for rule in group["rules"]:
-            yield f"rule {rule.get('alert') or rule.get('record')}", rule["expr"]
-
-
-def selectors(expr: str) -> list[tuple[str, set[str]]]:
-    """(metric name, label names it filters or groups on) of each series an expression selects."""
-    for variable, meaning in VARIABLES.items():
-        expr = expr.replace(variable, meaning)
-    assert "$" not in expr, f"an unknown Grafana variable in {expr}"
-    found: list[tuple[str, set[str]]] = []
-    grouping: set[str] = set()
-
-    def visit(node: Any) -> bool:
-        if isinstance(node, promql_parser.VectorSelector):
-            labels = {m.name for m in node.matchers.matchers}
-            found.append((node.name, labels))
-        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
-            grouping.update(node.modifier.labels)
-        return True
-
-    promql_parser.walk(promql_parser.parse(expr), visit)
-    # Grouping labels are checked against every series of the expression.
-    return [(name, labels | grouping) for name, labels in found]
 
 
 def registered_series() -> set[str]:
@@ -144,27 +108,20 @@ def test_the_alerts_say_what_and_how_bad() -> None:
         assert alert["annotations"]["summary"] and alert["annotations"]["description"]
 
 
-def promtool() -> str:
-    found = shutil.which("promtool") or str(ROOT / ".venv/bin/promtool")
-    if not Path(found).exists():
-        pytest.skip("promtool is not installed (make promtool)")
-    return found
-
-
 def test_the_rules_pass_promtool(tmp_path: Path) -> None:
     rules = tmp_path / "onnxmesh.rules.yml"
     rules.write_text(yaml.safe_dump(yaml.safe_load(RULES.read_text())["spec"]))
     checked = subprocess.run(
-        [promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+        [tool("promtool", "make promtool"), "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 5 rules found" in checked.stdout
 
 
 def test_the_component_renders_on_the_base(tmp_path: Path) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not on PATH: cannot render the kustomizations (kubectl kustomize)")
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     base = os.path.relpath(ROOT / "k8s/base", overlay)
@@ -179,9 +136,7 @@ def test_the_component_renders_on_the_base(tmp_path: Path) -> None:
             }
         )
     )
-    done = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    objects = [o for o in yaml.safe_load_all(done.stdout) if o]
+    objects = kustomize(overlay)
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for obj in objects:
         by_kind.setdefault(obj["kind"], []).append(obj)
@@ -249,7 +204,7 @@ def test_the_drift_alert_fires_in_promtools_rule_test(tmp_path: Path) -> None:
     }
     (tmp_path / "drift.test.yml").write_text(yaml.safe_dump(test))
     done = subprocess.run(
-        [promtool(), "test", "rules", "drift.test.yml"],
+        [tool("promtool", "make promtool"), "test", "rules", "drift.test.yml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

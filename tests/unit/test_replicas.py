@@ -17,6 +17,7 @@ from orchestrator.stages.replicas import OutlierPolicy, ReplicaSet, parse_target
 from orchestrator.stages.retry_budget import RetryBudget
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.types import InferRequest, InferResult, ModelSignature
+from tests.support import run
 from tests.unit.fakes import FakeClock
 
 REQUEST = InferRequest("m", {"x": np.zeros((1, 4), np.float32)})
@@ -91,13 +92,6 @@ def replica_set(
         rng=random.Random(0),
     )
     return replicas, fakes
-
-
-def run(coro: Awaitable[InferResult]) -> InferResult:
-    async def main() -> InferResult:
-        return await coro
-
-    return asyncio.run(main())
 
 
 def calls(replicas: ReplicaSet, n: int) -> list[InferResult]:

@@ -116,7 +116,7 @@ def decode_response_outputs(response: pb.ModelInferResponse) -> dict[str, np.nda
 def parameter_value(param: pb.InferParameter) -> Param:
     """The value an InferParameter holds ("" when none is set)."""
     choice = param.WhichOneof("parameter_choice")
-    return "" if choice is None else getattr(param, choice)  # type: ignore[no-any-return]
+    return "" if choice is None else getattr(param, choice)
 
 
 def parameter_values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Param]:

@@ -39,12 +39,17 @@ class SecurityError(OSError):
     """A TLS or token setting that cannot be used (missing file, half a key pair)."""
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str, pem: str | None = None) -> bytes:
+    # The path only, never the contents, in every message: a key must not reach a log line.
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
-        # The path only, never the contents: a key must not reach a log line.
         raise SecurityError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    # Checked here: gRPC reports a certificate and key swapped only as a port it failed to bind.
+    # "PRIVATE KEY-----" ends PKCS#8, RSA and EC keys alike.
+    if pem is not None and f"{pem}-----".encode() not in data:
+        raise SecurityError(f"the {what} {path} holds no PEM {pem.lower()}")
+    return data
 
 
 def _stamp(paths: Sequence[Path]) -> tuple[tuple[int, int], ...]:
@@ -87,8 +92,12 @@ class TlsFiles:
 
     def load(self) -> tuple[bytes, bytes, bytes | None]:
         """(chain, key, ca), read now."""
-        ca = _read(self.ca, "TLS CA bundle") if self.ca is not None else None
-        return _read(self.cert, "TLS certificate"), _read(self.key, "TLS key"), ca
+        ca = _read(self.ca, "TLS CA bundle", "CERTIFICATE") if self.ca is not None else None
+        return (
+            _read(self.cert, "TLS certificate", "CERTIFICATE"),
+            _read(self.key, "TLS key", "PRIVATE KEY"),
+            ca,
+        )
 
 
 def server_credentials(files: TlsFiles, *, require_client_cert: bool = True) -> grpc.ServerCredentials:
@@ -152,7 +161,9 @@ class ClientSecurity:
         self._checked_at = time.monotonic()
         if self.tls is None:
             assert self.ca is not None
-            return grpc.ssl_channel_credentials(root_certificates=_read(self.ca, "TLS CA bundle"))
+            return grpc.ssl_channel_credentials(
+                root_certificates=_read(self.ca, "TLS CA bundle", "CERTIFICATE")
+            )
         chain, key, ca = self.tls.load()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
 

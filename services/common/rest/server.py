@@ -456,7 +456,7 @@ def _flatten(name: str, data: list[Any]) -> list[Any]:
 def _json_data(array: np.ndarray) -> list[Any]:
     if array.dtype == np.object_:
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
-    return array.reshape(-1).tolist()  # type: ignore[no-any-return]
+    return array.reshape(-1).tolist()
 
 
 def _model(request: web.Request) -> tuple[str, str]:
