@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from demo.topology import MODEL_SERVICES, PREPROCESS
 from meshctl.process import REPO
 from services.common.model import Model, Servable
 from services.common.onnx_model import OnnxModel
 from services.common.python_model import PythonModel
 from services.common.repository import ModelRepository, ModelVersionDir, scan
 from services.common.settings import ServerSettings
-from services.common.topology import MODEL_SERVICES, PREPROCESS
 
 #: The model directory each service reads by default (`services/<name>/models`).
 DEFAULT_DIRS: dict[str, Path] = {

@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import procstat
 from bench.load.measure import MEASURED, MEASURING, RESULT
+from demo.topology import ORCHESTRATOR
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.process import REPO, ServiceProcess, wait_serving
-from services.common.topology import ORCHESTRATOR
 
 OVERHEAD_METRIC = "onnxmesh_orchestrator_overhead_seconds"
 ROWS_METRIC = "onnxmesh_downstream_call_rows"

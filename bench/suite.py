@@ -40,11 +40,11 @@ from bench.report.analysis import FLOOR, GROWTH, LARGE, LARGE_BATCHING, SMALL
 from bench.runner import Target, Timing, all_in_one, local_mesh, minimal, run_point, service_target
 from bench.targets import growth
 from bench.targets.large_model import DEFAULT_EPOCHS, DEFAULT_HIDDEN, LargeModel, build_large_model
+from demo.digits import load_holdout
+from demo.topology import ORCHESTRATOR
 from meshctl.launcher import DEMO_MESH as DEFAULT_GRAPHS
 from meshctl.process import REPO
 from orchestrator.spec import load_spec
-from services.common.digits import load_holdout
-from services.common.topology import ORCHESTRATOR
 
 GRAPHS = ("digits-serial", "digits-parallel")
 PROFILE_SECONDS = 5.0

@@ -8,5 +8,5 @@ Not part of the installed package and never imported by a node. By idea:
   so an unchanged image is reused instead of rebuilt;
 - ``cli``: the command line.
 
-Needs only Python 3.11's standard library (and services.common.topology for the names).
+Needs only Python 3.11's standard library and meshctl (the demo mesh file names the services).
 """

@@ -20,8 +20,8 @@ from typing import IO
 
 from images.base import BaseImages, ensure_base_images
 from meshctl.engine import ContainerEngine, EngineUnavailable
-from meshctl.mesh import kubernetes_name
-from services.common.topology import SERVICES
+from meshctl.launcher import DEMO_MESH
+from meshctl.mesh import kubernetes_name, load_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -45,11 +45,11 @@ class ImageSpec:
 #: The runtime images any mesh's service images are built on (meshctl/images.py).
 NODE = "node"
 NODE_BUILDER = "node-builder"
-#: Every image `make images` builds: the demo's nodes (k8s/base), jobs (k8s/components/jobs), and
-#: the runtime images `onnxmesh images` builds a mesh's services on.
+#: Every image `make images` builds: the demo mesh's nodes (k8s/base), jobs (k8s/components/jobs),
+#: and the runtime images `onnxmesh images` builds a mesh's services on.
 IMAGES: tuple[ImageSpec, ...] = tuple(
     ImageSpec(service, f"onnxmesh/{kubernetes_name(service)}")
-    for service in (*SERVICES, JOBS, NODE, NODE_BUILDER)
+    for service in (*(node.name for node in load_mesh(DEMO_MESH).nodes), JOBS, NODE, NODE_BUILDER)
 )
 
 

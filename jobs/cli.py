@@ -34,15 +34,15 @@ from jobs.client import TARGET_ENV as JOBS_TARGET_ENV
 from jobs.client import JobInfo, JobsClient
 from jobs.datasets import DatasetError, check_file
 from jobs.store import DB_ENV, STATUSES, Store, default_url, redact
-from meshctl.targets import REFUSED_HINT, explain
-from services.common.digits import load_holdout
+from meshctl.client import ClientError, load_client
+from meshctl.targets import MESH_ENV, REFUSED_HINT, current_mesh, explain
+from meshctl.targets import CliError as MeshCliError
 from services.common.errors import MeshError, NotFound
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import SecurityError
 from services.common.settings import non_negative_int, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_GRAPH = "digits-parallel"
 ORCHESTRATOR_ENV = "ONNXMESH_TARGET"
 DEFAULT_ORCHESTRATOR = "127.0.0.1:8001"
 COMMANDS = ("batch", "submit", "result", "jobs", "capture")
@@ -124,7 +124,8 @@ async def _batch(args: argparse.Namespace) -> int:
 
 
 def _submit_inputs(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
-    """One input dict per job: `--input NAME=FILE.npy` (one job), else held-out digits (one per image)."""
+    """One input dict per job: `--input NAME=FILE.npy` (one job), else the mesh's sample rows (its
+    client file, meshctl/client.py; the demo's: held-out digits), one job per row."""
     if args.input:
         tensors = {}
         for name, path in args.input:
@@ -134,25 +135,40 @@ def _submit_inputs(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
                 raise CliError(f"{path}: cannot read a .npy array: {exc}") from None
         return [tensors]
     try:
-        images = load_holdout(args.data).images
-    except (OSError, KeyError, ValueError) as exc:
-        raise CliError(f"{args.data or 'the held-out digits'}: cannot read them: {exc}") from None
-    rows = [(args.index + i) % len(images) for i in range(args.count)]
-    return [{"image": images[row : row + 1]} for row in rows]
+        client = load_client(current_mesh())
+        if client is None:
+            raise ClientError(f"{current_mesh().path} names no client file: give --input NAME=FILE.npy")
+        samples = client.samples()
+    except (ClientError, MeshCliError) as exc:
+        raise CliError(str(exc)) from None
+    rows = [(args.index + i) % len(samples) for i in range(args.count)]
+    return [samples.rows(row, row + 1) for row in rows]
 
 
 async def _submit(args: argparse.Namespace) -> int:
+    if args.mesh is not None:
+        os.environ[MESH_ENV] = str(args.mesh)
+    graph = args.graph or _default_graph()
     target = _jobs_target(args)
     async with JobsClient(target) as client:
         for inputs in _submit_inputs(args):
             try:
                 job = await client.submit(
-                    args.graph, inputs, version=args.version, ttl=args.ttl, job_timeout=args.job_timeout
+                    graph, inputs, version=args.version, ttl=args.ttl, job_timeout=args.job_timeout
                 )
             except MeshError as err:
                 raise CliError(_explain(target, err)) from None
             print(job.id)
     return 0
+
+
+def _default_graph() -> str:
+    """The mesh's client file's graph, else the mesh's first graph."""
+    try:
+        client = load_client(current_mesh())
+        return client.DEFAULT_NAME if client else current_mesh().graph_names()[0]
+    except (ClientError, MeshCliError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def _when(seconds: float) -> str:
@@ -252,7 +268,7 @@ def register(subparsers: Any) -> None:
         description="Send every row of a dataset not yet predicted through a graph over OIP and write the "
         "predictions (row key, outputs, model versions, time) into the store's `predictions` table.",
     )
-    batch.add_argument("graph", help="graph or model served by the target, e.g. digits-parallel")
+    batch.add_argument("graph", help="graph or model served by the target")
     batch.add_argument("dataset", type=Path, help=".npy, .npz, .csv or .parquet file")
     batch.add_argument("--db", help=f"SQLAlchemy URL or SQLite path (env {DB_ENV}; default {default_url()})")
     batch.add_argument("--dataset-name", help="the `dataset` column (default: the file name without suffix)")
@@ -287,12 +303,10 @@ def register(subparsers: Any) -> None:
 
     submit = subparsers.add_parser("submit", help="submit asynchronous jobs; prints one job id per line")
     submit.add_argument(
-        "graph", nargs="?", default=DEFAULT_GRAPH, help="graph or model (default: %(default)s)"
+        "graph", nargs="?", default=None, help="graph or model (default: the mesh's client file's)"
     )
-    submit.add_argument("--index", type=non_negative_int, default=0, help="first held-out digit (default 0)")
-    submit.add_argument(
-        "--count", type=positive_int, default=1, help="submit K jobs, one held-out digit each"
-    )
+    submit.add_argument("--index", type=non_negative_int, default=0, help="first sample row (default 0)")
+    submit.add_argument("--count", type=positive_int, default=1, help="submit K jobs, one sample row each")
     submit.add_argument(
         "--input",
         type=_assignment,
@@ -300,7 +314,12 @@ def register(subparsers: Any) -> None:
         metavar="NAME=FILE.npy",
         help="one job with these input arrays",
     )
-    submit.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
+    submit.add_argument(
+        "--mesh",
+        type=Path,
+        default=None,
+        help="the mesh file of its samples (default: $ONNXMESH_MESH, else the demo's)",
+    )
     submit.add_argument("--version", default="", help="model version to ask for")
     submit.add_argument("--ttl", type=float, default=0.0, help="seconds the job and its result are kept")
     submit.add_argument("--job-timeout", type=float, default=0.0, help="seconds one attempt may take")

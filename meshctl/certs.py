@@ -22,8 +22,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-#: The names every local node certificate covers: loopback and the Kubernetes Service names.
-NODE_NAMES = ("localhost", "127.0.0.1", "preprocess", "model-a", "model-b", "orchestrator")
+from meshctl.launcher import demo_mesh
+from meshctl.mesh import Mesh, kubernetes_name
+
+#: The names every local node certificate covers, beside its mesh's Kubernetes Service names.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+
+
+def node_names(mesh: Mesh | None = None) -> tuple[str, ...]:
+    """Loopback and the Kubernetes Service name of every node of `mesh` (default: the demo's)."""
+    return (*LOOPBACK_NAMES, *(kubernetes_name(node.name) for node in (mesh or demo_mesh()).nodes))
+
 
 _CA_CONFIG = """[ca]
 default_ca = local
@@ -74,13 +83,15 @@ def issue(
     directory: Path,
     ca: KeyPair,
     name: str,
-    names: Sequence[str] = NODE_NAMES,
+    names: Sequence[str] | None = None,
     *,
     days: int = 365,
     expired: bool = False,
 ) -> KeyPair:
     """A certificate for server and client use, signed by `ca`, as DIR/<name>.pem and
-    DIR/<name>-key.pem; `expired`: valid only in 2020 (for tests of refusal)."""
+    DIR/<name>-key.pem, for `names` (default: node_names()); `expired`: valid only in 2020 (for
+    tests of refusal)."""
+    names = names or node_names()
     directory.mkdir(parents=True, exist_ok=True)
     pair = KeyPair(directory / f"{name}.pem", directory / f"{name}-key.pem")
     sans = ",".join(f"IP:{n}" if n.replace(".", "").isdigit() else f"DNS:{n}" for n in names)

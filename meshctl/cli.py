@@ -1,6 +1,6 @@
 """`onnxmesh`: call the mesh from a terminal (predict, models, health, rollout, batch and jobs).
 
-    onnxmesh predict [digits-parallel] [--index N | --image FILE] [--count K] [--target HOST:PORT]
+    onnxmesh predict [GRAPH] [--input NAME=FILE.npy ...] [--target HOST:PORT] (+ the mesh's client file's options)
     onnxmesh models  [--target HOST:PORT ...] [--model NAME ...]
     onnxmesh health  [--target HOST:PORT ...] [--service NAME]
     (each also takes --base-port N: the local mesh's layout, as `make run ARGS=--base-port N`)
@@ -28,23 +28,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from meshctl.client import ClientError, MeshClient, load_client
 from meshctl.launcher import probe_models
-from meshctl.predict import DEFAULT_GRAPH, describe_signature, run_predict
+from meshctl.predict import describe_signature, parse_input, run_predict
 from meshctl.targets import (
     MESH_ENV,
     TARGET_ENV,
     CliError,
     check_target,
+    current_mesh,
     detail,
     explain,
     local_endpoints,
     unreachable,
 )
-from services.common.digits import PIXEL_MAX
 from services.common.errors import MeshError, NotFound
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import SecurityError
-from services.common.settings import non_negative_int, positive_int
+from services.common.settings import positive_int
 from services.common.types import ModelSignature
 
 ROLLOUT = "rollout"
@@ -157,25 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxmesh", description="Call the onnxmesh inference mesh.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    predict = commands.add_parser("predict", help="classify a digit with a graph or a model")
+    predict = commands.add_parser("predict", help="send inputs through a graph or a model")
+    client = _mesh_client()
     predict.add_argument(
-        "name", nargs="?", default=DEFAULT_GRAPH, help="graph or model (default: %(default)s)"
+        "name",
+        nargs="?",
+        default=client.DEFAULT_NAME if client else None,
+        help="graph or model (default: %(default)s; without a client file, the mesh's first graph)",
     )
-    source = predict.add_mutually_exclusive_group()
-    source.add_argument(
-        "--index", type=non_negative_int, default=0, help="held-out digit to send (default: 0)"
+    predict.add_argument(
+        "--input",
+        type=parse_input,
+        action="append",
+        metavar="NAME=FILE.npy",
+        help="an input as a .npy array, batch first (repeatable; default: what the mesh's client file sends)",
     )
-    source.add_argument(
-        "--image", type=Path, help=f".npy (8x8) or text/CSV file of 64 integers 0..{PIXEL_MAX}"
-    )
-    predict.add_argument("--count", type=positive_int, default=1, help="send K consecutive held-out digits")
     predict.add_argument("--version", default="", help="model version (default: the server's choice)")
-    predict.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="held-out digits (.npz; default: the ones shipped with onnxmesh)",
-    )
+    if client is not None:
+        client.add_arguments(predict)  # the mesh's own options, e.g. which sample to send
     _add_target(predict, "HOST:PORT (default: $ONNXMESH_TARGET, else the local node serving NAME)")
     _add_timeouts(predict, call=10.0)
 
@@ -220,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mesh_client() -> MeshClient | None:
+    """The current mesh's client file, for predict's options; None when it has none or fails to
+    load (predict then says why when it runs)."""
+    try:
+        return load_client(current_mesh())
+    except (CliError, ClientError):
+        return None
+
+
+_MESH_OPTION = argparse.ArgumentParser(add_help=False)
+_MESH_OPTION.add_argument("--mesh", type=Path, default=None)
+
+
 def _add_target(parser: argparse.ArgumentParser, help: str, *, repeat: bool = False) -> None:
     parser.add_argument("--target", action="append" if repeat else "store", help=help)
     parser.add_argument(
@@ -245,16 +258,18 @@ def _add_timeouts(parser: argparse.ArgumentParser, *, call: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `onnxmesh` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("predict", "models", "health"):
+        # The mesh file every address of this run comes from, and predict's options (its client file).
+        named, _ = _MESH_OPTION.parse_known_args(argv[1:])
+        if named.mesh is not None:
+            os.environ[MESH_ENV] = str(named.mesh)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command not in (ROLLOUT, UP) and args.command not in JOB_COMMANDS and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if getattr(args, "mesh", None) is not None and args.command in ("predict", "models", "health"):
-        os.environ[MESH_ENV] = str(args.mesh)  # the layout every address of this run comes from
     try:
         if args.command == "predict":
-            if args.image is not None and args.count > 1:
-                raise CliError("--count sends held-out digits; it cannot be used with --image")
             return asyncio.run(run_predict(args))
         if args.command == "models":
             return asyncio.run(_models(args))

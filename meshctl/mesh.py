@@ -53,7 +53,7 @@ METRICS_OFFSET = 200
 #: The name the orchestrator goes by among the nodes.
 ORCHESTRATOR = "orchestrator"
 
-_TOP_KEYS = ("base_port", "images", "orchestrator", "services", "defaults", "graphs", "cache_store")
+_TOP_KEYS = ("base_port", "images", "orchestrator", "services", "defaults", "graphs", "cache_store", "client")
 _SERVICE_KEYS = ("runtime", "model_dir", "replicas", "resources", "settings", "requirements", "port")
 _ORCHESTRATOR_KEYS = ("replicas", "resources", "settings", "port")
 _RESOURCE_KINDS = ("requests", "limits")
@@ -139,6 +139,8 @@ class Mesh:
     #: The graphs, as the orchestrator reads them from the same file.
     spec: MeshSpec
     images: Images
+    #: The mesh's own client conveniences (a Python file, meshctl/client.py), if it names one.
+    client: Path | None = None
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -219,11 +221,26 @@ def load_mesh(path: str | Path) -> Mesh:
     _check_ports([*services.values(), orchestrator], problems)
     images = _images(raw.get("images", {}), path.parent, problems)
     spec = _graphs(raw, problems)
+    client = _client(raw.get("client"), path.parent, problems)
     if problems.items or spec is None:
         raise MeshFileError(problems.items)
     return Mesh(
-        path, base, MappingProxyType(services), MappingProxyType(external), orchestrator, spec, images
+        path, base, MappingProxyType(services), MappingProxyType(external), orchestrator, spec, images, client
     )
+
+
+def _client(value: Any, folder: Path, problems: _Problems) -> Path | None:
+    """`client: FILE.py`, relative to the mesh file: a Python file that exists."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.endswith(".py"):
+        problems.add("client", f"must name a Python file (FILE.py) relative to the mesh file, got {value!r}")
+        return None
+    path = (folder / value).resolve()
+    if not path.is_file():
+        problems.add("client", f"{path} is not a file")
+        return None
+    return path
 
 
 _IMAGE_PREFIX = re.compile(r"([a-z0-9][a-z0-9._:-]*/)*\Z")

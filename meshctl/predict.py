@@ -1,5 +1,10 @@
-"""`onnxmesh predict`: held-out digits or an image file through a graph or a model, the answer
-printed with its probabilities and per-step statuses, or accuracy and latency over many."""
+"""`onnxmesh predict`: inputs through a graph or a model, the answer printed with its probabilities
+and per-step statuses, or accuracy and latency over many rows.
+
+The inputs: `--input NAME=FILE.npy` (any mesh), else what the mesh's client file selects
+(meshctl/client.py; the demo's sends held-out digits). A model whose inputs another model makes
+(as a graph's step does) gets them made the same way: the graph's upstream steps are called first.
+"""
 
 from __future__ import annotations
 
@@ -7,86 +12,63 @@ import argparse
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from meshctl.client import ClientError, Samples, load_client
 from meshctl.targets import (
-    PRODUCERS,
     CliError,
     check_target,
+    current_mesh,
     default_target,
     explain,
     layout_near,
     service_address,
+    upstream,
 )
-from services.common.digits import IMAGE_SHAPE, PIXEL_MAX, load_holdout
+from orchestrator.spec.steps import REQUEST, GraphSpec, ModelStep, TensorRef
 from services.common.errors import MeshError, NotFound
 from services.common.grpc.client import OipClient
 from services.common.types import InferResult, ModelSignature
 
-DEFAULT_GRAPH = "digits-parallel"
+# -- inputs --------------------------------------------------------------------------------------------
 
 
-# -- images --------------------------------------------------------------------------------------------
+def parse_input(text: str) -> tuple[str, Path]:
+    """`NAME=FILE.npy` of `--input`."""
+    name, sep, file = text.partition("=")
+    if not sep or not name or not file:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {text!r}")
+    return name, Path(file)
 
 
-@dataclass(frozen=True)
-class Digits:
-    """Images to send, with their true labels when they come from the held-out set."""
+def given_inputs(pairs: Sequence[tuple[str, Path]]) -> Samples:
+    """One request of the `--input` arrays, as they are (their first axis is the batch)."""
+    inputs = {}
+    for name, path in pairs:
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--input {name}={path}: cannot read a .npy array: {exc}") from None
+    return Samples(inputs, None, [", ".join(f"{name}={path}" for name, path in pairs)])
 
-    images: NDArray[np.uint8]
-    labels: NDArray[np.int64] | None
-    description: list[str]
 
-
-def load_image(path: Path) -> NDArray[np.uint8]:
-    """One 8x8 image from a `.npy` file (8x8, 1x8x8 or 64 values) or a text/CSV file of 64 integers 0..16."""
+def select_samples(args: argparse.Namespace) -> Samples:
+    """The rows to send: `--input`, else the mesh's client file's choice."""
+    if args.input:
+        return given_inputs(args.input)
     try:
-        if path.suffix == ".npy":
-            values = np.load(path, allow_pickle=False)
-        else:
-            values = np.array(path.read_text().replace(",", " ").split(), dtype=np.float64)
-    except (OSError, ValueError) as exc:
-        raise CliError(f"{path}: cannot read an image: {exc}") from None
-    values = np.asarray(values)
-    if values.size != 64:
-        raise CliError(f"{path}: expected 64 pixel values (an 8x8 image), found {values.size}")
-    if (
-        values.dtype.kind not in "biuf"
-        or not np.all(np.isfinite(values))
-        or np.any(values != np.round(values))
-    ):
-        raise CliError(f"{path}: expected integer pixel values 0..{PIXEL_MAX}")
-    if values.min() < 0 or values.max() > PIXEL_MAX:
+        client = load_client(current_mesh())
+    except ClientError as exc:
+        raise CliError(str(exc)) from None
+    if client is None:
         raise CliError(
-            f"{path}: pixel values must be 0..{PIXEL_MAX}, found {values.min():g}..{values.max():g}"
+            f"{current_mesh().path} names no client file: give the inputs with --input NAME=FILE.npy"
         )
-    return values.reshape(IMAGE_SHAPE).astype(np.uint8)
-
-
-def select_digits(args: argparse.Namespace) -> Digits:
-    if args.image is not None:
-        image = load_image(args.image)
-        return Digits(image[None], None, [str(args.image)])
-    try:
-        holdout = load_holdout(args.data)
-    except (OSError, KeyError, ValueError) as exc:
-        raise CliError(
-            f"{args.data or 'the held-out digits'}: cannot read the held-out digits: {exc}"
-        ) from None
-    images, labels = holdout.images, holdout.labels
-    if args.index >= len(images):
-        raise CliError(
-            f"--index {args.index} is out of range: the held-out set has {len(images)} images (0..{len(images) - 1})"
-        )
-    if args.count > len(images):
-        raise CliError(f"--count {args.count} is more than the {len(images)} held-out images")
-    rows = [(args.index + i) % len(images) for i in range(args.count)]  # wraps around the set
-    return Digits(images[rows], labels[rows], [f"held-out #{row}" for row in rows])
+    return client.select(args)
 
 
 # -- output formatting ---------------------------------------------------------------------------------
@@ -131,10 +113,10 @@ def describe_signature(sig: ModelSignature) -> str:
 
 
 class Inputs:
-    """Builds a model's inputs from images: the image itself, or what an upstream model makes of it.
+    """Builds a model's inputs from the rows: the rows themselves, or what upstream models make of them.
 
-    Calling a model directly (e.g. digits-mlp takes `features`) then works like the graphs do:
-    the image goes through the producers in PRODUCERS first. One client per upstream address.
+    Calling a model directly works like the graphs do: an input a graph's step feeds it from another
+    model step is made by calling that step's model first (targets.upstream). One client per address.
     """
 
     def __init__(self, timeout: float, layout: Mapping[str, str] | None = None) -> None:
@@ -147,43 +129,60 @@ class Inputs:
         for client in self._clients.values():
             await client.close()
 
-    async def build(self, sig: ModelSignature, images: NDArray[np.uint8]) -> dict[str, NDArray[Any]]:
+    async def build(self, sig: ModelSignature, rows: Mapping[str, NDArray[Any]]) -> dict[str, NDArray[Any]]:
         self.chain = []
-        return {spec.name: await self._tensor(spec.name, images, ()) for spec in sig.inputs}
+        return {spec.name: await self._tensor(sig.name, spec.name, rows) for spec in sig.inputs}
 
-    async def _tensor(self, name: str, images: NDArray[np.uint8], seen: tuple[str, ...]) -> NDArray[Any]:
-        if name == "image":
-            return images
-        if name not in PRODUCERS or name in seen:
-            raise CliError(f"predict can only send an image; it does not know how to make input '{name}'")
-        model, model_input, service = PRODUCERS[name]
-        upstream = await self._tensor(model_input, images, (*seen, name))
-        address = service_address(service, self.layout)
-        self.chain.append(f"{model} @ {address}")
+    async def _tensor(self, model: str, name: str, rows: Mapping[str, NDArray[Any]]) -> NDArray[Any]:
+        if name in rows:
+            return rows[name]
+        found = upstream(model, name)
+        if found is None:
+            raise CliError(f"no input '{name}' for {model}: give it with --input {name}=FILE.npy")
+        return await self._made(*found, rows)
+
+    async def _made(self, graph: GraphSpec, ref: TensorRef, rows: Mapping[str, NDArray[Any]]) -> NDArray[Any]:
+        """The tensor `ref` of `graph`: a request input from the rows, or a model step's output."""
+        if ref.step == REQUEST:
+            if ref.tensor not in rows:
+                raise CliError(f"no input '{ref.tensor}' (graph {graph.name}): give it with --input")
+            return rows[ref.tensor]
+        step = next((s for s in graph.all_steps() if s.name == ref.step), None)
+        if not isinstance(step, ModelStep):
+            raise CliError(
+                f"'{ref.tensor}' of {graph.name} comes from step {ref.step}, not a model: use --input"
+            )
+        inputs = {name: await self._made(graph, source, rows) for name, source in step.inputs.items()}
+        address = service_address(step.service, self.layout)
+        self.chain.append(f"{step.model} @ {address}")
         client = self._clients.setdefault(address, OipClient(address))
         try:
-            result = await client.infer(model, {model_input: upstream}, [name], timeout=self.timeout)
+            result = await client.infer(step.model, inputs, [ref.tensor], timeout=self.timeout)
         except MeshError as err:
-            raise CliError(f"input '{name}' from {model}: {explain(address, err, connecting=True)}") from None
-        return result.outputs[name]
+            raise CliError(
+                f"input '{ref.tensor}' from {step.model}: {explain(address, err, connecting=True)}"
+            ) from None
+        return result.outputs[ref.tensor]
 
 
 async def _predict_one(
     client: OipClient,
     sig: ModelSignature,
     inputs: Inputs,
-    images: NDArray[np.uint8],
+    rows: Mapping[str, NDArray[Any]],
     args: argparse.Namespace,
 ) -> tuple[InferResult, float]:
-    tensors = await inputs.build(sig, images)
+    tensors = await inputs.build(sig, rows)
     started = time.perf_counter()
     result = await client.infer(args.name, tensors, version=args.version, timeout=args.timeout)
     return result, time.perf_counter() - started
 
 
 async def run_predict(args: argparse.Namespace) -> int:
+    if args.name is None:  # no client file names a default: the mesh's first graph
+        args.name = current_mesh().graph_names()[0]
     target = check_target(args.target) if args.target else default_target(args.name, args.base_port)
-    digits = select_digits(args)
+    samples = select_samples(args)
     inputs = Inputs(args.timeout, layout_near(target, args.name, args.base_port))
     async with OipClient(target) as client:
         try:
@@ -193,9 +192,9 @@ async def run_predict(args: argparse.Namespace) -> int:
         except MeshError as err:
             raise CliError(explain(target, err, connecting=True)) from None
         try:
-            if args.count == 1:
-                return await _predict_single(client, sig, inputs, digits, target, args)
-            return await _predict_many(client, sig, inputs, digits, target, args)
+            if len(samples.description) <= 1 or samples.labels is None:
+                return await _predict_single(client, sig, inputs, samples, target, args)
+            return await _predict_many(client, sig, inputs, samples, target, args)
         finally:
             await inputs.close()
 
@@ -204,25 +203,25 @@ async def _predict_single(
     client: OipClient,
     sig: ModelSignature,
     inputs: Inputs,
-    digits: Digits,
+    samples: Samples,
     target: str,
     args: argparse.Namespace,
 ) -> int:
     try:
-        result, seconds = await _predict_one(client, sig, inputs, digits.images, args)
+        result, seconds = await _predict_one(client, sig, inputs, samples.inputs, args)
     except MeshError as err:
         raise CliError(explain(target, err)) from None
     version = result.model_version or "-"
     print(f"{result.model_name or args.name} (version {version}) @ {target}  {seconds * 1000:.1f} ms")
     if inputs.chain:
         print(f"  inputs made by: {' -> '.join(inputs.chain)}")
-    truth = f" (true label {int(digits.labels[0])})" if digits.labels is not None else ""
-    print(f"  image:         {digits.description[0]}{truth}")
+    truth = f" (true label {int(samples.labels[0])})" if samples.labels is not None else ""
+    print(f"  {next(iter(samples.inputs), 'input')}:         {samples.description[0]}{truth}")
     labels = predicted_labels(result)
     if labels is not None:
         verdict = ""
-        if digits.labels is not None:
-            verdict = "  correct" if labels[0] == digits.labels[0] else "  WRONG"
+        if samples.labels is not None:
+            verdict = "  correct" if labels[0] == samples.labels[0] else "  WRONG"
         print(f"  predicted:     {int(labels[0])}{verdict}")
     if "probabilities" in result.outputs:
         print(f"  probabilities: {format_probabilities(result.outputs['probabilities'][0])}")
@@ -247,27 +246,27 @@ async def _predict_many(
     client: OipClient,
     sig: ModelSignature,
     inputs: Inputs,
-    digits: Digits,
+    samples: Samples,
     target: str,
     args: argparse.Namespace,
 ) -> int:
-    """One request per image, in order; accuracy, latency, errors and how each step fared."""
+    """One request per labelled row, in order; accuracy, latency, errors and how each step fared."""
     correct, latencies, errors = 0, [], Counter[str]()
     steps: dict[str, Counter[str]] = {}
-    assert digits.labels is not None  # --count needs held-out digits (checked by the parser)
-    for i in range(len(digits.images)):
+    assert samples.labels is not None  # run_predict sends labelled rows only here
+    for i in range(len(samples)):
         try:
-            result, seconds = await _predict_one(client, sig, inputs, digits.images[i : i + 1], args)
+            result, seconds = await _predict_one(client, sig, inputs, samples.rows(i, i + 1), args)
         except MeshError as err:
             errors[explain(target, err)] += 1
             continue
         latencies.append(seconds)
         labels = predicted_labels(result)
-        correct += int(labels is not None and labels[0] == digits.labels[i])
+        correct += int(labels is not None and labels[0] == samples.labels[i])
         for step, status in response_details(result.parameters, "step.").items():
             steps.setdefault(step, Counter())[step_outcome(status)] += 1
     answered = len(latencies)
-    print(f"{args.name} @ {target}: {len(digits.images)} requests ({digits.description[0]} onwards)")
+    print(f"{args.name} @ {target}: {len(samples)} requests ({samples.description[0]} onwards)")
     if answered:
         ms = np.asarray(latencies) * 1000
         print(f"  accuracy: {correct}/{answered} = {correct / answered:.1%}")

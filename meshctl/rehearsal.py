@@ -1,10 +1,12 @@
-"""A rolling update rehearsed locally, with traffic flowing: `python -m meshctl.rehearsal`.
+"""A rolling update rehearsed locally, with traffic flowing: `python -m meshctl.rehearsal [--mesh MESH]`.
 
-What Kubernetes does for `kubectl set image` on model_a (maxSurge 1, maxUnavailable 0), done
-with local processes: two model_a replicas serve version 1 behind the orchestrator; each is
-replaced in turn by a process serving version 2 (start new, wait until ready, drain old with
-SIGTERM) while a closed-loop client keeps calling a graph. It reports how many requests were
-sent and failed, and how long answers came from both versions. Zero failures is the bar.
+What Kubernetes does for `kubectl set image` on one service (maxSurge 1, maxUnavailable 0), done
+with local processes: two replicas of the service behind a graph's step serve their model's
+newest version N; each is replaced in turn by a process serving N+1 (start new, wait until ready,
+drain old with SIGTERM) while a closed-loop client keeps calling the graph with the mesh's sample
+rows (its client file, meshctl/client.py). It reports how many requests were sent and failed, and
+how long answers came from both versions. Zero failures is the bar. Default: the demo mesh, its
+client file's graph, and that graph's first model step that does not read the request itself.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from meshctl.process import REPO
-from services.common.digits import load_holdout
+from meshctl.client import Samples, load_client, mesh_samples
+from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh, demo_mesh
+from meshctl.mesh import Mesh, load_mesh
+from orchestrator.spec.steps import REQUEST, ModelStep
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 
@@ -62,8 +65,10 @@ class Traffic:
         max_requests: int = 50_000,
         max_seconds: float = 120.0,
         timeout: float = 5.0,
+        samples: Samples | None = None,
     ) -> None:
         self.target, self.graph = target, graph
+        self.samples = samples if samples is not None else mesh_samples(demo_mesh())
         # The steps whose answering version is recorded (a splitter's branches: whichever ran).
         self.version_keys = [f"version.{step}" for step in steps]
         self.concurrency, self.max_requests, self.max_seconds = concurrency, max_requests, max_seconds
@@ -91,7 +96,7 @@ class Traffic:
             time.sleep(0.02)
 
     async def _run(self) -> None:
-        images = load_holdout().images
+        rows, samples = len(self.samples), self.samples
         started = time.monotonic()
         async with OipClient(self.target) as client:
 
@@ -100,11 +105,11 @@ class Traffic:
                 while not self._stop.is_set() and self.report.sent < self.max_requests:
                     if time.monotonic() - started > self.max_seconds:
                         return
-                    image = images[i % len(images)][None]
+                    inputs = samples.rows(i % rows, i % rows + 1)
                     i += self.concurrency
                     self.report.sent += 1
                     try:
-                        result = await client.infer(self.graph, {"image": image}, timeout=self.timeout)
+                        result = await client.infer(self.graph, inputs, timeout=self.timeout)
                     except MeshError as err:
                         self.report.failed += 1
                         self.report.errors[f"{err.code}: {err.message}"[:200]] += 1
@@ -135,6 +140,9 @@ def versioned_copy(model_dir: Path, model: str, version: str, out_dir: Path) -> 
 
 @dataclass
 class RehearsalResult:
+    service: str
+    old_version: str
+    new_version: str
     requests_sent: int
     requests_failed: int
     errors: dict[str, int]
@@ -143,76 +151,120 @@ class RehearsalResult:
     seconds: float
 
 
+def rolled_step(mesh: Mesh, graph: str, step: str | None) -> ModelStep:
+    """The model step `step` of `graph`; by default its first that does not read the request itself."""
+    if graph not in mesh.spec.graphs:
+        raise ValueError(f"{mesh.path}: no graph {graph!r}; graphs: {', '.join(mesh.graph_names())}")
+    steps = [s for s in mesh.spec.graphs[graph].all_steps() if isinstance(s, ModelStep)]
+    for candidate in steps:
+        if candidate.name == step or (
+            step is None and all(ref.step != REQUEST for ref in candidate.inputs.values())
+        ):
+            if mesh.services.get(candidate.service) is None:
+                raise ValueError(
+                    f"step {candidate.name} calls {candidate.service}, which the mesh does not run"
+                )
+            return candidate
+    raise ValueError(f"graph {graph} has no model step {step or 'after its first'} to roll")
+
+
 def rehearse(
     *,
-    graph: str = "digits-parallel",
-    step: str = "mlp",
+    mesh: Mesh | None = None,
+    graph: str | None = None,
+    step: str | None = None,
     concurrency: int = 4,
     say: Callable[[str], None] = lambda line: None,
 ) -> RehearsalResult:
-    """Roll model_a from version 1 to version 2 on two replicas while traffic flows; `say`
-    hears of each phase as it happens."""
+    """Roll the service behind `step` of `graph` to a new version of its model on two replicas
+    while traffic flows; `say` hears of each phase as it happens."""
+    mesh = mesh or demo_mesh()
+    client = load_client(mesh)
+    if client is None:
+        raise ValueError(f"{mesh.path} names no client file: the rehearsal sends its sample rows")
+    graph = graph or client.DEFAULT_NAME
+    rolled = rolled_step(mesh, graph, step)
+    service, model_dir = rolled.service, mesh.services[rolled.service].model_dir
+    assert model_dir is not None  # a service the mesh runs has its model directory
+    old = max((p.name for p in (model_dir / rolled.model).iterdir() if p.name.isdigit()), key=int)
+    new = str(int(old) + 1)
     started = time.monotonic()
 
     def phase(line: str) -> None:
         say(f"[{time.monotonic() - started:5.1f} s] {line}")
 
-    with tempfile.TemporaryDirectory(prefix="onnxmesh-v2-") as tmp:
-        new_dir = versioned_copy(REPO / "services/model_a/models", "digits-mlp", "2", Path(tmp))
-        phase("starting preprocess, model_a x2 (version 1), model_b and the orchestrator")
+    with tempfile.TemporaryDirectory(prefix="onnxmesh-next-") as tmp:
+        new_dir = versioned_copy(model_dir, rolled.model, new, Path(tmp))
+        phase(f"starting the mesh with {service} x2 ({rolled.model} version {old})")
         with LocalMesh(
+            mesh,
             ports=EPHEMERAL_PORTS,
-            replicas={"model_a": 2},
-            extra_args={"model_a": ["--reuse-port", "1"]},
+            replicas={service: 2},
+            extra_args={service: ["--reuse-port", "1"]},
             grace=5.0,
-        ) as mesh:
+        ) as running:
             phase(f"mesh ready; {concurrency} clients calling {graph} in a closed loop")
             with Traffic(
-                mesh.address("orchestrator"), graph, steps=[step], concurrency=concurrency
+                running.address("orchestrator"),
+                graph,
+                steps=[rolled.name],
+                concurrency=concurrency,
+                samples=client.samples(),
             ) as traffic:
                 traffic.wait_for(200)
                 for replica in (1, 2):
-                    phase(f"model_a-{replica}: starting version 2 beside it, then draining version 1")
-                    mesh.hand_over("model_a", replica, new_dir)
+                    phase(
+                        f"{service}-{replica}: starting version {new} beside it, then draining version {old}"
+                    )
+                    running.hand_over(service, replica, new_dir)
                     traffic.wait_for(200)
                     report = traffic.report
                     phase(
-                        f"model_a-{replica} serves version 2 ({report.sent} requests so far, {report.failed} failed)"
+                        f"{service}-{replica} serves version {new} ({report.sent} requests so far, {report.failed} failed)"
                     )
                 report = traffic.stop()
             phase("stopping the mesh")
     tail = [v for _, v in report.versions[-100:]]
     return RehearsalResult(
+        service=service,
+        old_version=old,
+        new_version=new,
         requests_sent=report.sent,
         requests_failed=report.failed,
         errors=dict(report.errors),
-        seconds_of_mixed_versions=round(report.mixed_seconds("1", "2"), 3),
-        share_new_version_at_end=sum(v == "2" for v in tail) / max(1, len(tail)),
+        seconds_of_mixed_versions=round(report.mixed_seconds(old, new), 3),
+        share_new_version_at_end=sum(v == new for v in tail) / max(1, len(tail)),
         seconds=round(report.seconds, 3),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meshctl.rehearsal", description=__doc__)
-    parser.add_argument("--graph", default="digits-parallel")
+    parser.add_argument("--mesh", type=Path, default=None, help="the mesh file (default: the demo's)")
+    parser.add_argument("--graph", default=None, help="(default: the mesh's client file's)")
+    parser.add_argument("--step", default=None, help="the model step whose service rolls")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
     args = parser.parse_args(argv)
     say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
-    result = rehearse(graph=args.graph, concurrency=args.concurrency, say=say)
+    mesh = load_mesh(args.mesh) if args.mesh else None
+    result = rehearse(mesh=mesh, graph=args.graph, step=args.step, concurrency=args.concurrency, say=say)
     passed = result.requests_failed == 0 and result.share_new_version_at_end == 1.0
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:
         print(
-            f"rolled model_a from version 1 to 2 under traffic: {result.requests_sent} requests in "
+            f"rolled {result.service} from version {result.old_version} to {result.new_version} under "
+            f"traffic: {result.requests_sent} requests in "
             f"{result.seconds:.1f} s, {result.requests_failed} failed, "
             f"{result.seconds_of_mixed_versions:.2f} s of answers from both versions, "
             f"{result.share_new_version_at_end:.0%} version 2 at the end"
         )
         for error, count in result.errors.items():
             print(f"  {count} x {error}")
-        print("PASS: no request failed" if passed else "FAIL: requests failed or version 1 still answers")
+        print(
+            "PASS: no request failed" if passed else "FAIL: requests failed or the old version still answers"
+        )
     return 0 if passed else 1
 
 

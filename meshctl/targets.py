@@ -3,7 +3,7 @@
 Every address comes from one layout: `--target`, else $ONNXMESH_TARGET, else the local node
 serving the name in the mesh file (`--mesh`, else $ONNXMESH_MESH, else ./mesh.yaml, else the demo's), laid
 out from `--base-port` (default: the file's). Calls `predict` chains to build a model's
-inputs (preprocess, model_a) go to $ONNXMESH_SERVICE_<NAME>_ADDRESS, else to the same layout
+inputs (the upstream steps of a graph, `upstream`) go to $ONNXMESH_SERVICE_<NAME>_ADDRESS, else to the same layout
 as the target (its host, and the base its port implies for the service it names).
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from meshctl.launcher import DEMO_MESH
 from meshctl.mesh import ORCHESTRATOR, Mesh, MeshFileError, load_mesh
 from orchestrator.addresses import address_variable
+from orchestrator.spec.steps import GraphSpec, ModelStep, TensorRef
 from services.common.errors import DeadlineExceeded, MeshError, Unavailable
-from services.common.topology import MODEL_A, PREPROCESS
 
 TARGET_ENV = "ONNXMESH_TARGET"
 MESH_ENV = "ONNXMESH_MESH"
@@ -67,12 +67,14 @@ def model_services() -> dict[str, str]:
     return served | dict.fromkeys(mesh.graph_names(), ORCHESTRATOR)
 
 
-#: How `predict` builds an input other than the image when it calls a model directly:
-#: input name -> (model that outputs it, that model's input, service serving it).
-PRODUCERS = {
-    "features": ("digits-preprocess", "image", PREPROCESS),
-    "embedding": ("digits-mlp", "features", MODEL_A),
-}
+def upstream(model: str, name: str) -> tuple[GraphSpec, TensorRef] | None:
+    """Where a graph of the mesh file gets input `name` of `model` from (the first that calls it with
+    that input): how `predict` makes that input when it calls the model directly."""
+    for graph in current_mesh().spec.graphs.values():
+        for step in graph.all_steps():
+            if isinstance(step, ModelStep) and step.model == model and name in step.inputs:
+                return graph, step.inputs[name]
+    return None
 
 
 class CliError(Exception):

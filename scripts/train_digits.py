@@ -13,8 +13,8 @@ under ``--out-dir`` (default: the repository root):
 - ``services/model_b/models/digits-head/1/model.onnx``: logistic regression on the MLP's embedding,
   ``embedding`` FP32 [-1,32] -> ``probabilities`` FP32 [-1,10].
 - a ``config.json`` beside the version folder of each ONNX model.
-- ``services/common/data/digits-holdout.npz``: the held-out split, ``images`` uint8 [N,8,8], ``labels``
-  int64 [N]; package data, read through ``services.common.digits.load_holdout``.
+- ``demo/data/digits-holdout.npz``: the held-out split, ``images`` uint8 [N,8,8], ``labels``
+  int64 [N]; package data, read through ``demo.digits.load_holdout``.
 
 The ONNX graphs are built by hand with ``onnx.helper`` (IR version 10, opset 17). At the end it
 prints each classifier's held-out accuracy, computed by running the exported ONNX files in
@@ -75,7 +75,7 @@ STATS_PATH = Path("services/preprocess/models/digits-preprocess/1/stats.json")
 MLP_DIR = Path("services/model_a/models/digits-mlp")
 LOGREG_DIR = Path("services/model_b/models/digits-logreg")
 HEAD_DIR = Path("services/model_b/models/digits-head")
-HOLDOUT_PATH = Path("services/common/data/digits-holdout.npz")
+HOLDOUT_PATH = Path("demo/data/digits-holdout.npz")
 MODEL_FILE = Path("1/model.onnx")
 
 F32 = NDArray[np.float32]

@@ -42,8 +42,8 @@ from bench.load.measure import (
     summarize,
 )
 from bench.models import features_of
+from demo.digits import Holdout, load_holdout
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
-from services.common.digits import Holdout, load_holdout
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.types import ModelSignature

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from demo.digits import load_holdout
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
 
 ROOT = Path(__file__).resolve().parents[2]

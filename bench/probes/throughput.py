@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from demo.digits import load_holdout
 from jobs.batch import BatchConfig, BatchRunner
 from jobs.store import Store
-from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
 
 

@@ -27,7 +27,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from bench.models import DEFAULT_DIRS
-from services.common.topology import DEFAULT_PORTS, MODEL_A, MODEL_B, MODEL_SERVICES
+from demo.topology import DEFAULT_PORTS, MODEL_A, MODEL_B, MODEL_SERVICES
 
 DEFAULT_MAX_STEPS = 4
 #: The demo's graph with a whole-graph response cache: the cache row of the report.

@@ -45,7 +45,7 @@ from bench.models import (
     model_dirs,
     service_dir,
 )
-from services.common.digits import load_holdout
+from demo.digits import load_holdout
 from services.common.model import Model
 from services.common.settings import ServerSettings
 

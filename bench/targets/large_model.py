@@ -36,14 +36,14 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 from bench.models import DEFAULT_DIRS, features_of
+from demo.digits import Holdout
 from scripts.train_digits import logreg_to_onnx, mlp_to_onnx
-from services.common.digits import Holdout
 
 #: Hidden layers of the large MLP; the last one is the embedding and must stay 32 wide (digits-head).
 DEFAULT_HIDDEN = (3072, 3072, 3072, 32)
 DEFAULT_EPOCHS = 2
 EMBEDDING = 32
-#: What scripts/train_digits.py split with; the held-out part must equal services.common.digits' holdout.
+#: What scripts/train_digits.py split with; the held-out part must equal demo.digits' holdout.
 SPLIT_SEED = 0
 TEST_SIZE = 0.2
 BATCHING_CONFIG = {"platform": "onnxruntime_onnx", "max_batch_size": 32, "max_queue_delay_ms": 2}

@@ -63,8 +63,8 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     set_image = sub.add_parser(
         "set-image", parents=[common], help="roll one component to a new image (model version) and wait"
     )
-    set_image.add_argument("component", metavar="COMPONENT", help="Deployment name, e.g. model-a")
-    set_image.add_argument("image", metavar="IMAGE", help="image with a tag, e.g. onnxmesh/model-a:0.2.0")
+    set_image.add_argument("component", metavar="COMPONENT", help="Deployment name (a service of the mesh)")
+    set_image.add_argument("image", metavar="IMAGE", help="image with a tag, e.g. REGISTRY/NAME:0.2.0")
     set_image.add_argument("--container", default=None, help="container to update (default: the service's)")
     set_image.add_argument(
         "--timeout",

@@ -54,7 +54,7 @@ from services.common.types import DATATYPE_TO_NUMPY, TensorSpec
 
 #: Keys of a mesh file (meshctl/mesh.py) beside the spec's, at the top and per service: the
 #: orchestrator reads a mesh file as its spec and leaves these to `onnxmesh check` and the launcher.
-MESH_KEYS = ("base_port", "images", "orchestrator")
+MESH_KEYS = ("base_port", "images", "orchestrator", "client")
 MESH_SERVICE_KEYS = ("runtime", "model_dir", "replicas", "resources", "settings", "requirements", "port")
 
 #: Upper bound on ``retries``: more would turn an outage into a retry storm.

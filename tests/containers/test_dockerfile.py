@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from demo.topology import SERVICES
 from images.build import IMAGES, JOBS, NODE, NODE_BUILDER, REPO, context_files, source_digest, uv_version
 from meshctl.engine import ContainerEngine
-from services.common.topology import SERVICES
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 

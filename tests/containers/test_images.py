@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from demo.topology import MODULES, ORCHESTRATOR, SERVICES
 from images.build import JOBS, NODE, NODE_BUILDER, BuiltImage
 from images.cli import default_ca_bundle
 from meshctl.engine import ContainerEngine
 from meshctl.mesh import kubernetes_name
-from services.common.topology import MODULES, ORCHESTRATOR, SERVICES
 from tests.containers.conftest import FIGURES, Manifests
 from tests.containers.pods import ContainerSpec
 

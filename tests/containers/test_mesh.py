@@ -30,12 +30,12 @@ from pathlib import Path
 
 import pytest
 
+from demo.topology import DEFAULT_GRAPH_NAMES, MODEL_A, MODEL_SERVICES, ORCHESTRATOR, SERVICES
 from images.build import BuiltImage
 from meshctl.engine import ContainerEngine
 from meshctl.mesh import kubernetes_name
 from meshctl.rehearsal import Traffic, versioned_copy
 from orchestrator.addresses import address_variable
-from services.common.topology import DEFAULT_GRAPH_NAMES, MODEL_A, MODEL_SERVICES, ORCHESTRATOR, SERVICES
 from tests.containers.conftest import FIGURES, REPO, Manifests
 from tests.containers.pods import Container, ContainerSpec
 from tests.support import free_port
@@ -50,7 +50,7 @@ TRITON_ACCURACY = textwrap.dedent(
     """
     import json, sys
     import tritonclient.grpc as tc
-    from services.common.digits import load_holdout
+    from demo.digits import load_holdout
 
     # One image per request, as a client would send them (the cascade decides per request).
     holdout, client, out = load_holdout(), tc.InferenceServerClient(sys.argv[1]), {}

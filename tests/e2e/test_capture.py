@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from demo import digits
 from jobs import cli as jobs_cli
 from jobs.store import Store
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common import digits
 from tests.e2e.capture_support import count, send
 from tests.support import ROOT, metric_total, until
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from demo import digits
 from jobs import cli as jobs_cli
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common import digits
 from tests.e2e.capture_support import count, send
 from tests.support import ROOT, metric_total, until
 

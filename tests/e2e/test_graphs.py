@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from demo import digits
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common import digits
 from services.common.errors import InvalidInput, MeshError, Unavailable
 from services.common.grpc.client import OipClient
 

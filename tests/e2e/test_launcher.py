@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from demo.digits import load_holdout
+from demo.topology import MODEL_SERVICES
 from meshctl import cli
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.process import REPO, MeshStartupError, replica_target
-from services.common.digits import load_holdout
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
-from services.common.topology import MODEL_SERVICES
 from tests.support import kill_group, until
 
 pytestmark = pytest.mark.timeout(120)

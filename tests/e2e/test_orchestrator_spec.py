@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from demo.digits import load_holdout
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common.digits import load_holdout
 from services.common.errors import NotFound
 from services.common.grpc.client import OipClient
 from tests.support import ROOT, metric_total, until

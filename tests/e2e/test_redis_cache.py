@@ -17,9 +17,9 @@ import pytest
 import redis
 import yaml
 
+from demo.digits import load_holdout
 from meshctl.launcher import DEMO_MESH, EPHEMERAL_PORTS, LocalMesh
 from orchestrator.stages.cache import HIT, Entry, RedisStore
-from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
 from tests.support import RedisServer, redis_server, run
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from demo import digits
 from meshctl import certs
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common import digits
 from services.common.errors import MeshError
 from services.common.grpc.client import OipClient
 from services.common.grpc.security import UNAUTHENTICATED_MESSAGE, ClientSecurity, TlsFiles

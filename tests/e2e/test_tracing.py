@@ -34,8 +34,8 @@ from opentelemetry.trace import set_span_in_context
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
+from demo.digits import load_holdout
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
 from tests.support import ROOT, expressions, selectors, stub, tool, until
 

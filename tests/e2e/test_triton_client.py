@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from demo.digits import load_holdout
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from meshctl.perf_data import perf_analyzer_data
-from services.common.digits import load_holdout
 from tests.support import ROOT, metric_total
 
 TRITON = textwrap.dedent(

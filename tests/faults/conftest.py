@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from demo import digits
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
-from services.common import digits
 from tests.faults.load import FIGURES, reference_labels
 
 #: The images every scenario sends, and the label the calm mesh answers for each.

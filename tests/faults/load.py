@@ -271,7 +271,7 @@ def main() -> None:
     import json
     import sys
 
-    from services.common import digits
+    from demo import digits
 
     target, graph, concurrency, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     pause = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 
+from demo.digits import load_holdout
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from proto.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.common.digits import load_holdout
 from services.common.grpc.client import OipClient
 from services.common.grpc.codec import decode_response_outputs
 from services.common.model_node import build_repository

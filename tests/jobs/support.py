@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common import digits
+from demo import digits
 from services.common.grpc.client import OipClient
 from tests.support import free_port
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from demo import client as demo_client
 from meshctl import cli, predict, targets
 from services.common.errors import DeadlineExceeded, NotFound, Unavailable, from_status
 from tests.support import free_port
@@ -189,7 +190,7 @@ def test_explain_adds_the_hint_only_when_nothing_answered() -> None:
 def test_load_image_from_npy(tmp_path: Path, image: np.ndarray, shape: tuple[int, ...]) -> None:
     path = tmp_path / "digit.npy"
     np.save(path, image.reshape(shape).astype(np.int64))
-    loaded = predict.load_image(path)
+    loaded = demo_client.load_image(path)
     assert loaded.dtype == np.uint8 and loaded.shape == (8, 8)
     np.testing.assert_array_equal(loaded, image)
 
@@ -198,13 +199,13 @@ def test_load_image_from_npy(tmp_path: Path, image: np.ndarray, shape: tuple[int
 def test_load_image_from_text(tmp_path: Path, image: np.ndarray, separator: str) -> None:
     path = tmp_path / "digit.csv"
     path.write_text("\n".join(separator.join(str(v) for v in row) for row in image) + "\n")
-    np.testing.assert_array_equal(predict.load_image(path), image)
+    np.testing.assert_array_equal(demo_client.load_image(path), image)
 
 
 def test_load_image_accepts_one_line_and_whole_floats(tmp_path: Path, image: np.ndarray) -> None:
     path = tmp_path / "digit.txt"
     path.write_text(" ".join(f"{v}.0" for v in image.reshape(-1)))
-    np.testing.assert_array_equal(predict.load_image(path), image)
+    np.testing.assert_array_equal(demo_client.load_image(path), image)
 
 
 @pytest.mark.parametrize(
@@ -221,12 +222,12 @@ def test_load_image_rejects_bad_text(tmp_path: Path, text: str, message: str) ->
     path = tmp_path / "digit.txt"
     path.write_text(text)
     with pytest.raises(targets.CliError, match=re.escape(message)):
-        predict.load_image(path)
+        demo_client.load_image(path)
 
 
 def test_load_image_reports_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(targets.CliError, match="cannot read an image"):
-        predict.load_image(tmp_path / "missing.npy")
+        demo_client.load_image(tmp_path / "missing.npy")
 
 
 def test_held_out_digits_are_selected_in_order_and_wrap(tmp_path: Path) -> None:
@@ -234,7 +235,7 @@ def test_held_out_digits_are_selected_in_order_and_wrap(tmp_path: Path) -> None:
     images = np.arange(3 * 64, dtype=np.uint8).reshape(3, 8, 8) % 17
     np.savez(data, images=images, labels=np.array([4, 5, 6], dtype=np.int64))
     args = cli.build_parser().parse_args(["predict", "--index", "2", "--count", "2", "--data", str(data)])
-    digits = predict.select_digits(args)
+    digits = demo_client.select_digits(args)
     assert digits.labels is not None and digits.labels.tolist() == [6, 4]
     np.testing.assert_array_equal(digits.images, images[[2, 0]])
     assert digits.description == ["held-out #2", "held-out #0"]

@@ -23,11 +23,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from demo.topology import DEFAULT_GRAPH_NAMES, DEFAULT_PORTS, ORCHESTRATOR
 from meshctl.mesh import kubernetes_name
 from orchestrator.addresses import address_variable
 from orchestrator.spec import parse_spec
 from services.common.settings import ServerSettings
-from services.common.topology import DEFAULT_GRAPH_NAMES, DEFAULT_PORTS, ORCHESTRATOR
 from tests.support import K8S_VERSION, kustomize
 
 Obj = dict[str, Any]

@@ -117,3 +117,44 @@ def test_the_cli_finds_the_mesh_file_of_the_folder_it_runs_in(
     assert targets.local_endpoints()["negate"] == "127.0.0.1:9021"
     assert targets.model_services()["double"] == "double"
     assert targets.default_target("double-negate") == "127.0.0.1:9001"
+
+
+def test_predict_makes_a_models_inputs_from_the_graph_that_feeds_it(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshctl import targets
+    from orchestrator.spec.steps import TensorRef
+
+    monkeypatch.setenv(targets.MESH_ENV, str(write(folder, mesh(folder))))
+    graph, ref = targets.upstream("negate", "y") or (None, None)
+    assert graph is not None and graph.name == "double-negate" and ref == TensorRef("d", "y")
+    assert targets.upstream("double", "x") == (graph, TensorRef("request", "x"))
+    assert targets.upstream("negate", "nothing") is None
+
+
+def test_a_mesh_without_a_client_file_takes_inputs_as_arrays(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from meshctl import cli, predict, targets
+
+    path = write(folder, mesh(folder))
+    monkeypatch.setenv(targets.MESH_ENV, str(path))
+    args = cli.build_parser().parse_args(["predict"])
+    assert args.name is None and not hasattr(args, "index")  # no client file: no demo options
+    np.save(folder / "x.npy", np.ones((1, 2), np.float32))
+    samples = predict.given_inputs([predict.parse_input(f"x={folder / 'x.npy'}")])
+    assert len(samples) == 1 and samples.inputs["x"].shape == (1, 2) and samples.labels is None
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--target", "127.0.0.1:1", "--input", "x"])
+    assert "expected NAME=FILE.npy" in capsys.readouterr().err
+    assert cli.main(["predict", "--mesh", str(path), "--target", "127.0.0.1:1"]) == 1
+    assert "names no client file: give the inputs with --input NAME=FILE.npy" in capsys.readouterr().err
+
+
+def test_a_client_file_must_exist_and_be_python(folder: Path) -> None:
+    assert any(
+        "client: must name a Python file" in p for p in problems(write(folder, mesh(folder, client=3)))
+    )
+    assert any("is not a file" in p for p in problems(write(folder, mesh(folder, client="no.py"))))

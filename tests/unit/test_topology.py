@@ -1,4 +1,4 @@
-"""services/common/topology.py against what cannot import it: graph specs, the Dockerfile, k8s/.
+"""demo/topology.py against what cannot import it: graph specs, the Dockerfile, k8s/.
 
 The services' entry points, the launcher, the CLI and rollout read their names and ports from the
 topology; the YAML files and the Dockerfile write them out again, so these tests keep them equal.
@@ -15,10 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshctl.mesh import kubernetes_name, load_mesh
-from orchestrator.addresses import address_variable, service_of_address_variable
-from orchestrator.spec import load_spec
-from services.common.topology import (
+from demo.topology import (
     DEFAULT_GRAPH_NAMES,
     DEFAULT_PORTS,
     MODEL_A,
@@ -29,6 +26,9 @@ from services.common.topology import (
     SERVICE_MODELS,
     SERVICES,
 )
+from meshctl.mesh import kubernetes_name, load_mesh
+from orchestrator.addresses import address_variable, service_of_address_variable
+from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = ["k8s/components/canary/graphs.yaml"]

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 PIXEL_MAX = 16
 IMAGE_SHAPE = (8, 8)
 #: The held-out split, as package data of this package.
-HOLDOUT: Traversable = resources.files("services.common").joinpath("data", "digits-holdout.npz")
+HOLDOUT: Traversable = resources.files("demo").joinpath("data", "digits-holdout.npz")
 
 
 @dataclass(frozen=True)
