@@ -126,8 +126,9 @@ ENV ONNXMESH_NAME=model_b ONNXMESH_RUNTIME=onnx ONNXMESH_PORT=8031 ONNXMESH_MODE
 EXPOSE 8031 9090
 
 # The orchestrator has no models; it bakes the demo's mesh file (its graphs) at the path where
-# Kubernetes mounts the ConfigMap, so `docker run` and the cluster read the same path.
-FROM runtime AS svc-orchestrator
+# Kubernetes mounts the ConfigMap, so `docker run` and the cluster read the same path. It has the
+# jobs extra: payload capture writes to the job store (SQLite, or PostgreSQL for replicas).
+FROM runtime-jobs AS svc-orchestrator
 COPY --chown=0:0 demo/mesh.yaml /etc/onnxmesh/graphs.yaml
 ENV ONNXMESH_PORT=8001 ONNXMESH_GRAPHS=/etc/onnxmesh/graphs.yaml
 EXPOSE 8001 9090

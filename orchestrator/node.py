@@ -131,6 +131,8 @@ class OrchestratorMetrics:
             ["reason"],
             registry=registry,
         )
+        for reason in ("queue_full", "store"):  # known reasons start at 0, so rate() sees the first drop
+            self.capture_dropped.labels(reason=reason)
         self.capture_pending = Gauge(
             "onnxmesh_capture_pending",
             "Captured records accepted and not yet written: the writer's backlog.",

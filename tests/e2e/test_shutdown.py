@@ -121,7 +121,10 @@ def running(pid: int) -> bool:
 
 @pytest.fixture
 def model_a() -> Iterator[ServiceProcess]:
-    command = [sys.executable, "-m", "services.model_a", "--port", "0", "--http-port", "off"]
+    command = [
+        *(sys.executable, "-m", "services.common.model_node", "--name", "model_a"),
+        *("--model-dir", str(ROOT / "services/model_a/models"), "--port", "0", "--http-port", "off"),
+    ]
     command += ["--drain-delay", str(DRAIN_DELAY), "--grace", "5", "--log-format", "text"]
     proc = ServiceProcess("model_a", 1, "127.0.0.1", 0, command, os.environ, None)
     try:

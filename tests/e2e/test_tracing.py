@@ -404,6 +404,11 @@ def test_the_dashboard_and_alerts_query_what_the_nodes_export(run: Run) -> None:
                 exported.setdefault(sample.name, set()).update(sample.labels)
     # What Prometheus adds when it scrapes a pod (the PodMonitor's targets).
     scraped = {"namespace", "pod", "container", "job", "instance"}
+    # Series a node exports only once its spec declares the feature; their labels here, and
+    # their export is asserted where the feature runs (tests/e2e/test_drift.py reads this gauge).
+    for name, labels in {"onnxmesh_drift_psi": {"graph", "tensor"}}.items():
+        assert name not in exported, f"{name} is exported without drift declared: move it back"
+        exported[name] = labels
     for where, expr in expressions():
         for name, labels in selectors(expr):
             assert name in exported, f"{where}: no node exports {name}"
