@@ -50,6 +50,8 @@ class Mesh:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
+        #: The orchestrator's address, once ready() has seen the ready line.
+        self.orchestrator = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -71,7 +73,8 @@ class Mesh:
                 break
             self.seen.append(line)
             if match := READY.search(line):
-                return match[1]
+                self.orchestrator = match[1]
+                return self.orchestrator
         raise AssertionError("onnxmesh up never got ready:\n" + "\n".join(self.seen[-40:]))
 
     def stop(self) -> None:
