@@ -25,16 +25,18 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from jobs.datasets import Chunk, Dataset, open_dataset
 from jobs.progress import Progress
 from jobs.store import FAILED, OK, Prediction, Store
 from services.common.errors import DeadlineExceeded, MeshError, ResourceExhausted, Unavailable
-from services.common.types import InferRequest, InferResult, ModelSignature
+from services.common.types import InferRequest, InferResult, ModelSignature, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +108,45 @@ class Summary:
         return lines
 
 
+def rows_first(inputs: Sequence[TensorSpec]) -> bool:
+    """Whether a request to a graph with these inputs may carry several dataset rows."""
+    return all(spec.shape and spec.shape[0] == -1 for spec in inputs)
+
+
+def one_row_specs(inputs: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The inputs as a dataset of whole requests sees them: a row axis before each shape."""
+    return [replace(spec, shape=(-1, *spec.shape)) for spec in inputs]
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def json_ready(array: np.ndarray) -> object:
+    """An output as nested lists; BYTES elements as text (UTF-8, undecodable bytes replaced)."""
+    array = np.asarray(array)
+    if array.dtype.kind in "OS":
+        return np.asarray(np.frompyfunc(_text, 1, 1)(array), dtype=object).tolist()
+    return array.tolist()
+
+
 def split_rows(result: InferResult, rows: int) -> list[dict[str, object]]:
     """Each row's outputs as JSON-ready values; every output must have one entry per row."""
     per_row: list[dict[str, object]] = [{} for _ in range(rows)]
     for name, array in result.outputs.items():
         if array.ndim == 0 or array.shape[0] != rows:
             raise MeshError(
-                f"output '{name}' has shape {list(array.shape)}, not one entry per row for {rows} rows"
+                f"output '{name}' has shape {list(array.shape)}, not one entry per row for {rows} rows; "
+                "a graph whose inputs have a fixed first dimension gets one request per row"
             )
         for i in range(rows):
-            per_row[i][name] = array[i].tolist()
+            per_row[i][name] = json_ready(array[i])
     return per_row
+
+
+def whole_row(result: InferResult) -> dict[str, object]:
+    """One request's outputs, whole, as JSON-ready values (one dataset row = one request)."""
+    return {name: json_ready(array) for name, array in result.outputs.items()}
 
 
 def versions_of(result: InferResult) -> dict[str, str]:
@@ -135,6 +165,7 @@ class BatchRunner:
         self._slots = asyncio.Semaphore(max(1, config.concurrency))
         self._sent_rows = 0
         self._started = 0.0
+        self._rows_first = True
 
     def stop(self) -> None:
         self._stopping.set()
@@ -142,7 +173,10 @@ class BatchRunner:
     async def run(self) -> Summary:
         config = self.config
         signature = await self.client.metadata(config.graph, config.version, timeout=10.0)
-        dataset: Dataset = open_dataset(config.path, signature.inputs, key=config.key, mapping=config.mapping)
+        self._rows_first = rows_first(signature.inputs)
+        specs = signature.inputs if self._rows_first else one_row_specs(signature.inputs)
+        dataset: Dataset = open_dataset(config.path, specs, key=config.key, mapping=config.mapping)
+        per_request = config.rows_per_request if self._rows_first else 1
         name = config.dataset_name or dataset.name
         summary = Summary(dataset=name, graph=config.graph)
         done = await asyncio.to_thread(self.store.done_keys, name, config.graph)
@@ -159,14 +193,14 @@ class BatchRunner:
                 summary.total += len(chunk)
                 todo = [i for i, key in enumerate(chunk.keys) if key not in done]
                 summary.already_done += len(chunk) - len(todo)
-                for start in range(0, len(todo), config.rows_per_request):
+                for start in range(0, len(todo), per_request):
                     if self._stopping.is_set():
                         break
                     await self._slots.acquire()
                     if self._stopping.is_set():
                         self._slots.release()
                         break
-                    rows = chunk.take(todo[start : start + config.rows_per_request])
+                    rows = chunk.take(todo[start : start + per_request])
                     await self._pace(len(rows))
                     task = asyncio.create_task(self._send(name, rows, summary, progress))
                     tasks.add(task)
@@ -214,17 +248,18 @@ class BatchRunner:
         while True:
             summary.requests += 1
             try:
+                inputs = rows.inputs if self._rows_first else {n: a[0] for n, a in rows.inputs.items()}
                 result = await self.client.call(
                     InferRequest(
                         config.graph,
-                        rows.inputs,
+                        inputs,
                         tuple(config.outputs),
                         config.version,
                         request_id=f"batch-{dataset}-{rows.keys[0]}"[:128],
                         deadline=time.monotonic() + config.timeout,
                     )
                 )
-                outputs = split_rows(result, len(rows))
+                outputs = split_rows(result, len(rows)) if self._rows_first else [whole_row(result)]
             except MeshError as err:
                 if isinstance(err, RETRYABLE) and attempt < config.retries and not self._stopping.is_set():
                     attempt += 1
@@ -274,4 +309,4 @@ async def run_batch(
             loop.remove_signal_handler(sig)
 
 
-__all__ = ["BatchConfig", "BatchRunner", "Summary", "run_batch", "split_rows"]
+__all__ = ["BatchConfig", "BatchRunner", "Summary", "rows_first", "run_batch", "split_rows", "whole_row"]

@@ -269,7 +269,9 @@ def register(subparsers: Any) -> None:
         "predictions (row key, outputs, model versions, time) into the store's `predictions` table.",
     )
     batch.add_argument("graph", help="graph or model served by the target")
-    batch.add_argument("dataset", type=Path, help=".npy, .npz, .csv or .parquet file")
+    batch.add_argument(
+        "dataset", type=Path, help=".npy, .npz, .csv or .parquet file, or a folder of PNG/JPEG files"
+    )
     batch.add_argument("--db", help=f"SQLAlchemy URL or SQLite path (env {DB_ENV}; default {default_url()})")
     batch.add_argument("--dataset-name", help="the `dataset` column (default: the file name without suffix)")
     batch.add_argument("--key", help="array or column holding each row's key (default: the row number)")

@@ -6,7 +6,10 @@
     .csv      a header; per input either one column named like it or flattened columns
               `<input>_0 .. <input>_<n-1>` (row-major, reshaped to the input's shape);
               an optional key column; other columns are ignored
-    .parquet  the same columns as CSV, or one list column per input (needs pyarrow)
+    .parquet  the same columns as CSV, or one list column per input (needs pyarrow); a binary
+              or string column feeds a BYTES input
+    folder    one row per file (sorted by name; keys are the names relative to the folder), for a
+              graph with one BYTES input: each row is the file's bytes, e.g. PNG or JPEG images
 
 Values are cast to the input's datatype and checked against its shape (from the graph's
 ModelMetadata) before anything is sent. A key identifies a row across runs: it is what makes
@@ -27,6 +30,8 @@ import numpy as np
 from services.common.types import DATATYPE_TO_NUMPY, TensorSpec
 
 SUFFIXES = (".npy", ".npz", ".csv", ".parquet")
+#: Files of a folder dataset (other files, and hidden ones, are not rows).
+FILE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class DatasetError(ValueError):
@@ -69,6 +74,8 @@ def open_dataset(
 ) -> Dataset:
     """The dataset at `path` for a graph with these inputs (by file suffix)."""
     check_file(path)
+    if path.is_dir():
+        return FolderDataset(path, inputs)
     mapping = dict(mapping or {})
     unknown = set(mapping) - {spec.name for spec in inputs}
     if unknown:
@@ -89,8 +96,10 @@ def open_dataset(
 
 
 def check_file(path: Path) -> None:
-    """DatasetError unless `path` is a readable file of a known format: checked before any
-    connection is made, so a typo is reported as what it is."""
+    """DatasetError unless `path` is a readable file of a known format or a folder: checked
+    before any connection is made, so a typo is reported as what it is."""
+    if path.is_dir():
+        return
     if not path.is_file():
         raise DatasetError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if path.suffix.lower() not in SUFFIXES:
@@ -106,12 +115,12 @@ def check_file(path: Path) -> None:
 
 def conform(spec: TensorSpec, values: np.ndarray, where: str) -> np.ndarray:
     """Rows of one input cast to its datatype and shaped like it (flat rows are reshaped)."""
-    dtype = DATATYPE_TO_NUMPY.get(spec.datatype)
-    if dtype is None or spec.datatype == "BYTES":
-        raise DatasetError(
-            f"{where}: input '{spec.name}' is {spec.datatype}; batch reads numeric inputs only"
-        )
     row_shape = tuple(spec.shape[1:])
+    if spec.datatype == "BYTES":
+        return _conform_bytes(spec, values, row_shape, where)
+    dtype = DATATYPE_TO_NUMPY.get(spec.datatype)
+    if dtype is None:
+        raise DatasetError(f"{where}: input '{spec.name}' is {spec.datatype}; batch cannot read it")
     if (
         all(d >= 0 for d in row_shape)
         and len(row_shape) > 1
@@ -132,6 +141,28 @@ def conform(spec: TensorSpec, values: np.ndarray, where: str) -> np.ndarray:
             )
         values = values.astype(dtype)
     return np.ascontiguousarray(values)
+
+
+def _conform_bytes(
+    spec: TensorSpec, values: np.ndarray, row_shape: tuple[int, ...], where: str
+) -> np.ndarray:
+    """Rows of a BYTES input: an object array of bytes (str encoded as UTF-8)."""
+    if values.dtype.kind not in "OSU":
+        raise DatasetError(f"{where}: input '{spec.name}' is BYTES but the values are {values.dtype}")
+    out: np.ndarray = np.empty(values.shape, dtype=object)
+    for index, value in np.ndenumerate(values):
+        if isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, bytes):
+            raise DatasetError(f"{where}: input '{spec.name}' is BYTES but holds {type(value).__name__}")
+        out[index] = value
+    if out.ndim == 1 and row_shape == (1,):
+        out = out.reshape(-1, 1)
+    if not spec.accepts_shape(out.shape):
+        raise DatasetError(
+            f"{where}: input '{spec.name}' wants {spec.describe()} (rows first), found {list(out.shape)}"
+        )
+    return out
 
 
 def _pick_array(
@@ -338,7 +369,11 @@ class ParquetDataset:
             for spec in self._inputs:
                 columns = self._columns[spec.name]
                 if len(columns) == 1:
-                    values = np.array(batch.column(columns[0]).to_pylist())
+                    column = batch.column(columns[0]).to_pylist()
+                    # dtype=object: NumPy's own bytes type would drop trailing zero bytes.
+                    values = np.empty(count, dtype=object) if spec.datatype == "BYTES" else np.array(column)
+                    if spec.datatype == "BYTES":
+                        values[:] = column
                 else:
                     values = np.stack(
                         [batch.column(c).to_numpy(zero_copy_only=False) for c in columns], axis=1
@@ -346,3 +381,42 @@ class ParquetDataset:
                 inputs[spec.name] = conform(spec, values, where)
             number += count
             yield Chunk(keys, inputs)
+
+
+class FolderDataset:
+    """The image files of a folder (and its subfolders), one row each: the file's bytes."""
+
+    def __init__(self, path: Path, inputs: Sequence[TensorSpec]) -> None:
+        if len(inputs) != 1 or inputs[0].datatype != "BYTES":
+            raise DatasetError(
+                f"{path}: a folder feeds a graph with one BYTES input; the graph has "
+                f"{', '.join(s.name + ' ' + s.describe() for s in inputs)}"
+            )
+        self.path = path
+        self.name = path.name
+        self._spec = inputs[0]
+        self._files = sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in FILE_SUFFIXES
+            and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
+        if not self._files:
+            raise DatasetError(f"{path}: no {', '.join(FILE_SUFFIXES)} files in the folder")
+
+    @property
+    def rows(self) -> int | None:
+        return len(self._files)
+
+    def chunks(self, size: int) -> Iterator[Chunk]:
+        for start in range(0, len(self._files), size):
+            files = self._files[start : start + size]
+            values = np.empty(len(files), dtype=object)
+            for i, f in enumerate(files):
+                try:
+                    values[i] = f.read_bytes()
+                except OSError as exc:
+                    raise DatasetError(f"{f}: cannot read it ({exc.strerror})") from None
+            keys = [f.relative_to(self.path).as_posix() for f in files]
+            yield Chunk(keys, {self._spec.name: conform(self._spec, values, str(self.path))})

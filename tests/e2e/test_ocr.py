@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -251,6 +252,45 @@ def test_rest_with_the_binary_data_extension_reads_a_page(mesh: Mesh, reference:
     texts, boxes, _ = expected(reference, data)
     assert outputs["texts"]["data"] == texts
     np.testing.assert_allclose(np.reshape(outputs["boxes"]["data"], (-1, 4, 2)), boxes, atol=BOX_PIXELS)
+
+
+def test_batch_over_a_folder_of_pages_stores_the_online_answers(mesh: Mesh, tmp_path: Path) -> None:
+    # One dataset row = one request (the graph's input is BYTES [1]); each page's lines, however
+    # many, are stored whole as its row's outputs.
+    folder = tmp_path / "pages"
+    (folder / "scans").mkdir(parents=True)
+    files = {
+        "a.png": IMAGES["sizes"],
+        "b.jpg": IMAGES["jpeg"],
+        "blank.png": IMAGES["blank"],
+        "scans/c.png": IMAGES["upside-down"],
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "notes.txt").write_text("not a row")
+    db = tmp_path / "ocr.db"
+    command = ("onnxmesh", "batch", "ocr", str(folder), "--db", str(db), "--target", mesh.orchestrator)
+    batched = run(EXAMPLE, *command, "--progress", "off", "--timeout", "120")
+    assert batched.returncode == 0, batched.stdout + batched.stderr
+    assert "predicted now:     4 in 4 requests" in batched.stdout, batched.stdout
+    online = dict(zip(files, ocr(mesh.orchestrator, list(files.values())), strict=True))
+    with sqlite3.connect(db) as conn:
+        stored = {
+            key: (status, json.loads(outputs))
+            for key, status, outputs in conn.execute(
+                "SELECT row_key, status, outputs FROM predictions WHERE dataset = 'pages' AND graph = 'ocr'"
+            )
+        }
+    assert sorted(stored) == sorted(files)
+    for name, answer in online.items():
+        status, outputs = stored[name]
+        assert status == "ok"
+        assert outputs["texts"] == [t.decode() for t in answer["texts"]]
+        np.testing.assert_allclose(np.reshape(outputs["boxes"], (-1, 4, 2)), answer["boxes"], atol=BOX_PIXELS)
+        np.testing.assert_allclose(outputs["scores"], answer["scores"], atol=0.02)
+    assert stored["blank.png"][1] == {"texts": [], "boxes": [], "scores": []}
+    again = run(EXAMPLE, *command, "--progress", "off")
+    assert again.returncode == 0 and "already predicted: 4" in again.stdout, again.stdout
 
 
 def test_without_the_angle_step_the_texts_still_come_back_flagged(mesh: Mesh, reference: Any) -> None:

@@ -76,3 +76,38 @@ def test_bad_datasets_are_refused_with_a_reason(tmp_path: Path) -> None:
         open_dataset(tmp_path / "x.txt", [IMAGE])
     with pytest.raises(DatasetError, match="no such file"):
         open_dataset(tmp_path / "missing.npz", [IMAGE])
+
+
+PAGE = TensorSpec("image", "BYTES", (-1, 1))
+
+
+def test_a_folder_of_images_and_a_binary_parquet_column_give_the_files_bytes(tmp_path: Path) -> None:
+    # Bytes with a trailing zero: NumPy's own bytes type would drop it.
+    files = {"a.png": b"\x89PNG one\x00", "b.JPG": b"\xff\xd8 two", "sub/c.jpeg": b"\xff\xd8 three"}
+    folder = tmp_path / "pages"
+    (folder / "sub").mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "readme.txt").write_text("not a row")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.png").write_bytes(b"hidden")
+    dataset = open_dataset(folder, [PAGE])
+    chunks = list(dataset.chunks(2))
+    assert dataset.name == "pages" and dataset.rows == 3 and [len(c) for c in chunks] == [2, 1]
+    assert [k for c in chunks for k in c.keys] == sorted(files)
+    rows = np.concatenate([c.inputs["image"] for c in chunks])
+    assert rows.dtype == object and rows.shape == (3, 1)
+    assert [r[0] for r in rows] == [files[k] for k in sorted(files)]
+
+    pq.write_table(pa.table({"id": list(files), "image": list(files.values())}), tmp_path / "pages.parquet")
+    (chunk,) = open_dataset(tmp_path / "pages.parquet", [PAGE], key="id").chunks(10)
+    assert chunk.keys == list(files)
+    assert [r[0] for r in chunk.inputs["image"]] == list(files.values())
+
+
+def test_a_folder_needs_one_bytes_input_and_some_images(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"no \.png, \.jpg, \.jpeg files"):
+        open_dataset(tmp_path / "empty", [PAGE])
+    with pytest.raises(DatasetError, match=r"one BYTES input; the graph has image UINT8\[-1, 8, 8\]"):
+        open_dataset(tmp_path / "empty", [IMAGE])
