@@ -27,15 +27,17 @@ THROUGHPUT = re.compile(r"Throughput: ([0-9.]+) infer/sec")
 
 
 def _usable() -> str | None:
-    """Why perf_analyzer cannot run here, or None."""
+    """Why perf_analyzer is not here (a skip), or None; one that is here but does not start fails."""
     if not PERF_ANALYZER.exists():
         return f"{PERF_ANALYZER} is not set up (`make perf_analyzer` could not download it)"
     try:
         run = subprocess.run([str(PERF_ANALYZER), "--version"], capture_output=True, text=True, timeout=30)
     except OSError as exc:
-        return f"{PERF_ANALYZER} does not start: {exc}"
+        pytest.fail(f"{PERF_ANALYZER} is set up but does not start: {exc}")
     if run.returncode != 0:
-        return f"{PERF_ANALYZER} does not start: {(run.stderr or run.stdout).strip()[:200]}"
+        pytest.fail(
+            f"{PERF_ANALYZER} is set up but does not start: {(run.stderr or run.stdout).strip()[:200]}"
+        )
     return None
 
 
