@@ -78,10 +78,14 @@ WORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models() -> None:
+def fetch_models() -> None:
     if not (EXAMPLE / "recognize/ppocr-rec/1/model.onnx").exists():
         subprocess.run([sys.executable, str(EXAMPLE / "fetch_models.py")], check=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def models() -> None:
+    fetch_models()
 
 
 @pytest.fixture(scope="module")

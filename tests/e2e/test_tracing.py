@@ -27,20 +27,19 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from opentelemetry.propagate import inject
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import set_span_in_context
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.digits import load_holdout
 from meshctl.launcher import EPHEMERAL_PORTS, LocalMesh
 from services.common.grpc.client import OipClient
+from tests.e2e import otlp
+from tests.e2e.otlp import INTERNAL, SERVER, Receiver, Span, caller_traceparent
 from tests.support import ROOT, expressions, selectors, stub, tool, until
 
 NODES = ("orchestrator", "preprocess", "model_a", "model_b")
-SERVER, INTERNAL = 2, 1  # opentelemetry-proto's Span.SpanKind
 #: graph -> its model steps: (step, service, model)
 STEPS = {
     "digits-serial": [
@@ -54,61 +53,6 @@ STEPS = {
         ("logreg", "model_b", "digits-logreg"),
     ],
 }
-
-
-@dataclass(frozen=True)
-class Span:
-    service: str
-    name: str
-    kind: int
-    trace_id: str
-    span_id: str
-    parent: str
-    start: int
-    end: int
-    attributes: dict[str, Any]
-    status: int
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver keeping every span it is sent."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self.lock = threading.Lock()
-
-    def Export(self, request: Any, context: grpc.ServicerContext) -> Any:
-        received = []
-        for resource_spans in request.resource_spans:
-            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    received.append(
-                        Span(
-                            service=resource["service.name"],
-                            name=span.name,
-                            kind=span.kind,
-                            trace_id=span.trace_id.hex(),
-                            span_id=span.span_id.hex(),
-                            parent=span.parent_span_id.hex(),
-                            start=span.start_time_unix_nano,
-                            end=span.end_time_unix_nano,
-                            attributes={a.key: _value(a.value) for a in span.attributes},
-                            status=span.status.code,
-                        )
-                    )
-        with self.lock:
-            self.spans.extend(received)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def trace(self, trace_id: str) -> list[Span]:
-        with self.lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
-
-
-def _value(value: Any) -> Any:
-    kind = value.WhichOneof("value")
-    return getattr(value, kind) if kind else None
 
 
 @dataclass
@@ -147,16 +91,6 @@ def value(text: str, sample: str, **labels: str) -> float:
         for s in family.samples
         if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
     )
-
-
-def caller_traceparent(caller: TracerProvider, name: str) -> tuple[dict[str, str], tuple[str, str]]:
-    """A client span of the test's own, as W3C headers (the standard propagator writes them)."""
-    span = caller.get_tracer("test").start_span(name)
-    headers: dict[str, str] = {}
-    inject(headers, context=set_span_in_context(span))
-    span.end()
-    context = span.get_span_context()
-    return headers, (f"{context.trace_id:032x}", f"{context.span_id:016x}")
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +158,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 
 def spans_of(run: Run, trace_id: str, count: int) -> list[Span]:
-    """The spans of one trace, once all `count` of them have arrived."""
-    return until(
-        lambda: found if len(found := run.receiver.trace(trace_id)) >= count else None, f"{count} spans"
-    )
+    return otlp.spans_of(run.receiver, trace_id, count)
 
 
 def only(spans: list[Span], **match: Any) -> Span:

@@ -37,8 +37,8 @@ def run(folder: Path, *command: str) -> subprocess.CompletedProcess[str]:
 class Mesh:
     """`onnxmesh up` as a process, its output read line by line off a thread."""
 
-    def __init__(self, folder: Path) -> None:
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    def __init__(self, folder: Path, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, **(env or {}), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.proc = subprocess.Popen(
             [str(BIN / "onnxmesh"), "up", "mesh.yaml", "--base-port", "0", "--no-restart"],
             cwd=folder,
