@@ -32,7 +32,7 @@ from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import InvalidInput
 from services.common.grpc.client import OipClient
 from tests.e2e.tutorial import Mesh, run
-from tests.support import K8S_VERSION, ROOT, stub
+from tests.support import K8S_VERSION, ROOT, stub, until
 
 # The reference pipeline (the dev extra installs it where its wheel supports the Python).
 RapidOCR = pytest.importorskip("rapidocr_onnxruntime").RapidOCR
@@ -104,14 +104,14 @@ def mesh(models: None) -> Iterator[Mesh]:
     assert running.proc.returncode == 0
 
 
-def ocr(address: str, images: list[bytes]) -> list[dict[str, Any]]:
-    """Each image through graph `ocr`, all at once."""
+def ocr(address: str, images: list[bytes], graph: str = "ocr") -> list[dict[str, Any]]:
+    """Each image through a graph (`ocr` unless said), all at once."""
 
     async def main() -> list[dict[str, Any]]:
         async with OipClient(address) as client:
             results = await asyncio.gather(
                 *(
-                    client.infer("ocr", {"image": np.array([data], dtype=object)}, timeout=120)
+                    client.infer(graph, {"image": np.array([data], dtype=object)}, timeout=120)
                     for data in images
                 )
             )
@@ -295,6 +295,27 @@ def test_batch_over_a_folder_of_pages_stores_the_online_answers(mesh: Mesh, tmp_
     assert stored["blank.png"][1] == {"texts": [], "boxes": [], "scores": []}
     again = run(EXAMPLE, *command, "--progress", "off")
     assert again.returncode == 0 and "already predicted: 4" in again.stdout, again.stdout
+
+
+def test_the_angle_check_graph_answers_as_ocr_while_its_shadow_reads_the_lines_as_cut(
+    mesh: Mesh, reference: Any
+) -> None:
+    data = IMAGES["upside-down"]
+    recognizer, _ = endpoint(mesh, "recognize")
+    start = model_calls(recognizer, "ppocr-rec")[0]
+    (plain,) = ocr(mesh.orchestrator, [data])
+    once = model_calls(recognizer, "ppocr-rec")[0] - start
+    (checked,) = ocr(mesh.orchestrator, [data], "ocr-angle-check")
+    assert [t.decode() for t in checked["texts"]] == [t.decode() for t in plain["texts"]]
+    assert [t.decode() for t in checked["texts"]] == expected(reference, data)[0]
+    np.testing.assert_allclose(checked["boxes"], plain["boxes"], atol=BOX_PIXELS)
+    assert checked["parameters"]["step.angle"] == checked["parameters"]["step.turn"] == "ok"
+    # The shadow (the lines as cut out) reaches the recognizer too, though the answer never waits
+    # for it: the recognizer serves the page twice.
+    until(
+        lambda: model_calls(recognizer, "ppocr-rec")[0] - start >= 3 * once,
+        "the recognizer to serve the shadow's call",
+    )
 
 
 def test_without_the_angle_step_the_texts_still_come_back_flagged(mesh: Mesh, reference: Any) -> None:
