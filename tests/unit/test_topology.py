@@ -157,8 +157,8 @@ def dockerfile_stages() -> dict[str, str]:
     stages = re.split(r"^(?=FROM )", text, flags=re.MULTILINE)
     found = {}
     for stage in stages:
-        m = re.match(r"FROM (?:runtime|svc-node) AS svc-(\S+)\n", stage)
-        if m and m[1] != "node":
+        m = re.match(r"FROM (?:runtime|runtime-jobs|svc-node) AS svc-(\S+)\n", stage)
+        if m and m[1] not in ("node", "jobs"):  # the runtime and the jobs service are not mesh services
             found[m[1]] = stage
     return found
 
