@@ -13,7 +13,6 @@ import re
 import signal
 import sqlite3
 import struct
-import subprocess
 import sys
 import time
 import urllib.request
@@ -31,12 +30,12 @@ from bench.ocr import page
 from proto.gen.inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import InvalidInput
 from services.common.grpc.client import OipClient
+from tests.e2e.ocr_support import EXAMPLE, fetch_models
 from tests.e2e.tutorial import Mesh, run
-from tests.support import K8S_VERSION, ROOT, stub, until
+from tests.support import K8S_VERSION, stub, until
 
 # The reference pipeline (the dev extra installs it where its wheel supports the Python).
 RapidOCR = pytest.importorskip("rapidocr_onnxruntime").RapidOCR
-EXAMPLE = ROOT / "examples" / "ocr"
 SERVICES = ("decode", "detect", "boxes", "angle", "rotate", "recognize", "ctc")
 #: Boxes are whole pixels on both sides; a pixel or two of rounding apart is the same box.
 BOX_PIXELS = 3.0
@@ -76,11 +75,6 @@ WORDS = [
     "oscar",
     "papa",
 ]
-
-
-def fetch_models() -> None:
-    if not (EXAMPLE / "recognize/ppocr-rec/1/model.onnx").exists():
-        subprocess.run([sys.executable, str(EXAMPLE / "fetch_models.py")], check=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

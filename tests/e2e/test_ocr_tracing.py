@@ -12,8 +12,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from bench.ocr import page
 from services.common.grpc.client import OipClient
+from tests.e2e.ocr_support import EXAMPLE, fetch_models
 from tests.e2e.otlp import INTERNAL, SERVER, Receiver, caller_traceparent, receiving, spans_of
-from tests.e2e.test_ocr import EXAMPLE, fetch_models
 from tests.e2e.tutorial import Mesh
 from tests.support import stub
 
