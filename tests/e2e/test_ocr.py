@@ -203,7 +203,7 @@ def test_concurrent_pages_each_get_their_own_lines_when_batched_together(mesh: M
             answering = pool.submit(ocr, mesh.orchestrator, pages)
             deadline = time.monotonic() + 120
             while model_calls(rotate, "ocr-rotate")[0] < turned + len(pages) and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.05)  # poll interval of the wait for every page to reach the held step
             os.kill(recognizer_pid, signal.SIGCONT)
             answers = answering.result(timeout=180)
     finally:
