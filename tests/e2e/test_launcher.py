@@ -206,8 +206,9 @@ def test_replica_ports_and_targets_are_planned() -> None:
         LocalMesh(replicas={"model_c": 2})
 
 
-def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
-    """`python -m meshctl.run` as `make run` runs it: ready line, then SIGTERM, exit 0, no orphans."""
+def start_launcher() -> tuple[subprocess.Popen[str], list[str], list[int]]:
+    """`python -m meshctl.run` as `make run` runs it, in its own process group, up to its ready
+    line: the process, the lines so far and its services' pids. The caller kills the group."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshctl.run", "--no-orchestrator", "--base-port", "0"],
         cwd=REPO,
@@ -224,7 +225,17 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
             if line.startswith("onnxmesh ready:"):
                 break
         assert lines and lines[-1].startswith("onnxmesh ready:"), "".join(lines)
-        pids = [int(line.split(" pid ")[1]) for line in lines if line.startswith("  ") and " pid " in line]
+    except BaseException:
+        kill_group(proc)
+        raise
+    pids = [int(line.split(" pid ")[1]) for line in lines if line.startswith("  ") and " pid " in line]
+    return proc, lines, pids
+
+
+def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
+    """`python -m meshctl.run` as `make run` runs it: ready line, then SIGTERM, exit 0, no orphans."""
+    proc, lines, pids = start_launcher()
+    try:
         assert len(pids) == 3
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
@@ -239,23 +250,8 @@ def test_make_run_entry_point_stops_everything_on_sigterm() -> None:
 def test_a_launcher_killed_with_sigkill_leaves_no_service_behind() -> None:
     """SIGKILL gives `python -m meshctl.run` no chance to stop its services: they follow it on
     their own (the parent-death signal), drain and exit, freeing their ports."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshctl.run", "--no-orchestrator", "--base-port", "0"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
+    proc, _, pids = start_launcher()
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("onnxmesh ready:"):
-                break
-        assert lines and lines[-1].startswith("onnxmesh ready:"), "".join(lines)
-        pids = [int(line.split(" pid ")[1]) for line in lines if line.startswith("  ") and " pid " in line]
         assert len(pids) == 3 and all(_alive(pid) for pid in pids)
         proc.kill()
         assert proc.wait(10) == -signal.SIGKILL

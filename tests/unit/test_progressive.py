@@ -4,7 +4,7 @@ weight store and fake metrics (named so; the real thing runs in tests/e2e/test_p
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -109,13 +109,16 @@ class ClockFake:
         self.now += seconds
 
 
-def rollout(weights: WeightsFake, traffic: TrafficFake) -> tuple[int, str]:
+def rollout(
+    weights: WeightStore, traffic: Callable[[], dict[Sample, float]], step: str = "s"
+) -> tuple[int, str]:
+    """One progressive rollout of graph g's `step` on a fake clock: (exit code, what it printed)."""
     out, clock = io.StringIO(), ClockFake()
     code = run_progressive(
         weights,
         traffic,
         "g",
-        "s",
+        step,
         window=10,
         max_wait=60,
         poll=5,
@@ -171,18 +174,4 @@ def rollout_with(weights: WeightStore, traffic: TrafficFake, stable: str, canary
             for (name, items), value in traffic().items()
         }
 
-    out, clock = io.StringIO(), ClockFake()
-    code = run_progressive(
-        weights,
-        renamed,
-        "g",
-        "mlp",
-        window=10,
-        max_wait=60,
-        poll=5,
-        gates=GATES,
-        out=out,
-        clock=clock,
-        sleep=clock.sleep,
-    )
-    return code, out.getvalue()
+    return rollout(weights, renamed, step="mlp")
