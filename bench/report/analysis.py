@@ -365,7 +365,7 @@ def targets(rows: Sequence[Row], low: int, high: int) -> list[dict[str, Any]]:
                 high,
                 "server_cpu_per_request_s",
                 "ms CPU per request",
-                at_most=CPU_CEILING,
+                ("<=", CPU_CEILING),
                 scale=1000.0,
             ),
         ),
@@ -379,7 +379,7 @@ def targets(rows: Sequence[Row], low: int, high: int) -> list[dict[str, Any]]:
             5,
             f"mesh p50 vs the minimal's (c={low})",
             f"<= {P50_CEILING}x",
-            _per_graph(rows, low, "p50_ms", "ms p50", at_most=P50_CEILING),
+            _per_graph(rows, low, "p50_ms", "ms p50", ("<=", P50_CEILING)),
         ),
         _target(
             6,
@@ -433,23 +433,18 @@ def _compare(
     a: float | None,
     b: float | None,
     unit: str,
-    *,
-    at_most: float | None = None,
-    at_least: float | None = None,
+    bound: tuple[str, float],
     counts: bool = True,
 ) -> list[Check]:
-    """One check on a / b against a bound ([] when either side was not measured).
+    """One check on a / b against `bound` ("<=" or ">=", limit; [] when a side was not measured).
 
     `label` names the check in the targets table, `subject` and `sides` in its sentence.
     """
     x = _ratio(a, b)
     if a is None or b is None or x is None:
         return []
-    met, bound = (
-        (x <= at_most, f"<= {at_most}x")
-        if at_most is not None
-        else (x >= (at_least or 0.0), f">= {at_least}x")
-    )
+    op, limit = bound
+    met = x <= limit if op == "<=" else x >= limit
     return [
         {
             "model": label,
@@ -457,7 +452,7 @@ def _compare(
             "met": met,
             "counts": counts,
             "now": f"{label} {x:.2f}x",
-            "text": f"{subject}: {sides[0]} {_figure(a)} vs {sides[1]} {_figure(b)} {unit} = {x:.2f}x ({bound})",
+            "text": f"{subject}: {sides[0]} {_figure(a)} vs {sides[1]} {_figure(b)} {unit} = {x:.2f}x ({op} {limit}x)",
         }
     ]
 
@@ -482,9 +477,7 @@ def _per_graph(
     concurrency: int,
     key: str,
     unit: str,
-    *,
-    at_most: float | None = None,
-    at_least: float | None = None,
+    bound: tuple[str, float],
     scale: float = 1.0,
 ) -> list[Check]:
     """Targets 3-5: the mesh's figure over the minimal's, per graph (times `scale` in the sentence)."""
@@ -498,8 +491,7 @@ def _per_graph(
             None if mesh[key] is None else mesh[key] * scale,
             None if least[key] is None else least[key] * scale,
             unit,
-            at_most=at_most,
-            at_least=at_least,
+            bound,
         )
     ]
 
@@ -518,7 +510,7 @@ def _node_cpu_checks(rows: Sequence[Row]) -> list[Check]:
             _ms(node, "server_cpu_per_request_s"),
             _ms(least, "server_cpu_per_request_s"),
             "ms CPU (per call vs per request)",
-            at_most=NODE_CPU_CEILING,
+            ("<=", NODE_CPU_CEILING),
             counts=mode == MINIMAL,
         )
     return checks
@@ -536,7 +528,7 @@ def _orchestrator_checks(rows: Sequence[Row], high: int) -> list[Check]:
             _ms(mesh, "orchestrator_cpu_per_request_s"),
             _ms(least, "server_cpu_per_request_s"),
             "ms CPU per request",
-            at_most=ORCHESTRATOR_CPU_CEILING,
+            ("<=", ORCHESTRATOR_CPU_CEILING),
             counts=mesh["model"] == BASE_GRAPH,
         )
     ]
@@ -544,7 +536,7 @@ def _orchestrator_checks(rows: Sequence[Row], high: int) -> list[Check]:
 
 def _throughput_checks(rows: Sequence[Row], high: int) -> list[Check]:
     """Target 4: the mesh's throughput over the minimal's, with how far from the moonshot."""
-    checks = _per_graph(rows, high, "rps", "req/s", at_least=THROUGHPUT_FLOOR)
+    checks = _per_graph(rows, high, "rps", "req/s", (">=", THROUGHPUT_FLOOR))
     for check in checks:
         reached = "reached" if check["value"] >= THROUGHPUT_MOONSHOT else "not reached"
         check["text"] += f"; moonshot {THROUGHPUT_MOONSHOT}x {reached}"
@@ -565,7 +557,7 @@ def _coalescing_checks(coalesced: Sequence[Mapping[str, Any]], high: int) -> lis
                 r["p99_ms"],
                 r["minimal_p99_ms"],
                 "ms p99",
-                at_most=P99_CEILING,
+                ("<=", P99_CEILING),
             ):
                 check["text"] += f", at {r['rows_per_call']:.2f} rows per downstream call"
                 checks.append(check)
