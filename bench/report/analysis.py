@@ -268,6 +268,7 @@ def growth(rows: Sequence[Row], concurrency: int) -> dict[str, Any] | None:
         ns = [float(n) for n, _ in points]
         p50s = [r["p50_ms"] for _, r in points]
         cpus = [r["server_cpu_per_request_s"] * 1000.0 for _, r in points]
+        orchestrator = [(r["orchestrator_cpu_per_request_s"] or 0.0) * 1000.0 for _, r in points]
         out[shape] = {
             "concurrency": concurrency,
             "rows": [
@@ -283,6 +284,7 @@ def growth(rows: Sequence[Row], concurrency: int) -> dict[str, Any] | None:
             ],
             "p50_ms_per_step": _slope(ns, p50s),
             "cpu_ms_per_step": _slope(ns, cpus),
+            "orchestrator_cpu_ms_per_step": _slope(ns, orchestrator),
             "base_p50_ms": p50s[0],
         }
     return out or None
@@ -329,16 +331,18 @@ def analyze(rows: Sequence[Row], spec: MeshSpec, low: int, high: int) -> dict[st
         "growth": growth(rows, low),
         "cache": cache(rows, low, high),
         "batching": batching(rows, high),
-        "targets": targets(rows, low, high),
+        "targets": targets(rows, low, high, spec),
     }
 
 
-def targets(rows: Sequence[Row], low: int, high: int) -> list[dict[str, Any]]:
+def targets(rows: Sequence[Row], low: int, high: int, spec: MeshSpec | None = None) -> list[dict[str, Any]]:
     """Each project target, met or missed, with the figures it was judged on.
 
     Ratios against the minimal all-in-one (`bench.targets.minimal`) of the same run, per benchmarked
     graph, at the lowest (`low`) and highest (`high`) concurrency run. A target whose points did
     not run (a partial run: `--graphs`, `--skip-large`, `--growth-steps 0`) has no checks: n/a.
+    Reference checks (not counted) give the floor a miss runs into: the transport's, measured
+    in the same run (`spec` names the hops of each graph).
     """
     raw = raw_hop(rows)
     grown = growth(rows, low)
@@ -379,7 +383,8 @@ def targets(rows: Sequence[Row], low: int, high: int) -> list[dict[str, Any]]:
             5,
             f"mesh p50 vs the minimal's (c={low})",
             f"<= {P50_CEILING}x",
-            _per_graph(rows, low, "p50_ms", "ms p50", ("<=", P50_CEILING)),
+            _per_graph(rows, low, "p50_ms", "ms p50", ("<=", P50_CEILING))
+            + _hop_floor_checks(rows, low, raw, spec),
         ),
         _target(
             6,
@@ -517,8 +522,22 @@ def _node_cpu_checks(rows: Sequence[Row]) -> list[Check]:
 
 
 def _orchestrator_checks(rows: Sequence[Row], high: int) -> list[Check]:
-    """Target 2: the orchestrator alone against the whole minimal server (other graphs for reference)."""
-    return [
+    """Target 2: the orchestrator alone against the whole minimal server (other graphs for reference);
+    and, for reference, one inbound grpc.aio call's floor: the minimal aio server's whole CPU per
+    request (the orchestrator takes each request in on the same server)."""
+    aio = find(rows, MINIMAL_AIO, SMALL, BASE_GRAPH, high)
+    least = find(rows, MINIMAL, SMALL, BASE_GRAPH, high)
+    floor = _compare(
+        "grpc.aio floor",
+        f"{BASE_GRAPH} c={high}: one inbound call",
+        ("minimal aio (whole)", "minimal"),
+        _ms(aio, "server_cpu_per_request_s"),
+        _ms(least, "server_cpu_per_request_s"),
+        "ms CPU per request",
+        ("<=", ORCHESTRATOR_CPU_CEILING),
+        counts=False,
+    )
+    counted = [
         check
         for mesh, least in _pairs(rows, high)
         for check in _compare(
@@ -532,6 +551,35 @@ def _orchestrator_checks(rows: Sequence[Row], high: int) -> list[Check]:
             counts=mesh["model"] == BASE_GRAPH,
         )
     ]
+    return counted + floor
+
+
+def _hop_floor_checks(
+    rows: Sequence[Row], low: int, raw: Mapping[str, Any] | None, spec: MeshSpec | None
+) -> list[Check]:
+    """Target 5's floor, for reference: the gRPC round trips on a request's critical path (the
+    client's to the orchestrator, then one per sequential step), each as long as a raw call to
+    model_a, against the minimal's p50, before any work."""
+    if raw is None or spec is None:
+        return []
+    checks: list[Check] = []
+    for mesh, least in _pairs(rows, low):
+        graph = spec.graphs.get(mesh["model"])
+        if graph is None:
+            continue
+        trips = 1 + hops_of(graph)["sequential"]
+        for check in _compare(
+            f"{mesh['model']} floor",
+            f"{mesh['model']} c={low}: {trips} round trips x a raw call's p50 {raw['grpc_p50_ms']:.3f} ms",
+            ("transport floor", "minimal"),
+            trips * raw["grpc_p50_ms"],
+            least["p50_ms"],
+            "ms p50",
+            ("<=", P50_CEILING),
+            counts=False,
+        ):
+            checks.append(check)
+    return checks
 
 
 def _throughput_checks(rows: Sequence[Row], high: int) -> list[Check]:
@@ -602,6 +650,22 @@ def _branch_checks(grown: Mapping[str, Any] | None) -> list[Check]:
         return []
     per, share = fan["p50_ms_per_step"], fan["p50_ms_per_step"] / fan["base_p50_ms"]
     added = ", ".join(_signed(r["added_p50_ms"]) for r in fan["rows"][1:])
+    orchestrator = fan.get("orchestrator_cpu_ms_per_step")
+    floor: list[Check] = []
+    if orchestrator:  # None or 0.0: the orchestrator's CPU was not measured
+        # The branches' calls leave and return one after another on the orchestrator's one loop.
+        floor_share = orchestrator / fan["base_p50_ms"]
+        floor = [
+            {
+                "model": "fanout floor",
+                "value": floor_share,
+                "met": floor_share <= BRANCH_CEILING,
+                "counts": False,
+                "now": f"orchestrator CPU {floor_share:+.1%} per branch",
+                "text": f"fanout-1..{len(fan['rows'])}: the orchestrator's CPU per extra branch (fitted) "
+                f"{orchestrator:.3f} ms, spent on its one event loop, = {floor_share:.1%} of fanout-1's p50",
+            }
+        ]
     return [
         {
             "model": "fanout",
@@ -611,7 +675,8 @@ def _branch_checks(grown: Mapping[str, Any] | None) -> list[Check]:
             "text": f"fanout-1..{len(fan['rows'])} c={fan['concurrency']}: {per:.3f} ms p50 per extra branch "
             f"(fitted; each: {added}) = {share:.1%} of fanout-1's {fan['base_p50_ms']:.3f} ms "
             f"(<= {BRANCH_CEILING:.0%})",
-        }
+        },
+        *floor,
     ]
 
 

@@ -139,6 +139,24 @@ def test_each_target_is_judged_on_its_points() -> None:
     assert [c["counts"] for c in targets[10]["checks"]] == [True, False]
 
 
+def test_the_transport_floors_are_stated_beside_the_targets_they_explain() -> None:
+    # Reference checks only: they say what a miss runs into, measured in the same run.
+    targets = {t["id"]: t for t in analysis.targets(whole_run(), LOW, HIGH, load_spec(DEMO_MESH))}
+    floors = [c for c in targets[5]["checks"] if not c.get("counts", True)]
+    # digits-serial: the client's round trip and three sequential steps, each a raw call (0.5 ms).
+    assert [c["value"] for c in floors] == [pytest.approx(4 * 0.5 / 0.5), pytest.approx(3 * 0.5 / 0.5)]
+    assert targets[5]["met"] is False  # unchanged by the floors
+    growth = [
+        point(
+            "mesh", f"fanout-{n}", 1, config="growth", p50=1.0 + 0.3 * (n - 1), orchestrator_ms=0.5 + 0.2 * n
+        )
+        for n in (1, 2, 3)
+    ]
+    branch, floor = analysis.targets(growth, LOW, HIGH)[6]["checks"]
+    assert branch.get("counts", True)  # the branch target itself counts
+    assert floor["counts"] is False and floor["value"] == pytest.approx(0.2 / 1.0)
+
+
 def test_a_lone_request_that_waited_misses_the_depth_target() -> None:
     rows = [mesh("digits-serial", 1, rows_per_call=1.001)]
     depth = by_id(rows)[6]
