@@ -84,8 +84,6 @@ class _Lane:
 
     running: int = 0
     waiting: list[_Call] = field(default_factory=list)
-    #: Rows of the last call sent.
-    last_rows: int = 0
     #: A send of the waiting callers is due (at the end of this turn of the event loop, or when a
     #: hold ends).
     scheduled: bool = False
@@ -132,13 +130,16 @@ class CoalescingStage:
             return await self._send(request)
         lane = self._lanes.setdefault(key, _Lane())
         limit = self._limits.of(key)
-        if limit.allows(lane.running) and not lane.waiting and not limit.loaded:
-            # The fast path (a lone request never waits): straight through, timed inline.
+        # A loaded lane whose calls carry several rows gathers: its callers wait for the others the
+        # event loop resumes in their turn. Any other takes the fast path (a lone request, one row
+        # per call, never waits, whatever its latency's jitter says): straight through, timed inline.
+        if limit.allows(lane.running) and not lane.waiting and not (limit.loaded and limit.rows > 1):
+            limit.rows = rows = rows_of(request.inputs.values())
             lane.running += 1
             self.calls_sent += 1
             self.callers_served += 1
             if self.on_call is not None:
-                self.on_call(request.model, rows_of(request.inputs.values()))
+                self.on_call(request.model, rows)
             started = time.monotonic()
             try:
                 result = await self.inner.call(request)
@@ -187,9 +188,9 @@ class CoalescingStage:
         """A downstream call of `key` returned: send whoever waits, stacked, in its slot (after a
         hold, on a lane that is saturated)."""
         lane.running -= 1
-        if lane.waiting and not lane.scheduled and lane.last_rows >= HOLD_FROM_ROWS:
+        if lane.waiting and not lane.scheduled:
             limit = self._limits.of(key)
-            if limit.loaded:
+            if limit.loaded and limit.rows >= HOLD_FROM_ROWS:
                 # Saturated: calls answer slowly and already carry many rows. A call costs the
                 # same whatever rows it carries, so while a share of its latency passes, the
                 # callers arriving meanwhile join this one instead of paying for another.
@@ -218,7 +219,7 @@ class CoalescingStage:
                 batch.append(call)
                 rows += call.rows
                 nbytes += call.nbytes
-            lane.last_rows = rows
+            self._limits.of(key).rows = rows
             lane.running += 1
             # A fresh context: the shared call belongs to no single request (its log context included);
             # traced, it gets a span of its own linked to each caller's.
@@ -325,9 +326,10 @@ class LaneLimit:
         self.value = float(maximum)
         self.floor = float("inf")
         self.recent = 0.0
-        #: Calls answer well above the floor: a caller waits for the others resumed in its loop
-        #: turn rather than leaving alone (never while the lane answers at its unloaded speed).
+        #: Calls answer well above the floor (the lane is loaded).
         self.loaded = False
+        #: Rows the lane's last call carried.
+        self.rows = 0
 
     def allows(self, running: int) -> bool:
         return running < self.value

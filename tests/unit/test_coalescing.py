@@ -191,6 +191,17 @@ def test_a_loaded_lane_sends_the_callers_of_one_loop_turn_as_one_call() -> None:
     for _ in range(50):
         limit.observe(0.004)
     assert limit.loaded
+
+    async def lone() -> dict[str, np.ndarray]:
+        # Loaded by latency alone, one row per call (a lone request's jitter): straight through.
+        task = asyncio.create_task(call(stage, rows(9.0)))
+        await asyncio.sleep(0)  # one loop turn: the task's first step ran
+        assert len(fake.calls) == 1  # it reached the service in that step, without a turn's wait
+        return await task
+
+    np.testing.assert_array_equal(asyncio.run(lone())["y"], np.full((1, 3), 18.0))
+    fake.calls.clear()
+    limit.rows = 3  # loaded, and its calls carry several rows: it gathers
     answers = asyncio.run(wave())
     assert len(fake.calls) == 1 and len(fake.calls[0].inputs["x"]) == 4
     for i, out in enumerate(answers):
@@ -205,7 +216,8 @@ def test_a_saturated_lane_holds_its_callers_so_that_later_ones_join_the_same_cal
         await call(stage, rows(0.0))  # the lane's limit exists, its floor that of a fast call
         limit = next(iter(stage._limits._limits.values()))
         for _ in range(50):
-            limit.observe(2.0)  # saturated: calls answer far slower than unloaded
+            limit.observe(2.0)  # saturated: calls answer far slower than unloaded,
+        limit.rows = 4  # and carry many rows
         first = asyncio.gather(*(call(stage, rows(1.0)) for _ in range(4)))
         await fake.wait_for_calls(2)  # the four left together: 4 rows, enough to hold
         early = [asyncio.create_task(call(stage, rows(2.0))) for _ in range(2)]
