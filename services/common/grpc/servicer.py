@@ -215,7 +215,14 @@ def uses_extensions(request: pb.ModelInferRequest) -> bool:
     """True when any parameter is set: the request needs Triton's extensions, not the fast path."""
     if request.parameters:
         return True
-    return any(t.parameters for t in request.inputs) or any(o.parameters for o in request.outputs)
+    # Loops, not any() over generators: this runs on every call.
+    for tensor in request.inputs:
+        if tensor.parameters:
+            return True
+    for output in request.outputs:
+        if output.parameters:
+            return True
+    return False
 
 
 def infer_request(
@@ -333,7 +340,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 await request.answer(context)
             code, message = status("ModelInfer", request.error())
             await context.abort(code, message)
-        request_id = truncate(request.id or _request_id(context), _MAX_ID)
+        request_id = request.id or _request_id(context)
+        if len(request_id) > _MAX_ID:
+            request_id = truncate(request_id, _MAX_ID)
         token = request_id_var.set(request_id)
         try:
             remaining = context.time_remaining()
