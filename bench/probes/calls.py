@@ -116,7 +116,9 @@ def _functions_per_request(first: Totals, second: Totals, n: int) -> dict[str, f
         if delta > 0:
             name = f"{Path(key[0]).relative_to(ROOT)}:{key[2]}"
             out[name] = out.get(name, 0.0) + delta / n
-    return {name: round(calls, 2) for name, calls in sorted(out.items(), key=lambda item: (-item[1], item[0]))}
+    return {
+        name: round(calls, 2) for name, calls in sorted(out.items(), key=lambda item: (-item[1], item[0]))
+    }
 
 
 def _session(point: Point, requests: int, inputs: Mapping[str, np.ndarray]) -> dict[str, Totals]:

@@ -24,10 +24,15 @@ MODEL_NODE, ORCHESTRATOR = "services.common.model_node", "orchestrator"
 #: memory, no dynamic batching on model_a, no tokens, no capture, no cache in digits-serial): no
 #: function of theirs may run per request.
 UNUSED = {
-    "tracing": ("services/common/observability/tracing.py", "services/common/grpc/traced.py",
-                "orchestrator/graph/step_spans.py"),
-    "Triton parameters and shared memory": ("services/common/triton/params.py",
-                                            "services/common/triton/shared_memory.py"),
+    "tracing": (
+        "services/common/observability/tracing.py",
+        "services/common/grpc/traced.py",
+        "orchestrator/graph/step_spans.py",
+    ),
+    "Triton parameters and shared memory": (
+        "services/common/triton/params.py",
+        "services/common/triton/shared_memory.py",
+    ),
     "dynamic batching": ("services/common/batching/adaptive.py",),
     "TLS and bearer tokens": ("services/common/grpc/security.py",),
     "capture": ("orchestrator/capture/",),
@@ -49,7 +54,9 @@ def test_an_unused_feature_adds_no_call_per_request(counts: list[Count]) -> None
     for c in counts:
         for feature, modules in UNUSED.items():
             called = {name: calls for name, calls in c.functions.items() if name.startswith(modules)}
-            assert not called, f"{c.point}, {c.node}: {feature} is not used, yet per request it calls {called}"
+            assert not called, (
+                f"{c.point}, {c.node}: {feature} is not used, yet per request it calls {called}"
+            )
 
 
 def test_a_request_stays_within_its_call_budget(counts: list[Count]) -> None:
