@@ -136,11 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = Suite(options).run()
     paths = report.write(data, options.out)
     print("\n".join(report.console_summary(data)))
-    for target in data["targets"]:
-        verdict = {None: "n/a", True: "met", False: "MISSED"}[target["met"]]
-        print(f"target {target['id']}: {verdict:<6} {target['target']}")
-        for check in target["checks"]:
-            print(f"    {check['text']}")
     print(
         f"bench: wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - started:.0f} s"
     )

@@ -218,30 +218,12 @@ class Suite:
     def data(self, elapsed: float) -> dict[str, Any]:
         """Everything report.json holds: meta, points, and the analysis of the points."""
         o = self.options
-        spec = load_spec(DEFAULT_GRAPHS)
-        batch = analysis.batching(self.points, o.high)
         return {
             "meta": meta(o, elapsed),
             "servers": self.servers,
             "points": self.points,
-            "ratios": analysis.ratios(self.points),
-            "hops": analysis.hop_costs(self.points, spec),
-            "raw_hop": analysis.raw_hop(self.points),
-            "coalescing": analysis.coalescing(self.points),
-            "grpc_servers": analysis.grpc_servers(self.points),
-            "growth": analysis.growth(self.points, o.low),
-            "cache": analysis.cache(self.points, o.low, o.high),
+            **analysis.analyze(self.points, load_spec(DEFAULT_GRAPHS), o.low, o.high),
             "large_model": self.large,
-            "batching": batch,
-            "targets": analysis.targets(
-                self.points,
-                spec,
-                o.low,
-                o.high,
-                batch,
-                analysis.growth(self.points, o.low),
-                analysis.cache(self.points, o.low, o.high),
-            ),
             "profile": self.profile,
         }
 

@@ -35,7 +35,7 @@ from orchestrator.capture.drift import DriftMonitor
 from orchestrator.capture.writer import open_store
 from orchestrator.graph.engine import Engine
 from orchestrator.spec import MeshSpec, SpecError, parse_spec, validate_against_signatures
-from orchestrator.stages.base import Stage
+from orchestrator.stages.base import Stage, keeps_deadline
 from orchestrator.stages.cache import ResponseCaches
 from orchestrator.stages.coalescing import DEFAULT_IN_FLIGHT, CoalescingStage
 from orchestrator.stages.replicas import ReplicaSet
@@ -299,6 +299,7 @@ class Orchestrator:
                         service=service,
                         budget=self.budget,
                         on_event=self._on_replica_event,
+                        keeps_deadline=keeps_deadline(client),
                     )
                 stage = self.replica_sets[address]
                 if self.coalesce_in_flight > 0:

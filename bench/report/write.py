@@ -146,17 +146,43 @@ def _header(data: Mapping[str, Any]) -> list[str]:
 
 
 def _targets(data: Mapping[str, Any]) -> list[str]:
-    lines = ["## Targets", ""]
-    rows = []
+    """The targets table (figure now, limit, verdict), then the measured figures behind each."""
+    rows = [
+        [
+            str(t["id"]),
+            t["target"],
+            "<br>".join(c["now"] + ("" if c.get("counts", True) else " (reference)") for c in t["checks"])
+            or "-",
+            t["limit"],
+            _verdict(t["met"]),
+        ]
+        for t in data["targets"]
+    ]
+    lines = [
+        "## Targets",
+        "",
+        "Ratios against the minimal all-in-one of this run; *n/a* = its points did not run. A *reference* figure "
+        "does not count toward the verdict.",
+        "",
+        table(["#", "target", "now", "limit", "verdict"], rows),
+        "",
+        "Measured figures:",
+        "",
+    ]
     for t in data["targets"]:
-        numbers = "<br>".join(
-            f"{'ok' if c['met'] else 'MISSED'}: {c['text']}"
-            + ("" if c.get("counts", True) else " (for reference)")
-            for c in t["checks"]
+        lines.append(
+            f"- **{t['id']}** {_verdict(t['met'])}" + ("" if t["checks"] else ": not measured in this run")
         )
-        rows.append([str(t["id"]), t["target"], _verdict(t["met"]), numbers or "not measured"])
-    lines += [table(["#", "target", "verdict", "numbers"], rows), ""]
-    return lines
+        lines += [f"  - {line}" for line in check_lines(t)]
+    return [*lines, ""]
+
+
+def check_lines(target: Mapping[str, Any]) -> list[str]:
+    """One sentence per check of a target: met or missed, and the figures."""
+    return [
+        f"{'ok' if c['met'] else 'MISSED'}: {c['text']}" + ("" if c.get("counts", True) else " (reference)")
+        for c in target["checks"]
+    ]
 
 
 def _points(data: Mapping[str, Any]) -> list[str]:
@@ -423,7 +449,7 @@ def markdown(data: Mapping[str, Any]) -> str:
 
 
 def console_summary(data: Mapping[str, Any]) -> list[str]:
-    """The ratios and hop costs, for the terminal at the end of a run."""
+    """The ratios, hop costs and targets, for the terminal at the end of a run."""
     lines = [
         "ratios (mesh / minimal | mesh / all-in-one | mesh / floor): p50, p99, throughput, CPU per request"
     ]
@@ -456,6 +482,10 @@ def console_summary(data: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"  batching on/off {b['mode']} {b['model']} c={b['concurrency']}: {ratio(b['throughput_ratio'])} throughput"
         )
+    for t in data["targets"]:
+        verdict = {None: "n/a", True: "met", False: "MISSED"}[t["met"]]
+        lines.append(f"target {t['id']}: {verdict:<6} {t['target']}: {t['limit']}")
+        lines += [f"    {line}" for line in check_lines(t)]
     return lines
 
 

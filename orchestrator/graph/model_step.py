@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 #: Backoff before retry n (n = 1, 2, ...) is uniform in [0, min(RETRY_CAP, RETRY_BASE * 2**(n-1))].
 RETRY_BASE = 0.025
 RETRY_CAP = 0.5
+#: A DeadlineExceeded this close to a call's deadline is that deadline's (clocks differ slightly).
+DEADLINE_SLACK = 0.002
 
 #: on_step(graph, step, service, model, version, status, seconds); status is ok, error, timeout or
 #: cancelled; version is the one that answered (else the spec's, "" = default).
@@ -118,22 +120,27 @@ class ModelStepCaller:
                 if step.timeout < left
                 else "exceeded the deadline"
             )
+            deadline = self._clock() + timeout
+            request = InferRequest(
+                model=step.model,
+                inputs=inputs,
+                outputs=node.requested,
+                version=step.version,
+                request_id=run.request_id,
+                deadline=deadline,
+            )
             try:
-                # The stage is asked to keep to `timeout` itself; this guard holds when it doesn't.
+                if node.keeps_deadline:
+                    return await node.stage.call(request)
+                # A stage that may not keep to the deadline is cut off at it.
                 async with asyncio.timeout(timeout):
-                    return await node.stage.call(
-                        InferRequest(
-                            model=step.model,
-                            inputs=inputs,
-                            outputs=node.requested,
-                            version=step.version,
-                            request_id=run.request_id,
-                            deadline=self._clock() + timeout,
-                        )
-                    )
+                    return await node.stage.call(request)
             except TimeoutError:
                 raise _Failed(DeadlineExceeded(f"{node.label} {limit}"), f"timeout: {limit}") from None
             except MeshError as err:
+                if isinstance(err, DeadlineExceeded) and self._clock() >= deadline - DEADLINE_SLACK:
+                    # This call's own deadline ran out: said as the engine's timer would say it.
+                    raise _Failed(DeadlineExceeded(f"{node.label} {limit}"), f"timeout: {limit}") from None
                 if isinstance(err, DeadlineExceeded):
                     status = f"timeout: {limit}: {_reason(err)}"
                     raise _Failed(err.with_prefix(f"{node.label} {limit}"), status) from err

@@ -35,7 +35,7 @@ from orchestrator.spec import (
     iter_steps,
     storage_name,
 )
-from orchestrator.stages.base import Stage
+from orchestrator.stages.base import Stage, keeps_deadline
 from orchestrator.stages.cache import GraphCache, ResponseCaches
 from services.common.errors import MeshError
 
@@ -188,6 +188,8 @@ class ModelNode(CompiledStep):
         super().__init__(step)
         self.step = step
         self.stage = stage
+        #: The stage answers by the deadline itself: no timer of the engine's around its calls.
+        self.keeps_deadline = keeps_deadline(stage)
         self.requested = requested
         self.label = f"step {step.name!r} ({step.label})"
         # input name -> (step whose outputs hold the tensor, tensor name)

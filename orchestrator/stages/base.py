@@ -3,6 +3,10 @@
 The engine knows nothing about gRPC: it calls a ``Stage`` per logical service name of the spec.
 The real one is the mesh's OIP client itself (``services.common.grpc.client.OipClient``, one
 long-lived channel per address); ``CoalescingStage`` wraps one; tests plug in fakes.
+
+A stage that answers by ``request.deadline`` on its own (every gRPC call carries it) says so with
+a true ``keeps_deadline`` attribute; the engine then arms no timer of its own around the call.
+Any other stage (an in-process one, a fake) is cut off by the engine at the deadline.
 """
 
 from __future__ import annotations
@@ -28,3 +32,8 @@ class Stage(Protocol):
     async def is_ready(self, model: str, version: str) -> bool:
         """Whether the model is ready to serve (ModelReady); False when the service can't say."""
         ...
+
+
+def keeps_deadline(stage: object) -> bool:
+    """Whether ``stage`` answers (or fails with DeadlineExceeded) by ``request.deadline`` itself."""
+    return bool(getattr(stage, "keeps_deadline", False))

@@ -39,7 +39,7 @@ from typing import Protocol
 import numpy as np
 
 from orchestrator.spec import CacheSpec, GraphSpec, MeshSpec, ModelStep, SignatureKey
-from orchestrator.stages.base import Stage
+from orchestrator.stages.base import Stage, keeps_deadline
 from services.common.errors import MeshError
 from services.common.types import InferRequest, InferResult, ModelSignature
 
@@ -325,6 +325,7 @@ class CachedStage:
         self.inner = inner
         self.cache = cache
         self.key = key
+        self.keeps_deadline = keeps_deadline(inner)
 
     async def call(self, request: InferRequest) -> InferResult:
         key = request_key(request.model, request.version, request.outputs, request.inputs)

@@ -10,7 +10,11 @@ sending them as one call with their rows stacked divides that cost by the batch 
 No timer: a call goes out at once while fewer calls than the limit are running, so a lone
 request (concurrency 1) never waits. The limit adapts to load (`LaneLimit`): up to
 `max_in_flight` while calls answer as fast as they do unloaded, down to one as their latency
-grows, so that under load every caller that arrives while a call runs leaves in the next one. Stacking, splitting and re-running alone are
+grows, so that under load every caller that arrives while a call runs leaves in the next one.
+A loaded lane also gathers: its first caller waits for the end of the event loop's turn, so the
+callers resumed in that turn (the rows of one call that returned, moving on to the next step
+together) leave as one call rather than the first alone and the others after it.
+Stacking, splitting and re-running alone are
 `services.common.batching.stacking`'s, shared with the model services' adaptive batching: each caller
 gets exactly its rows back; when a coalesced call fails with anything but a shared failure
 (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED: `stacking.SHARED_FAILURES`),
@@ -30,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.stages.base import Stage
+from orchestrator.stages.base import Stage, keeps_deadline
 from services.common.batching import stacking
 from services.common.errors import DeadlineExceeded, MeshError
 from services.common.observability import tracing
@@ -61,6 +65,8 @@ class _Call:
     future: asyncio.Future[InferResult]
     #: The caller's trace context (tracing on), so the call that carries its rows links to it.
     trace: Any = None
+    #: Its deadline passed before an answer came.
+    expired: bool = False
 
 
 @dataclass(slots=True)
@@ -69,6 +75,8 @@ class _Lane:
 
     running: int = 0
     waiting: list[_Call] = field(default_factory=list)
+    #: A send of the waiting callers is due at the end of this turn of the event loop.
+    gathering: bool = False
 
 
 class CoalescingStage:
@@ -88,6 +96,7 @@ class CoalescingStage:
         if max_in_flight < 1 or max_rows < 1:
             raise ValueError("max_in_flight and max_rows must be at least 1")
         self.inner = inner
+        self.keeps_deadline = keeps_deadline(inner)
         self.on_call = on_call
         self.max_in_flight = max_in_flight
         self.max_rows = max_rows
@@ -111,7 +120,7 @@ class CoalescingStage:
             return await self._send(request)
         lane = self._lanes.setdefault(key, _Lane())
         limit = self._limits.of(key)
-        if limit.allows(lane.running) and not lane.waiting:
+        if limit.allows(lane.running) and not lane.waiting and not limit.loaded:
             # The fast path (a lone request never waits): straight through, timed inline.
             lane.running += 1
             self.calls_sent += 1
@@ -125,27 +134,35 @@ class CoalescingStage:
                 self._finished(key, lane)
             limit.observe(time.monotonic() - started)
             return result
+        loop = asyncio.get_running_loop()
         call = _Call(
             request,
             rows_of(request.inputs.values()),
             sum(array.nbytes for array in request.inputs.values()),
-            asyncio.get_running_loop().create_future(),
+            loop.create_future(),
             tracing.current() if tracing.enabled else None,
         )
         lane.waiting.append(call)
-        left = None if request.deadline is None else request.deadline - time.monotonic()
+        if not lane.gathering and limit.allows(lane.running):
+            # A loaded lane with a free slot: the callers the event loop resumes in this same turn
+            # (the rows of one call that just returned, moving on together) leave as one call.
+            lane.gathering = True
+            loop.call_soon(self._gathered, key, lane)
+        # Each caller keeps its own deadline, whatever the shared call is given.
+        # (Deadlines are `time.monotonic()` times, the event loop's own clock.)
+        expiry = None if request.deadline is None else loop.call_at(request.deadline, _expire, call)
         try:
-            # Each caller keeps its own deadline, whatever the shared call is given.
-            async with asyncio.timeout(left):
-                return await asyncio.shield(call.future)
-        except TimeoutError:
-            call.future.cancel()  # if it has not left yet, it never will
-            raise DeadlineExceeded(f"{request.model}: no answer within {left:.3f}s") from None
+            return await call.future
         except asyncio.CancelledError:
-            call.future.cancel()  # the caller is gone: drop it from the next call
+            # Timed out, or the caller is gone (awaiting cancelled the future): it never leaves.
             if call in lane.waiting:
                 lane.waiting.remove(call)
+            if call.expired and not _being_cancelled():
+                raise DeadlineExceeded(f"{request.model}: no answer before the call's deadline") from None
             raise
+        finally:
+            if expiry is not None:
+                expiry.cancel()
 
     async def _send(self, request: InferRequest) -> InferResult:
         self.calls_sent += 1
@@ -157,6 +174,14 @@ class CoalescingStage:
     def _finished(self, key: CallKey, lane: _Lane) -> None:
         """A downstream call of `key` returned: send whoever waits, stacked, in its slot."""
         lane.running -= 1
+        self._dispatch(key, lane)
+
+    def _gathered(self, key: CallKey, lane: _Lane) -> None:
+        lane.gathering = False
+        self._dispatch(key, lane)
+
+    def _dispatch(self, key: CallKey, lane: _Lane) -> None:
+        """Send whoever waits, stacked, in the free slots of the lane's limit."""
         while lane.waiting and self._limits.allows(key, lane.running):
             batch: list[_Call] = []
             rows = nbytes = 0
@@ -179,8 +204,8 @@ class CoalescingStage:
                 work = tracing.coalesced(work, [c.trace for c in batch], key[0], rows)
             task = asyncio.create_task(work, context=contextvars.Context())
             task.add_done_callback(functools.partial(self._stacked_done, key, lane))
-        if not lane.running and not lane.waiting:
-            self._lanes.pop(key, None)
+        if not lane.running and not lane.waiting and self._lanes.get(key) is lane:
+            del self._lanes[key]
 
     def _stacked_done(self, key: CallKey, lane: _Lane, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -213,6 +238,18 @@ class CoalescingStage:
     def _answer(self, calls: list[_Call], index: int, answer: InferResult | BaseException) -> None:
         self.callers_served += 1
         _settle(calls[index], answer)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _expire(call: _Call) -> None:
+    """A waiting caller's deadline passed: it stops waiting (the caller raises DeadlineExceeded)."""
+    if not call.future.done():
+        call.expired = True
+        call.future.cancel()
 
 
 def _settle(call: _Call, answer: InferResult | BaseException) -> None:
@@ -251,6 +288,8 @@ class LaneLimit:
     """
 
     HEADROOM = 0.5
+    #: Below this the lane is loaded (one call at a time): its callers gather for a loop turn.
+    GATHER_BELOW = 2.0
     #: Weight of the newest latency in `recent`.
     SMOOTHING = 0.2
     #: Per call, the floor forgets by this factor: a lane that became slower for good (a
@@ -263,6 +302,9 @@ class LaneLimit:
         self.value = float(maximum)
         self.floor = float("inf")
         self.recent = 0.0
+        #: Calls answer well above the floor: a caller waits for the others resumed in its loop
+        #: turn rather than leaving alone (never while the lane answers at its unloaded speed).
+        self.loaded = False
 
     def allows(self, running: int) -> bool:
         return running < self.value
@@ -278,6 +320,7 @@ class LaneLimit:
         if self.recent > 0.0:
             target = self.value * min(1.0, self.floor / self.recent) + self.HEADROOM
             self.value = min(float(self.maximum), max(1.0, target))
+            self.loaded = self.value < self.GATHER_BELOW
 
 
 class LaneLimits:

@@ -172,8 +172,12 @@ class ReplicaSet:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_event: EventHook | None = None,
+        keeps_deadline: bool = False,
     ) -> None:
+        """`keeps_deadline`: the replicas' clients answer by `request.deadline` themselves (gRPC
+        clients do), and so does the set (see `orchestrator.stages.base`)."""
         self.target = target
+        self.keeps_deadline = keeps_deadline
         self.service = service or target
         self._connect = connect
         self._connect_draining = connect_draining

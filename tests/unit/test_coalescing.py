@@ -168,11 +168,33 @@ def test_the_limit_grows_to_its_maximum_at_the_unloaded_latency_and_falls_to_one
     assert limit.value == 8.0
     for _ in range(50):
         limit.observe(0.004)  # four times the unloaded latency: calls queue somewhere
-    assert limit.value == 1.0
-    assert limit.allows(0) and not limit.allows(1)  # a lone request still goes at once
+    assert limit.value == 1.0 and limit.loaded
+    assert limit.allows(0) and not limit.allows(1)
     for _ in range(50):
         limit.observe(0.001)
     assert limit.value == 8.0
+
+
+def test_a_loaded_lane_sends_the_callers_of_one_loop_turn_as_one_call() -> None:
+    # The rows of a call that returned move on together: on a loaded lane the first of them
+    # must not leave alone with the others in a second call behind it.
+    fake = FakeStage({"m": double})
+    stage = CoalescingStage(fake, max_in_flight=4)
+
+    async def wave() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(*(call(stage, rows(float(i))) for i in range(4)))
+
+    asyncio.run(wave())
+    assert len(fake.calls) == 4  # unloaded: each goes at once, up to the limit
+    fake.calls.clear()
+    limit = next(iter(stage._limits._limits.values()))
+    for _ in range(50):
+        limit.observe(0.004)
+    assert limit.loaded
+    answers = asyncio.run(wave())
+    assert len(fake.calls) == 1 and len(fake.calls[0].inputs["x"]) == 4
+    for i, out in enumerate(answers):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0 * i))
 
 
 def test_a_fixed_limit_does_not_adapt() -> None:

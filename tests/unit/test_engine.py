@@ -481,6 +481,18 @@ def test_a_step_cut_by_the_request_deadline_says_so() -> None:
         go(engine, deadline=time.monotonic() + 0.05)
 
 
+def test_a_stage_that_keeps_its_deadline_runs_without_a_timer_and_its_timeout_reads_the_same() -> None:
+    # A gRPC stage fails with DEADLINE_EXCEEDED at the deadline it was given: the engine arms no
+    # timer of its own around it, and the answer reads as if the engine's timer had fired.
+    clock = FakeClock()
+    stage = FakeStage({"m": echo}, clock=clock, takes={"m": 0.5})
+    stage.keeps_deadline = True  # type: ignore[attr-defined]
+    stage.fail("m", DeadlineExceeded("Deadline Exceeded"))
+    engine = engine_for(CHAIN.replace("timeout: 4.0}", "timeout: 0.5}", 1), {"s": stage}, clock=clock)
+    with pytest.raises(DeadlineExceeded, match=r"^step 'a' \(s/m\) exceeded its timeout of 0.5s$"):
+        go(engine)
+
+
 def test_a_downstream_deadline_exceeded_keeps_its_code_and_names_the_step() -> None:
     stage = FakeStage({"m": echo}).fail("m", DeadlineExceeded("Deadline Exceeded"))
     with pytest.raises(

@@ -147,6 +147,10 @@ class GrpcClient:
 class OipClient(GrpcClient):
     """Async client for one OIP endpoint (possibly many replicas behind one target)."""
 
+    #: Every call carries `request.deadline` as its gRPC deadline: it answers, or fails with
+    #: DEADLINE_EXCEEDED, by then (the orchestrator arms no timer of its own around it).
+    keeps_deadline = True
+
     def _stubs(self, channel: grpc.aio.Channel) -> None:
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
