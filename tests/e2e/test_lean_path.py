@@ -3,9 +3,10 @@ costs about the project calls it costs today.
 
 `bench.probes.calls` runs the local mesh (real processes on 127.0.0.1, every node under cProfile,
 stopped by LocalMesh) twice, with LOW and then HIGH sequential requests, and counts each node's
-calls per request as the difference: start-up, warm-up and shutdown cancel out. Call counts do
-not move with the machine's load, so the budgets below hold anywhere; what runs on a timer (the
-loop-lag watcher, health checks) adds a fraction of a call per request, hence the small margins.
+calls per request as the difference: start-up, warm-up and shutdown cancel out. Call counts
+barely move with the machine's load, so the budgets below hold anywhere: what runs by the clock
+(the loop-lag watcher, health checks) adds a fraction of a call per request and the coalescing
+stage a longer path now and then, hence the margins (`BUDGET`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ UNUSED = {
     "capture": ("orchestrator/capture/",),
     "the response cache": ("orchestrator/stages/cache.py",),
 }
-#: Project calls per request, measured with `python -m bench.probes.calls --low 20 --high 80`
-#: (model_a direct: 29.1 on model_a; digits-serial: 214.7 on the orchestrator), plus a margin
-#: for what runs on a timer. A change that adds calls to every request moves these on purpose.
-BUDGET = {("model_a direct", MODEL_NODE): 32.0, ("digits-serial", ORCHESTRATOR): 225.0}
+#: Project calls per request, measured with `python -m bench.probes.calls --low 20 --high 80`:
+#: model_a direct 28.9-29.1 on model_a (margin: the loop-lag timer and health checks, which run
+#: by the clock, not per request); digits-serial 192-217 on the orchestrator, whose coalescing
+#: stage takes a longer path (~25 calls) when a lane looks loaded, which depends on timing even
+#: for sequential requests. A change that adds calls to every request moves these on purpose.
+BUDGET = {("model_a direct", MODEL_NODE): 32.0, ("digits-serial", ORCHESTRATOR): 235.0}
 
 
 @pytest.fixture(scope="module")
