@@ -99,7 +99,9 @@ def encode_raw(array: np.ndarray) -> tuple[str, list[int], bytes]:
             parts.append(_LEN.pack(len(data)))
             parts.append(data)
         return datatype, shape, b"".join(parts)
-    return datatype, shape, received_bytes(array) or np.ascontiguousarray(array).tobytes()
+    # Only a view of other bytes can be those bytes: an array a runtime made costs no call here.
+    raw = received_bytes(array) if isinstance(array.base, (bytes, np.ndarray)) else None
+    return datatype, shape, raw or np.ascontiguousarray(array).tobytes()
 
 
 def received_bytes(array: np.ndarray) -> bytes | None:
