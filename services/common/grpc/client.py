@@ -211,7 +211,8 @@ class OipClient(GrpcClient):
             outputs=codec.decode_response_outputs(response),
             model_name=response.model_name,
             model_version=response.model_version,
-            parameters=codec.parameter_values(response.parameters),
+            # Most responses carry none: no call for them (the orchestrator's hot path).
+            parameters=codec.parameter_values(response.parameters) if response.parameters else {},
         )
 
     async def model_infer(
