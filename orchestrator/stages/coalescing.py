@@ -13,7 +13,12 @@ request (concurrency 1) never waits. The limit adapts to load (`LaneLimit`): up 
 grows, so that under load every caller that arrives while a call runs leaves in the next one.
 A loaded lane also gathers: its first caller waits for the end of the event loop's turn, so the
 callers resumed in that turn (the rows of one call that returned, moving on to the next step
-together) leave as one call rather than the first alone and the others after it.
+together) leave as one call rather than the first alone and the others after it. A saturated
+lane (loaded, and its calls already carrying HOLD_FROM_ROWS rows or more) holds its waiting
+callers for HOLD_SHARE of a call's recent latency once a call returns: a call costs about the
+same whatever rows it carries, so the callers arriving meanwhile ride along instead of paying for
+another call, and the CPU saved is throughput (a closed loop's latency is its concurrency over
+its throughput). A lane that is not loaded never holds anyone.
 Stacking, splitting and re-running alone are
 `services.common.batching.stacking`'s, shared with the model services' adaptive batching: each caller
 gets exactly its rows back; when a coalesced call fails with anything but a shared failure
@@ -48,6 +53,10 @@ DEFAULT_IN_FLIGHT = 4
 #: channels, leaving room for framing, so that stacking large tensors (pages of an image) never
 #: makes a message the channel refuses. A call over it alone still goes alone.
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+#: A saturated lane (loaded, its last call carrying at least HOLD_FROM_ROWS rows) holds its
+#: waiting callers for this share of its calls' recent latency before they leave.
+HOLD_SHARE = 0.5
+HOLD_FROM_ROWS = 4
 #: on_call(model, rows): one downstream call left carrying `rows` rows (the rows-per-call metric).
 CallHook = Callable[[str, int], None]
 
@@ -75,8 +84,11 @@ class _Lane:
 
     running: int = 0
     waiting: list[_Call] = field(default_factory=list)
-    #: A send of the waiting callers is due at the end of this turn of the event loop.
-    gathering: bool = False
+    #: Rows of the last call sent.
+    last_rows: int = 0
+    #: A send of the waiting callers is due (at the end of this turn of the event loop, or when a
+    #: hold ends).
+    scheduled: bool = False
 
 
 class CoalescingStage:
@@ -143,10 +155,10 @@ class CoalescingStage:
             tracing.current() if tracing.enabled else None,
         )
         lane.waiting.append(call)
-        if not lane.gathering and limit.allows(lane.running):
+        if not lane.scheduled and limit.allows(lane.running):
             # A loaded lane with a free slot: the callers the event loop resumes in this same turn
             # (the rows of one call that just returned, moving on together) leave as one call.
-            lane.gathering = True
+            lane.scheduled = True
             loop.call_soon(self._gathered, key, lane)
         # Each caller keeps its own deadline, whatever the shared call is given.
         # (Deadlines are `time.monotonic()` times, the event loop's own clock.)
@@ -172,12 +184,22 @@ class CoalescingStage:
         return await self.inner.call(request)
 
     def _finished(self, key: CallKey, lane: _Lane) -> None:
-        """A downstream call of `key` returned: send whoever waits, stacked, in its slot."""
+        """A downstream call of `key` returned: send whoever waits, stacked, in its slot (after a
+        hold, on a lane that is saturated)."""
         lane.running -= 1
+        if lane.waiting and not lane.scheduled and lane.last_rows >= HOLD_FROM_ROWS:
+            limit = self._limits.of(key)
+            if limit.loaded:
+                # Saturated: calls answer slowly and already carry many rows. A call costs the
+                # same whatever rows it carries, so while a share of its latency passes, the
+                # callers arriving meanwhile join this one instead of paying for another.
+                lane.scheduled = True
+                asyncio.get_running_loop().call_later(HOLD_SHARE * limit.recent, self._gathered, key, lane)
+                return
         self._dispatch(key, lane)
 
     def _gathered(self, key: CallKey, lane: _Lane) -> None:
-        lane.gathering = False
+        lane.scheduled = False
         self._dispatch(key, lane)
 
     def _dispatch(self, key: CallKey, lane: _Lane) -> None:
@@ -196,6 +218,7 @@ class CoalescingStage:
                 batch.append(call)
                 rows += call.rows
                 nbytes += call.nbytes
+            lane.last_rows = rows
             lane.running += 1
             # A fresh context: the shared call belongs to no single request (its log context included);
             # traced, it gets a span of its own linked to each caller's.

@@ -197,6 +197,27 @@ def test_a_loaded_lane_sends_the_callers_of_one_loop_turn_as_one_call() -> None:
         np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0 * i))
 
 
+def test_a_saturated_lane_holds_its_callers_so_that_later_ones_join_the_same_call() -> None:
+    fake = FakeStage({"m": double}, sleep={"m": 0.02})
+    stage = CoalescingStage(fake, max_in_flight=1)
+
+    async def scenario() -> None:
+        await call(stage, rows(0.0))  # the lane's limit exists, its floor that of a fast call
+        limit = next(iter(stage._limits._limits.values()))
+        for _ in range(50):
+            limit.observe(2.0)  # saturated: calls answer far slower than unloaded
+        first = asyncio.gather(*(call(stage, rows(1.0)) for _ in range(4)))
+        await fake.wait_for_calls(2)  # the four left together: 4 rows, enough to hold
+        early = [asyncio.create_task(call(stage, rows(2.0))) for _ in range(2)]
+        await first  # the call returned: the two that waited for it are held, not sent
+        assert len(fake.calls) == 2
+        late = [asyncio.create_task(call(stage, rows(3.0))) for _ in range(2)]
+        await asyncio.gather(*early, *late)
+
+    asyncio.run(scenario())
+    assert [len(c.inputs["x"]) for c in fake.calls] == [1, 4, 4]  # the held and the late: one call
+
+
 def test_a_fixed_limit_does_not_adapt() -> None:
     limit = LaneLimit(3, adaptive=False)
     for seconds in (0.001, 0.1, 0.1, 0.1):
