@@ -41,7 +41,7 @@ UNUSED = {
 }
 #: Project calls per request, measured with `python -m bench.probes.calls --low 20 --high 80`:
 #: model_a direct 27.1 on model_a (margin: the loop-lag timer and health checks, which run by
-#: the clock, not per request); digits-serial 192-217 on the orchestrator, whose coalescing
+#: the clock, not per request); digits-serial 188-217 on the orchestrator, whose coalescing
 #: stage takes a longer path (~25 calls) when a lane looks loaded, which depends on timing even
 #: for sequential requests. A change that adds calls to every request moves these on purpose.
 BUDGET = {("model_a direct", MODEL_NODE): 31.0, ("digits-serial", ORCHESTRATOR): 235.0}
