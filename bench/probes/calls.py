@@ -8,7 +8,9 @@ request passes through that we wrote) and every Python call (grpc's, asyncio's, 
 prometheus_client's included). cProfile counts each resumption of a coroutine as a call, so an
 `await` that suspends counts again when it resumes. A third figure, files per request, is how many
 of the project's files hold a function the request calls (at least once a request): how far one
-request travels through the code.
+request travels through the code. With `--functions`, each node's project functions follow, as
+`file:function` and calls per request (what `tests/e2e/test_lean_path.py` checks: an unused
+feature's module has none).
 
 Two points: `digits-serial` through the orchestrator (one request = three hops) and `digits-mlp`
 called directly on model_a (one hop, no orchestrator).
@@ -58,6 +60,9 @@ class Count:
     project_calls: float
     all_calls: float
     project_files: int
+    #: "path/in/repo.py:function" -> calls per request, for each project function the requests
+    #: called (same-named functions of one file summed; a nested one is named by itself).
+    functions: dict[str, float] = field(default_factory=dict)
 
 
 def _wrapper(directory: Path) -> Path:
@@ -103,6 +108,19 @@ def _files_per_request(first: Totals, second: Totals, n: int) -> int:
     )
 
 
+def _functions_per_request(first: Totals, second: Totals, n: int) -> dict[str, float]:
+    """file:function -> calls per request (second session minus first), most called first."""
+    out: dict[str, float] = {}
+    for key, calls in second.functions.items():
+        delta = calls - first.functions.get(key, 0)
+        if delta > 0:
+            name = f"{Path(key[0]).relative_to(ROOT)}:{key[2]}"
+            out[name] = out.get(name, 0.0) + delta / n
+    return {
+        name: round(calls, 2) for name, calls in sorted(out.items(), key=lambda item: (-item[1], item[0]))
+    }
+
+
 def _session(point: Point, requests: int, inputs: Mapping[str, np.ndarray]) -> dict[str, Totals]:
     with tempfile.TemporaryDirectory(prefix="onnxmesh-calls-") as tmp:
         directory = Path(tmp)
@@ -131,7 +149,8 @@ def count(point: Point, low: int, high: int) -> list[Count]:
         every = (second[node].every - before.every) / n
         if every >= 10.0:  # nodes the request never reached (health checks only) stay out
             files = _files_per_request(before, second[node], n)
-            counts.append(Count(point.label, node, round(ours, 1), round(every, 1), files))
+            functions = _functions_per_request(before, second[node], n)
+            counts.append(Count(point.label, node, round(ours, 1), round(every, 1), files, functions))
     return counts
 
 
@@ -142,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--low", type=int, default=50, help="requests in the first mesh (default: 50)")
     parser.add_argument("--high", type=int, default=250, help="requests in the second mesh (default: 250)")
     parser.add_argument("--json", type=Path, default=None, help="also write the counts as JSON here")
+    parser.add_argument(
+        "--functions", action="store_true", help="also list each node's project functions, calls per request"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.low < args.high:
         parser.error("need 0 <= --low < --high")
@@ -150,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("|---|---|---|---|---|")
     for c in counts:
         print(f"| {c.point} | {c.node} | {c.project_calls:.1f} | {c.all_calls:.1f} | {c.project_files} |")
+    if args.functions:
+        for c in counts:
+            print(f"\n{c.point}, {c.node}: project functions, calls per request")
+            for name, calls in c.functions.items():
+                print(f"  {calls:8.2f}  {name}")
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(c) for c in counts], indent=2) + "\n")
 

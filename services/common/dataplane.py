@@ -127,6 +127,10 @@ class DataPlane:
         self.refusing = False
         #: Load shedding (`--max-inflight`): None admits every call.
         self.limiter: ConcurrencyLimiter | None = None
+        #: Inference calls in progress; the in-flight gauge reads it when scraped (an int kept
+        #: here costs no call and no lock per request, a Gauge's inc()/dec() cost both).
+        self.in_flight = 0
+        metrics.inflight.set_function(lambda: self.in_flight)
 
     # -- health and metadata ---------------------------------------------------------------
 
@@ -255,8 +259,7 @@ class DataPlane:
         started = time.perf_counter()
         # Series are labelled by served models only: unknown names must not grow the registry.
         model, version, code = "unknown", "", "OK"
-        metrics = self.metrics
-        metrics.inflight.inc()
+        self.in_flight += 1
         limiter = self.limiter
         admitted = False
         try:
@@ -298,11 +301,11 @@ class DataPlane:
             code = "INTERNAL"
             raise
         finally:
-            metrics.inflight.dec()
+            self.in_flight -= 1
             seconds = time.perf_counter() - started
             if admitted:
                 limiter.release(seconds, code == "OK")  # type: ignore[union-attr]
-            metrics.observe_request(model, version, code, seconds)
+            self.metrics.observe_request(model, version, code, seconds)
             if code != "OK" and model != "unknown":
                 self.statistics.of(model, version).failed(seconds)
 

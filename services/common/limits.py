@@ -32,7 +32,8 @@ from services.common.errors import ResourceExhausted, truncate
 
 
 class Limit(Protocol):
-    """How many calls may run at once; told the latency of each call that succeeded."""
+    """How many calls may run at once (read per call: a plain attribute, not computed); told the
+    latency of each call that succeeded."""
 
     @property
     def limit(self) -> int: ...
@@ -69,6 +70,8 @@ class AdaptiveLimit:
         if not 1 <= min_limit <= max_limit:
             raise ValueError(f"need 1 <= min_limit <= max_limit, got {min_limit}, {max_limit}")
         self._limit = float(min(max_limit, max(min_limit, initial)))
+        #: The limit in force: `_limit` (smoothed, fractional) rounded down, kept as it changes.
+        self.limit = int(self._limit)
         self.min_limit = min_limit
         self.max_limit = max_limit
         self._tolerance = tolerance
@@ -79,10 +82,6 @@ class AdaptiveLimit:
         self._window_start = clock()
         self._current_min = math.inf
         self._previous_min = math.inf
-
-    @property
-    def limit(self) -> int:
-        return int(self._limit)
 
     @property
     def baseline(self) -> float:
@@ -107,13 +106,15 @@ class AdaptiveLimit:
         target = limit * gradient + math.sqrt(limit)
         limit += self._smoothing * (target - limit)
         self._limit = min(float(self.max_limit), max(float(self.min_limit), limit))
+        self.limit = int(self._limit)
 
 
 class ConcurrencyLimiter:
     """Admits a call while fewer than `limit.limit` run; `release` it when it is over."""
 
     def __init__(self, limit: Limit, *, node: str = "this node") -> None:
-        self._limit = limit
+        #: What sets the limit (read directly on the hot paths: `limit` is one call more).
+        self.policy = limit
         self.node = node
         self.in_flight = 0
         #: Calls refused since the start (for tests and metrics).
@@ -121,10 +122,10 @@ class ConcurrencyLimiter:
 
     @property
     def limit(self) -> int:
-        return self._limit.limit
+        return self.policy.limit
 
     def try_acquire(self) -> bool:
-        if self.in_flight >= self._limit.limit:
+        if self.in_flight >= self.policy.limit:
             self.refused += 1
             return False
         self.in_flight += 1
@@ -134,13 +135,13 @@ class ConcurrencyLimiter:
         """A call admitted by `try_acquire` is over; its latency counts only if it succeeded
         (a refused or invalid call returns quickly and says nothing of queueing)."""
         if ok:
-            self._limit.sample(seconds, self.in_flight)
+            self.policy.sample(seconds, self.in_flight)
         self.in_flight -= 1
 
     def refusal(self, model: str) -> ResourceExhausted:
         return ResourceExhausted(
             f"{self.node} is overloaded ({self.in_flight} inference calls in flight, limit "
-            f"{self._limit.limit}); '{truncate(model)}' was not run: retry later or on another replica"
+            f"{self.policy.limit}); '{truncate(model)}' was not run: retry later or on another replica"
         )
 
 

@@ -84,10 +84,15 @@ class OnnxModel(Model):
     def predict(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         assert self._session is not None, "predict before load"
         names = list(outputs) or self._all_outputs
-        if self._batch_outputs and inputs and all(a.ndim and not a.shape[0] for a in inputs.values()):
+        if self._batch_outputs and inputs:
             # No rows in, no rows out: onnxruntime fails on many graphs given an empty batch (a
             # Reshape of zero elements), and a step upstream may well find nothing (no text boxes).
-            return {name: _empty(self._batch_outputs[name]) for name in names}
+            # (A loop, not all() over a generator: this runs on every call.)
+            for array in inputs.values():
+                if not array.ndim or array.shape[0]:
+                    break
+            else:
+                return {name: _empty(self._batch_outputs[name]) for name in names}
         feed = dict(inputs)
         for name in self._string_inputs:
             # OIP BYTES arrive as bytes objects; onnxruntime string tensors want str.

@@ -353,14 +353,11 @@ class MeshServer(NodeServer):
 
     def services(self, server: grpc.aio.Server) -> list[str]:
         servicer = traced.servicer_class()(self.dataplane)
-        # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN.
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server))
+        # DecodingGuard: a body that is not protobuf gets INVALID_ARGUMENT, not grpc's UNKNOWN;
+        # ModelInfer's front door (`admission`) is checked there, before the body is decoded
+        # (after the tokens: an unauthenticated call is refused as such).
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, DecodingGuard(server, self.admission))
         return [INFERENCE_SERVICE]
-
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        # The front door after the tokens: an unauthenticated call is refused as such.
-        door = [self.admission] if self.admission is not None else []
-        return [*super().interceptors(), *door]
 
     def check_security(self, secured: bool) -> None:
         if secured and self.settings.http_port is not None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from services.common.errors import InvalidInput
-from services.common.types import DATATYPE_TO_NUMPY, datatype_of
+from services.common.types import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, datatype_of
 
 _LEN = struct.Struct("<I")
 
@@ -50,7 +50,7 @@ def check_header(name: str, datatype: str, shape: Sequence[int]) -> np.dtype:
 def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
     """A read-only numpy view of raw tensor bytes, after checking their length."""
     dtype = check_header(name, datatype, shape)
-    count = element_count(shape)
+    count = math.prod(shape)
     if datatype == "BYTES":
         return _decode_bytes(name, shape, raw, count)
     expected = count * dtype.itemsize
@@ -89,7 +89,8 @@ def _decode_bytes(name: str, shape: Sequence[int], raw: bytes, count: int) -> np
 
 def encode_raw(array: np.ndarray) -> tuple[str, list[int], bytes]:
     """(datatype, shape, row-major bytes) of an array: the raw wire form."""
-    datatype = datatype_of(array)
+    # The exact dtypes by lookup (every output of every call); str and bytes arrays by datatype_of.
+    datatype = NUMPY_TO_DATATYPE.get(array.dtype) or datatype_of(array)
     shape = list(array.shape)
     if datatype == "BYTES":
         parts: list[bytes] = []
@@ -98,7 +99,9 @@ def encode_raw(array: np.ndarray) -> tuple[str, list[int], bytes]:
             parts.append(_LEN.pack(len(data)))
             parts.append(data)
         return datatype, shape, b"".join(parts)
-    return datatype, shape, received_bytes(array) or np.ascontiguousarray(array).tobytes()
+    # Only a view of other bytes can be those bytes: an array a runtime made costs no call here.
+    raw = received_bytes(array) if isinstance(array.base, (bytes, np.ndarray)) else None
+    return datatype, shape, raw or np.ascontiguousarray(array).tobytes()
 
 
 def received_bytes(array: np.ndarray) -> bytes | None:

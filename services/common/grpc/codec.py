@@ -67,7 +67,7 @@ def decode_request_inputs(
     entry per input that travels in the message.
     """
     raw = request.raw_input_contents
-    inline = len(request.inputs) - sum(data is not None for data in shared)
+    inline = len(request.inputs) - (sum(data is not None for data in shared) if shared else 0)
     if raw and len(raw) != inline:
         if shared:
             raise InvalidInput(

@@ -38,6 +38,7 @@ from services.common.errors import (
     truncate,
 )
 from services.common.grpc import codec, triton
+from services.common.grpc.admission import Admission, Refused
 from services.common.observability.logs import REQUEST_ID_HEADER, request_id_var
 from services.common.triton import params
 from services.common.types import InferRequest, InferResult
@@ -112,9 +113,25 @@ class Undecodable:
         return InvalidInput(f"the request body ({self.size} bytes) is not a valid {self.message} message")
 
 
-def _guard(deserializer: Callable[[bytes], Any] | None, message: str) -> Callable[[bytes], Any] | None:
+def _guard(
+    deserializer: Callable[[bytes], Any] | None, message: str, admission: Admission | None = None
+) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
+    if admission is not None:
+        reason, refuse = admission.reason, admission.refuse
+
+        def admit(raw: bytes) -> Any:
+            # The front door (`admission`): a refused call's body is never decoded.
+            why = reason()
+            if why is not None:
+                return refuse(why)
+            try:
+                return deserializer(raw)
+            except Exception:
+                return Undecodable(message, len(raw))
+
+        return admit
 
     def decode(raw: bytes) -> Any:
         try:
@@ -127,11 +144,13 @@ def _guard(deserializer: Callable[[bytes], Any] | None, message: str) -> Callabl
 
 class DecodingGuard:
     """Stands in for the gRPC server while generated code registers a service
-    (`add_..._to_server(servicer, DecodingGuard(server))`): every method's request deserializer
-    is wrapped by `_guard`; the handlers reach the server with both registrations."""
+    (`add_..._to_server(servicer, DecodingGuard(server, admission))`): every method's request
+    deserializer is wrapped by `_guard`, ModelInfer's with the front door's check when the node
+    has one; the handlers reach the server with both registrations."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, admission: Admission | None = None) -> None:
         self._server = server
+        self._admission = admission
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         pass  # the same handlers come again, guarded, through add_registered_method_handlers
@@ -139,7 +158,11 @@ class DecodingGuard:
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         guarded = {
             name: handler._replace(
-                request_deserializer=_guard(handler.request_deserializer, name + "Request")
+                request_deserializer=_guard(
+                    handler.request_deserializer,
+                    name + "Request",
+                    self._admission if name == "ModelInfer" else None,
+                )
             )
             for name, handler in handlers.items()
         }
@@ -192,7 +215,13 @@ def uses_extensions(request: pb.ModelInferRequest) -> bool:
     """True when any parameter is set: the request needs Triton's extensions, not the fast path."""
     if request.parameters:
         return True
-    return any(t.parameters for t in request.inputs) or any(o.parameters for o in request.outputs)
+    for tensor in request.inputs:
+        if tensor.parameters:
+            return True
+    for output in request.outputs:  # noqa: SIM110 - not any() over a generator: no call per tensor
+        if output.parameters:
+            return True
+    return False
 
 
 def infer_request(
@@ -305,10 +334,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        if isinstance(request, Undecodable):
+        if not isinstance(request, pb.ModelInferRequest):  # refused at the door, or not protobuf
+            if isinstance(request, Refused):
+                await request.answer(context)
             code, message = status("ModelInfer", request.error())
             await context.abort(code, message)
-        request_id = truncate(request.id or _request_id(context), _MAX_ID)
+        request_id = request.id or _request_id(context)
+        if len(request_id) > _MAX_ID:
+            request_id = truncate(request_id, _MAX_ID)
         token = request_id_var.set(request_id)
         try:
             remaining = context.time_remaining()

@@ -26,6 +26,8 @@ class TracedInferenceServicer(InferenceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        if not isinstance(request, pb.ModelInferRequest):  # refused at the door, or not protobuf: no span
+            return await super().ModelInfer(request, context)
         span, token = tracing.server_start(context.invocation_metadata(), rows_of(request.inputs))
         code, status, message = "OK", 0, ""
         try:

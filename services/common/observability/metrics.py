@@ -1,16 +1,19 @@
 """Prometheus metrics of one node, on a registry of its own (never the process-global one).
 
 The exposition itself is prometheus_client's (OpenMetrics too, for a scraper that asks for it:
-with tracing on, latency observations carry the trace id as an exemplar); this module only names
-the series and serves them on `/metrics` alone (any other path is 404, so a probe aimed at the
-port by mistake fails). docs/observability.md lists them all, with the dashboard built on them.
+with tracing on, latency observations carry the trace id as an exemplar); this module names the
+series, counts the two every inference call updates in plain numbers (`RequestSeries`), and serves
+them on `/metrics` alone (any other path is 404, so a probe aimed at the port by mistake fails).
+docs/observability.md lists them all, with the dashboard built on them.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterable
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -23,6 +26,10 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar, Sample
+from prometheus_client.utils import floatToGoString
 
 from services.common.observability import tracing
 
@@ -99,23 +106,11 @@ class ServerMetrics(NodeMetrics):
 
     def __init__(self, service: str) -> None:
         super().__init__(service)
-        self.requests = Counter(
-            "onnxmesh_requests",
-            "ModelInfer calls by model, version and gRPC status code.",
-            ["model", "version", "code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "onnxmesh_request_duration_seconds",
-            "ModelInfer latency seen by this node, from model lookup to response encoded.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        #: onnxmesh_requests_total and onnxmesh_request_duration_seconds (`RequestSeries`).
+        self.requests = RequestSeries(self.registry)
         self.inflight = Gauge(
             "onnxmesh_inflight_requests", "ModelInfer calls in progress.", registry=self.registry
         )
-        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.batching = BatchingMetrics(self.registry)
         self._ignored = Counter(
             "onnxmesh_ignored_parameters",
@@ -138,7 +133,7 @@ class ServerMetrics(NodeMetrics):
             registry=self.registry,
         )
         #: Count one ModelInfer call: model, version, status code, seconds.
-        self.observe_request: ObserveRequest = self._observe_request
+        self.observe_request: ObserveRequest = self.requests.observe
 
     def ignored_parameters(self, labels: Iterable[str]) -> None:
         """Count parameters a request carried that this node does not interpret, by label
@@ -148,24 +143,106 @@ class ServerMetrics(NodeMetrics):
 
     def use_exemplars(self) -> None:
         """From now on each latency observation carries the current trace id (tracing is on)."""
-        self.observe_request = self._observe_request_with_exemplar
+        self.observe_request = self.requests.observe_with_exemplar
 
-    def _series_of(self, model: str, version: str, code: str) -> tuple[Any, Any]:
-        key = (model, version, code)
-        series = self._series.get(key)
-        if series is None:  # label children are looked up once per series
-            series = self._series[key] = (self.requests.labels(*key), self.latency.labels(model))
+
+class _Latency:
+    """One model's latency histogram: observations per bucket (not cumulative; the last is +Inf)."""
+
+    __slots__ = ("buckets", "created", "exemplars", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.exemplars: list[Exemplar | None] = [None] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+
+class _Requests:
+    """One (model, version, code) series: its count, and its model's latency."""
+
+    __slots__ = ("count", "created", "latency")
+
+    def __init__(self, latency: _Latency) -> None:
+        self.count = 0
+        self.created = time.time()
+        self.latency = latency
+
+
+class RequestSeries(Collector):
+    """`onnxmesh_requests_total{model,version,code}` and `onnxmesh_request_duration_seconds{model}`,
+    counted in plain numbers and turned into Prometheus samples when scraped.
+
+    Every inference call is counted here: a Counter's inc() and a Histogram's observe() cost
+    about ten Python calls and three lock acquisitions per call; this costs one call. Observations
+    come from the node's event loop thread only; a scrape (another thread) reads them as they
+    are, each histogram's count being the sum of its buckets. The exposition is
+    prometheus_client's, as for every other series (`_created` samples and, with tracing on,
+    trace ids as exemplars on the latency buckets included).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._series: dict[tuple[str, str, str], _Requests] = {}
+        self._latency: dict[str, _Latency] = {}
+        registry.register(self)
+
+    def _series_of(self, model: str, version: str, code: str) -> _Requests:
+        latency = self._latency.get(model)
+        if latency is None:
+            latency = self._latency[model] = _Latency()
+        series = self._series[(model, version, code)] = _Requests(latency)
         return series
 
-    def _observe_request(self, model: str, version: str, code: str, seconds: float) -> None:
+    def observe(self, model: str, version: str, code: str, seconds: float) -> None:
+        """Count one call and its latency."""
         series = self._series.get((model, version, code)) or self._series_of(model, version, code)
-        series[0].inc()
-        series[1].observe(seconds)
+        series.count += 1
+        latency = series.latency
+        # A bucket's bound is inclusive (le): the first bound >= seconds.
+        latency.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        latency.sum += seconds
 
-    def _observe_request_with_exemplar(self, model: str, version: str, code: str, seconds: float) -> None:
-        series = self._series_of(model, version, code)
-        series[0].inc()
-        series[1].observe(seconds, tracing.exemplar())
+    def observe_with_exemplar(self, model: str, version: str, code: str, seconds: float) -> None:
+        """`observe`, the current trace id kept as its bucket's exemplar."""
+        self.observe(model, version, code, seconds)
+        labels = tracing.exemplar()
+        if labels:
+            latency = self._latency[model]
+            latency.exemplars[bisect_left(LATENCY_BUCKETS, seconds)] = Exemplar(labels, seconds, time.time())
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families({}, {})
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(dict(self._series), dict(self._latency))
+
+    @staticmethod
+    def _families(
+        series: dict[tuple[str, str, str], _Requests], latencies: dict[str, _Latency]
+    ) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "onnxmesh_requests",
+            "ModelInfer calls by model, version and gRPC status code.",
+            labels=["model", "version", "code"],
+        )
+        for key, one in series.items():
+            requests.add_metric(key, one.count, created=one.created)
+        yield requests
+        name = "onnxmesh_request_duration_seconds"
+        latency = HistogramMetricFamily(
+            name,
+            "ModelInfer latency seen by this node, from model lookup to response encoded.",
+            labels=["model"],
+        )
+        bounds = [*map(floatToGoString, LATENCY_BUCKETS), "+Inf"]
+        for model, histogram in latencies.items():
+            cumulative, buckets = 0, []
+            for bound, count, exemplar in zip(bounds, histogram.buckets, histogram.exemplars, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative) if exemplar is None else (bound, cumulative, exemplar))
+            latency.add_metric([model], buckets, histogram.sum)
+            latency.samples.append(Sample(f"{name}_created", {"model": model}, histogram.created))
+        yield latency
 
 
 Environ = dict[str, Any]
