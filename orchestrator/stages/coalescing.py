@@ -7,18 +7,21 @@ sending them as one call with their rows stacked divides that cost by the batch 
     step calls --> per (model, version, outputs, input layout): at most `LaneLimit` calls
                    running; the rest wait and leave together, as one call, when one returns
 
-No timer: a call goes out at once while fewer calls than the limit are running, so a lone
-request (concurrency 1) never waits. The limit adapts to load (`LaneLimit`): up to
-`max_in_flight` while calls answer as fast as they do unloaded, down to one as their latency
-grows, so that under load every caller that arrives while a call runs leaves in the next one.
-A loaded lane also gathers: its first caller waits for the end of the event loop's turn, so the
-callers resumed in that turn (the rows of one call that returned, moving on to the next step
-together) leave as one call rather than the first alone and the others after it. A saturated
-lane (loaded, and its calls already carrying HOLD_FROM_ROWS rows or more) holds its waiting
-callers for HOLD_SHARE of a call's recent latency once a call returns: a call costs about the
-same whatever rows it carries, so the callers arriving meanwhile ride along instead of paying for
-another call, and the CPU saved is throughput (a closed loop's latency is its concurrency over
-its throughput). A lane that is not loaded never holds anyone.
+A call goes out at once while fewer calls than the limit are running, so a lone request
+(concurrency 1) never waits. The limit adapts to load (`LaneLimit`): up to `max_in_flight` while
+calls answer as fast as they do unloaded, down to one as their latency grows, so that under load
+every caller that arrives while a call runs leaves in the next one. Two more rules apply only to
+a loaded lane whose calls already carry several rows (never to one row per call):
+
+- it gathers: its first caller waits for the end of the event loop's turn, so the callers resumed
+  in that turn (the rows of one call that returned, moving on together) leave as one call, not
+  the first alone and the others after it;
+- saturated (HOLD_FROM_ROWS rows per call or more), it holds: once a call returns, its waiting
+  callers stay for HOLD_SHARE of a call's recent latency (HOLD_MAX at most). A call costs about
+  the same whatever rows it carries, so the callers arriving meanwhile ride along instead of
+  paying for another call, and the CPU saved is throughput (a closed loop's latency is its
+  concurrency over its throughput).
+
 Stacking, splitting and re-running alone are
 `services.common.batching.stacking`'s, shared with the model services' adaptive batching: each caller
 gets exactly its rows back; when a coalesced call fails with anything but a shared failure
@@ -54,8 +57,10 @@ DEFAULT_IN_FLIGHT = 4
 #: makes a message the channel refuses. A call over it alone still goes alone.
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 #: A saturated lane (loaded, its last call carrying at least HOLD_FROM_ROWS rows) holds its
-#: waiting callers for this share of its calls' recent latency before they leave.
+#: waiting callers for this share of its calls' recent latency (at most HOLD_MAX seconds: a slow
+#: model's calls are not worth holding long) before they leave.
 HOLD_SHARE = 0.5
+HOLD_MAX = 0.005
 HOLD_FROM_ROWS = 4
 #: on_call(model, rows): one downstream call left carrying `rows` rows (the rows-per-call metric).
 CallHook = Callable[[str, int], None]
@@ -195,7 +200,8 @@ class CoalescingStage:
                 # same whatever rows it carries, so while a share of its latency passes, the
                 # callers arriving meanwhile join this one instead of paying for another.
                 lane.scheduled = True
-                asyncio.get_running_loop().call_later(HOLD_SHARE * limit.recent, self._gathered, key, lane)
+                hold = min(HOLD_SHARE * limit.recent, HOLD_MAX)
+                asyncio.get_running_loop().call_later(hold, self._gathered, key, lane)
                 return
         self._dispatch(key, lane)
 

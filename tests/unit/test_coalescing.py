@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
+from orchestrator.stages import coalescing
 from orchestrator.stages.coalescing import CoalescingStage, LaneLimit
 from services.common.errors import DeadlineExceeded, InvalidInput, Unavailable
 from services.common.types import InferRequest
@@ -208,7 +209,11 @@ def test_a_loaded_lane_sends_the_callers_of_one_loop_turn_as_one_call() -> None:
         np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0 * i))
 
 
-def test_a_saturated_lane_holds_its_callers_so_that_later_ones_join_the_same_call() -> None:
+def test_a_saturated_lane_holds_its_callers_so_that_later_ones_join_the_same_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A hold long enough that a stalled machine cannot end it before the late callers arrive.
+    monkeypatch.setattr(coalescing, "HOLD_MAX", 10.0)
     fake = FakeStage({"m": double}, sleep={"m": 0.02})
     stage = CoalescingStage(fake, max_in_flight=1)
 
