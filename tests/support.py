@@ -195,14 +195,14 @@ def metric_total(port: int, sample: str, **labels: str) -> float:
 def tool(name: str, installed_by: str) -> str:
     """The path of a tool the project installs into .venv/bin (that one first: pinned), else on PATH.
 
-    Its absence skips the test saying which make target installs it (`make test` runs them all);
-    a tool that is there but fails is the test's failure."""
+    The project installs it (`make test` runs `installed_by` first), so its absence is the test's
+    failure, saying which make target installs it, as is a tool that is there but fails."""
     found = ROOT / ".venv/bin" / name
     if found.exists():
         return str(found)
     on_path = shutil.which(name)
     if on_path is None:
-        pytest.skip(f"{name} is not installed ({installed_by} installs it)")
+        pytest.fail(f"{name} is not installed: `{installed_by}` installs it")
     return on_path
 
 

@@ -23,8 +23,6 @@ GENERIC = sorted(
     for path in (ROOT / tree).rglob("*.py")
     if not path.is_relative_to(ROOT / "services") or not any(path.is_relative_to(d) for d in DEMO_FOLDERS)
 )
-#: Nothing is allowed to name the demo: this stays empty (a file added here needs a reason).
-ALLOWED: dict[str, str] = {}
 DEMO_PACKAGE = "demo"
 DEMO_NAMES = re.compile(r"\b(preprocess|model[_-][ab]|digits?)\b", re.IGNORECASE)
 #: An identifier naming the demo: MODEL_A, load_digits, PREPROCESS_PORT, ...
@@ -67,8 +65,6 @@ def test_the_checked_trees_are_found() -> None:
 
 @pytest.mark.parametrize("path", GENERIC, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_demo_name_or_module_in_code_that_runs_any_mesh(path: Path) -> None:
-    if str(path.relative_to(ROOT)) in ALLOWED:
-        pytest.skip(ALLOWED[str(path.relative_to(ROOT))])
     tree = ast.parse(path.read_text())
     docstrings = _docstrings(tree)
     for node in ast.walk(tree):
